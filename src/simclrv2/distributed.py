@@ -1,0 +1,156 @@
+"""Distributed helpers that degrade to one process.
+
+Every helper returns the single-process answer when no process group is initialised, so library
+code (losses, memory, engine) can call them unconditionally. ``setup_distributed`` is the only
+function in the package that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); launch multi-process runs with ``torchrun``.
+
+Gradient convention (spec 3, step 3 and step 7). The official TF code gathers embeddings with a
+differentiable all-reduce, divides each replica's loss by the replica count and *sums* gradients
+across replicas. PyTorch DDP instead *averages* gradients. Both give the gradient of
+
+    L = (1/R) * sum_r L_r,   L_r = mean over rank r's local anchors,
+
+which equals the single-process loss on the full global batch (equal local batch sizes). To get
+there with DDP, each rank's loss is NOT divided by the world size, and ``gather_with_grad`` sums
+the incoming gradient over ranks in backward (see its docstring).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+# Set by setup_distributed (the torchrun LOCAL_RANK); the process group does not know it.
+_LOCAL_RANK = 0
+
+
+def is_dist() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    """Rank on this node, as given by torchrun to ``setup_distributed`` (0 otherwise)."""
+    return _LOCAL_RANK if is_dist() else 0
+
+
+def is_main() -> bool:
+    """True on the process that logs and writes checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all processes; no-op in one process."""
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over all processes, for metrics (not differentiable; ``t`` is not modified)."""
+    out = t.detach().clone()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks in rank order; no gradient."""
+    if not is_dist() or world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums gradients over ranks and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ws = world_size()
+        ctx.rank, ctx.n = rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ws)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (R*N, ...) rank 0 rows first
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # grad_out on rank r is dL_r/d(gathered). Rows of rank s's slice are rank s's x, so the
+        # gradient of sum_r L_r w.r.t. x_s is the sum over ranks of that slice.
+        grad = grad_out.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather: ``(N, ...)`` per rank -> ``(R*N, ...)`` in rank order (spec 3.3).
+
+    Forward concatenates every rank's tensor (all ranks must pass the same shape, hence
+    ``drop_last`` in the sampler). Backward all-reduces (sums) the incoming gradient and returns
+    this rank's slice, so ``x.grad`` on rank s is ``sum_r dL_r/dx_s``: negatives that rank r drew
+    from rank s's batch pass their gradient back to rank s, as the TF all-reduce gather does.
+
+    Why this is correct with DDP: DDP averages parameter gradients, so the update follows
+    ``(1/R) sum_s sum_r dL_r/dx_s * dx_s/dtheta = d/dtheta [(1/R) sum_r L_r]``, i.e. the gradient of
+    the mean of the per-rank losses, which is the full-batch loss of one process. Hence each rank
+    must NOT divide its loss by R (TF divides because it sums gradients instead of averaging).
+    Note ``x.grad`` itself is R times the full-batch gradient of that slice; only after DDP's
+    averaging of parameter gradients does everything match the single-process run.
+
+    Without a process group (or with one rank) this is the identity.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def setup_distributed(device: str) -> torch.device:
+    """Initialise from the torchrun environment; return the device this process should use.
+
+    ``device`` is ``"cuda"``, ``"cpu"``, ``"cuda:k"`` or ``"auto"`` (cuda when available).
+    With ``WORLD_SIZE > 1`` this calls ``init_process_group`` (nccl on cuda, gloo on cpu; the
+    ``env://`` method reads ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``) and binds the
+    process to ``cuda:LOCAL_RANK``. Otherwise it only resolves the device.
+    """
+    global _LOCAL_RANK
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1:
+        return torch.device(device)
+    _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(_LOCAL_RANK)
+    if not is_dist():
+        # device_id binds NCCL to our GPU up front (avoids barrier() guessing the device).
+        extra = {"device_id": torch.device("cuda", _LOCAL_RANK)} if on_cuda else {}
+        dist.init_process_group(
+            backend="nccl" if on_cuda else "gloo",
+            init_method="env://",
+            rank=int(os.environ["RANK"]),
+            world_size=ws,
+            **extra,
+        )
+    return torch.device("cuda", _LOCAL_RANK) if on_cuda else torch.device("cpu")
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if one exists."""
+    if is_dist():
+        dist.destroy_process_group()

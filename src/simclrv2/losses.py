@@ -1,0 +1,155 @@
+"""Pure loss functions: NT-Xent (spec 3) and distillation (spec 7).
+
+Losses take tensors and return tensors; state such as a negatives queue lives in
+``simclrv2.memory.MomentumMemory`` and is passed in as ``extra_negatives``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from simclrv2.distributed import gather_with_grad, rank, world_size
+
+# Subtracted from the self-similarity logits (spec 3.5, the official LARGE_NUM). Logits are
+# computed in float32, so 1e9 is exact enough and exp(-1e9) underflows to 0 in the softmax.
+LARGE_NUM = 1e9
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    gather: bool | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    directions: str = "sum",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NT-Xent contrastive loss over the global batch, as in the official code (spec 3).
+
+    Args:
+        z1, z2: ``(N, D)`` projection-head outputs of view 1 and view 2 of the same N local images.
+        temperature: tau; logits are cosine similarities divided by it.
+        gather: gather both views from all processes with ``gather_with_grad`` so that every
+            anchor sees ``2*N*R - 2`` negatives; ``None`` means "on when world_size() > 1".
+        extra_negatives: optional ``(K, D)`` extra negatives (e.g. the memory queue), assumed
+            already L2-normalised and identical on every rank; no gradient flows into them. They
+            add K columns to both directions.
+        directions: ``"sum"`` (official: loss_A + loss_B, spec 3.7) or ``"mean"`` (their average,
+            the textbook normalisation; half the official value).
+
+    Returns:
+        ``(loss, stats)``: scalar loss = mean over the N local anchors; ``stats`` holds detached
+        local ``contrastive_acc`` (argmax of the ab row is the positive) and ``entropy`` (mean
+        entropy of softmax(ab)), as logged by the official code. Average them over ranks with
+        ``all_reduce_mean`` for logging.
+
+    Distributed: the loss is NOT divided by the world size. TF divides each replica's loss by the
+    replica count because it sums gradients over replicas; DDP averages them instead, which gives
+    the same full-batch gradient (see ``simclrv2.distributed``).
+
+    Computed in float32 regardless of autocast: with tau = 0.1 the logits span [-10, 10] and the
+    masking constant must not overflow.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if directions not in ("sum", "mean"):
+        raise ValueError(f"directions must be 'sum' or 'mean', got {directions!r}")
+    if gather is None:
+        gather = world_size() > 1
+
+    h1 = F.normalize(z1.float(), dim=1)  # (N, D)
+    h2 = F.normalize(z2.float(), dim=1)  # (N, D)
+    n = h1.shape[0]
+    if gather:
+        h1_large = gather_with_grad(h1)  # (N*R, D) in rank order
+        h2_large = gather_with_grad(h2)
+        offset = rank() * n
+    else:
+        h1_large, h2_large, offset = h1, h2, 0
+    n_large = h1_large.shape[0]
+
+    # Local anchor i has global column i + rank*N: the positive in ab/ba, itself in aa/bb.
+    labels = torch.arange(n, device=h1.device) + offset  # (N,)
+    self_mask = F.one_hot(labels, n_large).to(h1.dtype)  # (N, N*R)
+
+    logits_aa = h1 @ h1_large.T / temperature - self_mask * LARGE_NUM  # (N, N*R)
+    logits_bb = h2 @ h2_large.T / temperature - self_mask * LARGE_NUM
+    logits_ab = h1 @ h2_large.T / temperature
+    logits_ba = h2 @ h1_large.T / temperature
+
+    blocks_a = [logits_ab, logits_aa]
+    blocks_b = [logits_ba, logits_bb]
+    if extra_negatives is not None:
+        if extra_negatives.dim() != 2 or extra_negatives.shape[1] != h1.shape[1]:
+            raise ValueError(
+                f"extra_negatives must be (K, {h1.shape[1]}), got {tuple(extra_negatives.shape)}"
+            )
+        neg = extra_negatives.detach().to(device=h1.device, dtype=h1.dtype)  # (K, D)
+        blocks_a.append(h1 @ neg.T / temperature)  # (N, K)
+        blocks_b.append(h2 @ neg.T / temperature)
+
+    # (N, 2*N*R [+ K]) each; the target column index is the same in both directions.
+    loss_a = F.cross_entropy(torch.cat(blocks_a, dim=1), labels, reduction="none")  # (N,)
+    loss_b = F.cross_entropy(torch.cat(blocks_b, dim=1), labels, reduction="none")
+    per_anchor = loss_a + loss_b
+    if directions == "mean":
+        per_anchor = per_anchor / 2
+    loss = per_anchor.mean()
+
+    with torch.no_grad():
+        logp_ab = F.log_softmax(logits_ab, dim=1)
+        stats = {
+            "contrastive_acc": (logits_ab.argmax(dim=1) == labels).float().mean(),
+            "entropy": -(logp_ab.exp() * logp_ab).sum(dim=1).mean(),
+        }
+    return loss, stats
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tau: float,
+    scale_by_tau_sq: bool = False,
+) -> torch.Tensor:
+    """Soft-label distillation loss (spec 7): mean over the batch of
+    ``-sum_y softmax(teacher/tau)_y * log_softmax(student/tau)_y``.
+
+    The teacher is fixed: its logits are detached. ``scale_by_tau_sq`` multiplies by tau**2 as the
+    official colab does (Hinton et al.'s gradient-scale correction); the paper's formula has no
+    such factor, so the default is False. With tau = 1 (the colab's value) both agree.
+
+    Args:
+        student_logits, teacher_logits: ``(N, C)``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"shape mismatch: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    p_teacher = F.softmax(teacher_logits.detach().float() / tau, dim=1)  # (N, C)
+    log_p_student = F.log_softmax(student_logits.float() / tau, dim=1)  # (N, C)
+    loss = -(p_teacher * log_p_student).sum(dim=1).mean()
+    if scale_by_tau_sq:
+        loss = loss * tau**2
+    return loss
+
+
+def mixed_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    alpha: float,
+    scale_by_tau_sq: bool = False,
+) -> torch.Tensor:
+    """Distillation with labels (spec 7): ``(1 - alpha) * CE(labels) + alpha * distill``.
+
+    ``labels`` is ``(N,)`` int64; negative values (-1) mark unlabeled samples. The CE term (at temperature 1,
+    as ``log P_S(y_i|x_i)`` in the paper's formula) is the mean over labeled samples only and is 0
+    when none are labeled; the distillation term is the mean over all N samples. The paper's main
+    results use alpha = 1 (distillation only).
+    """
+    distill = distillation_loss(student_logits, teacher_logits, tau, scale_by_tau_sq)
+    labeled = labels >= 0  # (N,) bool
+    # Per-sample CE (unlabeled rows get a dummy class 0 and are masked out), then
+    # sum / max(count, 1): no host sync and no NaN when the batch has no labels.
+    ce_each = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")  # (N,)
+    ce = (ce_each * labeled).sum() / labeled.sum().clamp(min=1)
+    return (1.0 - alpha) * ce + alpha * distill
