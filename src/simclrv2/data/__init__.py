@@ -1,0 +1,34 @@
+"""Data: datasets behind one interface, labelled subsets, batched SimCLR augmentations (spec 5, 6)."""
+
+from .augment import CropFlipAugment, EvalTransform, SimCLRAugment, torchvision_simclr_transform
+from .datasets import (
+    DATASET_NAMES,
+    DatasetError,
+    ImageDataset,
+    ImageFolderDataset,
+    InMemoryDataset,
+    dataset_info,
+    load_dataset,
+    read_idx,
+)
+from .subsets import balanced_subset, read_subset, subset_from_file_list, unlabeled_indices, write_subset
+
+__all__ = [
+    "DATASET_NAMES",
+    "CropFlipAugment",
+    "DatasetError",
+    "EvalTransform",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "InMemoryDataset",
+    "SimCLRAugment",
+    "balanced_subset",
+    "dataset_info",
+    "load_dataset",
+    "read_idx",
+    "read_subset",
+    "subset_from_file_list",
+    "torchvision_simclr_transform",
+    "unlabeled_indices",
+    "write_subset",
+]

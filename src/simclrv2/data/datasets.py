@@ -1,0 +1,513 @@
+"""Image datasets behind one interface (DESIGN.md "Images"; spec section 5).
+
+Every dataset yields ``(image, label, index)`` where ``image`` is a ``uint8`` tensor ``(C, H, W)``,
+``label`` an ``int`` (``-1`` = unlabeled) and ``index`` the position in the dataset. Small datasets
+(Fashion-MNIST, CIFAR, STL-10) are held whole in memory as one ``uint8`` tensor ``(N, C, H, W)``
+(:class:`InMemoryDataset`); user image folders (ImageNet layout) decode lazily with PIL so that
+DataLoader workers can share the work (:class:`ImageFolderDataset`). No normalisation happens here:
+augmentations turn ``uint8`` batches into ``float32`` in [0, 1] on the training device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASET_NAMES",
+    "DatasetError",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "InMemoryDataset",
+    "dataset_info",
+    "load_cifar",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_stl10",
+    "read_idx",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+
+# Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES: list[str] = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+# Default root for torchvision downloads when no data_dir is given (relative to the working dir).
+DEFAULT_DATA_DIR = Path("data")
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+)
+
+_INFO: dict[str, dict[str, int | None]] = {
+    "fashion_mnist": {"image_size": 28, "channels": 1, "num_classes": 10},
+    "cifar10": {"image_size": 32, "channels": 3, "num_classes": 10},
+    "cifar100": {"image_size": 32, "channels": 3, "num_classes": 100},
+    "stl10": {"image_size": 96, "channels": 3, "num_classes": 10},
+    # User data: the size is chosen at load time, the classes are the folder names.
+    "imagefolder": {"image_size": None, "channels": 3, "num_classes": None},
+}
+
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, corrupt or malformed. The message is one line that names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Common interface: ``ds[i] -> (uint8 image (C, H, W), label int (-1 = unlabeled), i)``.
+
+    Attributes: ``classes`` (class names), ``num_classes``, ``channels``, ``labels`` (int64 tensor
+    ``(N,)``, -1 where unlabeled) and ``filenames`` (list of file base names, or ``None`` where the
+    source has none; file-list subsets need them, spec section 6).
+    """
+
+    classes: list[str]
+    channels: int
+    labels: torch.Tensor
+    filenames: list[str] | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class InMemoryDataset(ImageDataset):
+    """A whole dataset held as one ``uint8`` tensor ``images`` of shape ``(N, C, H, W)``.
+
+    Training code may index ``images`` directly (``images[idx].to(device)``) and skip the DataLoader.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        classes: Sequence[str],
+        filenames: Sequence[str] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise DatasetError(
+                f"InMemoryDataset needs a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+        if labels_t.numel() != images.shape[0]:
+            raise DatasetError(f"{images.shape[0]} images but {labels_t.numel()} labels")
+        if filenames is not None and len(filenames) != images.shape[0]:
+            raise DatasetError(f"{images.shape[0]} images but {len(filenames)} file names")
+        if labels_t.numel() and int(labels_t.max()) >= len(classes):
+            raise DatasetError(f"label {int(labels_t.max())} out of range for {len(classes)} classes")
+        self.images = images.contiguous()
+        self.labels = labels_t
+        self.classes = list(classes)
+        self.channels = int(images.shape[1])
+        self.filenames = list(filenames) if filenames is not None else None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.images[index], int(self.labels[index]), int(index)
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> InMemoryDataset:
+        """A new in-memory dataset holding only ``indices`` (renumbered from 0)."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        names = [self.filenames[i] for i in idx.tolist()] if self.filenames is not None else None
+        return InMemoryDataset(self.images[idx], self.labels[idx], self.classes, names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST: the original IDX files
+# --------------------------------------------------------------------------------------------------
+
+# IDX magic: two zero bytes, a type code (0x08 = unsigned byte), and the number of dimensions.
+_IDX_UBYTE = 0x08
+
+
+def _open_maybe_gzip(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file (``.gz`` or uncompressed) into a ``uint8`` array, checking magic and size.
+
+    Raises :class:`DatasetError` naming the file for a bad magic number, a truncated or corrupt file,
+    or trailing bytes.
+    """
+    path = Path(path)
+    fix = "fix: re-install it (apt-get install --reinstall dataset-fashion-mnist) or delete it and pass download=true"
+    try:
+        with _open_maybe_gzip(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # truncated gzip raises EOFError
+        raise DatasetError(f"{path}: unreadable or truncated IDX file ({exc}); {fix}") from exc
+    if len(raw) < 4:
+        raise DatasetError(f"{path}: too short for an IDX header ({len(raw)} bytes); {fix}")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != _IDX_UBYTE or ndim == 0 or (expected_ndim and ndim != expected_ndim):
+        raise DatasetError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x000008"
+            f"{expected_ndim or ndim:02x}, unsigned bytes); {fix}"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header; {fix}")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    got = len(raw) - header
+    if got != expected:
+        raise DatasetError(
+            f"{path}: IDX header says shape {shape} = {expected} bytes but the file holds {got}; {fix}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _fashion_mnist_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    dirs: list[Path] = []
+    if data_dir is not None:
+        d = Path(data_dir)
+        dirs += [d, d / "fashion-mnist", d / "FashionMNIST" / "raw"]
+    dirs.append(FASHION_MNIST_SYSTEM_DIR)
+    return dirs
+
+
+def load_fashion_mnist(
+    split: str = "train", data_dir: str | os.PathLike[str] | None = None, download: bool = False
+) -> InMemoryDataset:
+    """Fashion-MNIST from the original IDX files (``train-*`` or ``t10k-*``), 1 x 28 x 28, 10 classes.
+
+    Search order: ``data_dir``, ``data_dir/fashion-mnist``, ``data_dir/FashionMNIST/raw``, then
+    :data:`FASHION_MNIST_SYSTEM_DIR`; with ``download=True`` and nothing found, torchvision downloads
+    the same IDX files into ``data_dir/FashionMNIST/raw`` (``data_dir`` defaults to ``./data``).
+    """
+    if split not in ("train", "test"):
+        raise DatasetError(f"fashion_mnist has splits 'train' and 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    img_stem, lbl_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+    searched = _fashion_mnist_dirs(data_dir)
+    found: tuple[Path, Path] | None = None
+    for d in searched:
+        img, lbl = _find_idx(d, img_stem), _find_idx(d, lbl_stem)
+        if img is not None and lbl is not None:
+            found = (img, lbl)
+            break
+    if found is None and download:
+        from torchvision.datasets import FashionMNIST
+
+        root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+        FashionMNIST(str(root), train=split == "train", download=True)
+        raw = root / "FashionMNIST" / "raw"
+        img, lbl = _find_idx(raw, img_stem), _find_idx(raw, lbl_stem)
+        if img is not None and lbl is not None:
+            found = (img, lbl)
+    if found is None:
+        raise DatasetError(
+            f"Fashion-MNIST {img_stem}[.gz] not found (searched: {', '.join(map(str, searched))}); "
+            "fix: `apt-get install dataset-fashion-mnist`, or pass download=true with a data_dir"
+        )
+    images = read_idx(found[0], expected_ndim=3)  # (N, 28, 28)
+    labels = read_idx(found[1], expected_ndim=1)  # (N,)
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{found[0]} holds {images.shape[0]} images but {found[1]} holds {labels.shape[0]} labels; "
+            "fix: use image and label files from the same release"
+        )
+    if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DatasetError(
+            f"{found[1]}: label {int(labels.max())} out of range 0-9; fix: re-install the files"
+        )
+    # np.frombuffer is read-only; copy into a tensor that owns its memory.
+    images_t = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
+    return InMemoryDataset(images_t, torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10/100 and STL-10 through torchvision
+# --------------------------------------------------------------------------------------------------
+
+
+def _torchvision_root(data_dir: str | os.PathLike[str] | None) -> str:
+    return str(Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR)
+
+
+def _not_found(name: str, root: str, exc: Exception) -> DatasetError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DatasetError(
+        f"{name} not found or corrupt under {root} ({msg}); fix: pass download=true, or point data_dir at "
+        "the folder holding the torchvision copy"
+    )
+
+
+def load_cifar(
+    name: str = "cifar10",
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+) -> InMemoryDataset:
+    """CIFAR-10 or CIFAR-100 (3 x 32 x 32) via torchvision, converted to one ``uint8`` tensor."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    if split not in ("train", "test"):
+        raise DatasetError(f"{name} has splits 'train' and 'test', got {split!r}")
+    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+    root = _torchvision_root(data_dir)
+    try:
+        ds = cls(root, train=split == "train", download=download)
+    except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted."
+        raise _not_found(name, root, exc) from exc
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> NCHW
+    return InMemoryDataset(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), ds.classes)
+
+
+def load_stl10(
+    split: str = "train", data_dir: str | os.PathLike[str] | None = None, download: bool = False
+) -> InMemoryDataset:
+    """STL-10 (3 x 96 x 96) via torchvision; the ``unlabeled`` images get label -1."""
+    from torchvision.datasets import STL10
+
+    if split not in _SPLITS["stl10"]:
+        raise DatasetError(f"stl10 has splits {', '.join(_SPLITS['stl10'])}, got {split!r}")
+    root = _torchvision_root(data_dir)
+    try:
+        ds = STL10(root, split=split, download=download)
+    except RuntimeError as exc:
+        raise _not_found("stl10", root, exc) from exc
+    images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, 96, 96)
+    labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))  # -1 for the unlabeled split
+    return InMemoryDataset(images, labels, list(ds.classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageFolder (ImageNet layout) for user data
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_image(path: Path) -> str | None:
+    """Return why ``path`` is not a readable image, or ``None`` when it is.
+
+    ``Image.verify()`` reads the headers and chunk checksums without decoding pixels (cheap), but it
+    misses truncated JPEGs; those lack the end-of-image marker, and only for those (rare) files do we
+    pay for a full decode to tell a truncated file from one with harmless trailing bytes.
+    """
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                has_eoi = f.read(2) == b"\xff\xd9"
+            if not has_eoi:
+                with Image.open(path) as img:
+                    img.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+class ImageFolderDataset(ImageDataset):
+    """User images in ImageNet layout ``root/<class>/<file>``, decoded with PIL in ``__getitem__``.
+
+    Each image becomes RGB, its shorter side is resized (bicubic, PIL's antialiased resize) to
+    ``image_size`` and the centre ``image_size`` square is kept, so batches stack. ``filenames`` are
+    the file base names (what official subset lists name, spec section 6); ``paths`` the full paths.
+
+    Every file is checked at construction (header + checksum, see :func:`_check_image`). A bad file
+    raises :class:`DatasetError` naming it, or with ``skip_bad_images=True`` is dropped with one
+    warning that counts the dropped files. A class folder without images raises :class:`DatasetError`.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], image_size: int = 224, skip_bad_images: bool = False
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"image folder {self.root} does not exist; fix: set data_dir to root/<class>/<image>"
+            )
+        if image_size < 1:
+            raise DatasetError(f"image_size must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.channels = 3
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise DatasetError(
+                f"{self.root} has no class folders; fix: lay out images as root/<class>/<image>"
+            )
+        self.classes = [p.name for p in class_dirs]
+
+        paths: list[Path] = []
+        labels: list[int] = []
+        bad: list[tuple[Path, str]] = []
+        for label, class_dir in enumerate(class_dirs):
+            files = sorted(
+                p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not files:
+                raise DatasetError(
+                    f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                    f"fix: add images or remove the folder '{class_dir.name}'"
+                )
+            for path in files:
+                reason = _check_image(path)
+                if reason is None:
+                    paths.append(path)
+                    labels.append(label)
+                elif skip_bad_images:
+                    bad.append((path, reason))
+                else:
+                    raise DatasetError(
+                        f"corrupt or unreadable image {path} ({reason}); fix: delete or replace it, "
+                        "or pass skip_bad_images=true"
+                    )
+        if bad:
+            warnings.warn(
+                f"skipped {len(bad)} corrupt image(s) under {self.root} (first: {bad[0][0]}: {bad[0][1]})",
+                stacklevel=2,
+            )
+        self.skipped = [str(p) for p, _ in bad]
+        self.paths = paths
+        self.filenames = [p.name for p in paths]
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Decode one image to ``uint8`` ``(3, image_size, image_size)``."""
+        path = self.paths[index]
+        s = self.image_size
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                w, h = img.size
+                scale = s / min(w, h)
+                # Shorter side -> s; the longer side is rounded and never below s.
+                new_w, new_h = max(s, round(w * scale)), max(s, round(h * scale))
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+                left, top = (new_w - s) // 2, (new_h - s) // 2
+                img = img.crop((left, top, left + s, top + s))
+                arr = np.asarray(img, dtype=np.uint8)  # (s, s, 3)
+        except Exception as exc:
+            raise DatasetError(
+                f"cannot decode image {path} ({type(exc).__name__}: {exc}); fix: replace it"
+            ) from exc
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.load_image(index), int(self.labels[index]), int(index)
+
+    def to_memory(self, num_workers: int = 0, max_bytes: int | None = None) -> InMemoryDataset:
+        """Decode every image into one :class:`InMemoryDataset`.
+
+        ``max_bytes`` defaults to half the physical memory; a larger dataset raises
+        :class:`DatasetError` instead of swapping the machine to death.
+        """
+        s = self.image_size
+        need = len(self) * 3 * s * s
+        if max_bytes is None:
+            try:
+                max_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+            except (ValueError, OSError, AttributeError):  # not POSIX: do not guess
+                max_bytes = need
+        if need > max_bytes:
+            raise DatasetError(
+                f"{self.root}: {len(self)} images at {s}px need {need / 2**30:.1f} GiB, over the "
+                f"{max_bytes / 2**30:.1f} GiB limit; fix: lower image_size or keep decoding in DataLoader workers"
+            )
+        images = torch.empty((len(self), 3, s, s), dtype=torch.uint8)
+        if num_workers > 0:
+            loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=num_workers)
+            for batch, _, idx in loader:
+                images[idx] = batch
+        else:
+            for i in range(len(self)):
+                images[i] = self.load_image(i)
+        return InMemoryDataset(images, self.labels.clone(), self.classes, self.filenames)
+
+
+# --------------------------------------------------------------------------------------------------
+# Front door
+# --------------------------------------------------------------------------------------------------
+
+
+def dataset_info(name: str) -> dict[str, int | None]:
+    """Native ``image_size``, ``channels`` and ``num_classes`` of a named dataset (None = set by user data)."""
+    if name not in _INFO:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return dict(_INFO[name])
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    skip_bad_images: bool = False,
+) -> ImageDataset:
+    """Load a dataset by name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10`` or ``imagefolder``.
+
+    ``imagefolder`` reads ``data_dir/<split>/<class>/<file>`` when that folder exists, else
+    ``data_dir/<class>/<file>``; ``image_size`` (default 224) is its stored size. The built-in datasets
+    keep their native size (``image_size`` must be None or equal to it; augmentations resize).
+    """
+    if name not in DATASET_NAMES:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if name == "imagefolder":
+        if data_dir is None:
+            raise DatasetError(
+                "dataset 'imagefolder' needs data_dir (root/<class>/<image>); fix: set data_dir"
+            )
+        root = Path(data_dir)
+        if split and (root / split).is_dir():
+            root = root / split
+        return ImageFolderDataset(root, image_size=image_size or 224, skip_bad_images=skip_bad_images)
+
+    native = _INFO[name]["image_size"]
+    if image_size is not None and image_size != native:
+        raise DatasetError(
+            f"{name} is stored at its native {native}px, got image_size={image_size}; fix: leave image_size "
+            "unset and set the augmentation's output size instead"
+        )
+    if split not in _SPLITS[name]:
+        raise DatasetError(f"{name} has splits {', '.join(_SPLITS[name])}, got {split!r}")
+    if name == "fashion_mnist":
+        return load_fashion_mnist(split, data_dir, download)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, split, data_dir, download)
+    return load_stl10(split, data_dir, download)
