@@ -1,0 +1,242 @@
+"""Atomic, self-describing checkpoints.
+
+Layout of one checkpoint (a folder, written whole or not at all)::
+
+    run_dir/checkpoints/step-00001234/
+        model.safetensors      model weights (and BN buffers)
+        state.safetensors      extra tensor state: memory queue + EMA weights, online probe
+        optimizer.pt           optimizer / grad-scaler state, read back with weights_only=True
+        meta.json              format version, stage, step, epoch, model name+config, run config
+
+The folder is first written as ``step-00001234.tmp-<pid>``, every file is flushed to disk, and
+then it is renamed in one ``os.replace``. A kill at any moment therefore leaves either the
+previous complete checkpoints or the new complete one; ``*.tmp-*`` leftovers are ignored and
+removed by the next save. Nothing here unpickles arbitrary objects: tensors come from
+safetensors, metadata from JSON, and the optimizer state through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line with the fix."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors wants contiguous, non-shared CPU tensors
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep the newest ``keep`` complete ones."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f"step-{step:08d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
+        if extra_tensors:
+            save_file(_contiguous(extra_tensors), str(tmp / "state.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        meta = dict(meta, format="simclrv2-checkpoint", format_version=FORMAT_VERSION, step=step)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (e.g. a rerun with resume=false)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    complete = list_checkpoints(ckpt_root.parent)
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in ckpt_root.glob("step-*.tmp-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 1)[1])
+        except ValueError:
+            pid = -1
+        if pid != os.getpid():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / "meta.json").is_file() and (d / "model.safetensors").is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata '{path}' is unreadable ({e}); delete that checkpoint folder") from e
+    check_version(meta, str(path))
+    return meta
+
+
+def check_version(meta: dict[str, Any], where: str) -> None:
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"'{where}' has no simclrv2 format_version; it is not a simclrv2 checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{where}' has checkpoint format version {version}, newer than this simclrv2 reads "
+            f"({FORMAT_VERSION}); upgrade simclrv2"
+        )
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}); it may be truncated") from e
+
+
+def load_optimizer_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """Optimizer state, read with ``weights_only=True`` so no pickled code can run."""
+    path = Path(ckpt_dir) / "optimizer.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"'{path}' was refused by the safe loader ({type(e).__name__}); only plain tensors and "
+            "containers are accepted, delete the file or take the checkpoint from a trusted source"
+        ) from e
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder, a ``step-*`` folder or a model file -> the concrete checkpoint path."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run folder, a checkpoint folder or a .safetensors file")
+    if p.is_file():
+        return p
+    if (p / "meta.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"'{path}' holds no complete checkpoint; run the stage that writes it first")
+    return latest
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of a checkpoint folder or a standalone model ``.safetensors`` file.
+
+    A standalone file carries its metadata either in a sidecar ``<file>.json`` (written by
+    ``simclrv2 convert``) or in the safetensors header under the key ``simclrv2``.
+    """
+    p = resolve_checkpoint(path)
+    if p.is_dir():
+        return load_tensors(p / "model.safetensors"), read_meta(p)
+    sidecar = p.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"'{sidecar}' is not valid JSON ({e})") from e
+    else:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                header = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"'{p}' is not a readable safetensors file ({e})") from e
+        if "simclrv2" not in header:
+            raise CheckpointError(f"'{p}' has no simclrv2 metadata (no sidecar .json, no header entry)")
+        meta = json.loads(header["simclrv2"])
+    check_version(meta, str(p))
+    return load_tensors(p), meta
+
+
+def write_model_file(path: str | Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A standalone model file: safetensors with the metadata in its header, written atomically."""
+    path = Path(path)
+    meta = dict(meta, format="simclrv2-model", format_version=FORMAT_VERSION)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(_contiguous(model_state), str(tmp), metadata={"simclrv2": json.dumps(meta, default=str)})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,107 @@
+"""``simclrv2 <stage> --config FILE [key=value ...]``: thin wiring from the command line to the stages."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import config as C
+
+STAGES: dict[str, tuple[str, str]] = {
+    # stage: (module:function, one-line help)
+    "pretrain": ("simclrv2.engine.pretrain:run", "contrastive pretraining (NT-Xent, LARS, optional memory queue)"),
+    "finetune": ("simclrv2.engine.classify:run_finetune", "fine-tune from a projection-head layer on a labelled subset"),
+    "supervised": ("simclrv2.engine.classify:run_supervised", "supervised baseline from random init on the same labels"),
+    "distill": ("simclrv2.engine.classify:run_distill", "distil a fine-tuned teacher into a student on unlabeled images"),
+    "linear-eval": ("simclrv2.engine.probe:run_linear_eval", "linear classifier on frozen features"),
+    "knn-eval": ("simclrv2.engine.probe:run_knn_eval", "weighted kNN on frozen features"),
+}
+TOOLS: dict[str, tuple[str, str]] = {
+    "pipeline": ("simclrv2.pipeline:main", "run every stage and write results.json, report.md and plots"),
+    "models": ("simclrv2.cli:_models_main", "list the model registry"),
+    "convert": ("simclrv2.convert:convert_main", "convert a released SimCLRv2 TF1 checkpoint"),
+    "predict": ("simclrv2.serve:predict_main", "classes and probabilities for images or a dataset split"),
+    "embed": ("simclrv2.serve:embed_main", "write features of a split to .npy"),
+    "export": ("simclrv2.serve:export_main", "export encoder + classifier to ONNX or TorchScript"),
+}
+
+
+def _load(target: str) -> Callable[..., Any]:
+    import importlib
+
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _models_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="simclrv2 models", description="List every registered model variant.").parse_args(argv)
+    from .models.registry import format_models_table
+
+    print(format_models_table())
+    return 0
+
+
+def _stage_main(stage: str, argv: list[str]) -> int:
+    cls = C.STAGE_CONFIGS[stage]
+    parser = argparse.ArgumentParser(
+        prog=f"simclrv2 {stage}",
+        description=f"{STAGES[stage][1]}.\n\nConfig keys (key = default); override any with key=value, "
+        "dotted for nested sections:\n" + C.describe(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file with config keys (a pipeline config is not accepted here)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 memory.enabled=true")
+    args = parser.parse_args(argv)
+    cfg = C.load_config(cls, args.config, args.overrides)
+    result = _load(STAGES[stage][0])(cfg)
+    from . import distributed as dist
+
+    if dist.is_main() and isinstance(result, dict):
+        shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "n"}
+        print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    dist.cleanup_distributed()
+    return 0
+
+
+def _friendly_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data.datasets import DatasetError
+    from .engine.runtime import RunError
+
+    return (C.ConfigError, RunError, CheckpointError, DatasetError, ValueError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {**STAGES, **TOOLS}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: simclrv2 <command> [--config FILE] [key=value ...]\n\ncommands:")
+        for name, (_, text) in names.items():
+            print(f"  {name:<12} {text}")
+        print("\n`simclrv2 <command> --help` shows every option with its default. Under torchrun use "
+              "`python -m simclrv2 <command> ...`.")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in names:
+        print(f"error: unknown command '{cmd}'; valid commands: {', '.join(names)}", file=sys.stderr)
+        return 2
+    try:
+        if cmd in STAGES:
+            return _stage_main(cmd, rest)
+        return int(_load(TOOLS[cmd][0])(rest) or 0)
+    except _friendly_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        if os.environ.get("SIMCLRV2_TRACEBACK"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept and the run resumes from it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

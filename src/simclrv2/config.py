@@ -1,0 +1,370 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML, overridden by ``key=value``.
+
+Every stage shares the keys of :class:`CommonConfig`. A config is never mutated at run time:
+derived values (the effective learning rate, step counts) are computed into their own variables
+and logged. The resolved config is written as ``config.yaml`` into the run folder and into every
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; its message is one line that names the key and the fix."""
+
+
+@dataclass
+class MemoryConfig:
+    """SimCLRv2 memory (spec 3.1): EMA encoder whose projections fill a queue of negatives."""
+
+    enabled: bool = False
+    size: int = 4096  # queue length; 65536 on ImageNet
+    momentum: float = 0.999  # EMA decay of the memory network
+
+
+@dataclass
+class CommonConfig:
+    """Keys that every stage understands."""
+
+    model: str = "r18_0.25x_sk0"  # registry name, see `simclrv2 models`
+    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder
+    data_dir: str = ""  # where the data lives; "" = the dataset's default places
+    download: bool = False  # allow torchvision downloads (needs a network)
+    train_split: str = "train"  # split used for training (stl10: train+unlabeled for pretraining)
+    test_split: str = "test"  # split used for evaluation
+    image_size: int = 0  # training resolution; 0 = the dataset's native size
+    batch_size: int = 256  # global batch size (split across processes)
+    epochs: float = 10.0  # passes over the training set (fractional allowed)
+    max_steps: int = 0  # cap on optimizer steps for quick runs; 0 = no cap
+    run_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on GPU, with a gradient scaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 4  # DataLoader workers for data that is not held in memory
+    skip_bad_images: bool = False  # ImageFolder: skip undecodable files with a counted warning
+    resume: bool = True  # resume from the run folder's last complete checkpoint
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    log_every: int = 20  # steps between metric lines
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class LabelConfig:
+    """Which labels a stage may use (spec 6)."""
+
+    label_fraction: float = 0.01  # class-balanced fraction of the train split, in (0, 1]
+    label_seed: int = 0  # seed of the subset draw; same seed -> same images everywhere
+    label_list: str = ""  # official ImageNet subset file (one filename per line); overrides fraction
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
+    """Contrastive pretraining (spec 3-5)."""
+
+    run_dir: str = "runs/pretrain"
+    epochs: float = 100.0
+    temperature: float = 0.1
+    loss_directions: str = "sum"  # sum (official: loss_A + loss_B) | mean
+    proj_head_mode: str = "nonlinear"  # nonlinear | linear | none
+    num_proj_layers: int = 3
+    proj_out_dim: int = 128
+    optimizer: str = "lars"  # lars | sgd | adamw
+    base_lr: float = 0.1  # peak lr = scaled(base_lr, batch_size, lr_scaling)
+    lr_scaling: str = "sqrt"  # sqrt (base*sqrt(B)) | linear (base*B/256) | none
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    color_strength: float = 1.0
+    blur: bool = True
+    crop_min_scale: float = 0.08
+    global_bn: bool = True  # SyncBatchNorm when running with several processes
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    knn_every: int = 1  # epochs between kNN monitor evaluations; 0 = off
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_train_size: int = 10000  # labelled bank size for the kNN monitor (0 = whole split)
+    knn_test_size: int = 2000  # held-out images for the kNN monitor (0 = whole split)
+    online_probe: bool = True  # linear probe on detached features, trained alongside
+    grad_accum_steps: int = 1  # must be 1: see PretrainConfig docs in README (use the memory)
+
+
+@dataclass
+class FinetuneConfig(CommonConfig, LabelConfig):
+    """Fine-tuning from a projection-head layer on a labelled subset (spec 4.3, 6)."""
+
+    run_dir: str = "runs/finetune"
+    init_checkpoint: str = ""  # pretraining run folder, checkpoint folder or .safetensors file
+    ft_proj_selector: int = 1  # 0 = backbone features, 1 = first head layer, -1 = head output
+    fine_tune_after_block: int = -1  # -1 = train everything; k freezes the stem and stages <= k
+    batch_size: int = 64
+    epochs: float = 60.0  # official: 60 for 1% labels, 30 for 10%
+    optimizer: str = "lars"
+    base_lr: float = 0.005
+    lr_scaling: str = "sqrt"
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    crop_min_scale: float = 0.08
+    zero_init_classifier: bool = True
+    global_bn: bool = True
+
+
+@dataclass
+class SupervisedConfig(CommonConfig, LabelConfig):
+    """Supervised baseline from random initialisation on the same labelled subset."""
+
+    run_dir: str = "runs/supervised"
+    batch_size: int = 64
+    epochs: float = 60.0
+    optimizer: str = "lars"
+    base_lr: float = 0.05
+    lr_scaling: str = "sqrt"
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 2.0
+    crop_min_scale: float = 0.08
+    global_bn: bool = True
+
+
+@dataclass
+class DistillConfig(CommonConfig, LabelConfig):
+    """Distillation on the unlabeled pool (spec 7). `model` is the student."""
+
+    run_dir: str = "runs/distill"
+    teacher_checkpoint: str = ""  # fine-tuned teacher: run folder, checkpoint folder or file
+    student_init: str = ""  # "" = random init; else a pretraining checkpoint for the student
+    tau: float = 0.1  # 0.1 for self-distillation, 1.0 for big-to-small
+    alpha: float = 1.0  # weight of the distillation term; 1.0 = unlabeled distillation only
+    scale_by_tau_sq: bool = False  # multiply the distillation term by tau^2 (official colab)
+    batch_size: int = 256
+    epochs: float = 10.0
+    optimizer: str = "lars"
+    base_lr: float = 0.1
+    lr_scaling: str = "sqrt"
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    crop_min_scale: float = 0.08
+    global_bn: bool = True
+
+
+@dataclass
+class LinearEvalConfig(CommonConfig, LabelConfig):
+    """Linear evaluation on frozen features (eval-mode BN)."""
+
+    run_dir: str = "runs/linear_eval"
+    checkpoint: str = ""  # model to evaluate
+    label_fraction: float = 1.0
+    ft_proj_selector: int = 0  # 0 = backbone features (the usual linear-eval protocol)
+    method: str = "cached"  # cached: features computed once; sgd: SGD-Nesterov on augmented crops
+    epochs: float = 90.0
+    base_lr: float = 0.1
+    lr_scaling: str = "linear"
+    weight_decay: float = 1e-6
+    batch_size: int = 512
+
+
+@dataclass
+class KnnEvalConfig(CommonConfig, LabelConfig):
+    """Weighted kNN classification on frozen features."""
+
+    run_dir: str = "runs/knn"
+    checkpoint: str = ""
+    label_fraction: float = 1.0
+    k: int = 200
+    temperature: float = 0.1
+    batch_size: int = 512
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "supervised": SupervisedConfig,
+    "distill": DistillConfig,
+    "linear-eval": LinearEvalConfig,
+    "knn-eval": KnnEvalConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check (and gently convert) one value against its declared type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' must be {typ}, got {value!r}")
+    if typ is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(typ) or (Any,)
+        return [v if item is Any else _coerce(v, item, key) for v in value]
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(typ):
+        if isinstance(typ, type) and isinstance(value, typ):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return build(typ, value, prefix=f"{key}.")
+    return value
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys: "
+            + ", ".join(prefix + k for k in types_)
+        )
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """Parse the value of a ``key=value`` override with YAML rules (1e-4, true, [1, 2])."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys for nested sections) to a plain mapping."""
+    out = json.loads(json.dumps(values))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value; write it as e.g. epochs=10")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file with --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """YAML file (optional) + overrides -> a validated config dataclass."""
+    values = load_yaml(path) if path else {}
+    values = apply_overrides(values, overrides or [])
+    cfg = build(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that the type system cannot express."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}")
+    need(cfg.epochs > 0 or cfg.max_steps > 0, "epochs must be positive (or set max_steps)")
+    need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
+    need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")
+    if isinstance(cfg, LabelConfig) and not cfg.label_list:
+        need(
+            0.0 < cfg.label_fraction <= 1.0,
+            f"label_fraction must be in (0, 1], got {cfg.label_fraction}; e.g. label_fraction=0.01 for 1% labels",
+        )
+    if hasattr(cfg, "optimizer"):
+        need(cfg.optimizer in ("lars", "sgd", "adamw"), f"optimizer must be lars, sgd or adamw, got '{cfg.optimizer}'")
+    if hasattr(cfg, "lr_scaling"):
+        need(cfg.lr_scaling in ("sqrt", "linear", "none"), f"lr_scaling must be sqrt, linear or none, got '{cfg.lr_scaling}'")
+    if isinstance(cfg, PretrainConfig):
+        need(cfg.temperature > 0, f"temperature must be positive, got {cfg.temperature}")
+        need(cfg.loss_directions in ("sum", "mean"), "loss_directions must be sum or mean")
+        need(
+            cfg.grad_accum_steps == 1,
+            "grad_accum_steps must be 1: accumulating small batches changes the negatives of a "
+            "contrastive loss; use memory.enabled=true (a queue of negatives) for a large effective batch",
+        )
+    if isinstance(cfg, DistillConfig):
+        need(cfg.tau > 0, f"tau must be positive, got {cfg.tau}")
+        need(0.0 <= cfg.alpha <= 1.0, f"alpha must be in [0, 1], got {cfg.alpha}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(values: dict[str, Any]) -> str:
+    """Short stable hash of a config mapping (key order does not matter)."""
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def describe(cls: type) -> str:
+    """Every key with its type and default, for ``--help``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            for sub, val in dataclasses.asdict(default).items():
+                lines.append(f"  {f.name}.{sub} = {val!r}")
+        else:
+            lines.append(f"  {f.name} = {default!r}")
+    return "\n".join(lines)

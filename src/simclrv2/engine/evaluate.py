@@ -1,0 +1,139 @@
+"""Evaluation on frozen models: features, classifier metrics, weighted kNN, linear probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import EvalTransform
+from .runtime import BatchSource, autocast, write_json
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module,
+    source: BatchSource,
+    indices: torch.Tensor,
+    image_size: int,
+    batch_size: int = 512,
+    output: str = "features",
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a frozen model in eval mode over ``indices``.
+
+    ``output`` is ``features`` (pooled backbone, (N, D)), ``proj`` (the head output picked by
+    ``ft_proj_selector``) or ``logits``. Returns (outputs (N, D) float32 on CPU, labels (N,)).
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    tf = EvalTransform(image_size)
+    outs, labels = [], []
+    batches = list(torch.split(indices, batch_size))
+    try:
+        for x, y in source.iterate(batches):
+            with autocast(source.device, precision):
+                v = tf(x)
+                out = model.features(v) if output == "features" else model(v)[output]
+            outs.append(out.float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN (InstDisc-style): cosine similarity, weights exp(sim / T). Returns (N, C) scores."""
+    train = F.normalize(train_feats.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for q in torch.split(F.normalize(test_feats.float(), dim=1), chunk):
+        sim = q @ train.T  # (n, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        onehot = F.one_hot(train_labels[top_idx], num_classes).float()  # (n, k, C)
+        scores.append((weights.unsqueeze(-1) * onehot).sum(1))
+    return torch.cat(scores)
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """top-1, top-5 (more than 5 classes), per-class accuracy and the confusion matrix."""
+    pred = scores.argmax(1)
+    labels = labels.long()
+    out: dict[str, Any] = {"top1": round(100.0 * (pred == labels).float().mean().item(), 4), "n": len(labels)}
+    if num_classes > 5:
+        top5 = scores.topk(5, dim=1).indices
+        out["top5"] = round(100.0 * (top5 == labels[:, None]).any(1).float().mean().item(), 4)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = cm.diag().float() / cm.sum(1).clamp(min=1).float()
+    out["per_class_accuracy"] = [round(100.0 * v, 4) for v in per_class.tolist()]
+    out["confusion_matrix"] = cm.tolist()
+    return out
+
+
+def write_eval(run_dir: Path, metrics: dict[str, Any], scores: torch.Tensor) -> None:
+    """``metrics.json`` and ``predictions.npy`` (predicted class per test image)."""
+    write_json(run_dir / "metrics.json", metrics)
+    np.save(run_dir / "predictions.npy", scores.argmax(1).numpy().astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, source: BatchSource, indices: torch.Tensor, image_size: int, num_classes: int,
+    batch_size: int = 512, precision: str = "fp32",
+) -> tuple[dict[str, Any], torch.Tensor]:
+    logits, labels = extract(model, source, indices, image_size, batch_size, "logits", precision)
+    return classification_metrics(logits, labels, num_classes), logits
+
+
+def train_linear_on_features(
+    train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 100,
+    lr: float = 0.1, weight_decay: float = 1e-6, batch_size: int = 512, seed: int = 0,
+) -> nn.Linear:
+    """Linear classifier on cached features with SGD-Nesterov and cosine decay.
+
+    Features are standardised by the training mean/std first (folded back into the returned
+    layer, so it applies to raw features), which makes one learning rate work across encoders.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    xs = (train_x - mean) / std
+    layer = nn.Linear(train_x.shape[1], num_classes)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    n = len(xs)
+    steps_per_epoch = max(1, (n + batch_size - 1) // batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for idx in torch.split(perm, batch_size):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / total))
+            loss = F.cross_entropy(layer(xs[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():  # fold the standardisation into the layer: W (x - m)/s + b
+        w = layer.weight / std
+        b = layer.bias - (w * mean).sum(1)
+        out = nn.Linear(train_x.shape[1], num_classes)
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out

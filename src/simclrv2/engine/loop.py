@@ -1,0 +1,193 @@
+"""The step loop shared by every training stage: schedule, step, log, checkpoint, resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..optim import lr_at, set_lr
+from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainJob:
+    """Everything the loop needs; the stage builds it and keeps the meaning of the loss."""
+
+    stage: str
+    cfg: Any
+    run_dir: Path
+    device: torch.device
+    model: nn.Module  # unwrapped model: its state_dict is the checkpoint's model.safetensors
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn  # (uint8 images, labels, step) -> (loss, stats)
+    pool: torch.Tensor  # dataset indices this stage trains on
+    source: Any  # BatchSource
+    plan: StepPlan
+    peak_lr: float
+    warmup_steps: int
+    meta: dict[str, Any] = field(default_factory=dict)  # model name/config etc. for meta.json
+    extra_state: dict[str, Stateful] = field(default_factory=dict)  # memory, online probe, ...
+    after_step: Callable[[int], None] | None = None  # e.g. the memory's EMA update
+    on_epoch_end: Callable[[int, int], dict[str, float]] | None = None  # (epoch, step) -> metrics
+    train_modules: list[nn.Module] = field(default_factory=list)  # set to train() each step
+
+
+def _flatten(prefix: str, state: dict[str, Any], out: dict[str, torch.Tensor]) -> None:
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}.{k}"] = v
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}.{k}"] = torch.tensor(v)
+        elif isinstance(v, dict):
+            _flatten(f"{prefix}.{k}", v, out)
+        else:
+            raise TypeError(f"state entry {prefix}.{k} of type {type(v).__name__} is not a tensor")
+
+
+def _unflatten(prefix: str, flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        if not k.startswith(prefix + "."):
+            continue
+        parts = k[len(prefix) + 1 :].split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def save(job: TrainJob, step: int, epoch: float) -> None:
+    if not dist.is_main():
+        return
+    extra: dict[str, torch.Tensor] = {}
+    for name, obj in job.extra_state.items():
+        _flatten(name, obj.state_dict(), extra)
+    state = {"optimizer": job.optimizer.state_dict()}
+    ckpt.save_checkpoint(
+        job.run_dir, step, job.model.state_dict(),
+        meta=dict(job.meta, stage=job.stage, epoch=epoch, config=_cfg_dict(job.cfg)),
+        extra_tensors=extra, optimizer_state=state, keep=job.cfg.keep_checkpoints,
+    )
+
+
+def _cfg_dict(cfg: Any) -> dict[str, Any]:
+    from ..config import to_dict
+
+    return to_dict(cfg)
+
+
+def try_resume(job: TrainJob) -> int:
+    """Load the run folder's last complete checkpoint; return the step to continue from."""
+    if not job.cfg.resume:
+        return 0
+    last = ckpt.latest_checkpoint(job.run_dir)
+    if last is None:
+        return 0
+    meta = ckpt.read_meta(last)
+    if meta.get("model_name") != job.meta.get("model_name") or meta.get("stage") != job.stage:
+        raise RunError(
+            f"checkpoint '{last}' is a {meta.get('stage')} run of {meta.get('model_name')}, not a "
+            f"{job.stage} run of {job.meta.get('model_name')}; use a new run_dir or resume=false"
+        )
+    state = ckpt.load_tensors(last / "model.safetensors")
+    try:
+        job.model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(f"checkpoint '{last}' does not fit this model ({str(e).splitlines()[0]})") from e
+    opt = ckpt.load_optimizer_state(last)
+    if opt is not None:
+        job.optimizer.load_state_dict(opt["optimizer"])
+    extra_path = last / "state.safetensors"
+    if extra_path.is_file():
+        flat = ckpt.load_tensors(extra_path)
+        for name, obj in job.extra_state.items():
+            obj.load_state_dict(_unflatten(name, flat))
+    return int(meta["step"])
+
+
+def run(job: TrainJob) -> dict[str, Any]:
+    """Train from the last checkpoint (or step 0) to ``plan.total_steps``; return the last metrics."""
+    cfg, plan = job.cfg, job.plan
+    start = try_resume(job)
+    logger = MetricsLogger(job.run_dir, resume_step=start)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    every = cfg.checkpoint_every or plan.steps_per_epoch
+    bar = None
+    if cfg.progress and dist.is_main() and start < plan.total_steps:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total_steps, initial=start, desc=job.stage, dynamic_ncols=True, leave=False)
+    finite = torch.ones((), dtype=torch.bool, device=job.device)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    last: dict[str, Any] = {}
+    t0 = time.time()
+    for step in range(start, plan.total_steps):
+        for m in job.train_modules:
+            m.train()
+        lr = lr_at(step, plan.total_steps, job.warmup_steps, job.peak_lr)
+        set_lr(job.optimizer, lr)
+        x, y = job.source.get(batch_indices(job.pool, plan, cfg.seed, step))
+        with autocast(job.device, cfg.precision):
+            loss, stats = job.loss_fn(x, y, step)
+        job.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(job.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            job.optimizer.step()
+        if job.after_step is not None:
+            job.after_step(step)
+        # no host sync per step: flags and sums stay on the device until a log line
+        finite &= torch.isfinite(loss.detach())
+        for k, v in dict(stats, loss=loss.detach()).items():
+            sums[k] = sums.get(k, 0) + v.float()
+        count += 1
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        boundary = done % every == 0 or done == plan.total_steps
+        if done % cfg.log_every == 0 or boundary:
+            if not bool(finite):
+                raise RunError(
+                    f"{job.stage}: the loss became non-finite before step {done}; the last good checkpoint "
+                    "is kept; lower the learning rate (base_lr) or use precision=fp32"
+                )
+            last = {k: round(float(v) / count, 6) for k, v in sums.items()}
+            rec = dict(step=done, epoch=round(done / plan.steps_per_epoch, 4), lr=lr, **last)
+            rec["images_per_s"] = round(count * plan.global_batch / max(time.time() - t0, 1e-9), 1)
+            logger.log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=last["loss"], lr=f"{lr:.3g}")
+            sums, count, t0 = {}, 0, time.time()
+        if done % plan.steps_per_epoch == 0 and job.on_epoch_end is not None:
+            extra = job.on_epoch_end(done // plan.steps_per_epoch, done)
+            if extra:
+                logger.log(dict(step=done, epoch=done / plan.steps_per_epoch, **extra))
+                last.update(extra)
+        if boundary:
+            save(job, done, done / plan.steps_per_epoch)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    dist.barrier()
+    return last

@@ -1,0 +1,150 @@
+"""Contrastive pretraining (spec 3-5): two augmented views, NT-Xent over the global batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as dist
+from ..config import PretrainConfig
+from ..data.augment import SimCLRAugment
+from ..losses import nt_xent
+from ..memory import MomentumMemory
+from . import loop
+from .evaluate import extract, knn_predict
+from .runtime import StepPlan, prepare_run_dir, resolve_device, step_generator, write_json
+from .setup import (
+    distribute,
+    image_size_of,
+    make_optimizer,
+    model_meta,
+    new_model,
+    open_split,
+    seed_everything,
+)
+
+
+class ContrastiveStep(nn.Module):
+    """The module DDP wraps: encoder + head, and the online linear probe on detached features.
+
+    forward(x (2N, C, H, W), views 1 then 2) -> (features (2N, D), z (2N, proj_out_dim), probe logits).
+    The probe sees ``features.detach()``, so it never shapes the representation (solo-learn, TF2).
+    The attribute is named ``classifier`` so LARS treats it as the supervised head (spec 4.1).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, probe: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.classifier = nn.Linear(model.backbone.feature_dim, num_classes) if probe else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        feats, z = self.model.contrastive(x)
+        logits = self.classifier(feats.detach()) if self.classifier is not None else None
+        return feats, z, logits
+
+
+class _ProbeState:
+    """Checkpoint adapter for the probe weights (kept out of the model file)."""
+
+    def __init__(self, probe: nn.Linear) -> None:
+        self.probe = probe
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.probe.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.probe.load_state_dict(state)
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "pretrain")
+    ds, source = open_split(cfg, cfg.train_split, device)
+    size = image_size_of(cfg, ds)
+    model = new_model(
+        cfg.model, ds, size, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
+        proj_out_dim=cfg.proj_out_dim, ft_proj_selector=-1, num_classes=0,
+    ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    labelled = bool((ds.labels >= 0).any())
+    step_module = ContrastiveStep(model, max(ds.num_classes, 1), cfg.online_probe and labelled).to(device)
+    train_module = distribute(step_module, device, cfg.global_bn)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    plan = StepPlan.make(len(ds), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    optimizer, peak_lr, warmup = make_optimizer(cfg, step_module, plan)
+    aug = SimCLRAugment(
+        size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
+    )
+    memory = (
+        MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum).to(device)
+        if cfg.memory.enabled else None
+    )
+    pending_keys: list[torch.Tensor] = []
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = step_generator(device, cfg.seed, step)
+        views = torch.cat([aug(x, generator=g), aug(x, generator=g)])  # (2N, C, H, W): view 1 then view 2
+        if cfg.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        _, z, logits = train_module(views)
+        z1, z2 = z.float().chunk(2)
+        negatives = memory.negatives() if memory is not None else None
+        loss, stats = nt_xent(
+            z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions
+        )
+        if memory is not None:
+            pending_keys.append(memory.keys(views))
+        if logits is not None:
+            targets = y.repeat(2)
+            probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+            stats = dict(stats, probe_loss=probe_loss.detach(),
+                         probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
+            loss = loss + probe_loss
+        return loss, stats
+
+    def after_step(step: int) -> None:
+        if memory is not None:
+            memory.update_ema(model)
+            memory.enqueue(pending_keys.pop())
+
+    knn_bank = None
+    if cfg.knn_every > 0 and labelled:
+        test_ds, test_source = open_split(cfg, cfg.test_split, device)
+        g = torch.Generator().manual_seed(cfg.seed)
+        bank_idx = torch.nonzero(ds.labels >= 0).flatten()
+        bank_idx = bank_idx[torch.randperm(len(bank_idx), generator=g)[: cfg.knn_train_size or None]]
+        test_idx = torch.randperm(len(test_ds), generator=g)[: cfg.knn_test_size or None]
+        knn_bank = (bank_idx.sort().values, test_idx.sort().values, test_source, test_ds.num_classes)
+
+    def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
+        if knn_bank is None or (epoch % cfg.knn_every != 0 and step != plan.total_steps):
+            return {}
+        bank_idx, test_idx, test_source, n_cls = knn_bank
+        train_f, train_y = extract(model, source, bank_idx, size, precision=cfg.precision)
+        test_f, test_y = extract(model, test_source, test_idx, size, precision=cfg.precision)
+        scores = knn_predict(train_f, train_y, test_f, n_cls, cfg.knn_k, cfg.knn_temperature)
+        return {"knn_top1": round(100.0 * (scores.argmax(1) == test_y).float().mean().item(), 3)}
+
+    extra_state: dict[str, Any] = {}
+    if memory is not None:
+        extra_state["memory"] = memory
+    if step_module.classifier is not None:
+        extra_state["probe"] = _ProbeState(step_module.classifier)
+    job = loop.TrainJob(
+        stage="pretrain", cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
+        loss_fn=loss_fn, pool=torch.arange(len(ds)), source=source, plan=plan, peak_lr=peak_lr,
+        warmup_steps=warmup, meta=model_meta(model, ds, image_size=size), extra_state=extra_state,
+        after_step=after_step, on_epoch_end=on_epoch_end, train_modules=[step_module],
+    )
+    last = loop.run(job)
+    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": peak_lr,
+               "global_batch": plan.global_batch, **last}
+    write_json(run_dir / "summary.json", summary)
+    dist.barrier()
+    return summary

@@ -1,0 +1,115 @@
+"""Linear evaluation and kNN evaluation of a frozen encoder.
+
+The encoder stays in eval mode throughout (BN statistics are not updated) and no gradient reaches
+it: the linear classifier is trained on cached features (``method=cached``) or on features of
+crop-and-flip views computed under ``torch.no_grad`` (``method=sgd``, SGD-Nesterov).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as dist
+from ..config import KnnEvalConfig, LinearEvalConfig
+from ..data.augment import CropFlipAugment
+from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
+from .runtime import RunError, autocast, prepare_run_dir, resolve_device, step_generator
+from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
+
+
+def _frozen_encoder(cfg: Any, device: torch.device) -> nn.Module:
+    if not cfg.checkpoint:
+        raise RunError(f"{type(cfg).__name__} needs checkpoint=PATH (a run folder or a model file)")
+    model, _ = load_model(cfg.checkpoint, device, ft_proj_selector=cfg.ft_proj_selector
+                          if hasattr(cfg, "ft_proj_selector") else 0, num_classes=0)
+    return model.eval().requires_grad_(False)
+
+
+def _output(cfg: Any) -> str:
+    return "features" if getattr(cfg, "ft_proj_selector", 0) == 0 else "proj"
+
+
+def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "linear-eval")
+    model = _frozen_encoder(cfg, device)
+    ds, source = open_split(cfg, cfg.train_split, device)
+    test_ds, test_source = open_split(cfg, cfg.test_split, device)
+    size = image_size_of(cfg, ds)
+    train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    out = _output(cfg)
+    test_x, test_y = extract(model, test_source, torch.arange(len(test_ds)), size, cfg.batch_size, out, cfg.precision)
+    epochs = max(1, math.ceil(cfg.epochs))
+    if cfg.method == "cached":
+        train_x, train_y = extract(model, source, train_idx, size, cfg.batch_size, out, cfg.precision)
+        lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+        head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
+                                        cfg.batch_size, cfg.seed)
+    elif cfg.method == "sgd":
+        head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
+    else:
+        raise RunError(f"linear-eval method must be cached or sgd, got '{cfg.method}'")
+    with torch.no_grad():
+        scores = head(test_x)
+    metrics = classification_metrics(scores, test_y, test_ds.num_classes)
+    metrics.update(stage="linear-eval", model=model.name, method=cfg.method, label_fraction=cfg.label_fraction,
+                   labelled_images=len(train_idx), features=out)
+    if dist.is_main():
+        write_eval(run_dir, metrics, scores)
+    return metrics
+
+
+def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch.Tensor, size: int,
+                num_classes: int, epochs: int, out: str, device: torch.device) -> nn.Linear:
+    """SGD-Nesterov on crop-and-flip views through the frozen encoder (zero-initialised head)."""
+    dim = model.selected_dim if out == "proj" else model.backbone.feature_dim
+    head = nn.Linear(dim, num_classes).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    aug = CropFlipAugment(size)
+    bs = min(cfg.batch_size, len(idx))
+    steps_per_epoch = max(1, len(idx) // bs)
+    total = epochs * steps_per_epoch
+    for step in range(total):
+        epoch, within = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        x, y = source.get(idx[perm[within * bs : (within + 1) * bs]])
+        with torch.no_grad(), autocast(device, cfg.precision):
+            v = aug(x, generator=step_generator(device, cfg.seed, step))
+            f = model.features(v) if out == "features" else model(v)["proj"]
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(head(f.float()), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.cpu()
+
+
+def run_knn_eval(cfg: KnnEvalConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "knn-eval")
+    model = _frozen_encoder(cfg, device)
+    ds, source = open_split(cfg, cfg.train_split, device)
+    test_ds, test_source = open_split(cfg, cfg.test_split, device)
+    size = image_size_of(cfg, ds)
+    train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    train_x, train_y = extract(model, source, train_idx, size, cfg.batch_size, precision=cfg.precision)
+    test_x, test_y = extract(model, test_source, torch.arange(len(test_ds)), size, cfg.batch_size,
+                             precision=cfg.precision)
+    scores = knn_predict(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
+    metrics = classification_metrics(scores, test_y, test_ds.num_classes)
+    metrics.update(stage="knn-eval", model=model.name, k=cfg.k, temperature=cfg.temperature,
+                   label_fraction=cfg.label_fraction, labelled_images=len(train_idx))
+    if dist.is_main():
+        write_eval(run_dir, metrics, scores)
+    return metrics

@@ -1,0 +1,258 @@
+"""What every stage needs around its step loop: the run folder, the device, logging, batches.
+
+Randomness is a pure function of ``(seed, step, rank)``: the batch order of an epoch comes from a
+generator seeded with ``(seed, epoch)`` and the augmentation of a step from one seeded with
+``(seed, step, rank)``. Resuming therefore needs no RNG state and reproduces an uninterrupted run
+bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import config as C
+from .. import distributed as dist
+from ..checkpoint import atomic_write_text
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message is one line that names the fix."""
+
+
+# ---------------------------------------------------------------- run folder and config
+
+# Keys that may change between a run and its resumption without changing its results.
+RESUME_SAFE_KEYS = {
+    "resume", "progress", "log_every", "num_workers", "device", "data_dir", "download",
+    "max_steps", "run_dir", "checkpoint_every", "keep_checkpoints", "knn_every",
+}
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, prefix + k + ".")
+        elif a != b and (prefix + k) not in RESUME_SAFE_KEYS:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_run_dir(cfg: Any, stage: str) -> Path:
+    """Create (or reopen) the run folder and write ``config.yaml``.
+
+    A folder that already holds a run with a different config is never overwritten silently:
+    with ``resume=true`` that is an error; with ``resume=false`` the old config is kept as
+    ``config.previous.yaml`` and the run starts over.
+    """
+    run_dir = Path(cfg.run_dir)
+    values = dict(C.to_dict(cfg), stage=stage)
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise RunError(
+                f"run folder '{run_dir}' is not writable ({e.strerror}); choose another with run_dir=PATH"
+            ) from e
+        cfg_path = run_dir / "config.yaml"
+        if cfg_path.is_file():
+            old = C.load_yaml(cfg_path)
+            changed = _diff(old, values)
+            if changed and cfg.resume:
+                raise RunError(
+                    f"run folder '{run_dir}' holds a run with a different config ({changed[0]}"
+                    + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                    + "); use a new run_dir, or resume=false to start over there"
+                )
+            if changed:
+                atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
+        atomic_write_text(cfg_path, C.dump_yaml(values))
+    dist.barrier()
+    return run_dir
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{socket.gethostname()}: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return desc
+
+
+# ---------------------------------------------------------------- device and precision
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; under torchrun the local rank picks the GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device '{name}' was asked for but CUDA is not available; use device=cpu")
+    return dist.setup_distributed(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU and GPU, fp16 on GPU only; fp32 is a no-op context."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("precision=fp16 needs a GPU; use precision=bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """The augmentation generator of one step on one rank (pure function of its arguments)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + dist.rank() * 104_729 + salt * 15_485_863) % (2**63 - 1))
+    return g
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass
+class StepPlan:
+    """How many steps a stage takes over ``pool_size`` images at a global batch size."""
+
+    global_batch: int  # images per optimizer step, all processes together
+    local_batch: int  # images per step on this process
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, pool_size: int, batch_size: int, epochs: float, max_steps: int) -> StepPlan:
+        ws = dist.world_size()
+        global_batch = min(batch_size, pool_size)  # tiny label sets: a batch is the whole set
+        global_batch -= global_batch % ws
+        if global_batch <= 0:
+            raise RunError(f"{pool_size} training images cannot be split over {ws} processes")
+        steps_per_epoch = max(1, pool_size // global_batch)
+        total = max(1, math.ceil(epochs * steps_per_epoch))
+        if max_steps > 0:
+            total = min(total, max_steps)
+        return cls(global_batch, global_batch // ws, steps_per_epoch, total)
+
+
+def batch_indices(pool: torch.Tensor, plan: StepPlan, seed: int, step: int) -> torch.Tensor:
+    """This process's dataset indices for ``step``: slice of the epoch's global permutation."""
+    epoch, within = divmod(step, plan.steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 9_999_991 + epoch)
+    perm = torch.randperm(len(pool), generator=g)
+    start = within * plan.global_batch + dist.rank() * plan.local_batch
+    return pool[perm[start : start + plan.local_batch]]
+
+
+class BatchSource:
+    """uint8 image batches on the training device.
+
+    In-memory datasets are moved to the device once and indexed there; other datasets (ImageFolder)
+    decode in DataLoader workers and are augmented on the device afterwards.
+    """
+
+    def __init__(self, dataset: Any, device: torch.device, num_workers: int = 4) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.num_workers = num_workers
+        images = getattr(dataset, "images", None)
+        self.images = images.to(device) if isinstance(images, torch.Tensor) else None
+        self.labels = dataset.labels.to(device)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None:
+            idx = idx.to(self.device)
+            return self.images[idx], self.labels[idx]
+        items = [self.dataset[int(i)] for i in idx]
+        x = torch.stack([it[0] for it in items])
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), self.labels[idx.to(self.device)]
+
+    def iterate(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in order; file-backed data is decoded ahead in worker processes."""
+        if self.images is not None or self.num_workers == 0:
+            for idx in batches:
+                yield self.get(idx)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for x, _, index in loader:
+            yield x.to(self.device, non_blocking=True), self.labels[index.to(self.device)]
+
+
+# ---------------------------------------------------------------- logging
+
+class MetricsLogger:
+    """JSON lines in ``metrics.jsonl`` (+ TensorBoard when installed) on rank 0.
+
+    On resume, lines logged after the checkpoint being resumed are dropped, so the file describes
+    exactly one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.enabled = dist.is_main()
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", 0) <= resume_step and resume_step > 0:
+                    keep.append(line)
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            except Exception:  # tensorboard is an optional extra
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        rec["time"] = round(time.time(), 3)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            step = rec.get("step", 0)
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    if dist.is_main():
+        atomic_write_text(path, json.dumps(data, indent=1))

@@ -1,0 +1,119 @@
+"""Building blocks the stages share: data, labelled subsets, models from checkpoints, optimizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..data.datasets import ImageDataset, load_dataset
+from ..data.subsets import balanced_subset, subset_from_file_list, write_subset
+from ..models import SimCLRModel, create_model
+from ..optim import build_optimizer, scaled_lr
+from .runtime import BatchSource, RunError, StepPlan
+
+
+def open_split(cfg: Any, split: str, device: torch.device) -> tuple[ImageDataset, BatchSource]:
+    ds = load_dataset(
+        cfg.dataset, split, data_dir=cfg.data_dir or None, download=cfg.download,
+        image_size=cfg.image_size or None, skip_bad_images=cfg.skip_bad_images,
+    )
+    return ds, BatchSource(ds, device, cfg.num_workers)
+
+
+def image_size_of(cfg: Any, ds: ImageDataset) -> int:
+    """The training resolution: the config's, or the dataset's native side."""
+    if cfg.image_size:
+        return cfg.image_size
+    images = getattr(ds, "images", None)
+    if isinstance(images, torch.Tensor):
+        return int(images.shape[-1])
+    x, _, _ = ds[0]
+    return int(x.shape[-1])
+
+
+def labelled_indices(cfg: Any, ds: ImageDataset, run_dir: Path | None) -> np.ndarray:
+    """The labelled subset (fraction with a seed, or an official file list); written to the run folder."""
+    if cfg.label_list:
+        idx = subset_from_file_list(ds.filenames, cfg.label_list)
+    elif cfg.label_fraction >= 1.0:
+        idx = np.flatnonzero(ds.labels.numpy() >= 0)
+    else:
+        idx = balanced_subset(ds.labels, cfg.label_fraction, cfg.label_seed)
+    if len(idx) == 0:
+        raise RunError("the labelled subset is empty; raise label_fraction or check label_list")
+    if run_dir is not None and dist.is_main():
+        write_subset(run_dir / "labelled_subset.txt", idx, ds.filenames)
+    return idx
+
+
+def new_model(name: str, ds: ImageDataset, image_size: int, **overrides: Any) -> SimCLRModel:
+    """A registry model adapted to the data: input channels, and the CIFAR stem at <= 32 px (spec 1.4)."""
+    if image_size <= 32:
+        overrides.setdefault("cifar_stem", True)
+    return create_model(name, in_chans=ds.channels, **overrides)
+
+
+def load_model(path: str, device: torch.device, **overrides: Any) -> tuple[SimCLRModel, dict[str, Any]]:
+    """A model from a run folder, a checkpoint folder or a model file, with config overrides."""
+    state, meta = ckpt.read_model_file(path)
+    if "model_config" not in meta:
+        raise RunError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
+    config = dict(meta["model_config"], **overrides)
+    model = SimCLRModel(**config)
+    if "classifier.weight" not in state and model.classifier is not None:
+        # a pretraining checkpoint: the classifier is new (zero-initialised by the caller)
+        keep = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
+        state = dict(state, **keep)
+    if "classifier.weight" in state and model.classifier is None:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    if "classifier.weight" in state and model.classifier is not None and (
+        state["classifier.weight"].shape != model.classifier.weight.shape
+    ):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(
+            f"checkpoint '{path}' does not fit model {meta.get('model_name')} "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        ) from e
+    model.name = meta.get("model_name", getattr(model, "name", "model"))
+    return model.to(device), meta
+
+
+def model_meta(model: SimCLRModel, ds: ImageDataset | None = None, **extra: Any) -> dict[str, Any]:
+    meta = {"model_name": model.name, "model_config": model.config}
+    if ds is not None:
+        meta.update(classes=list(ds.classes), num_classes=ds.num_classes)
+    meta.update(extra)
+    return meta
+
+
+def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.Module:
+    """SyncBatchNorm (global BN, spec 1.6) and DDP when running under torchrun; else unchanged."""
+    if dist.world_size() == 1:
+        return module
+    if global_bn:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def make_optimizer(cfg: Any, module: nn.Module, plan: StepPlan) -> tuple[torch.optim.Optimizer, float, int]:
+    """Optimizer, the peak learning rate after batch scaling, and the warmup length in steps."""
+    peak_lr = scaled_lr(cfg.base_lr, plan.global_batch, cfg.lr_scaling)
+    opt = build_optimizer(cfg.optimizer, module, peak_lr, cfg.weight_decay)
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+    return opt, peak_lr, warmup
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed + dist.rank())
+    np.random.seed(seed + dist.rank())
