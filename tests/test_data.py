@@ -323,3 +323,33 @@ def test_write_subset_round_trip_and_unlabeled(tmp_path: Path) -> None:
     assert unlabeled_indices(10, idx).tolist() == [0, 2, 3, 5, 6, 8, 9]
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         unlabeled_indices(10, [3, 10])
+
+
+class _FakeTorchvisionSet:
+    """Stands in for torchvision's CIFAR10 / STL10 (their files cannot be made up: md5 checks)."""
+
+    def __init__(self, root: str, train: bool = True, split: str = "train", download: bool = False) -> None:
+        rng = np.random.default_rng(0)
+        self.args = (root, train, split, download)
+        if split == "unlabeled":  # STL-10 layout: NCHW already, labels -1
+            self.data = rng.integers(0, 256, (4, 3, 96, 96), dtype=np.uint8)
+            self.labels = np.full(4, -1)
+        else:  # CIFAR layout: NHWC, targets list
+            self.data = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+            self.targets = [0, 1, 2, 0, 1, 2]
+            self.classes = ["x", "y", "z"]
+
+
+def test_torchvision_sets_convert_to_nchw(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeTorchvisionSet)
+    monkeypatch.setattr(torchvision.datasets, "STL10", _FakeTorchvisionSet)
+    cifar = load_dataset("cifar10", "test", data_dir=tmp_path, download=True)
+    fake = _FakeTorchvisionSet(str(tmp_path), train=False)
+    assert cifar.images.shape == (6, 3, 32, 32) and cifar.classes == ["x", "y", "z"]
+    assert torch.equal(cifar.images[2].permute(1, 2, 0), torch.from_numpy(fake.data[2]))
+    assert cifar.labels.tolist() == fake.targets
+    stl = load_dataset("stl10", "unlabeled", data_dir=tmp_path)
+    assert stl.images.shape == (4, 3, 96, 96) and stl.labels.tolist() == [-1] * 4
+    assert stl.num_classes == 10 and stl[0][1] == -1  # class names fall back to STL-10's own

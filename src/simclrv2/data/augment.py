@@ -113,34 +113,27 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (v - (v - x) * k).clamp_(0.0, 1.0)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def adjust_hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """TF ``adjust_hue``: rotate hue by ``delta`` turns (``delta`` in [-0.5, 0.5]). No-op for 1 channel.
+
+    A hue rotation keeps value ``v = max`` and chroma ``v - min``, so instead of a full RGB -> HSV -> RGB
+    round trip we compute the hue (in sixths of a turn) and go straight back with the branch-free
+    formula ``channel_n = v - chroma * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``, n = 5, 3, 1
+    for r, g, b.
+    """
+    if x.shape[1] == 1:
+        return x
     r, g, b = x.unbind(dim=1)  # each (M, H, W)
     v = torch.maximum(torch.maximum(r, g), b)
     chroma = v - torch.minimum(torch.minimum(r, g), b)
-    safe = chroma.clamp_min(1e-12)
-    s = torch.where(v > 0, chroma / v.clamp_min(1e-12), torch.zeros_like(v))
-    # Hue sector by which channel holds the maximum (r wins ties, then g), in units of 1/6 turn.
-    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h = torch.where(chroma > 0, (h / 6.0).remainder(1.0), torch.zeros_like(h))
-    return h, s, v
-
-
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Standard formula: channel n takes v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6,
-    # with n = 5, 3, 1 for r, g, b. Branch-free, so it vectorises.
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
-    k = (n + 6.0 * h.unsqueeze(1)).remainder(6.0)  # (M, 3, H, W)
+    inv = chroma.clamp_min(1e-12).reciprocal()  # gray pixels: numerators are 0, so the hue is 0
+    # Hue sector by which channel holds the maximum (r wins ties, then g), in sixths of a turn.
+    h6 = torch.where(v == r, (g - b) * inv, torch.where(v == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = h6 + 6.0 * delta.view(-1, 1, 1).to(h6)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h6.unsqueeze(1)).remainder_(6.0)  # (M, 3, H, W)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * w
-
-
-def adjust_hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """TF ``adjust_hue``: rotate hue by ``delta`` turns (``delta`` in [-0.5, 0.5]). No-op for 1 channel."""
-    if x.shape[1] == 1:
-        return x
-    h, s, v = _rgb_to_hsv(x)
-    h = (h + delta.view(-1, 1, 1)).remainder(1.0)
-    return _hsv_to_rgb(h, s, v).clamp_(0.0, 1.0)
+    return (v.unsqueeze(1) - chroma.unsqueeze(1) * w).clamp_(0.0, 1.0)
 
 
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:

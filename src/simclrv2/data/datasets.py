@@ -48,6 +48,20 @@ FASHION_MNIST_CLASSES: list[str] = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 
+# torchvision reads STL-10's names from class_names.txt; this is its content, for copies without it.
+STL10_CLASSES: list[str] = [
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+]
+
 # Default root for torchvision downloads when no data_dir is given (relative to the working dir).
 DEFAULT_DATA_DIR = Path("data")
 
@@ -311,7 +325,7 @@ def load_stl10(
         raise _not_found("stl10", root, exc) from exc
     images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, 96, 96)
     labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))  # -1 for the unlabeled split
-    return InMemoryDataset(images, labels, list(ds.classes))
+    return InMemoryDataset(images, labels, list(getattr(ds, "classes", STL10_CLASSES)))
 
 
 # --------------------------------------------------------------------------------------------------
