@@ -7,6 +7,9 @@ The batched path (simclrv2.data.SimCLRAugment, spec 5.1) gets a uint8 batch alre
 returns float32 views there. The torchvision path runs torchvision_simclr_transform image by image in
 a DataLoader with worker processes, as a conventional input pipeline does. Each cell runs for about
 --seconds after one warm-up batch (worker start-up excluded).
+
+The batched path is timed with 1 torch thread and with --threads threads: on a shared, oversubscribed
+CPU, OpenMP threads that wait for each other can make the multi-threaded run several times slower.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def bench_torchvision(images: torch.Tensor, batch: int, size: int, workers: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per cell")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, batched")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -75,13 +79,19 @@ def main() -> None:
 
     # (label, image side, channels, batch): Fashion-MNIST-like, CIFAR-like colour at 28 px, ImageNet size.
     cases = [("28px 1ch", 28, 1, 512), ("28px 3ch", 28, 3, 512), ("224px 3ch", 224, 3, 64)]
-    print(f"device={device}  torch threads={torch.get_num_threads()}  torchvision workers={args.workers}")
-    print(f"{'input':<10} {'batch':>5} {'batched views/s':>16} {'torchvision views/s':>20} {'speed-up':>9}")
+    print(f"device={device}  torchvision DataLoader workers={args.workers}")
+    print(
+        f"{'input':<10} {'batch':>5} {'batched 1 thread':>17} {f'batched {args.threads} threads':>19} "
+        f"{'torchvision/image':>18}   views per second"
+    )
     for label, side, channels, batch in cases:
         images = torch.randint(0, 256, (batch, channels, side, side), dtype=torch.uint8, generator=gen)
-        ours = bench_batched(images, batch, side, device, args.seconds)
+        rates = []
+        for threads in (1, args.threads):
+            torch.set_num_threads(threads)
+            rates.append(bench_batched(images, batch, side, device, args.seconds))
         ref = bench_torchvision(images, batch, side, args.workers, args.seconds)
-        print(f"{label:<10} {batch:>5} {ours:>16.0f} {ref:>20.0f} {ours / ref:>8.1f}x")
+        print(f"{label:<10} {batch:>5} {rates[0]:>17.0f} {rates[1]:>19.0f} {ref:>18.0f}")
 
 
 if __name__ == "__main__":
