@@ -1,0 +1,637 @@
+"""Released SimCLRv2 TF1 checkpoints -> our ``SimCLRModel`` (spec section 8), with TF output parity.
+
+The released checkpoints (spec 8.1; google-research/simclr README) live in
+``gs://simclr-checkpoints/simclrv2/<category>/<model>/``. Their variables (spec 8.2) are
+
+- ``base_model/conv2d[_N]/kernel`` (HWIO) and ``base_model/batch_normalization[_N]/{gamma,beta,
+  moving_mean,moving_variance}``, auto-numbered in creation order with one counter for all convs
+  and one for all BNs;
+- ``head_contrastive/nl_J/dense/kernel`` and ``head_contrastive/nl_J/batch_normalization/...``
+  (no ``beta`` in the last layer);
+- ``head_supervised/linear_layer/dense/{kernel,bias}``;
+- ``ema_model/...`` (EMA copies of base_model and head_contrastive), ``.../Momentum`` optimizer
+  slots, ``global_step`` and ``memory`` variables, which are not part of the network.
+
+The architecture (depth, width, SK, stem) is read from the shapes and counts, matched to a
+registered variant, and every tensor is copied by position: the backbone registers its modules
+in TF creation order (``simclrv2.models.resnet``), so the i-th TF conv / BN is the i-th
+``nn.Conv2d`` / ``nn.BatchNorm2d``; every shape is checked. Converted models use the exact TF
+"SAME" pooling (``tf_padding=True``, spec 1.5) and expect RGB inputs in [0, 1] with no mean/std
+normalisation (spec 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from simclrv2.models.registry import VARIANTS, SimCLRModel, create_model
+from simclrv2.models.resnet import RESNET_LAYOUTS
+from simclrv2.tfcheckpoint import TFCheckpoint
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "TFArchitecture",
+    "convert_checkpoint",
+    "convert_main",
+    "guess_ft_proj_selector",
+    "infer_architecture",
+    "load_pretrained",
+    "save_converted",
+]
+
+MODEL_FORMAT = "simclrv2-model"
+MODEL_FORMAT_VERSION = 1
+
+BACKBONE_SCOPE = "base_model/"
+CONTRASTIVE_SCOPE = "head_contrastive/"
+SUPERVISED_KERNEL = "head_supervised/linear_layer/dense/kernel"
+SUPERVISED_BIAS = "head_supervised/linear_layer/dense/bias"
+EMA_SCOPE = "ema_model/"
+BN_FIELDS = ("gamma", "beta", "moving_mean", "moving_variance")
+# TF BN variable -> torch BatchNorm state (spec 8.3 rule 5)
+BN_TO_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+_CONV_RE = re.compile(r"^conv2d(?:_(\d+))?/kernel$")
+_BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|moving_variance)$")
+_HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
+_OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class TFArchitecture:
+    """What the backbone variables say about the network (spec 1.1-1.4)."""
+
+    depth: int
+    width: float
+    sk: bool
+    cifar_stem: bool
+    in_chans: int
+    num_convs: int
+    num_bns: int
+
+    def describe(self) -> str:
+        stem = "CIFAR 3x3" if self.cifar_stem else ("3-conv SK" if self.sk else "7x7")
+        return f"ResNet-{self.depth} {self.width:g}x {'with' if self.sk else 'without'} SK ({stem} stem)"
+
+
+@dataclass
+class ConversionReport:
+    """Where every checkpoint tensor went.
+
+    ``mapping``: TF name -> our state-dict key. ``ignored``: TF name -> reason (optimizer slots,
+    ``global_step``, memory, the EMA or non-EMA copy not chosen). ``unused``: tensors neither
+    mapped nor ignored (unexpected variables). ``missing``: state-dict entries no tensor filled
+    (BN ``num_batches_tracked`` and the zero ``bias`` of beta-less BNs are not counted).
+    ``ema_fallback``: with ``ema=True``, tensors that had no ``ema_model/`` copy and were taken
+    from the live model.
+    """
+
+    model_name: str
+    architecture: TFArchitecture
+    ema: bool
+    proj_head_mode: str
+    num_proj_layers: int
+    ft_proj_selector: int
+    num_classes: int
+    mapping: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ema_fallback: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"model: {self.model_name} ({self.architecture.describe()}), tf_padding=True",
+            f"heads: projection {self.proj_head_mode} x{self.num_proj_layers}, "
+            f"classifier {self.num_classes or 'none'}, ft_proj_selector={self.ft_proj_selector}",
+            f"tensors: {len(self.mapping)} mapped, {len(self.ignored)} ignored, "
+            f"{len(self.unused)} unused, {len(self.missing)} missing" + (" (EMA weights)" if self.ema else ""),
+        ]
+        reasons: dict[str, int] = {}
+        for reason in self.ignored.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines += [f"  ignored: {n} x {reason}" for reason, n in sorted(reasons.items())]
+        lines += [f"  unused: {name}" for name in self.unused]
+        lines += [f"  missing: {key}" for key in self.missing]
+        if self.ema_fallback:
+            lines.append(f"  {len(self.ema_fallback)} tensors had no ema_model/ copy; live values used")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mapping_count"] = len(self.mapping)
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the layout
+# --------------------------------------------------------------------------------------------
+
+
+def _shapes_of(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    if isinstance(tensors, TFCheckpoint):
+        return tensors.shapes  # no tensor data read
+    return {name: tuple(np.shape(value)) for name, value in tensors.items()}
+
+
+def _backbone_variables(shapes: Mapping[str, tuple[int, ...]], scope: str) -> tuple[list[str], list[str]]:
+    """(conv kernel names, BN base names) under ``scope``, each in TF creation order."""
+    convs: dict[int, str] = {}
+    bns: dict[int, str] = {}
+    for name in shapes:
+        if not name.startswith(scope):
+            continue
+        rel = name[len(scope):]
+        if (m := _CONV_RE.match(rel)) is not None:
+            convs[int(m.group(1) or 0)] = name
+        elif (m := _BN_RE.match(rel)) is not None:
+            bns[int(m.group(1) or 0)] = scope + rel.rsplit("/", 1)[0]
+    for kind, found in (("conv2d", convs), ("batch_normalization", bns)):
+        gaps = sorted(set(range(len(found))) - set(found))
+        if gaps:
+            raise ConversionError(f"{scope}{kind}_{gaps[0]} is absent although higher-numbered {kind} "
+                                  f"variables exist; the checkpoint is incomplete")
+    return [convs[i] for i in range(len(convs))], [bns[i] for i in range(len(bns))]
+
+
+def _is_optimizer_slot(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] in _OPTIMIZER_SLOTS or any(f"/{s}/" in name for s in _OPTIMIZER_SLOTS)
+
+
+def infer_architecture(shapes: Mapping[str, tuple[int, ...]], scope: str = BACKBONE_SCOPE) -> TFArchitecture:
+    """Depth, width, SK and stem of a TF1 SimCLR backbone from its variable shapes (spec 1, 8.2).
+
+    Stem: a 7x7 first conv (no SK), three 3x3 convs with the first two at half width (SK deep
+    stem) or a single 3x3 conv (CIFAR stem); width = stem channels / 64. The first block tells
+    the block type (its conv after the projection is 1x1 in a bottleneck, 3x3 in a basic block)
+    and SK (its 3x3 conv has 2f outputs). Depth follows from the number of blocks, counted from
+    the convs: stem + 4 projections + blocks x (2 basic, 3 bottleneck, 5 SK bottleneck).
+    """
+    conv_names, bn_names = _backbone_variables(shapes, scope)
+    if not conv_names:
+        raise ConversionError(f"no {scope}conv2d*/kernel variables: not a SimCLR TF1 checkpoint "
+                              f"(or it uses another scope)")
+    convs = [shapes[n] for n in conv_names]
+    if any(len(c) != 4 for c in convs):
+        raise ConversionError("conv kernels must be 4-D (HWIO)")
+    k0, _, in_chans, c0 = convs[0]
+    if k0 == 7:
+        cifar_stem, deep, stem_convs, stem_ch = False, False, 1, c0
+    elif k0 == 3 and len(convs) > 2 and convs[1] == (3, 3, c0, c0) and convs[2][:3] == (3, 3, c0):
+        cifar_stem, deep, stem_convs, stem_ch = False, True, 3, convs[2][3]
+    elif k0 == 3:
+        cifar_stem, deep, stem_convs, stem_ch = True, False, 1, c0
+    else:
+        raise ConversionError(f"unrecognised stem: first conv kernel {convs[0]} is neither 7x7 nor 3x3")
+    width = stem_ch / 64
+    if len(convs) < stem_convs + 3:
+        raise ConversionError(f"only {len(convs)} convs: too few for a ResNet")
+    first = convs[stem_convs + 1]  # first block's conv after its projection shortcut
+    if first[:2] == (1, 1):
+        block = "bottleneck"
+        mid = convs[stem_convs + 2]
+        sk = mid[3] == 2 * mid[2]
+        per_block_convs, per_block_bns = (5, 4) if sk else (3, 3)
+    elif first[:2] == (3, 3):
+        block, sk = "basic", False
+        per_block_convs, per_block_bns = 2, 2
+    else:
+        raise ConversionError(f"unrecognised first block: conv {conv_names[stem_convs + 1]} has shape {first}")
+    if sk != deep and not cifar_stem:
+        raise ConversionError(
+            f"inconsistent checkpoint: {'SK blocks' if sk else 'plain blocks'} with a "
+            f"{'3-conv' if deep else '7x7'} stem (TF SimCLR turns both on together with sk_ratio > 0)"
+        )
+    n_blocks, rem = divmod(len(convs) - stem_convs - 4, per_block_convs)
+    expected_bns = stem_convs + 4 + n_blocks * per_block_bns
+    if rem or len(bn_names) != expected_bns:
+        raise ConversionError(
+            f"{len(convs)} convs and {len(bn_names)} BNs fit no {block}{' SK' if sk else ''} ResNet "
+            f"(expected stem + 4 projections + whole blocks; extra layers such as squeeze-excitation "
+            f"are not supported)"
+        )
+    depths = [d for d, (kind, layers) in RESNET_LAYOUTS.items() if kind == block and sum(layers) == n_blocks]
+    if not depths:
+        known = ", ".join(f"{sum(layers)} (ResNet-{d})" for d, (kind, layers) in RESNET_LAYOUTS.items() if kind == block)
+        raise ConversionError(f"{n_blocks} {block} blocks match no ResNet depth; known block counts: {known}")
+    return TFArchitecture(depths[0], width, sk, cifar_stem, in_chans, len(convs), len(bn_names))
+
+
+def _registry_name(arch: TFArchitecture) -> str:
+    """The registered variant with this depth, width and SK (the stem is an override)."""
+    for name, spec in VARIANTS.items():
+        if spec["depth"] == arch.depth and float(spec["width"]) == arch.width and (spec["sk_ratio"] > 0) == arch.sk:
+            return name
+    known = ", ".join(VARIANTS)
+    raise ConversionError(f"the checkpoint holds a {arch.describe()}, which matches no registered model ({known})")
+
+
+def _head_layout(shapes: Mapping[str, tuple[int, ...]], scope: str) -> tuple[str, list[str]]:
+    """(proj_head_mode, layer prefixes in order) of the contrastive head under ``scope``."""
+    layers: dict[int, str] = {}
+    modes = set()
+    for name in shapes:
+        if not name.startswith(scope):
+            continue
+        m = _HEAD_RE.match(name[len(scope):])
+        if m is not None:
+            modes.add(m.group(1))
+            layers[int(m.group(2))] = f"{scope}{m.group(1)}_{m.group(2)}/"
+    if not layers:
+        return "none", []
+    if len(modes) > 1:
+        raise ConversionError(f"{scope} mixes nl_* and l_* layers")
+    if sorted(layers) != list(range(len(layers))):
+        raise ConversionError(f"{scope} layers are not numbered 0..{len(layers) - 1}: {sorted(layers)}")
+    mode = "nonlinear" if modes == {"nl"} else "linear"
+    if mode == "linear" and len(layers) != 1:
+        raise ConversionError(f"linear projection head with {len(layers)} layers (expected l_0 only)")
+    return mode, [layers[j] for j in range(len(layers))]
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def guess_ft_proj_selector(path: str | os.PathLike[str]) -> int | None:
+    """``ft_proj_selector`` of a released fine-tuned checkpoint, from its bucket category.
+
+    The paper fine-tunes from the first projection-head layer with 1% and 10% labels and from
+    the head input with 100% (google-research/simclr issue #109), so ``finetuned_1pct`` and
+    ``finetuned_10pct`` give 1, ``finetuned_100pct`` 0. ``None`` when the path names no such
+    category (pretrained and supervised checkpoints put the classifier on the features, 0).
+    """
+    for part in reversed(Path(os.path.abspath(path)).parts):
+        if part in ("finetuned_1pct", "finetuned_10pct"):
+            return 1
+        if part == "finetuned_100pct":
+            return 0
+    return None
+
+
+def convert_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    ema: bool = False,
+    ft_proj_selector: int | None = None,
+    strict: bool = True,
+) -> tuple[SimCLRModel, ConversionReport]:
+    """Build the registry model a TF1 SimCLR checkpoint holds and copy every tensor into it.
+
+    Args:
+        tensors: name -> array, e.g. ``TFCheckpoint(path)`` (read lazily) or
+            ``read_tf_checkpoint(path)``.
+        ema: take ``ema_model/base_model`` and ``ema_model/head_contrastive`` (the EMA weights);
+            the supervised head has no EMA copy and is always the live one.
+        ft_proj_selector: which entry of ``[h, out_1, ..., out_L]`` feeds the classifier and
+            is returned as ``proj`` (spec 2). ``None``: 0 when the classifier input has the
+            feature width, -1 when it has the projection width; 0 without a classifier.
+        strict: raise when a state-dict entry received no tensor (else list it in the report).
+
+    Returns the model in eval mode with ``tf_padding=True``, and a ``ConversionReport``.
+    Conv kernels go HWIO -> OIHW, dense kernels are transposed, BN gamma/beta/moving_mean/
+    moving_variance become weight/bias/running_mean/running_var (spec 8.3).
+    """
+    shapes = _shapes_of(tensors)
+    live = set(shapes)
+
+    def source(name: str) -> str:
+        """The tensor to read for the live-model variable ``name`` (EMA copy when asked)."""
+        if ema and not name.startswith("head_supervised/") and EMA_SCOPE + name in live:
+            return EMA_SCOPE + name
+        return name
+
+    # The architecture must agree between the live and EMA copies; read it from the one used.
+    backbone_scope = (EMA_SCOPE + BACKBONE_SCOPE) if ema else BACKBONE_SCOPE
+    if ema and not any(n.startswith(backbone_scope) for n in shapes):
+        raise ConversionError("--ema asked for, but the checkpoint has no ema_model/base_model/ variables")
+    arch = infer_architecture(shapes, backbone_scope)
+    conv_names, bn_names = _backbone_variables(shapes, backbone_scope)
+    strip = len(EMA_SCOPE) if ema else 0
+    conv_names = [n[strip:] for n in conv_names]  # live-model names; source() picks the copy
+    bn_names = [n[strip:] for n in bn_names]
+    name = _registry_name(arch)
+
+    head_scope = (EMA_SCOPE + CONTRASTIVE_SCOPE) if ema and any(
+        n.startswith(EMA_SCOPE + CONTRASTIVE_SCOPE) for n in shapes) else CONTRASTIVE_SCOPE
+    mode, head_layers = _head_layout(shapes, head_scope)
+    head_layers = [p[len(EMA_SCOPE):] if p.startswith(EMA_SCOPE) else p for p in head_layers]
+    proj_out_dim = shapes[source(head_layers[-1] + "dense/kernel")][1] if head_layers else 128
+    num_proj_layers = max(len(head_layers), 1)
+
+    num_classes = 0
+    if SUPERVISED_KERNEL in live:
+        cls_in, num_classes = shapes[SUPERVISED_KERNEL]
+    notes: list[str] = []
+    with torch.device("meta"):  # shapes only, to pick the selector before allocating weights
+        probe = create_model(name, proj_head_mode=mode, num_proj_layers=num_proj_layers,
+                             proj_out_dim=proj_out_dim, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans)
+    dims = probe.proj_head.dims
+    if ft_proj_selector is None:
+        if num_classes and cls_in != dims[0]:
+            fits = [j for j, d in enumerate(dims) if d == cls_in]
+            if not fits:
+                raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
+            ft_proj_selector = -1 if fits[-1] == len(dims) - 1 else fits[0]
+        else:
+            ft_proj_selector = 0
+        if num_classes:
+            notes.append(f"ft_proj_selector={ft_proj_selector} chosen from the classifier input width; "
+                         "released finetuned_1pct/10pct checkpoints use 1 (pass --ft-proj-selector)")
+    try:
+        selected = dims[probe.proj_head.resolve_index(ft_proj_selector)]
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    if num_classes and selected != cls_in:
+        raise ConversionError(f"ft_proj_selector={ft_proj_selector} selects a {selected}-wide head output, "
+                              f"but the classifier in the checkpoint takes {cls_in} inputs")
+
+    options = dict(tf_padding=True, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans, proj_head_mode=mode,
+                   num_proj_layers=num_proj_layers, proj_out_dim=proj_out_dim,
+                   ft_proj_selector=ft_proj_selector, num_classes=num_classes)
+    with torch.device("meta"):  # no random init: every tensor is overwritten (see below)
+        model = create_model(name, **options)
+    module_names = {m: n for n, m in model.named_modules()}
+    state: dict[str, torch.Tensor] = {}
+    mapping: dict[str, str] = {}
+    fallback: list[str] = []
+
+    def take(tf_name: str, key: str, expected: torch.Size, transform: str = "") -> None:
+        src = source(tf_name)
+        if src not in live:
+            return  # reported as missing
+        if ema and src == tf_name and not tf_name.startswith("head_supervised/"):
+            fallback.append(tf_name)
+        value = _to_torch(tensors[src])
+        if transform == "hwio":
+            value = value.permute(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
+        elif transform == "dense":
+            value = value.t()  # (in, out) -> (out, in)
+        if value.shape != expected:
+            raise ConversionError(f"{src} has shape {tuple(shapes[src])}, which does not fit {key} "
+                                  f"{tuple(expected)} of {name}")
+        state[key] = value.contiguous()
+        mapping[src] = key
+
+    def take_bn(tf_base: str, bn: nn.Module) -> None:
+        # ``bn`` is a BatchNorm module or a composite one (the head's beta-less BN); find its
+        # gamma/beta parameters and running statistics by their last name component.
+        prefix = module_names[bn]
+        found = {k.rsplit(".", 1)[-1]: (k, v) for k, v in [*bn.named_parameters(), *bn.named_buffers()]}
+        for tf_field, torch_field in BN_TO_TORCH.items():
+            if torch_field not in found or (torch_field == "bias" and not isinstance(found["bias"][1], nn.Parameter)):
+                continue  # BN without beta (TF center=False): a TF beta would show up as unused
+            rel, tensor = found[torch_field]
+            take(f"{tf_base}/{tf_field}", f"{prefix}.{rel}", tensor.shape)
+
+    # Backbone: the i-th TF conv / BN is the i-th Conv2d / BatchNorm2d (creation order, spec 8.2).
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    if (len(convs), len(bns)) != (len(conv_names), len(bn_names)):
+        raise ConversionError(f"{name} has {len(convs)} convs / {len(bns)} BNs, the checkpoint "
+                              f"{len(conv_names)} / {len(bn_names)}")
+    for tf_name, conv in zip(conv_names, convs):
+        take(tf_name, f"{module_names[conv]}.weight", conv.weight.shape, "hwio")
+    for tf_base, bn in zip(bn_names, bns):
+        take_bn(tf_base, bn)
+
+    # Projection head: nl_j -> layer j (Linear without bias, BN1d; the last BN has no beta).
+    for j, prefix in enumerate(head_layers):
+        layer = model.proj_head.layers[j]
+        linear = next(m for m in layer.children() if isinstance(m, nn.Linear))
+        norm = [m for m in layer.children() if m is not linear]  # the layer's BN unit
+        if len(norm) != 1:
+            raise ConversionError(f"projection layer {j} has {len(norm)} non-linear submodules (expected one BN)")
+        take(prefix + "dense/kernel", f"{module_names[linear]}.weight", linear.weight.shape, "dense")
+        take_bn(prefix + "batch_normalization", norm[0])
+
+    # Supervised head.
+    if model.classifier is not None:
+        take(SUPERVISED_KERNEL, "classifier.weight", model.classifier.weight.shape, "dense")
+        take(SUPERVISED_BIAS, "classifier.bias", model.classifier.bias.shape)
+
+    # Bookkeeping: everything in the checkpoint is mapped, ignored (with a reason) or unused.
+    ignored: dict[str, str] = {}
+    unused: list[str] = []
+    for tf_name in shapes:
+        if tf_name in mapping:
+            continue
+        parts = tf_name.split("/")
+        if tf_name == "global_step":
+            ignored[tf_name] = "global_step"
+        elif _is_optimizer_slot(tf_name):
+            ignored[tf_name] = "optimizer slot"
+        elif any(p.startswith("memory") for p in parts):
+            ignored[tf_name] = "memory (negatives queue)"
+        elif not ema and tf_name.startswith(EMA_SCOPE):
+            ignored[tf_name] = "EMA copy (convert with --ema to use it)"
+        elif ema and EMA_SCOPE + tf_name in mapping:
+            ignored[tf_name] = "live copy (EMA weights used)"
+        else:
+            unused.append(tf_name)
+
+    skip = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    skip |= {f"{module_names[m]}.bias" for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and "bias" in m._buffers}
+    missing = [k for k in model.state_dict() if k not in state and k not in skip]
+    if missing and strict:
+        raise ConversionError(f"{len(missing)} model tensors have no counterpart in the checkpoint, "
+                              f"first {missing[0]}; pass strict=False to keep their fresh initialisation")
+    if missing:
+        model = create_model(name, **options)  # initialised normally; the missing tensors keep that
+        model.load_state_dict(state, strict=False)
+    else:
+        # Everything not in ``state`` is in ``skip``: BN batch counters and beta-less BN biases, 0.
+        model.load_state_dict(state, strict=False, assign=True)
+        for module_name, module in model.named_modules():
+            for buffer_name, buffer in list(module._buffers.items()):
+                if buffer is not None and f"{module_name}.{buffer_name}" in skip:
+                    module._buffers[buffer_name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise ConversionError(f"internal error: {leftover[0]} was not filled")
+    model.eval()
+    report = ConversionReport(
+        model_name=name, architecture=arch, ema=ema, proj_head_mode=mode, num_proj_layers=len(head_layers),
+        ft_proj_selector=ft_proj_selector, num_classes=num_classes, mapping=mapping, ignored=ignored,
+        unused=sorted(unused), missing=missing, ema_fallback=fallback, notes=notes,
+    )
+    if mode == "none":
+        report.notes.append("no head_contrastive variables (supervised checkpoint): projection head mode 'none'")
+    return model, report
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+EVAL_PREPROCESSING = {
+    # Spec 5 / 5.3: what the released models expect.
+    "input": "RGB float in [0, 1], no mean/std normalisation",
+    "center_crop_fraction": 0.875,
+    "resize": "bicubic",
+    "image_size": 224,
+}
+
+
+def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.PathLike[str],
+                   source: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``OUT.safetensors`` (state dict of the model) and the sidecar ``OUT.json`` metadata.
+
+    The metadata is what ``load_pretrained`` and the stages' ``init_checkpoint`` read:
+    ``format``, ``format_version``, ``model_name``, ``model_config`` (``SimCLRModel(**config)``
+    rebuilds the model), ``num_classes``, ``ft_proj_selector``, ``source`` and the conversion
+    report. The same JSON also goes into the safetensors header (key ``simclrv2``) so the
+    weights file alone stays self-describing.
+    """
+    from safetensors.torch import save_file
+
+    from simclrv2.checkpoint import atomic_write_text
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--out must end in .safetensors, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "model_name": model.name,
+        "model_config": model.config,
+        "num_classes": report.num_classes,
+        "ft_proj_selector": report.ft_proj_selector,
+        "feature_dim": model.backbone.feature_dim,
+        "tf_padding": True,
+        "preprocessing": EVAL_PREPROCESSING,
+        "source": dict(source or {}, ema=report.ema),
+        "conversion": {
+            "mapped": len(report.mapping), "ignored": len(report.ignored), "unused": report.unused,
+            "missing": report.missing, "ema_fallback": report.ema_fallback, "notes": report.notes,
+        },
+    }
+    text = json.dumps(meta, indent=1, default=str)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"simclrv2": text})
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    sidecar = out.with_suffix(".json")
+    atomic_write_text(sidecar, text + "\n")
+    return out, sidecar
+
+
+def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SimCLRModel:
+    """A model with its heads, in eval mode, from a converted file or one of our checkpoints.
+
+    ``path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json`` or
+    the file header), or a run / checkpoint folder of ours. ``model(x)`` on float
+    ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``: pooled backbone
+    features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
+    """
+    from simclrv2.checkpoint import read_model_file
+
+    state, meta = read_model_file(path)
+    if "model_config" not in meta:
+        raise ConversionError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
+    with torch.device("meta"):  # no random init: the file fills every tensor
+        model = SimCLRModel(**meta["model_config"])
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ConversionError(f"'{path}' does not fit its own model_config ({first})") from e
+    model.name = meta.get("model_name", model.name)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+HELP_EPILOG = """\
+Where the released checkpoints live (google-research/simclr README, "Pretrained SimCLRv2
+models"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
+  category: pretrained (with a linear-eval head), finetuned_1pct, finetuned_10pct,
+            finetuned_100pct, supervised
+  model:    r50_1x_sk0 r50_1x_sk1 r50_2x_sk0 r50_2x_sk1 r101_1x_sk0 r101_1x_sk1 r101_2x_sk0
+            r101_2x_sk1 r152_1x_sk0 r152_1x_sk1 r152_2x_sk0 r152_2x_sk1 r152_3x_sk1
+Each folder holds `checkpoint`, `model.ckpt-<step>.index`, `model.ckpt-<step>.data-00000-of-00001`
+(and graph/hub files that are not needed). TensorFlow is not needed to convert.
+
+From download to fine-tuning:
+  gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk1 .
+  simclrv2 convert --tf-checkpoint r50_1x_sk1 --out r50_1x_sk1.safetensors
+  simclrv2 finetune --config configs/imagenet_r50_1x_sk1.yaml init_checkpoint=r50_1x_sk1.safetensors ...
+
+The output (r50_1x_sk1.safetensors + r50_1x_sk1.json) is accepted by finetune, distill,
+linear-eval, predict and embed as init_checkpoint / checkpoint, and from Python by
+simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation;
+evaluation crops the central 87.5% and resizes to 224 with bicubic interpolation.
+The converted model uses exact TF "SAME" pooling (tf_padding=True), so its outputs match
+TensorFlow's.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simclrv2 convert",
+        description="Convert a released SimCLRv2 TF1 checkpoint into a simclrv2 model file "
+                    "(safetensors + JSON metadata), with every tensor accounted for.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tf-checkpoint", required=True, metavar="DIR_OR_PREFIX",
+                        help="checkpoint folder (with a `checkpoint` file) or prefix such as "
+                             "r50_1x_sk1/model.ckpt-250228")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; FILE.json is written next to it")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema_model/...) of the backbone and projection head")
+    parser.add_argument("--ft-proj-selector", type=int, default=None, metavar="N",
+                        help="head output feeding the classifier: 0 = backbone features, 1 = first head layer, "
+                             "-1 = final output (default: 1 for finetuned_1pct/10pct folders, else from the "
+                             "classifier width, normally 0)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="write the model even if some of its tensors are not in the checkpoint")
+    parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")
+    return parser
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """``simclrv2 convert --tf-checkpoint DIR_OR_PREFIX --out FILE.safetensors [--ema] [--ft-proj-selector N]``."""
+    args = build_parser().parse_args(argv)
+    ckpt = TFCheckpoint(args.tf_checkpoint, verify=not args.no_verify)
+    selector = args.ft_proj_selector
+    if selector is None:
+        selector = guess_ft_proj_selector(ckpt.prefix)
+    model, report = convert_checkpoint(ckpt, ema=args.ema, ft_proj_selector=selector, strict=not args.allow_missing)
+    step = None
+    if "global_step" in ckpt:
+        step = int(np.asarray(ckpt["global_step"]).reshape(()))
+    out, sidecar = save_converted(model, report, args.out,
+                                  source={"tf_checkpoint": str(ckpt.prefix), "global_step": step})
+    print(report.summary())
+    print(f"wrote {out} and {sidecar}")
+    return 0
