@@ -9,18 +9,28 @@ Layout of one checkpoint (a folder, written whole or not at all)::
         meta.json              format version, stage, step, epoch, model name+config, run config
 
 The folder is first written as ``step-00001234.tmp-<pid>``, every file is flushed to disk, and
-then it is renamed in one ``os.replace``. A kill at any moment therefore leaves either the
-previous complete checkpoints or the new complete one; ``*.tmp-*`` leftovers are ignored and
-removed by the next save. Nothing here unpickles arbitrary objects: tensors come from
-safetensors, metadata from JSON, and the optimizer state through ``torch.load(weights_only=True)``.
+then it is renamed in one ``os.replace``. Old checkpoints are deleted the same way round: first
+renamed to ``step-*.del-<pid>`` (atomic), then removed, so a kill in the middle of a deletion never
+leaves a ``step-*`` folder with some of its files gone. A kill at any moment therefore leaves
+either the previous complete checkpoints or the new complete one; ``*.tmp-*`` and ``*.del-*``
+leftovers are ignored and removed by the next save. A failed write (a full disk) removes its
+temporary folder and raises :class:`CheckpointError`; the earlier checkpoints stay as they were.
+Nothing here unpickles arbitrary objects: tensors come from safetensors, metadata from JSON, and
+the optimizer state through ``torch.load(weights_only=True)``.
+
+Test hook: ``SIMCLRV2_TEST_SLOW_CHECKPOINT=<seconds>`` in the environment sleeps that long after
+each file of a checkpoint is written, which widens the write window so that the fault-injection
+test (tests/test_reliability.py) can land kills inside it on purpose. It changes no result.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             tmp.unlink()
 
 
+def _test_pause() -> None:
+    """The fault-injection hook described in the module docstring (a no-op unless the env var is set)."""
+    delay = os.environ.get("SIMCLRV2_TEST_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint folder so that no kill can leave it half deleted under its own name."""
+    doomed = path.with_name(f"{path.name}.del-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors wants contiguous, non-shared CPU tensors
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -84,44 +111,66 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep the newest ``keep`` complete ones."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f"step-{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
+        _test_pause()
         if extra_tensors:
             save_file(_contiguous(extra_tensors), str(tmp / "state.safetensors"))
+            _test_pause()
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
+            _test_pause()
         meta = dict(meta, format="simclrv2-checkpoint", format_version=FORMAT_VERSION, step=step)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=1, default=str))
+        _test_pause()
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
         if final.exists():  # the same step written again (e.g. a rerun with resume=false)
-            shutil.rmtree(final)
+            _remove_dir(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, final, ckpt_root) from e
         raise
     _prune(ckpt_root, keep)
     return final
 
 
+def _write_error(e: OSError, final: Path, ckpt_root: Path) -> CheckpointError:
+    """One line that says what failed, what is still on disk, and what to do."""
+    kept = latest_checkpoint(ckpt_root.parent)
+    kept_text = f"the last complete checkpoint '{kept}' is kept" if kept else "no earlier checkpoint exists"
+    fix = (
+        "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make the run folder writable or choose another run_dir"
+    )
+    return CheckpointError(
+        f"could not write checkpoint '{final}' ({e.strerror or e}); {kept_text}; {fix}, then rerun "
+        "the same command to resume"
+    )
+
+
 def _prune(ckpt_root: Path, keep: int) -> None:
     complete = list_checkpoints(ckpt_root.parent)
     for old in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in ckpt_root.glob("step-*.tmp-*"):
+        _remove_dir(old)
+    # leftovers of killed processes: unfinished writes and unfinished deletions
+    for leftover in [*ckpt_root.glob("step-*.tmp-*"), *ckpt_root.glob("step-*.del-*")]:
         try:
             pid = int(leftover.name.rsplit("-", 1)[1])
         except ValueError:
             pid = -1
-        if pid != os.getpid():
+        if pid != os.getpid() or ".del-" in leftover.name:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -237,6 +286,9 @@ def write_model_file(path: str | Path, model_state: dict[str, torch.Tensor], met
         save_file(_contiguous(model_state), str(tmp), metadata={"simclrv2": json.dumps(meta, default=str)})
         _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable path"
+        raise CheckpointError(f"could not write model file '{path}' ({e.strerror or e}); {fix}") from e
     finally:
         if tmp.exists():
             tmp.unlink()

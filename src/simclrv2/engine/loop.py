@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,24 +49,32 @@ class TrainJob:
     train_modules: list[nn.Module] = field(default_factory=list)  # set to train() each step
 
 
+# Extra state lives in one safetensors file under keys "<name>/<key>" ("<name>/<sub>/<key>" for
+# nested dicts). "/" separates levels because the state's own keys hold dots (a memory's
+# "ema_model.backbone.stem.conv1.weight"), which must come back unsplit.
+_SEP = "/"
+
+
 def _flatten(prefix: str, state: dict[str, Any], out: dict[str, torch.Tensor]) -> None:
     for k, v in state.items():
+        key = f"{prefix}{_SEP}{k}"
         if isinstance(v, torch.Tensor):
-            out[f"{prefix}.{k}"] = v
+            out[key] = v
         elif isinstance(v, (int, float)):
-            out[f"{prefix}.{k}"] = torch.tensor(v)
+            out[key] = torch.tensor(v)
         elif isinstance(v, dict):
-            _flatten(f"{prefix}.{k}", v, out)
+            _flatten(key, v, out)
         else:
-            raise TypeError(f"state entry {prefix}.{k} of type {type(v).__name__} is not a tensor")
+            raise TypeError(f"state entry {key} of type {type(v).__name__} is not a tensor")
 
 
 def _unflatten(prefix: str, flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The inverse of :func:`_flatten` for one top-level name."""
     out: dict[str, Any] = {}
     for k, v in flat.items():
-        if not k.startswith(prefix + "."):
+        if not k.startswith(prefix + _SEP):
             continue
-        parts = k[len(prefix) + 1 :].split(".")
+        parts = k[len(prefix) + 1 :].split(_SEP)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -119,7 +128,11 @@ def try_resume(job: TrainJob) -> int:
         flat = ckpt.load_tensors(extra_path)
         for name, obj in job.extra_state.items():
             obj.load_state_dict(_unflatten(name, flat))
-    return int(meta["step"])
+    step = int(meta["step"])
+    if dist.is_main():
+        # one line per restart; tests/test_reliability.py parses it to check where a run resumed
+        print(f"{job.stage}: resuming from {last} at step {step}", file=sys.stderr, flush=True)
+    return step
 
 
 def run(job: TrainJob) -> dict[str, Any]:
@@ -142,7 +155,8 @@ def run(job: TrainJob) -> dict[str, Any]:
     for step in range(start, plan.total_steps):
         for m in job.train_modules:
             m.train()
-        lr = lr_at(step, plan.total_steps, job.warmup_steps, job.peak_lr)
+        # the schedule follows the planned length, so a max_steps cap does not reshape it
+        lr = lr_at(step, plan.schedule_steps, job.warmup_steps, job.peak_lr)
         set_lr(job.optimizer, lr)
         x, y = job.source.get(batch_indices(job.pool, plan, cfg.seed, step))
         with autocast(job.device, cfg.precision):
@@ -167,10 +181,12 @@ def run(job: TrainJob) -> dict[str, Any]:
             bar.update(1)
         boundary = done % every == 0 or done == plan.total_steps
         if done % cfg.log_every == 0 or boundary:
-            if not bool(finite):
+            if not bool(finite):  # checked before any save: non-finite weights never reach disk
+                kept = ckpt.latest_checkpoint(job.run_dir)
                 raise RunError(
-                    f"{job.stage}: the loss became non-finite before step {done}; the last good checkpoint "
-                    "is kept; lower the learning rate (base_lr) or use precision=fp32"
+                    f"{job.stage}: the loss became non-finite before step {done}; "
+                    + (f"the last good checkpoint '{kept}' is kept" if kept else "no checkpoint was written")
+                    + "; lower the learning rate (base_lr) or use precision=fp32"
                 )
             last = {k: round(float(v) / count, 6) for k, v in sums.items()}
             rec = dict(step=done, epoch=round(done / plan.steps_per_epoch, 4), lr=lr, **last)

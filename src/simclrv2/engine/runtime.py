@@ -12,7 +12,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +57,10 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
 
     A folder that already holds a run with a different config is never overwritten silently:
     with ``resume=true`` that is an error; with ``resume=false`` the old config is kept as
-    ``config.previous.yaml`` and the run starts over.
+    ``config.previous.yaml`` and the run starts over. Starting over (``resume=false``) also moves
+    the old ``checkpoints/`` to ``checkpoints.previous/`` and ``metrics.jsonl`` to
+    ``metrics.previous.jsonl``: left in place, an old run's later-step checkpoints would win over
+    the new run's (pruning keeps the highest steps) and a later resume would pick them up.
     """
     run_dir = Path(cfg.run_dir)
     values = dict(C.to_dict(cfg), stage=stage)
@@ -81,9 +86,27 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
                 )
             if changed:
                 atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
+        if not cfg.resume:
+            _set_aside_previous_run(run_dir)
         atomic_write_text(cfg_path, C.dump_yaml(values))
     dist.barrier()
     return run_dir
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """Keep the last run's checkpoints and metrics under ``*.previous`` names (one generation)."""
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        previous = run_dir / "checkpoints.previous"
+        if previous.exists():
+            doomed = run_dir / f".checkpoints.previous.del-{os.getpid()}"
+            os.replace(previous, doomed)  # atomic: no half-deleted folder under a real name
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(ckpts, previous)
+        print(f"resume=false: the previous run's checkpoints were moved to '{previous}'", file=sys.stderr)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        os.replace(metrics, run_dir / "metrics.previous.jsonl")
 
 
 def machine_description() -> str:
@@ -138,20 +161,32 @@ class StepPlan:
     global_batch: int  # images per optimizer step, all processes together
     local_batch: int  # images per step on this process
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # steps this run takes (``epochs``, capped by ``max_steps``)
+    schedule_steps: int = 0  # length of the learning-rate schedule; 0 = total_steps
+
+    def __post_init__(self) -> None:
+        if self.schedule_steps <= 0:
+            self.schedule_steps = self.total_steps
 
     @classmethod
     def make(cls, pool_size: int, batch_size: int, epochs: float, max_steps: int) -> StepPlan:
+        """``epochs`` sets the learning-rate schedule; ``max_steps`` only stops the run early.
+
+        The schedule therefore does not depend on ``max_steps``: a run stopped by ``max_steps=k``
+        and resumed with a larger (or no) cap takes exactly the steps of an uninterrupted run,
+        which is what makes ``max_steps`` a resume-safe key. With ``epochs=0`` the schedule is
+        ``max_steps`` long.
+        """
         ws = dist.world_size()
         global_batch = min(batch_size, pool_size)  # tiny label sets: a batch is the whole set
         global_batch -= global_batch % ws
         if global_batch <= 0:
             raise RunError(f"{pool_size} training images cannot be split over {ws} processes")
         steps_per_epoch = max(1, pool_size // global_batch)
-        total = max(1, math.ceil(epochs * steps_per_epoch))
-        if max_steps > 0:
-            total = min(total, max_steps)
-        return cls(global_batch, global_batch // ws, steps_per_epoch, total)
+        planned = math.ceil(epochs * steps_per_epoch) if epochs > 0 else max_steps
+        planned = max(1, planned)
+        total = min(planned, max_steps) if max_steps > 0 else planned
+        return cls(global_batch, global_batch // ws, steps_per_epoch, total, planned)
 
 
 def batch_indices(pool: torch.Tensor, plan: StepPlan, seed: int, step: int) -> torch.Tensor:
@@ -240,8 +275,14 @@ class MetricsLogger:
             return
         rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         rec["time"] = round(time.time(), 3)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise RunError(
+                f"cannot write '{self.path}' ({e.strerror or e}); free disk space or fix the run "
+                "folder's permissions, then rerun the same command to resume from the last checkpoint"
+            ) from e
         if self.tb is not None:
             step = rec.get("step", 0)
             for k, v in rec.items():

@@ -1,0 +1,137 @@
+"""Stopping and resuming a run changes nothing: bitwise-equal weights on the CPU (issue 10).
+
+Each test runs the real CLI in-process (``simclrv2.cli.main``) twice: once uninterrupted, once
+stopped after ``k`` steps by ``max_steps=k`` and resumed by the same command without the cap
+(``max_steps`` is a resume-safe key, and the learning-rate schedule follows ``epochs`` only).
+The final checkpoints must hold bitwise-equal model weights, extra state (memory queue, EMA
+encoder, online probe) and optimizer state, and the metrics files must describe the same run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.cli import main
+from simclrv2.data.datasets import load_fashion_mnist
+
+# Fashion-MNIST train at batch 16: 3750 steps per epoch, so epochs=0.002 plans 8 steps; a warmup of
+# 0.0008 epochs is 3 steps, so steps 3-4 of the first part run on the cosine decay, which depends
+# on the planned length (8 steps, not the cap of 5).
+PRETRAIN = [
+    "pretrain", "model=r10_0.25x_sk0", "dataset=fashion_mnist", "batch_size=16", "epochs=0.002",
+    "warmup_epochs=0.0008", "knn_every=0", "progress=false", "log_every=1", "checkpoint_every=3",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # one intra-op thread: bitwise comparisons within a process, and fast on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*argv: str) -> None:
+    assert main(list(argv)) == 0, f"simclrv2 {' '.join(argv)} failed"
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Bitwise-equal tensors in every file of two checkpoint folders."""
+    assert a.name == b.name
+    for name in ("model.safetensors", "state.safetensors"):
+        if not (a / name).is_file():
+            assert not (b / name).is_file()
+            continue
+        ta, tb = ckpt.load_tensors(a / name), ckpt.load_tensors(b / name)
+        assert ta.keys() == tb.keys(), name
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}: {k} differs"
+    oa, ob = ckpt.load_optimizer_state(a), ckpt.load_optimizer_state(b)
+    sa, sb = oa["optimizer"]["state"], ob["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k, v in sa[i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), f"optimizer state {i}.{k}"
+    assert ckpt.read_meta(a)["step"] == ckpt.read_meta(b)["step"]
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("time"), rec.pop("images_per_s", None)
+        out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["plain", "memory"])
+def test_pretrain_stop_and_resume_is_bitwise_identical(tmp_path: Path, memory: bool, capsys) -> None:
+    extra = ["memory.enabled=true", "memory.size=128"] if memory else []
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    cli(*PRETRAIN, *extra, f"run_dir={whole}")
+    cli(*PRETRAIN, *extra, f"run_dir={split}", "max_steps=5")
+    assert ckpt.read_meta(ckpt.latest_checkpoint(split))["step"] == 5
+    capsys.readouterr()
+    cli(*PRETRAIN, *extra, f"run_dir={split}")  # the same command, cap removed: resumes at step 5
+    assert f"resuming from {split / 'checkpoints' / 'step-00000005'} at step 5" in capsys.readouterr().err
+
+    last_whole, last_split = ckpt.latest_checkpoint(whole), ckpt.latest_checkpoint(split)
+    assert last_whole.name == "step-00000008"
+    assert_same_checkpoint(last_whole, last_split)
+    if memory:  # the queue was restored and kept filling: 8 steps x 32 keys wrapped a 128-slot queue
+        state = ckpt.load_tensors(last_split / "state.safetensors")
+        assert int(state["memory/filled"]) == 128 and state["memory/queue"].abs().sum() > 0
+    # the resumed run's metrics file reads as one uninterrupted run
+    assert metric_lines(whole) == metric_lines(split)
+    assert [r["step"] for r in metric_lines(split)] == list(range(1, 9))
+
+
+def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: tuple[int, ...] = (0, 1)) -> Path:
+    """A small ImageNet-layout folder (root/<split>/<class>/<file>.png) of Fashion-MNIST images."""
+    ds = load_fashion_mnist("test")
+    labels = ds.labels.numpy()
+    for split, offset, n in (("train", 0, n_train), ("test", n_train, n_test)):
+        for c in classes:
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(labels == c)[offset : offset + n]:
+                Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"img{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def test_finetune_stop_and_resume_is_bitwise_identical(tmp_path: Path, image_data: Path, capsys) -> None:
+    data = ["dataset=imagefolder", f"data_dir={image_data}", "image_size=16", "num_workers=0",
+            "progress=false"]
+    torch.set_num_threads(1)
+    pre = tmp_path / "pre"
+    cli("pretrain", "model=r10_0.25x_sk0", *data, "batch_size=8", "max_steps=2", "knn_every=0",
+        f"run_dir={pre}")
+    # 48 labelled images at batch 8: 6 steps per epoch, 1.5 epochs = 9 steps; no warmup, so every
+    # step's learning rate depends on the planned length (the cosine decay)
+    finetune = ["finetune", f"init_checkpoint={pre}", *data, "label_fraction=1.0", "batch_size=8",
+                "epochs=1.5", "warmup_epochs=0", "log_every=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    cli(*finetune, f"run_dir={whole}")
+    cli(*finetune, f"run_dir={split}", "max_steps=4")
+    capsys.readouterr()
+    cli(*finetune, f"run_dir={split}")
+    assert "finetune: resuming from" in capsys.readouterr().err
+    assert_same_checkpoint(ckpt.latest_checkpoint(whole), ckpt.latest_checkpoint(split))
+    assert ckpt.latest_checkpoint(split).name == "step-00000009"
+    assert metric_lines(whole) == metric_lines(split)
+    # the evaluation after the resumed run equals the uninterrupted one
+    assert np.array_equal(np.load(whole / "predictions.npy"), np.load(split / "predictions.npy"))
