@@ -165,7 +165,7 @@ def run_supervised(cfg: SupervisedConfig) -> dict[str, Any]:
     """The baseline: the same architecture from random initialisation on the same labels."""
 
     def build(ds: Any, size: int, device: torch.device):
-        model = new_model(cfg.model, ds, size, proj_head_mode="none", ft_proj_selector=0,
+        model = new_model(cfg.model, ds, size, cfg.stem, proj_head_mode="none", ft_proj_selector=0,
                           num_classes=ds.num_classes).to(device)
         return model, [], {}
 
@@ -195,7 +195,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             student, _ = load_model(cfg.student_init, dev, ft_proj_selector=0, num_classes=ds.num_classes)
             student.reset_classifier(ds.num_classes, zero_init=True)
         else:
-            student = new_model(cfg.model, ds, size, proj_head_mode="none", ft_proj_selector=0,
+            student = new_model(cfg.model, ds, size, cfg.stem, proj_head_mode="none", ft_proj_selector=0,
                                 num_classes=ds.num_classes)
         return student.to(dev), [], {"teacher_checkpoint": cfg.teacher_checkpoint,
                                      "teacher_model": teacher_meta.get("model_name")}

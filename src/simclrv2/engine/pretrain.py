@@ -66,7 +66,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     ds, source = open_split(cfg, cfg.train_split, device)
     size = image_size_of(cfg, ds)
     model = new_model(
-        cfg.model, ds, size, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
+        cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
         proj_out_dim=cfg.proj_out_dim, ft_proj_selector=-1, num_classes=0,
     ).to(device)
     if cfg.channels_last:

@@ -52,10 +52,16 @@ def labelled_indices(cfg: Any, ds: ImageDataset, run_dir: Path | None) -> np.nda
     return idx
 
 
-def new_model(name: str, ds: ImageDataset, image_size: int, **overrides: Any) -> SimCLRModel:
-    """A registry model adapted to the data: input channels, and the CIFAR stem at <= 32 px (spec 1.4)."""
-    if image_size <= 32:
-        overrides.setdefault("cifar_stem", True)
+def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", **overrides: Any) -> SimCLRModel:
+    """A registry model adapted to the data: input channels and stem.
+
+    ``stem="auto"`` keeps the registry's stem but uses the CIFAR stem at <= 32 px (spec 1.4);
+    ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU).
+    """
+    if stem == "cifar" or (stem == "auto" and image_size <= 32):
+        overrides["cifar_stem"] = True
+    elif stem == "imagenet":
+        overrides["cifar_stem"] = False
     return create_model(name, in_chans=ds.channels, **overrides)
 
 

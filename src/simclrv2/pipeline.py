@@ -1,0 +1,216 @@
+"""``simclrv2 pipeline --config FILE``: every SimCLRv2 stage in one run folder, then a report.
+
+Stages, each in its own sub-folder of ``run_dir``:
+
+1. ``pretrain``;
+2. ``finetune_<f>`` for each label fraction f (from head layer ``ft_proj_selector``);
+3. ``distill_self_<f>`` and ``distill_small_<f>`` from each fine-tuned teacher;
+4. ``linear_eval`` and ``knn`` of the pretrained encoder;
+5. ``supervised_<f>``, the baselines on the same labelled subsets.
+
+A finished stage leaves ``done.json`` with the hash of its resolved config. A stage whose
+``done.json`` matches its config is skipped; an interrupted stage resumes from its own last
+checkpoint. So an interrupted pipeline, run again, continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as C
+from . import distributed as dist
+from .checkpoint import atomic_write_text
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline: which stages, and the keys each stage gets on top of its own defaults."""
+
+    run_dir: str = "runs/pipeline"
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    self_distill: bool = True  # distil each teacher into its own architecture
+    small_student: str = ""  # registry name of the big-to-small student; "" = skip
+    common: dict = field(default_factory=dict)  # keys given to every stage (model, dataset, seed, ...)
+    pretrain: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    supervised: dict = field(default_factory=dict)
+    distill_self: dict = field(default_factory=dict)
+    distill_small: dict = field(default_factory=dict)
+    linear_eval: dict = field(default_factory=dict)
+    knn_eval: dict = field(default_factory=dict)
+    by_fraction: dict = field(default_factory=dict)  # {0.01: {finetune: {epochs: 60}, ...}}
+    embedding_points: int = 2000  # test images in the 2-D embedding plot; 0 = no plot
+    plots: bool = True
+
+
+def fraction_tag(f: float) -> str:
+    """0.01 -> '1pct', 0.001 -> '0.1pct' (folder names and report columns)."""
+    return f"{f * 100:g}pct"
+
+
+@dataclass
+class StagePlan:
+    name: str  # sub-folder and stages key
+    stage: str  # CLI stage
+    cfg: Any  # resolved stage config
+    method: str | None  # results.json method, None for pretrain
+    label_fraction: float | None
+
+
+def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers: dict) -> Any:
+    values: dict[str, Any] = {}
+    keys = {f.name for f in dataclasses.fields(C.STAGE_CONFIGS[stage])}
+    for layer in (pc.common, *layers):
+        values.update({k: v for k, v in layer.items() if k in keys or layer is not pc.common})
+    values["run_dir"] = str(run_dir / name)
+    cfg = C.build(C.STAGE_CONFIGS[stage], values, prefix=f"{name}.")
+    C.validate(cfg)
+    return cfg
+
+
+def _fraction_layer(pc: PipelineConfig, f: float, section: str) -> dict:
+    for key, val in pc.by_fraction.items():
+        if abs(float(key) - f) < 1e-12:
+            return dict(val.get(section, {}))
+    return {}
+
+
+def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
+    run_dir = Path(pc.run_dir)
+    pre = _stage_cfg("pretrain", pc, run_dir, "pretrain", pc.pretrain)
+    pre_dir = pre.run_dir
+    plans = [StagePlan("pretrain", "pretrain", pre, None, None)]
+    model = pre.model
+    for f in pc.label_fractions:
+        tag = fraction_tag(f)
+        lab = {"label_fraction": f}
+        ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
+                        _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir})
+        plans.append(StagePlan(ft.run_dir.split("/")[-1], "finetune", ft, "finetune", f))
+        if pc.self_distill:
+            ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
+                            _fraction_layer(pc, f, "distill_self"), lab,
+                            {"teacher_checkpoint": ft.run_dir, "model": model})
+            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f))
+        if pc.small_student:
+            dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
+                             _fraction_layer(pc, f, "distill_small"), lab,
+                             {"teacher_checkpoint": ft.run_dir, "model": pc.small_student})
+            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f))
+    le = _stage_cfg("linear-eval", pc, run_dir, "linear_eval", pc.linear_eval, {"checkpoint": pre_dir})
+    plans.append(StagePlan("linear_eval", "linear-eval", le, "linear-eval", le.label_fraction))
+    kn = _stage_cfg("knn-eval", pc, run_dir, "knn", pc.knn_eval, {"checkpoint": pre_dir})
+    plans.append(StagePlan("knn", "knn-eval", kn, "knn", kn.label_fraction))
+    for f in pc.label_fractions:
+        tag = fraction_tag(f)
+        sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
+                         _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model})
+        plans.append(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f))
+    return plans
+
+
+def _runner(stage: str):
+    from .engine import classify, pretrain, probe
+
+    return {
+        "pretrain": pretrain.run, "finetune": classify.run_finetune, "supervised": classify.run_supervised,
+        "distill": classify.run_distill, "linear-eval": probe.run_linear_eval, "knn-eval": probe.run_knn_eval,
+    }[stage]
+
+
+def run_stage(plan: StagePlan) -> tuple[dict[str, Any], float, bool]:
+    """Run one stage unless its ``done.json`` matches its config; return (result, seconds, skipped)."""
+    values = dict(C.to_dict(plan.cfg), stage=plan.stage)
+    h = C.config_hash(values)
+    done = Path(plan.cfg.run_dir) / "done.json"
+    if done.is_file():
+        try:
+            rec = json.loads(done.read_text())
+            if rec.get("config_hash") == h:
+                return rec["result"], rec["seconds"], True
+        except (json.JSONDecodeError, KeyError):
+            pass
+    t0 = time.time()
+    result = _runner(plan.stage)(plan.cfg)
+    seconds = round(time.time() - t0, 2)
+    keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
+    if dist.is_main():
+        atomic_write_text(done, json.dumps({"config_hash": h, "seconds": seconds, "result": keep}, indent=1))
+    return keep, seconds, False
+
+
+def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
+    from .engine.runtime import machine_description
+
+    plans = plan_stages(pc)
+    run_dir = Path(pc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
+    results, stages = [], {}
+    t_all = time.time()
+    for i, plan in enumerate(plans, 1):
+        if dist.is_main():
+            print(f"[{i}/{len(plans)}] {plan.name} ({plan.stage}) ...", flush=True)
+        result, seconds, skipped = run_stage(plan)
+        stages[plan.name] = seconds
+        if dist.is_main():
+            note = "skipped, done before" if skipped else f"{seconds:.0f} s"
+            top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
+            print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}", flush=True)
+        if plan.method is not None:
+            results.append({
+                "method": plan.method, "label_fraction": plan.label_fraction, "model": plan.cfg.model
+                if plan.stage != "linear-eval" and plan.stage != "knn-eval" else plans[0].cfg.model,
+                "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds,
+                "run_dir": plan.cfg.run_dir, **({"teacher_top1": result["teacher_top1"],
+                                                 "teacher_agreement": result["teacher_agreement"]}
+                                                if "teacher_top1" in result else {}),
+            })
+    out = {
+        "config_hash": C.config_hash(dataclasses.asdict(pc)),
+        "machine": machine_description(),
+        "total_seconds": round(time.time() - t_all, 2),
+        "stages": stages,
+        "results": results,
+    }
+    if dist.is_main():
+        atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1))
+        from .report import write_report
+
+        write_report(run_dir, out, pc)
+    return out
+
+
+def summary_table(out: dict[str, Any]) -> str:
+    from .report import results_table
+
+    return results_table(out)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="simclrv2 pipeline",
+        description="Pretrain, fine-tune on each label fraction, distil, evaluate, train supervised "
+        "baselines, and write results.json + report.md + plots into run_dir. Pipeline keys:\n"
+        + C.describe(PipelineConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/fashion_mnist_demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted: pretrain.epochs=5")
+    args = parser.parse_args(argv)
+    values = C.apply_overrides(C.load_yaml(args.config), args.overrides)
+    pc = C.build(PipelineConfig, values)
+    out = run_pipeline(pc)
+    if dist.is_main():
+        print()
+        print(summary_table(out))
+        print(f"\nwall time {out['total_seconds']:.0f} s; report: {Path(pc.run_dir) / 'report.md'}")
+    dist.cleanup_distributed()
+    return 0

@@ -1,0 +1,263 @@
+"""report.md and plots for a pipeline run, built from results.json and the stage folders only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METHOD_ROWS = [
+    ("supervised", "Supervised baseline (same labels)"),
+    ("finetune", "SimCLRv2 fine-tuned (from head layer)"),
+    ("distill-self", "SimCLRv2 self-distilled"),
+    ("distill-small", "SimCLRv2 distilled into small student"),
+]
+
+
+def _fractions(out: dict[str, Any]) -> list[float]:
+    fr = {r["label_fraction"] for r in out["results"] if r["method"] in dict(METHOD_ROWS)}
+    return sorted(fr)
+
+
+def _tag(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def _lookup(out: dict[str, Any], method: str, f: float | None = None) -> dict[str, Any] | None:
+    for r in out["results"]:
+        if r["method"] == method and (f is None or abs(r["label_fraction"] - f) < 1e-12):
+            return r
+    return None
+
+
+def results_table(out: dict[str, Any]) -> str:
+    """The paper-shaped table: rows are methods, columns are label fractions (top-1 %)."""
+    fr = _fractions(out)
+    head = "| Method | Model | " + " | ".join(f"{_tag(f)} labels" for f in fr) + " |"
+    lines = [head, "|" + "---|" * (len(fr) + 2)]
+    for method, title in METHOD_ROWS:
+        cells = []
+        model = ""
+        for f in fr:
+            r = _lookup(out, method, f)
+            cells.append(f"{r['top1']:.2f}" if r else "-")
+            model = model or (r["model"] if r else "")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {title} | {model} | " + " | ".join(cells) + " |")
+    for method, title in (("linear-eval", "Linear eval (frozen encoder)"), ("knn", "kNN (frozen encoder)")):
+        r = _lookup(out, method)
+        if r:
+            lines.append(f"| {title}, {_tag(r['label_fraction'])} labels | {r['model']} | "
+                         + " | ".join(f"{r['top1']:.2f}" for _ in fr) + " |")
+    return "\n".join(lines)
+
+
+def gains_table(out: dict[str, Any]) -> str:
+    """Points over the supervised baseline at each label fraction."""
+    fr = _fractions(out)
+    lines = ["| Method | " + " | ".join(f"{_tag(f)} labels" for f in fr) + " |", "|" + "---|" * (len(fr) + 1)]
+    for method, title in METHOD_ROWS[1:]:
+        cells = []
+        for f in fr:
+            r, base = _lookup(out, method, f), _lookup(out, "supervised", f)
+            cells.append(f"{r['top1'] - base['top1']:+.2f}" if r and base else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_pretraining(run_dir: Path, dest: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
+    loss = [(r["epoch"], r["loss"]) for r in rows if "loss" in r]
+    knn = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    if not loss:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(*zip(*loss), color="tab:blue", label="NT-Xent loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("contrastive loss", color="tab:blue")
+    if knn:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*knn), "o-", color="tab:red", label="kNN top-1")
+        ax2.set_ylabel("kNN top-1 (%)", color="tab:red")
+    ax.set_title("Pretraining: loss and kNN monitor")
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fractions(out: dict[str, Any], dest: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fr = _fractions(out)
+    if not fr:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, title in METHOD_ROWS:
+        pts = [(f * 100, r["top1"]) for f in fr if (r := _lookup(out, method, f))]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=title)
+    le = _lookup(out, "linear-eval")
+    if le:
+        ax.axhline(le["top1"], color="gray", ls="--", label=f"linear eval ({_tag(le['label_fraction'])} labels)")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled fraction of the training set (%)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Accuracy against label fraction")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_confusion(metrics_path: Path, classes: list[str], title: str, dest: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return False
+    cm = np.array(json.loads(metrics_path.read_text())["confusion_matrix"], dtype=float)
+    norm = cm / cm.sum(1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(6, 5.4))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    n = len(cm)
+    labels = classes if len(classes) == n else [str(i) for i in range(n)]
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            if n <= 20:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_embedding(pretrain_dir: Path, pc: Any, dest: Path) -> bool:
+    """t-SNE of pretrained test features coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from sklearn.manifold import TSNE
+
+    from .config import PretrainConfig, build
+    from .engine.evaluate import extract
+    from .engine.setup import image_size_of, load_model, open_split
+
+    cfg = build(PretrainConfig, {k: v for k, v in {**pc.common, **pc.pretrain}.items()
+                                 if k in PretrainConfig.__dataclass_fields__})
+    device = torch.device("cpu")
+    model, meta = load_model(str(pretrain_dir), device)
+    ds, source = open_split(cfg, cfg.test_split, device)
+    n = min(pc.embedding_points, len(ds))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    feats, labels = extract(model, source, idx, image_size_of(cfg, ds))
+    xy = TSNE(n_components=2, init="pca", perplexity=30, random_state=0).fit_transform(feats.numpy())
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=4)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(c)), label=name)
+               for c, name in enumerate(ds.classes)]
+    ax.legend(handles=handles, fontsize=7, loc="best", markerscale=1.2)
+    ax.set_title(f"t-SNE of pretrained features ({n} test images)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
+    plots: list[tuple[str, str]] = []
+    if pc.plots:
+        if plot_pretraining(run_dir, run_dir / "pretraining.png"):
+            plots.append(("Pretraining loss and kNN accuracy", "pretraining.png"))
+        if plot_fractions(out, run_dir / "accuracy_vs_labels.png"):
+            plots.append(("Accuracy against label fraction", "accuracy_vs_labels.png"))
+        if pc.embedding_points > 0 and plot_embedding(run_dir / "pretrain", pc, run_dir / "embedding_tsne.png"):
+            plots.append(("t-SNE of pretrained test features", "embedding_tsne.png"))
+        candidates = [r for r in out["results"] if r["method"] not in ("knn", "linear-eval")]
+        if candidates:
+            best = max(candidates, key=lambda r: r["top1"])
+            meta_classes = _classes(Path(best["run_dir"]))
+            title = f"Confusion matrix: {best['method']} {_tag(best['label_fraction'])} ({best['top1']:.2f}%)"
+            if plot_confusion(Path(best["run_dir"]) / "metrics.json", meta_classes, title,
+                              run_dir / "confusion_best.png"):
+                plots.append((title, "confusion_best.png"))
+    lines = [
+        "# SimCLRv2 pipeline report",
+        "",
+        f"Run folder: `{run_dir}`. Config hash `{out['config_hash']}`. Every number below is read from "
+        "`results.json`, which this report was generated from.",
+        "",
+        "## Test top-1 accuracy (%)",
+        "",
+        results_table(out),
+        "",
+        "## Gain over the supervised baseline (points)",
+        "",
+        gains_table(out),
+        "",
+    ]
+    distilled = [r for r in out["results"] if "teacher_top1" in r]
+    if distilled:
+        lines += ["## Distillation: student against teacher", "",
+                  "| Method | Labels | Student | Teacher top-1 | Student top-1 | Agreement |", "|---|---|---|---|---|---|"]
+        for r in distilled:
+            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
+                         f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} |")
+        lines.append("")
+    lines += ["## Stage timings", "", f"Machine: {out['machine']}", "",
+              "| Stage | Seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in out["stages"].items()]
+    lines += [f"| **total** | {out['total_seconds']:.1f} |", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"- [{title}]({name})\n\n  ![{title}]({name})" for title, name in plots]
+    path = run_dir / "report.md"
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _classes(stage_dir: Path) -> list[str]:
+    from .checkpoint import latest_checkpoint, read_meta
+
+    last = latest_checkpoint(stage_dir)
+    return list(read_meta(last).get("classes", [])) if last else []
