@@ -19,8 +19,9 @@ Nothing here unpickles arbitrary objects: tensors come from safetensors, metadat
 the optimizer state through ``torch.load(weights_only=True)``.
 
 Test hook: ``SIMCLRV2_TEST_SLOW_CHECKPOINT=<seconds>`` in the environment sleeps that long after
-each file of a checkpoint is written, which widens the write window so that the fault-injection
-test (tests/test_reliability.py) can land kills inside it on purpose. It changes no result.
+each file of a checkpoint is written and before an old checkpoint is removed, which widens those
+windows so that the fault-injection test (tests/test_reliability.py) can land kills inside them
+on purpose. It changes no result.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def _remove_dir(path: Path) -> None:
         os.replace(path, doomed)
     except FileNotFoundError:
         return
+    _test_pause()
     shutil.rmtree(doomed, ignore_errors=True)
 
 

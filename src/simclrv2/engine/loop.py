@@ -121,13 +121,19 @@ def try_resume(job: TrainJob) -> int:
     except RuntimeError as e:
         raise RunError(f"checkpoint '{last}' does not fit this model ({str(e).splitlines()[0]})") from e
     opt = ckpt.load_optimizer_state(last)
-    if opt is not None:
-        job.optimizer.load_state_dict(opt["optimizer"])
-    extra_path = last / "state.safetensors"
-    if extra_path.is_file():
-        flat = ckpt.load_tensors(extra_path)
-        for name, obj in job.extra_state.items():
-            obj.load_state_dict(_unflatten(name, flat))
+    try:
+        if opt is not None:
+            job.optimizer.load_state_dict(opt["optimizer"])
+        extra_path = last / "state.safetensors"
+        if extra_path.is_file():
+            flat = ckpt.load_tensors(extra_path)
+            for name, obj in job.extra_state.items():
+                obj.load_state_dict(_unflatten(name, flat))
+    except (ValueError, KeyError, RuntimeError) as e:  # torch's messages for a state of another shape
+        raise RunError(
+            f"the optimizer or training state in '{last}' does not fit this run ({str(e).splitlines()[0]}); "
+            "it was written by another simclrv2 version or setup: use a new run_dir, or resume=false"
+        ) from e
     step = int(meta["step"])
     if dist.is_main():
         # one line per restart; tests/test_reliability.py parses it to check where a run resumed

@@ -1,0 +1,298 @@
+"""Fault injection (issue 10): SIGKILL a CPU pretraining run at random moments, restart it each time.
+
+The run is the real CLI (``simclrv2.cli.main``, what ``python -m simclrv2`` calls) in a child
+process, writing a checkpoint every step. Children are forked from a multiprocessing fork server
+that has imported torch and simclrv2 once, so a restart costs no interpreter start-up (seconds on a
+loaded CI box) and ten kills fit in well under a minute; each child is still a separate process
+that is SIGKILLed with its files half written. ``SIMCLRV2_TEST_SLOW_CHECKPOINT`` (a test hook in
+``simclrv2.checkpoint``) sleeps between the files of a checkpoint so that kills land inside the
+write window on purpose. After every kill the test checks that each complete checkpoint on disk is
+readable in full, and after every restart that the run resumed from the newest complete checkpoint
+(its "resuming from ... at step N" line). At the end the weights, optimizer state and metrics equal
+those of an uninterrupted run with the same seed, bit for bit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2.cli import main
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, load_fashion_mnist
+
+MIN_KILLS = 10
+SEED = 20240611
+N_IMAGES = 2048  # a Fashion-MNIST subset keeps each restart's start-up short
+# 2048 images at batch 16 are 128 steps per epoch: 0.125 epochs = 16 steps, of which the warmup
+# (0.03125 epochs) takes 4; the rest run on the cosine part of the schedule.
+ARGS = [
+    "pretrain", "model=r10_0.25x_sk0", "dataset=fashion_mnist", "batch_size=16", "epochs=0.125",
+    "warmup_epochs=0.03125", "knn_every=0", "progress=false", "log_every=1", "checkpoint_every=1",
+    "keep_checkpoints=2", "seed=3",
+]
+TOTAL_STEPS = 16
+RESUME_LINE = re.compile(r"pretrain: resuming from (\S+) at step (\d+)")
+
+
+def fashion_mnist_subset(data_dir: Path, n: int) -> Path:
+    """The first ``n`` training images and labels of Fashion-MNIST as uncompressed IDX files."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stem, item in (("train-images-idx3-ubyte", 28 * 28), ("train-labels-idx1-ubyte", 1)):
+        with gzip.open(FASHION_MNIST_SYSTEM_DIR / f"{stem}.gz", "rb") as f:
+            header = bytearray(f.read(16 if item > 1 else 8))
+            body = f.read(n * item)
+        header[4:8] = struct.pack(">I", n)  # the item count; the magic and image shape stay
+        (data_dir / stem).write_bytes(bytes(header) + body)
+    return data_dir
+
+
+def complete_checkpoints_are_readable(run_dir: Path) -> list[int]:
+    """Open every file of every complete checkpoint; return their steps."""
+    steps = []
+    for c in ckpt.list_checkpoints(run_dir):
+        assert sorted(p.name for p in c.iterdir()) == [
+            "meta.json", "model.safetensors", "optimizer.pt", "state.safetensors"
+        ], f"{c} is listed as complete but misses files"
+        meta = ckpt.read_meta(c)
+        assert meta["stage"] == "pretrain" and c.name == f"step-{meta['step']:08d}"
+        model = ckpt.load_tensors(c / "model.safetensors")
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+        ckpt.load_tensors(c / "state.safetensors")
+        assert ckpt.load_optimizer_state(c)["optimizer"]["state"]
+        steps.append(meta["step"])
+    return steps
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("time"), rec.pop("images_per_s", None)
+        out.append(rec)
+    return out
+
+
+def _child(argv: list[str], err_path: str, slow_checkpoint: str) -> None:
+    """Body of a forked run: the CLI with stdout and stderr in a file, one thread like the reference."""
+    os.environ["SIMCLRV2_TEST_SLOW_CHECKPOINT"] = slow_checkpoint
+    torch.set_num_threads(1)
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.exit(main(argv))
+
+
+def launcher():
+    """A fork server with torch and simclrv2 imported; ``start(argv, err_path)`` forks one run."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "simclrv2.cli", "simclrv2.engine.pretrain",
+                                "simclrv2.engine.classify", "simclrv2.pipeline"])
+
+    def start(argv: list[str], err_path: Path, slow_checkpoint: str = "") -> multiprocessing.Process:
+        proc = ctx.Process(target=_child, args=(argv, str(err_path), slow_checkpoint), daemon=True)
+        proc.start()
+        return proc
+
+    return start
+
+
+def wait_for(cond, proc: multiprocessing.Process, timeout: float = 120.0, poll: float = 0.005) -> bool:
+    """Poll ``cond`` until true; False when the process ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if not proc.is_alive():
+            return bool(cond())
+        time.sleep(poll)
+    raise AssertionError("the training process made no progress in time")
+
+
+def kill(proc: multiprocessing.Process) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+
+
+def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
+    args = [*ARGS, f"data_dir={fashion_mnist_subset(tmp_path / 'data', N_IMAGES)}"]
+    # the uninterrupted reference, in this process with the subprocesses' thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, f"run_dir={tmp_path / 'reference'}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    reference = ckpt.latest_checkpoint(tmp_path / "reference")
+    assert reference.name == f"step-{TOTAL_STEPS:08d}"
+
+    run_dir = tmp_path / "killed"
+    ckpt_root = run_dir / "checkpoints"
+    start = launcher()
+    rng = random.Random(SEED)
+    kills = during_write = during_delete = restarts = 0
+    t0 = time.monotonic()
+    for attempt in range(60):
+        before = ckpt.list_checkpoints(run_dir)
+        err_path = tmp_path / f"stderr-{attempt}.txt"
+        err_path.write_text("")
+        proc = start([*args, f"run_dir={run_dir}"], err_path, slow_checkpoint="0.08")
+        pid = proc.pid
+
+        def resumed_line(err_path: Path = err_path) -> re.Match | None:
+            return RESUME_LINE.search(err_path.read_text())
+
+        def writing(pid: int = pid) -> bool:
+            return any(ckpt_root.glob(f"step-*.tmp-{pid}"))
+
+        # wait until training runs: the resume line, or (fresh start) the first checkpoint folder
+        if before:
+            wait_for(lambda: resumed_line() is not None, proc)
+        else:
+            wait_for(lambda: ckpt_root.is_dir() and any(ckpt_root.iterdir()), proc)
+        m = resumed_line()
+        if before:
+            restarts += 1
+            # the restart resumed from the newest complete checkpoint
+            assert m is not None, err_path.read_text()
+            assert Path(m.group(1)) == before[-1] and int(m.group(2)) == int(before[-1].name[5:])
+        else:
+            assert m is None
+
+        if kills >= MIN_KILLS:
+            proc.join(timeout=300)
+            assert proc.exitcode == 0, err_path.read_text()
+            break
+        if rng.random() < 0.6:  # aim at a checkpoint write: wait for its temporary folder
+            if not wait_for(writing, proc):
+                break
+            time.sleep(rng.uniform(0.0, 0.45))  # the write takes 4 pauses, the deletion 1 more
+        else:  # any moment of the step loop
+            time.sleep(rng.uniform(0.0, 1.5))
+        if not proc.is_alive():  # finished before the kill came
+            break
+        kill(proc)
+        kills += 1
+        during_write += writing()
+        during_delete += any(ckpt_root.glob(f"step-*.del-{pid}"))
+        complete_checkpoints_are_readable(run_dir)
+    proc.join()
+    assert proc.exitcode == 0, err_path.read_text()
+
+    elapsed = time.monotonic() - t0
+    print(f"\nfault injection: survived {kills} SIGKILLs ({during_write} during a checkpoint write, "
+          f"{during_delete} during a checkpoint deletion), {restarts} restarts, {elapsed:.0f} s")
+    assert kills >= MIN_KILLS, "the run finished before enough kills; lengthen it"
+    assert during_write >= 3, "too few kills landed inside a checkpoint write"
+
+    # finished: the last checkpoint equals the uninterrupted run's, bit for bit
+    steps = complete_checkpoints_are_readable(run_dir)
+    assert steps[-1] == TOTAL_STEPS
+    final = ckpt.latest_checkpoint(run_dir)
+    for name in ("model.safetensors", "state.safetensors"):
+        a, b = ckpt.load_tensors(reference / name), ckpt.load_tensors(final / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run"
+    oa = ckpt.load_optimizer_state(reference)["optimizer"]["state"]
+    ob = ckpt.load_optimizer_state(final)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+    # the metrics file reads as one uninterrupted run: every step once, the same values
+    assert metric_lines(run_dir) == metric_lines(tmp_path / "reference")
+    # the leftovers of killed writes and deletions were cleaned up by later saves
+    assert not list(ckpt_root.glob("*.tmp-*")) and not list(ckpt_root.glob("*.del-*"))
+
+
+# ------------------------------------------------------------------ the pipeline command
+
+
+def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4) -> Path:
+    """root/<split>/<class>/<file>.png: two Fashion-MNIST classes, small enough for a whole pipeline."""
+    ds = load_fashion_mnist("test")
+    labels = ds.labels.numpy()
+    for split, offset, n in (("train", 0, n_train), ("test", n_train, n_test)):
+        for c in (0, 1):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(labels == c)[offset : offset + n]:
+                Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"img{i:05d}.png")
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every file: any rewrite of the folder changes it."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "images")
+    run = tmp_path / "pipeline"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run), "label_fractions": [1.0], "self_distill": False, "embedding_points": 0,
+        "plots": False,
+        "common": {"model": "r10_0.25x_sk0", "dataset": "imagefolder", "data_dir": str(data),
+                   "image_size": 16, "num_workers": 0, "progress": False, "batch_size": 8},
+        "pretrain": {"max_steps": 3, "knn_every": 0},
+        # 48 images at batch 8: 6 steps per epoch, 12 steps, a checkpoint after each
+        "finetune": {"epochs": 2, "checkpoint_every": 1, "log_every": 1},
+        "linear_eval": {"epochs": 5},
+        "supervised": {"max_steps": 2},
+    }))
+    ft_dir = run / "finetune_100pct"
+    start = launcher()
+    rng = random.Random(SEED)
+
+    first = start(["pipeline", "--config", str(config)], tmp_path / "out-0.txt", slow_checkpoint="0.05")
+    # kill once fine-tuning has written its third checkpoint, at a random moment after it
+    # (steps from folder names: the training process may prune a folder while we look)
+    wait_for(lambda: any(int(c.name[5:]) >= 3 for c in ckpt.list_checkpoints(ft_dir)), first)
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert first.is_alive(), (tmp_path / "out-0.txt").read_text()
+    kill(first)
+    assert (run / "pretrain" / "done.json").is_file() and not (ft_dir / "done.json").exists()
+    last = ckpt.latest_checkpoint(ft_dir)
+    last_step = ckpt.read_meta(last)["step"]
+    assert 3 <= last_step < 12
+    pretrain_files = snapshot(run / "pretrain")
+
+    second = start(["pipeline", "--config", str(config)], tmp_path / "out-1.txt")
+    second.join(timeout=300)
+    out = (tmp_path / "out-1.txt").read_text()
+    assert second.exitcode == 0, out
+    assert "pretrain: skipped, done before" in out
+    assert "pretrain: resuming" not in out
+    assert f"finetune: resuming from {last} at step {last_step}" in out
+    assert snapshot(run / "pretrain") == pretrain_files, "pretraining was redone or rewritten"
+    assert json.loads((run / "results.json").read_text())["results"]
+
+    # the resumed fine-tuning equals an uninterrupted one with the same config, bit for bit
+    values = yaml.safe_load((ft_dir / "config.yaml").read_text())
+    values.pop("stage")
+    values["run_dir"] = str(tmp_path / "finetune_reference")
+    ref_config = tmp_path / "finetune.yaml"
+    ref_config.write_text(yaml.safe_dump(values))
+    assert main(["finetune", "--config", str(ref_config)]) == 0
+    a, b = ckpt.latest_checkpoint(tmp_path / "finetune_reference"), ckpt.latest_checkpoint(ft_dir)
+    assert a.name == b.name == "step-00000012"
+    ta, tb = ckpt.load_tensors(a / "model.safetensors"), ckpt.load_tensors(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert np.array_equal(np.load(tmp_path / "finetune_reference" / "predictions.npy"),
+                          np.load(ft_dir / "predictions.npy"))
