@@ -712,3 +712,146 @@ def test_tf_padding_pools_match_tf_same_definition(size: int) -> None:
         # PyTorch's symmetric padding shifts the max-pool windows on even inputs
         assert not torch.allclose(MaxPoolSame(tf_padding=False)(x), naive_max_pool_same(x, 3, 2))
     assert not torch.allclose(AvgPoolShortcut(1, tf_padding=False)(x), naive_avg_pool_same(x, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# TensorFlow itself (skipped when TensorFlow is not installed: pip install simclrv2[convert])
+# --------------------------------------------------------------------------------------------
+
+
+def import_tensorflow() -> Any:
+    """``tensorflow``, or skip. torch's meta-device code path lazily imports triton (where
+    installed), and triton's native library segfaults when it loads after TensorFlow's; so
+    that path runs once before TensorFlow is imported."""
+    with torch.device("meta"):
+        torch.nn.init.normal_(torch.empty(2))
+    return pytest.importorskip("tensorflow")
+
+
+class TFOps:
+    """NHWC TensorFlow ops, as the official code calls them (eager, float32)."""
+
+    def __init__(self, tf: Any) -> None:
+        self.tf = tf
+
+    def channels(self, x: Any) -> int:
+        return int(x.shape[-1])
+
+    def conv(self, x: Any, kernel: np.ndarray, stride: int, padding: str) -> Any:
+        return self.tf.nn.conv2d(x, kernel, strides=stride, padding=padding)
+
+    def pad(self, x: Any, beg: int, end: int) -> Any:
+        return self.tf.pad(x, [[0, 0], [beg, end], [beg, end], [0, 0]])
+
+    def bn(self, x: Any, gamma: np.ndarray, beta: np.ndarray | None, mean: np.ndarray, var: np.ndarray) -> Any:
+        return self.tf.nn.batch_normalization(x, mean, var, beta, gamma, BN_EPS)
+
+    def relu(self, x: Any) -> Any:
+        return self.tf.nn.relu(x)
+
+    def max_pool_same(self, x: Any) -> Any:
+        return self.tf.nn.max_pool2d(x, 3, 2, "SAME")
+
+    def avg_pool(self, x: Any, stride: int, padding: str) -> Any:
+        return self.tf.nn.avg_pool2d(x, 2, stride, padding)
+
+    def split2(self, x: Any) -> tuple[Any, Any]:
+        a, b = self.tf.split(x, 2, axis=-1)
+        return a, b
+
+    def mean_hw(self, x: Any) -> Any:
+        return self.tf.reduce_mean(x, [1, 2], keepdims=True)
+
+    def global_pool(self, x: Any) -> Any:
+        return self.tf.reduce_mean(x, [1, 2])
+
+    def softmax2(self, a: Any, b: Any) -> tuple[Any, Any]:
+        w = self.tf.nn.softmax(self.tf.stack([a, b]), axis=0)
+        return w[0], w[1]
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+    def mul(self, a: Any, b: Any) -> Any:
+        return a * b
+
+    def dense(self, x: Any, kernel: np.ndarray, bias: np.ndarray | None = None) -> Any:
+        y = self.tf.matmul(x, kernel)
+        return y if bias is None else y + bias
+
+
+def test_tensorflow_reads_our_checkpoints_and_we_read_its(tmp_path: Path, r50_sk1: dict[str, Any]) -> None:
+    tf = import_tensorflow()
+    # TF reads ours: the whole r50_1x_sk1 fixture (names, shapes, dtypes), a sample of values
+    reader = tf.train.load_checkpoint(str(r50_sk1["prefix"]))
+    listed = dict(tf.train.list_variables(str(r50_sk1["prefix"])))
+    tensors = r50_sk1["tensors"]
+    assert listed.keys() == tensors.keys()
+    assert all(tuple(listed[k]) == np.shape(v) for k, v in tensors.items())
+    for name in list(tensors)[::7] + ["global_step", "head_contrastive/nl_0/dense/kernel"]:
+        got = reader.get_tensor(name)
+        assert got.dtype == tensors[name].dtype and np.array_equal(got, tensors[name]), name
+    assert tf.train.latest_checkpoint(str(Path(r50_sk1["prefix"]).parent)) == str(r50_sk1["prefix"])
+
+    # we read TF's: a TF1 Saver checkpoint with large tensors and > 256 KiB of index entries
+    rng = np.random.default_rng(5)
+    expected = {
+        "base_model/conv2d/kernel": rng.standard_normal((7, 7, 3, 64)).astype(np.float32),
+        "base_model/conv2d_1/kernel": rng.standard_normal((3, 3, 256, 512)).astype(np.float32),
+        "head_supervised/linear_layer/dense/bias": rng.standard_normal(1000).astype(np.float32),
+        "x/f64": rng.standard_normal((3, 5)),
+        "x/i32": np.arange(-5, 5, dtype=np.int32),
+    }
+    expected.update({f"many/{i:05d}/" + "y" * 40: np.full((3,), i, np.float32) for i in range(5000)})
+    tf1 = tf.compat.v1
+    graph = tf1.Graph()
+    with graph.as_default():
+        variables = [tf1.Variable(v, name=k) for k, v in expected.items()]
+        step = tf1.train.get_or_create_global_step()
+        saver = tf1.train.Saver(variables + [step])
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            saver.save(sess, str(tmp_path / "tf" / "model.ckpt"), global_step=42)
+    assert TFCheckpoint(tmp_path / "tf").prefix == tmp_path / "tf" / "model.ckpt-42"
+    got = read_tf_checkpoint(tmp_path / "tf")
+    assert got.keys() == expected.keys() | {"global_step"} and got["global_step"] == 0
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+
+
+@pytest.mark.parametrize("variant", ["r50_1x_sk0", "r50_1x_sk1"])
+def test_outputs_match_tensorflow(variant: str, request: pytest.FixtureRequest) -> None:
+    """Issue 8 acceptance: the converted model equals the same network built in TF from the
+    checkpoint tensors (pooled features, selected head output, logits) within 1e-4."""
+    tf = import_tensorflow()
+    sk = variant.endswith("sk1")
+    built = request.getfixturevalue("r50_sk1" if sk else "r50_sk0")
+    ckpt = TFCheckpoint(built["prefix"], verify=False)
+    model, _ = convert_checkpoint(ckpt, ft_proj_selector=1)
+    values = built["tensors"]
+    worst = {}
+    for size in (64, 224):
+        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            out = model(x)
+            z = model.proj_head(out["features"])[-1]
+        net = OfficialNet(TFOps(tf), Stored(values))
+        h = net.backbone(tf.constant(x.permute(0, 2, 3, 1).numpy()), 50, 1, sk)
+        head = net.projection_head(h)
+        logits = net.supervised_head(head[1], NUM_CLASSES)
+        for key, ours, theirs in (("features", out["features"], h), ("proj", out["proj"], head[1]),
+                                  ("logits", out["logits"], logits), ("z", z, head[3])):
+            diff = float(np.abs(ours.numpy() - np.asarray(theirs)).max())
+            worst[f"{key}@{size}"] = diff
+            assert diff <= 1e-4, (variant, size, key, diff)
+        if size == 64:  # the test can fail: PyTorch's symmetric pooling pads differ from TF's
+            pools = [m for m in model.modules() if isinstance(m, (MaxPoolSame, AvgPoolShortcut))]
+            for m in pools:
+                m.tf_padding = False
+            with torch.no_grad():
+                shifted = model(x)["features"]
+            for m in pools:
+                m.tf_padding = True
+            worst["features@64 without tf_padding"] = float(np.abs(shifted.numpy() - np.asarray(h)).max())
+            assert worst["features@64 without tf_padding"] > 1e-3
+    print(f"\n{variant} max |ours - TF|: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
