@@ -15,7 +15,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..optim import lr_at, set_lr
-from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices
+from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices, set_aside_previous_run
 
 
 class Stateful(Protocol):
@@ -141,9 +141,26 @@ def try_resume(job: TrainJob) -> int:
     return step
 
 
+def _weights_finite(model: nn.Module) -> bool:
+    """One host sync per checkpoint: are all floating-point weights and buffers finite?"""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _raise_non_finite(job: TrainJob, done: int, what: str) -> None:
+    kept = ckpt.latest_checkpoint(job.run_dir)
+    raise RunError(
+        f"{job.stage}: the {what} became non-finite before step {done}; "
+        + (f"the last good checkpoint '{kept}' is kept" if kept else "no checkpoint was written")
+        + "; lower the learning rate (base_lr) or use precision=fp32"
+    )
+
+
 def run(job: TrainJob) -> dict[str, Any]:
     """Train from the last checkpoint (or step 0) to ``plan.total_steps``; return the last metrics."""
     cfg, plan = job.cfg, job.plan
+    if not cfg.resume and dist.is_main():
+        set_aside_previous_run(job.run_dir)  # starting over: keep, but never resume, the old run
     start = try_resume(job)
     logger = MetricsLogger(job.run_dir, resume_step=start)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -187,13 +204,8 @@ def run(job: TrainJob) -> dict[str, Any]:
             bar.update(1)
         boundary = done % every == 0 or done == plan.total_steps
         if done % cfg.log_every == 0 or boundary:
-            if not bool(finite):  # checked before any save: non-finite weights never reach disk
-                kept = ckpt.latest_checkpoint(job.run_dir)
-                raise RunError(
-                    f"{job.stage}: the loss became non-finite before step {done}; "
-                    + (f"the last good checkpoint '{kept}' is kept" if kept else "no checkpoint was written")
-                    + "; lower the learning rate (base_lr) or use precision=fp32"
-                )
+            if not bool(finite):  # checked before any save: non-finite values never reach disk
+                _raise_non_finite(job, done, "loss")
             last = {k: round(float(v) / count, 6) for k, v in sums.items()}
             rec = dict(step=done, epoch=round(done / plan.steps_per_epoch, 4), lr=lr, **last)
             rec["images_per_s"] = round(count * plan.global_batch / max(time.time() - t0, 1e-9), 1)
@@ -207,6 +219,8 @@ def run(job: TrainJob) -> dict[str, Any]:
                 logger.log(dict(step=done, epoch=done / plan.steps_per_epoch, **extra))
                 last.update(extra)
         if boundary:
+            if not _weights_finite(job.model):  # a finite loss can still come with an overflowing update
+                _raise_non_finite(job, done, "weights")
             save(job, done, done / plan.steps_per_epoch)
     if bar is not None:
         bar.close()

@@ -57,10 +57,8 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
 
     A folder that already holds a run with a different config is never overwritten silently:
     with ``resume=true`` that is an error; with ``resume=false`` the old config is kept as
-    ``config.previous.yaml`` and the run starts over. Starting over (``resume=false``) also moves
-    the old ``checkpoints/`` to ``checkpoints.previous/`` and ``metrics.jsonl`` to
-    ``metrics.previous.jsonl``: left in place, an old run's later-step checkpoints would win over
-    the new run's (pruning keeps the highest steps) and a later resume would pick them up.
+    ``config.previous.yaml`` and the run starts over (the step loop then sets the old checkpoints
+    aside, :func:`set_aside_previous_run`).
     """
     run_dir = Path(cfg.run_dir)
     values = dict(C.to_dict(cfg), stage=stage)
@@ -86,15 +84,18 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
                 )
             if changed:
                 atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
-        if not cfg.resume:
-            _set_aside_previous_run(run_dir)
         atomic_write_text(cfg_path, C.dump_yaml(values))
     dist.barrier()
     return run_dir
 
 
-def _set_aside_previous_run(run_dir: Path) -> None:
-    """Keep the last run's checkpoints and metrics under ``*.previous`` names (one generation)."""
+def set_aside_previous_run(run_dir: Path) -> None:
+    """Keep the last run's checkpoints and metrics under ``*.previous`` names (one generation).
+
+    Called when a run starts over (``resume=false``) just before its first step. Left in place,
+    an old run's later-step checkpoints would win over the new run's (pruning keeps the highest
+    steps) and a later resume would pick them up with the new config.
+    """
     ckpts = run_dir / "checkpoints"
     if ckpts.is_dir() and any(ckpts.iterdir()):
         previous = run_dir / "checkpoints.previous"
