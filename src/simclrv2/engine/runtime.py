@@ -8,6 +8,8 @@ bit for bit on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -82,11 +84,26 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
                     + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
                     + "); use a new run_dir, or resume=false to start over there"
                 )
-            if changed:
-                atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
-        atomic_write_text(cfg_path, C.dump_yaml(values))
+            with _writing(run_dir / "config.previous.yaml"):
+                if changed:
+                    atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
+        with _writing(cfg_path):
+            atomic_write_text(cfg_path, C.dump_yaml(values))
     dist.barrier()
     return run_dir
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` (full disk, permissions) into a one-line RunError."""
+    try:
+        yield
+    except OSError as e:
+        fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the folder's permissions"
+        raise RunError(
+            f"cannot write '{path}' ({e.strerror or e}); {fix}, then rerun the same command "
+            "(a training run resumes from its last complete checkpoint)"
+        ) from e
 
 
 def set_aside_previous_run(run_dir: Path) -> None:
@@ -97,17 +114,18 @@ def set_aside_previous_run(run_dir: Path) -> None:
     steps) and a later resume would pick them up with the new config.
     """
     ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        previous = run_dir / "checkpoints.previous"
-        if previous.exists():
-            doomed = run_dir / f".checkpoints.previous.del-{os.getpid()}"
-            os.replace(previous, doomed)  # atomic: no half-deleted folder under a real name
-            shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(ckpts, previous)
-        print(f"resume=false: the previous run's checkpoints were moved to '{previous}'", file=sys.stderr)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        os.replace(metrics, run_dir / "metrics.previous.jsonl")
+    with _writing(run_dir):
+        if ckpts.is_dir() and any(ckpts.iterdir()):
+            previous = run_dir / "checkpoints.previous"
+            if previous.exists():
+                doomed = run_dir / f".checkpoints.previous.del-{os.getpid()}"
+                os.replace(previous, doomed)  # atomic: no half-deleted folder under a real name
+                shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(ckpts, previous)
+            print(f"resume=false: the previous run's checkpoints were moved to '{previous}'", file=sys.stderr)
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            os.replace(metrics, run_dir / "metrics.previous.jsonl")
 
 
 def machine_description() -> str:
@@ -262,7 +280,8 @@ class MetricsLogger:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step and resume_step > 0:
                     keep.append(line)
-            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+            with _writing(self.path):
+                atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -276,14 +295,8 @@ class MetricsLogger:
             return
         rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         rec["time"] = round(time.time(), 3)
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:
-            raise RunError(
-                f"cannot write '{self.path}' ({e.strerror or e}); free disk space or fix the run "
-                "folder's permissions, then rerun the same command to resume from the last checkpoint"
-            ) from e
+        with _writing(self.path), open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             step = rec.get("step", 0)
             for k, v in rec.items():
@@ -297,4 +310,5 @@ class MetricsLogger:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     if dist.is_main():
-        atomic_write_text(path, json.dumps(data, indent=1))
+        with _writing(path):
+            atomic_write_text(path, json.dumps(data, indent=1))
