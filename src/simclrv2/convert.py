@@ -506,9 +506,7 @@ def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.P
     report. The same JSON also goes into the safetensors header (key ``simclrv2``) so the
     weights file alone stays self-describing.
     """
-    from safetensors.torch import save_file
-
-    from simclrv2.checkpoint import atomic_write_text
+    from simclrv2.checkpoint import atomic_write_text, write_model_file
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -530,17 +528,9 @@ def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.P
             "missing": report.missing, "ema_fallback": report.ema_fallback, "notes": report.notes,
         },
     }
-    text = json.dumps(meta, indent=1, default=str)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={"simclrv2": text})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_model_file(out, model.state_dict(), meta)  # atomic; metadata also in the header
     sidecar = out.with_suffix(".json")
-    atomic_write_text(sidecar, text + "\n")
+    atomic_write_text(sidecar, json.dumps(meta, indent=1, default=str) + "\n")
     return out, sidecar
 
 
@@ -592,7 +582,7 @@ linear-eval, predict and embed as init_checkpoint / checkpoint, and from Python 
 simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation;
 evaluation crops the central 87.5% and resizes to 224 with bicubic interpolation.
 The converted model uses exact TF "SAME" pooling (tf_padding=True), so its outputs match
-TensorFlow's.
+TensorFlow's. Details: docs/CONVERT.md.
 """
 
 
