@@ -1,0 +1,125 @@
+"""Smoke tests of the issue-9 benchmarks (benchmarks/throughput.py, benchmarks/gpu_benchmark.py).
+
+Tiny models, batches and step counts: they check that the three pipelines still run and train, that
+the table is built from what was measured, and the batch-size search logic, not any speed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_benchmark as gb  # noqa: E402
+import throughput as tp  # noqa: E402
+
+TINY = dict(model="r10_0.25x_sk0", image_size=16, channels=1, batch_size=8, steps=1, warmup=1,
+            workers=0, pool_size=32)
+
+
+def test_ours_step_trains_like_pretraining():
+    ours = tp.OursStep(tp.BenchConfig(**TINY), torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in ours.step_module.named_parameters()}
+    views, y = ours.views(0)
+    assert views.shape == (16, 1, 16, 16) and views.dtype == torch.float32 and y.shape == (8,)
+    assert 0.0 <= float(views.min()) and float(views.max()) <= 1.0
+    ours.update(views, y, 20)  # past the 10-step warmup: lr > 0
+    changed = [n for n, p in ours.step_module.named_parameters() if not torch.equal(p, before[n])]
+    # backbone, head and the online probe all got a LARS update
+    assert any(n.startswith("model.backbone.") for n in changed)
+    assert any(n.startswith("model.proj_head.") for n in changed)
+    assert any(n.startswith("classifier.") for n in changed)
+    assert bool(ours.finite)
+    assert {"loss", "probe_loss", "contrastive_acc"} <= set(ours.sums)
+    assert math.isfinite(float(ours.sums["loss"]))
+    # the batch-size search asks for other batch sizes, past the pool size too
+    big, y_big = ours.views(1, batch=40)
+    assert big.shape[0] == 80 and y_big.shape == (40,)
+
+
+def test_three_pipelines_run_and_table_reports_them(capsys):
+    cfg = tp.BenchConfig(**TINY, stem="cifar")
+    rows = tp.run_benchmark(cfg, rounds=1)
+    assert [r.name for r in rows] == ["ours", "lightly", "ceiling"]
+    for r in rows:
+        assert len(r.seconds_per_step) == 1 and r.seconds_per_step[0] > 0 and r.cpu_per_step[0] > 0
+    table = tp.format_table(rows, cfg.batch_size)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3
+    ours_rate = rows[0].median_rate(cfg.batch_size)
+    assert lines[2].startswith(f"| ours | {tp._num(ours_rate)} |")
+    ratio = rows[2].median_rate(cfg.batch_size) / ours_rate
+    assert f"| {ratio:.2f}x |" in lines[2]  # "ceiling faster by" for ours
+
+
+def test_number_format():
+    assert [tp._num(v) for v in (1234.5, 123.4, 12.345, 1.2345, 0.12345, 0.0)] == [
+        "1234", "123", "12.3", "1.23", "0.123", "0"]
+
+
+def test_lightly_transform_gives_two_normalised_views():
+    images = tp.synthetic_images(4, 3, 20, seed=0)
+    ds = tp.PILImages(images, tp.lightly_transform(20, 3), length=6)
+    assert len(ds) == 6
+    v0, v1 = ds[5]  # index wraps around the 4 images
+    assert v0.shape == v1.shape == (3, 20, 20)
+    gray = tp.PILImages(tp.synthetic_images(2, 1, 20, seed=0), tp.lightly_transform(20, 1), length=2)
+    assert gray[0][0].shape == (1, 20, 20)
+
+
+def _search(limit: int, **kw):
+    tried: list[int] = []
+
+    def fits(b: int) -> str | None:
+        tried.append(b)
+        return None if b <= limit else "OOM: fake"
+
+    return gb.largest_batch(fits, **kw), tried
+
+
+def test_largest_batch_doubles_then_bisects():
+    s, tried = _search(300, start=16, max_batch=4096, budget_s=60)
+    assert tried[:6] == [16, 32, 64, 128, 256, 512]
+    assert s.complete and s.largest <= 300 < s.first_failure
+    assert s.first_failure - s.largest <= max(8, s.largest / 16)
+    assert s.reason == "OOM: fake" and s.tries == len(tried)
+    # everything fits: stops at max_batch
+    s, tried = _search(10**9, start=16, max_batch=100, budget_s=60)
+    assert s.largest == 100 and s.first_failure is None and s.complete and tried[-1] == 100
+    # even the first batch fails: bisects below it
+    s, _ = _search(20, start=256, max_batch=4096, budget_s=60)
+    assert s.complete and 12 <= s.largest <= 20 < s.first_failure
+    # no time: one try, reported as incomplete
+    ticks = iter(range(0, 1000, 10))
+    s, tried = _search(300, start=16, max_batch=4096, budget_s=5, clock=lambda: next(ticks))
+    assert not s.complete and len(tried) == 1
+
+
+def test_peak_table():
+    assert gb.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert gb.peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.5)
+    assert gb.peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert gb.peak_tflops("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_gpu_benchmark_smoke_on_cpu(capsys):
+    gb.main(["--smoke", "--only", "ours,ceiling", "--model", "r10_0.25x_sk0", "--image-size", "16", "--max-batch", "16",
+             "--search-seconds", "0.5"])
+    out = capsys.readouterr().out
+    assert "| ours |" in out and "| ceiling |" in out
+    flops = [line for line in out.splitlines() if line.startswith("| ours |")][0].split("|")[4]
+    assert float(flops) > 0  # FlopCounterMode saw the convolutions
+    assert "| off |" in out and "| on |" in out  # both batch searches ran
+
+
+def test_bf16_channels_last_step_runs():
+    cfg = tp.BenchConfig(**dict(TINY, channels=3, precision="bf16", channels_last=True))
+    for runner in (tp.OursStep(cfg, torch.device("cpu")), tp.CeilingStep(cfg, torch.device("cpu"))):
+        runner(20)
+    ours_views, _ = tp.OursStep(cfg, torch.device("cpu")).views(0)
+    assert ours_views.dtype == torch.float32  # augmentation stays fp32 under autocast
+    assert ours_views.is_contiguous(memory_format=torch.channels_last)
