@@ -146,6 +146,9 @@ def batch_search(
     """
     device = ours.device
     ours.model.set_grad_checkpointing(checkpointing)
+    # every try is a new shape: cuDNN autotuning would re-run (and allocate workspaces) for each
+    benchmark_mode = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
     peaks: dict[int, float] = {}
     step = [1000]
 
@@ -174,6 +177,7 @@ def batch_search(
         return largest_batch(fits, ours.cfg.batch_size, max_batch, budget_s), peaks
     finally:
         ours.model.set_grad_checkpointing(False)
+        torch.backends.cudnn.benchmark = benchmark_mode
 
 
 def _fmt(v: float | None, spec: str) -> str:
