@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -532,6 +533,13 @@ def run_benchmark(
     return list(rows.values())
 
 
+def lightly_available() -> bool:
+    """Whether the optional ``lightly`` package (the comparison row) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("lightly") is not None
+
+
 def lightly_schedule(cfg: BenchConfig) -> tuple[int, int]:
     """(warmup, timed) steps for the DataLoader row.
 
@@ -616,6 +624,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, a = parse_args(argv)
     device = torch.device(cfg.device)
     which = [w.strip() for w in a.only.split(",") if w.strip()]
+    if "lightly" in which and not lightly_available():
+        print("lightly is not installed, so its row is skipped; install it with: pip install lightly",
+              file=sys.stderr)
+        which.remove("lightly")
     for threads in _parse_threads(a.threads) or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         info = machine_info(device)

@@ -32,7 +32,8 @@ class ContrastiveStep(nn.Module):
 
     forward(x (2N, C, H, W), views 1 then 2) -> (features (2N, D), z (2N, proj_out_dim), probe logits).
     The probe sees ``features.detach()``, so it never shapes the representation (solo-learn, TF2).
-    The attribute is named ``classifier`` so LARS treats it as the supervised head (spec 4.1).
+    It has its own small SGD optimizer: the pretraining LR (e.g. 4.8 with LARS) would make a plain
+    linear layer diverge.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, probe: bool) -> None:
@@ -42,21 +43,40 @@ class ContrastiveStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         feats, z = self.model.contrastive(x)
-        logits = self.classifier(feats.detach()) if self.classifier is not None else None
+        logits = None
+        if self.classifier is not None:
+            f = feats.detach().float()
+            logits = self.classifier((f - f.mean(0)) / (f.std(0) + 1e-5))  # scale-free input for a fixed LR
         return feats, z, logits
 
 
-class _ProbeState:
-    """Checkpoint adapter for the probe weights (kept out of the model file)."""
+PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
+
+
+class OnlineProbe:
+    """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file."""
 
     def __init__(self, probe: nn.Linear) -> None:
         self.probe = probe
+        self.optimizer = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.probe.state_dict()
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        momentum = {}
+        for i, p in enumerate(self.probe.parameters()):
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                momentum[str(i)] = buf
+        return {"weights": self.probe.state_dict(), "momentum": momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.probe.load_state_dict(state)
+        self.probe.load_state_dict(state["weights"])
+        for i, p in enumerate(self.probe.parameters()):
+            if "momentum" in state and str(i) in state["momentum"]:
+                self.optimizer.state[p]["momentum_buffer"] = state["momentum"][str(i)].clone()
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -77,12 +97,13 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.compile:
         train_module = torch.compile(train_module)
     plan = StepPlan.make(len(ds), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    optimizer, peak_lr, warmup = make_optimizer(cfg, step_module, plan)
+    optimizer, peak_lr, warmup = make_optimizer(cfg, model, plan)
+    probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
     aug = SimCLRAugment(
         size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
     )
     memory = (
-        MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum).to(device)
+        MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
         if cfg.memory.enabled else None
     )
     pending_keys: list[torch.Tensor] = []
@@ -103,12 +124,14 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         if logits is not None:
             targets = y.repeat(2)
             probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
-            stats = dict(stats, probe_loss=probe_loss.detach(),
+            stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(),
                          probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
             loss = loss + probe_loss
         return loss, stats
 
     def after_step(step: int) -> None:
+        if probe is not None:
+            probe.step()
         if memory is not None:
             memory.update_ema(model)
             memory.enqueue(pending_keys.pop())
@@ -134,8 +157,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     extra_state: dict[str, Any] = {}
     if memory is not None:
         extra_state["memory"] = memory
-    if step_module.classifier is not None:
-        extra_state["probe"] = _ProbeState(step_module.classifier)
+    if probe is not None:
+        extra_state["probe"] = probe
     job = loop.TrainJob(
         stage="pretrain", cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
         loss_fn=loss_fn, pool=torch.arange(len(ds)), source=source, plan=plan, peak_lr=peak_lr,
