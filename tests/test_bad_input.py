@@ -192,15 +192,24 @@ def test_label_fraction_out_of_range(images: Path, pretrained: Path, tmp_path: P
 
 def test_unknown_model_name(images: Path, pretrained: Path, tmp_path: Path, capsys) -> None:
     rc, err = cli(capsys, *pretrain_args(images, tmp_path / "run"), "model=r51_1x_sk0")
-    assert_error(rc, err, "unknown model 'r51_1x_sk0'", "r50_1x_sk0", "simclrv2 models")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert_error(rc, err, "unknown model 'r51_1x_sk0'", "closest: r50_1x_sk0", "simclrv2 models")
+    assert not (tmp_path / "run").exists()  # rejected while validating the config: no run folder
     # the same mistake pointed at an existing run changes nothing there
     run = tmp_path / "existing"
     shutil.copytree(pretrained, run)
-    before, config = checkpoint_snapshot(run), (run / "config.yaml").read_bytes()
+    before = snapshot(run)
     rc, err = cli(capsys, *pretrain_args(images, run), "model=r51_1x_sk0")
-    assert_error(rc, err, "different config", "model")
-    assert checkpoint_snapshot(run) == before and (run / "config.yaml").read_bytes() == config
+    assert_error(rc, err, "unknown model 'r51_1x_sk0'")
+    assert snapshot(run) == before
+
+
+def test_unknown_model_name_in_pipeline_writes_nothing(tmp_path: Path, capsys) -> None:
+    """The pipeline validates every stage (the small student too) before creating run_dir."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"run_dir: {tmp_path / 'pipe'}\nsmall_student: r10_0.25x_sk1\n")
+    rc, err = cli(capsys, "pipeline", "--config", str(path))
+    assert_error(rc, err, "unknown model 'r10_0.25x_sk1'", "r10_0.25x_sk0", "simclrv2 models")
+    assert not (tmp_path / "pipe").exists()
 
 
 @pytest.mark.parametrize("override, needles", [

@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -318,6 +319,7 @@ def validate(cfg: Any) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    _check_model_name(cfg.model)
     need(cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}")
     need(cfg.epochs > 0 or cfg.max_steps > 0, "epochs must be positive (or set max_steps)")
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
@@ -343,6 +345,18 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, DistillConfig):
         need(cfg.tau > 0, f"tau must be positive, got {cfg.tau}")
         need(0.0 <= cfg.alpha <= 1.0, f"alpha must be in [0, 1], got {cfg.alpha}")
+
+
+def _check_model_name(name: str) -> None:
+    """An unknown ``model`` fails here, before a stage or the pipeline writes its run folder."""
+    from .models.registry import list_models  # torch: imported only when a config is validated
+
+    names = list_models()
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise ConfigError(f"unknown model '{name}'; {hint}`simclrv2 models` lists every registered name")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
