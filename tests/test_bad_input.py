@@ -277,6 +277,24 @@ def test_finetune_from_checkpoint_of_another_architecture(images: Path, pretrain
     assert not (tmp_path / "ft" / "checkpoints").exists()
 
 
+def test_finetune_model_other_than_the_checkpoints(images: Path, pretrained: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    """The checkpoint's architecture wins: another explicit model= is refused before anything is
+    written; the CommonConfig default counts as unset and gets one line naming the model used."""
+    args = ["finetune", f"init_checkpoint={pretrained}", "dataset=imagefolder", f"data_dir={images}", *TINY,
+            "label_fraction=1.0", "max_steps=1"]
+    rc, err = cli(capsys, *args, "model=r18_0.5x_sk0", f"run_dir={tmp_path / 'ft'}")
+    assert_error(rc, err, "finetune: model=r18_0.5x_sk0 differs from the checkpoint's model r10_0.25x_sk0",
+                 "drop model= or set model=r10_0.25x_sk0")
+    assert not (tmp_path / "ft").exists()
+    rc, err = cli(capsys, *args, f"run_dir={tmp_path / 'default'}")  # model = the default r18_0.25x_sk0
+    assert rc == 0, err
+    assert "finetune: using the checkpoint's model r10_0.25x_sk0" in err
+    assert ckpt.read_model_meta(tmp_path / "default")["model_name"] == "r10_0.25x_sk0"
+    rc, err = cli(capsys, *args, MODEL, f"run_dir={tmp_path / 'same'}")
+    assert rc == 0 and "using the checkpoint's model" not in err, err
+
+
 def test_checkpoint_from_a_newer_format_version(images: Path, pretrained: Path, tmp_path: Path,
                                                 capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))

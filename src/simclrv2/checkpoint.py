@@ -251,15 +251,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata of a checkpoint folder or a standalone model ``.safetensors`` file.
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """Metadata of a checkpoint folder or a standalone model ``.safetensors`` file, weights unread.
 
     A standalone file carries its metadata either in a sidecar ``<file>.json`` (written by
     ``simclrv2 convert``) or in the safetensors header under the key ``simclrv2``.
     """
-    p = resolve_checkpoint(path)
+    return _model_meta(resolve_checkpoint(path))
+
+
+def _model_meta(p: Path) -> dict[str, Any]:
     if p.is_dir():
-        return load_tensors(p / "model.safetensors"), read_meta(p)
+        return read_meta(p)
     sidecar = p.with_suffix(".json")
     if sidecar.is_file():
         try:
@@ -276,7 +279,14 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise CheckpointError(f"'{p}' has no simclrv2 metadata (no sidecar .json, no header entry)")
         meta = json.loads(header["simclrv2"])
     check_version(meta, str(p))
-    return load_tensors(p), meta
+    return meta
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata (see :func:`read_model_meta`) of a checkpoint folder or model file."""
+    p = resolve_checkpoint(path)  # once: a run still writing checkpoints may add a newer one
+    meta = _model_meta(p)
+    return load_tensors(p / "model.safetensors" if p.is_dir() else p), meta
 
 
 def write_model_file(path: str | Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ an evaluation on the test split that writes ``metrics.json`` and ``predictions.n
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpoint as ckpt
 from .. import distributed as dist
-from ..config import DistillConfig, FinetuneConfig, SupervisedConfig
+from ..config import CommonConfig, DistillConfig, FinetuneConfig, SupervisedConfig
 from ..data.augment import CropFlipAugment
 from ..losses import mixed_distillation_loss
 from ..models import SimCLRModel
@@ -142,10 +144,31 @@ def _train_and_evaluate(
     return metrics
 
 
+def check_finetune_model(cfg: FinetuneConfig) -> None:
+    """The architecture comes from ``init_checkpoint``; ``model=`` may only repeat it.
+
+    A ``model`` other than the checkpoint's is an error, unless it is the ``CommonConfig`` default,
+    which is taken as "not set" (a single-stage command without ``model=``): then one line says
+    which model is used. Runs before the run folder is written.
+    """
+    ckpt_model = ckpt.read_model_meta(cfg.init_checkpoint).get("model_name")
+    if ckpt_model is None or cfg.model == ckpt_model:
+        return
+    if cfg.model != CommonConfig.model:
+        raise RunError(
+            f"finetune: model={cfg.model} differs from the checkpoint's model {ckpt_model}; "
+            f"drop model= or set model={ckpt_model}"
+        )
+    if dist.is_main():
+        print(f"finetune: using the checkpoint's model {ckpt_model}", file=sys.stderr, flush=True)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune a pretrained model from head layer ``ft_proj_selector`` (spec 6)."""
     if not cfg.init_checkpoint:
         raise RunError("finetune needs init_checkpoint=PATH (a pretraining run folder or a model file)")
+    resolve_device(cfg.device)  # joins the process group first, so that only rank 0 logs
+    check_finetune_model(cfg)
 
     def build(ds: Any, size: int, device: torch.device):
         model, meta = load_model(cfg.init_checkpoint, device, ft_proj_selector=cfg.ft_proj_selector,
