@@ -165,8 +165,13 @@ def autocast(device: torch.device, precision: str):
 
 
 def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) -> torch.Generator:
-    """The augmentation generator of one step on one rank (pure function of its arguments)."""
-    g = torch.Generator(device=device)
+    """The augmentation generator of one step on one rank (pure function of its arguments).
+
+    Always a CPU generator, whatever ``device`` (the training device) is: the augmentations draw
+    their parameters on the CPU (``SimCLRAugment.sample_params`` refuses a CUDA generator) and move
+    them to the images, so a seed gives the same views on the CPU and on a GPU.
+    """
+    g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step * 7919 + dist.rank() * 104_729 + salt * 15_485_863) % (2**63 - 1))
     return g
 
