@@ -1,12 +1,18 @@
-"""engine/runtime.py helpers: the per-step augmentation generator."""
+"""engine/runtime.py helpers: the per-step augmentation generator and fp32 augmentation under autocast."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from simclrv2.data.augment import SimCLRAugment
-from simclrv2.engine.runtime import step_generator
+from simclrv2.cli import main
+from simclrv2.data.augment import CropFlipAugment, EvalTransform, SimCLRAugment
+from simclrv2.engine import classify
+from simclrv2.engine.runtime import augment, step_generator
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
@@ -27,3 +33,45 @@ def test_step_generator_is_a_pure_function_of_its_arguments() -> None:
     assert torch.equal(draws[(0, 0)], torch.rand(3, generator=step_generator(cpu, 0, 0)))
     values = list(draws.values())
     assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+
+
+@pytest.mark.parametrize("aug", [SimCLRAugment(24, blur=True), CropFlipAugment(24), EvalTransform(24)],
+                         ids=["simclr-with-blur", "crop-flip", "eval"])
+def test_augment_inside_bf16_autocast_equals_fp32(aug: torch.nn.Module) -> None:
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gen = (lambda: torch.Generator().manual_seed(1)) if not isinstance(aug, EvalTransform) else (lambda: None)
+    ref = augment(aug, x, gen())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        views = augment(aug, x, gen())
+        assert torch.is_autocast_enabled("cpu")  # autocast is back on for the model that follows
+    assert views.dtype == torch.float32 and torch.equal(views, ref)
+
+
+def _image_folder(root: Path, per_class: int = 8, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in range(2):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_classifier_stage_augments_outside_autocast(tmp_path: Path, monkeypatch) -> None:
+    """A bf16 step of a classifier stage: the crops are made with autocast off, in float32."""
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    class Recording(CropFlipAugment):
+        def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            out = super().forward(x, generator)
+            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+            return out
+
+    monkeypatch.setattr(classify, "CropFlipAugment", Recording)
+    data = _image_folder(tmp_path / "images")
+    rc = main(["supervised", "model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={data}", "image_size=16",
+               "num_workers=0", "progress=false", "batch_size=8", "label_fraction=1.0", "max_steps=1",
+               "precision=bf16", "device=cpu", f"run_dir={tmp_path / 'run'}"])
+    assert rc == 0
+    assert seen == [(False, torch.float32)]

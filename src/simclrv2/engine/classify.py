@@ -22,7 +22,15 @@ from ..losses import mixed_distillation_loss
 from ..models import SimCLRModel
 from . import loop
 from .evaluate import evaluate_classifier, write_eval
-from .runtime import RunError, StepPlan, autocast, prepare_run_dir, resolve_device, step_generator
+from .runtime import (
+    RunError,
+    StepPlan,
+    augment,
+    autocast,
+    prepare_run_dir,
+    resolve_device,
+    step_generator,
+)
 from .setup import (
     distribute,
     image_size_of,
@@ -109,7 +117,7 @@ def _train_and_evaluate(
     seen_targets = targets  # labels restricted to what this stage may use
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        views = aug(x, generator=step_generator(device, cfg.seed, step))
+        views = augment(aug, x, step_generator(device, cfg.seed, step))  # fp32, outside autocast
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         return loss_of(views, y), {}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import EvalTransform
-from .runtime import BatchSource, autocast, write_json
+from .runtime import BatchSource, augment, autocast, write_json
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def extract(
     try:
         for x, y in source.iterate(batches):
             with autocast(source.device, precision):
-                v = tf(x)
+                v = augment(tf, x)  # fp32 crop and resize, outside autocast
                 out = model.features(v) if output == "features" else model(v)[output]
             outs.append(out.float().cpu())
             labels.append(y.cpu())

@@ -18,7 +18,7 @@ from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
-from .runtime import RunError, autocast, prepare_run_dir, resolve_device, step_generator
+from .runtime import RunError, augment, autocast, prepare_run_dir, resolve_device, step_generator
 from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
 
 
@@ -83,7 +83,7 @@ def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch
         perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         x, y = source.get(idx[perm[within * bs : (within + 1) * bs]])
         with torch.no_grad(), autocast(device, cfg.precision):
-            v = aug(x, generator=step_generator(device, cfg.seed, step))
+            v = augment(aug, x, step_generator(device, cfg.seed, step))  # fp32, outside autocast
             f = model.features(v) if out == "features" else model(v)["proj"]
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))

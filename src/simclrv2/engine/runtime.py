@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,18 @@ def autocast(device: torch.device, precision: str):
         raise RunError("precision=fp16 needs a GPU; use precision=bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """``aug(x)`` computed in float32 even inside an autocast region.
+
+    The step loop enters autocast around the whole ``loss_fn``, augmentation included. Under bf16
+    autocast the resize and blur run in bf16: crops lose precision (the views differ from an fp32
+    run) and the blur's bf16 output cannot be written back into the fp32 batch (an error).
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return aug(x) if generator is None else aug(x, generator=generator)
 
 
 def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) -> torch.Generator:
