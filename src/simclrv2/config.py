@@ -342,6 +342,8 @@ def validate(cfg: Any) -> None:
             "grad_accum_steps must be 1: accumulating small batches changes the negatives of a "
             "contrastive loss; use memory.enabled=true (a queue of negatives) for a large effective batch",
         )
+    if isinstance(cfg, LinearEvalConfig):
+        need(cfg.method in ("cached", "sgd"), f"method must be cached or sgd, got '{cfg.method}'")
     if isinstance(cfg, DistillConfig):
         need(cfg.tau > 0, f"tau must be positive, got {cfg.tau}")
         need(0.0 <= cfg.alpha <= 1.0, f"alpha must be in [0, 1], got {cfg.alpha}")
