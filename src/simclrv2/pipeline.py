@@ -91,7 +91,7 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         tag = fraction_tag(f)
         lab = {"label_fraction": f}
         ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
-                        _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir})
+                        _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model})
         plans.append(StagePlan(ft.run_dir.split("/")[-1], "finetune", ft, "finetune", f))
         if pc.self_distill:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,

@@ -15,7 +15,7 @@ from ..losses import nt_xent
 from ..memory import MomentumMemory
 from . import loop
 from .evaluate import extract, knn_predict
-from .runtime import StepPlan, prepare_run_dir, resolve_device, step_generator, write_json
+from .runtime import StepPlan, augment, prepare_run_dir, resolve_device, step_generator, write_json
 from .setup import (
     distribute,
     image_size_of,
@@ -110,7 +110,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         g = step_generator(device, cfg.seed, step)
-        views = torch.cat([aug(x, generator=g), aug(x, generator=g)])  # (2N, C, H, W): view 1 then view 2
+        views = torch.cat([augment(aug, x, g), augment(aug, x, g)])  # (2N, C, H, W), fp32 outside autocast
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         _, z, logits = train_module(views)

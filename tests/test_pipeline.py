@@ -1,0 +1,154 @@
+"""End-to-end: ``simclrv2 pipeline`` on a tiny subset of Fashion-MNIST with a tiny model (issue 7).
+
+The subset is written as original-format IDX ``.gz`` files (2,000 training and 500 test images of
+the real data), so the run goes through the same loader as ``make demo``. The test checks that every
+artefact exists, that ``results.json`` has the documented shape, and that every number in
+``report.md`` is the one in ``results.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from simclrv2.cli import main
+from simclrv2.data.datasets import load_fashion_mnist
+
+N_TRAIN, N_TEST = 2000, 500
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format of the original files: magic (0, 0, type 0x08 = uint8, ndim), sizes, data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def tiny_fashion_mnist(folder: Path) -> Path:
+    """A class-stratified subset of the real Fashion-MNIST, in its original file names."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, prefix, n in (("train", "train", N_TRAIN), ("test", "t10k", N_TEST)):
+        ds = load_fashion_mnist(split)
+        labels = ds.labels.numpy()
+        pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 10, replace=False) for c in range(10)])
+        pick.sort()
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", ds.images[pick, 0].numpy())
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels[pick].astype(np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("pipeline")
+    data = tiny_fashion_mnist(root / "fmnist")
+    run = root / "run"
+    config = root / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run),
+        "label_fractions": [0.01, 0.1],
+        "self_distill": True,
+        "small_student": "r10_0.25x_sk0",
+        "embedding_points": 300,
+        "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": "r18_0.25x_sk0",
+                   "stem": "imagenet", "progress": False, "batch_size": 128},
+        "pretrain": {"epochs": 2, "knn_every": 1, "knn_train_size": 1000, "knn_test_size": 500,
+                     "temperature": 0.2, "warmup_epochs": 0.5},
+        "finetune": {"epochs": 4, "batch_size": 32},
+        "supervised": {"epochs": 4, "batch_size": 32},
+        "distill_self": {"epochs": 1},
+        "distill_small": {"epochs": 1},
+        "linear_eval": {"epochs": 10},
+    }))
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["pipeline", "--config", str(config)]) == 0
+    return run, buf.getvalue()
+
+
+def test_every_artefact_exists(pipeline_run: tuple[Path, str]) -> None:
+    run, _ = pipeline_run
+    for name in ("results.json", "report.md", "pipeline.yaml", "pretraining.png", "accuracy_vs_labels.png",
+                 "embedding_tsne.png", "confusion_best.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    stages = ["pretrain", "finetune_1pct", "distill_self_1pct", "distill_small_1pct", "finetune_10pct",
+              "distill_self_10pct", "distill_small_10pct", "linear_eval", "knn", "supervised_1pct",
+              "supervised_10pct"]
+    for stage in stages:
+        assert (run / stage / "done.json").is_file(), stage
+        assert (run / stage / "config.yaml").is_file(), stage
+    for png in run.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_results_json_shape(pipeline_run: tuple[Path, str]) -> None:
+    run, _ = pipeline_run
+    out = json.loads((run / "results.json").read_text())
+    assert isinstance(out["config_hash"], str) and out["config_hash"]
+    got = {(r["method"], r["label_fraction"]) for r in out["results"]}
+    want = {(m, f) for m in ("supervised", "finetune", "distill-self", "distill-small") for f in (0.01, 0.1)}
+    want |= {("linear-eval", 1.0), ("knn", 1.0)}
+    assert got == want
+    for r in out["results"]:
+        assert 0.0 <= r["top1"] <= 100.0 and r["seconds"] > 0
+        assert r["model"] == ("r10_0.25x_sk0" if r["method"] == "distill-small" else "r18_0.25x_sk0")
+        assert r["seconds"] == out["stages"][Path(r["run_dir"]).name]
+    assert set(out["stages"]) == {p.name for p in run.iterdir() if (p / "done.json").is_file()}
+    # better than chance (10 classes) on the stages that saw labels for a while
+    assert max(r["top1"] for r in out["results"] if r["label_fraction"] == 0.1) > 30.0
+
+
+def _table_rows(report: str, heading: str) -> list[list[str]]:
+    section = report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in rows[2:]]
+
+
+def test_report_numbers_equal_results_json(pipeline_run: tuple[Path, str]) -> None:
+    run, stdout = pipeline_run
+    out = json.loads((run / "results.json").read_text())
+    report = (run / "report.md").read_text()
+    by_key = {(r["method"], r["label_fraction"]): r for r in out["results"]}
+
+    titles = {"Supervised baseline": "supervised", "SimCLRv2 fine-tuned": "finetune",
+              "SimCLRv2 self-distilled": "distill-self", "SimCLRv2 distilled into small": "distill-small"}
+    rows = _table_rows(report, "Test top-1 accuracy (%)")
+    seen = set()
+    for cells in rows:
+        method = next((m for t, m in titles.items() if cells[0].startswith(t)), None)
+        if method is None:
+            kind = "linear-eval" if cells[0].startswith("Linear eval") else "knn"
+            assert cells[0].startswith(("Linear eval", "kNN")), cells
+            assert cells[2] == f"{by_key[(kind, 1.0)]['top1']:.2f}"
+            seen.add(kind)
+            continue
+        assert cells[1] == by_key[(method, 0.01)]["model"]
+        assert cells[2:] == [f"{by_key[(method, f)]['top1']:.2f}" for f in (0.01, 0.1)], cells
+        seen.add(method)
+    assert seen == {m for m, _ in by_key}
+
+    for cells in _table_rows(report, "Gain over the supervised baseline (points)"):
+        method = next(m for t, m in titles.items() if cells[0].startswith(t))
+        want = [f"{by_key[(method, f)]['top1'] - by_key[('supervised', f)]['top1']:+.2f}" for f in (0.01, 0.1)]
+        assert cells[1:] == want, cells
+
+    timing = {c[0]: c[1] for c in _table_rows(report, "Stage timings") if not c[0].startswith("**")}
+    assert timing == {k: f"{v:.1f}" for k, v in out["stages"].items()}
+    assert f"Machine: {out['machine']}" in report
+
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (run / image).is_file(), image
+
+    # the summary table on stdout is the report's table
+    table = report.split("## Test top-1 accuracy (%)\n\n", 1)[1].split("\n\n", 1)[0]
+    assert table in stdout
