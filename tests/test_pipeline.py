@@ -104,8 +104,9 @@ def test_results_json_shape(pipeline_run: tuple[Path, str]) -> None:
         assert r["model"] == ("r10_0.25x_sk0" if r["method"] == "distill-small" else "r18_0.25x_sk0")
         assert r["seconds"] == out["stages"][Path(r["run_dir"]).name]
     assert set(out["stages"]) == {p.name for p in run.iterdir() if (p / "done.json").is_file()}
-    # better than chance (10 classes) on the stages that saw labels for a while
-    assert max(r["top1"] for r in out["results"] if r["label_fraction"] == 0.1) > 30.0
+    # the frozen encoder after 2 short epochs is far better than chance (10 classes); the label-subset
+    # stages train for a few steps only, so they are not checked for accuracy here
+    assert min(r["top1"] for r in out["results"] if r["method"] in ("linear-eval", "knn")) > 30.0
 
 
 def _table_rows(report: str, heading: str) -> list[list[str]]:
