@@ -67,7 +67,7 @@ class BenchConfig:
     image_size: int = 28
     channels: int = 1
     batch_size: int = 256
-    stem: str = "imagenet"  # imagenet | cifar
+    stem: str = "imagenet"  # imagenet | cifar | small (CIFAR stem with stride 2)
     device: str = "cpu"
     steps: int = 10
     warmup: int = 3
@@ -84,8 +84,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be imagenet or cifar, got {self.stem!r}")
+        if self.stem not in ("imagenet", "cifar", "small"):
+            raise ValueError(f"stem must be imagenet, cifar or small, got {self.stem!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.lightly_optimizer not in ("lightly", "ours"):
@@ -107,7 +107,8 @@ def synthetic_images(n: int, channels: int, size: int, seed: int) -> torch.Tenso
 
 def make_model(cfg: BenchConfig, device: torch.device) -> nn.Module:
     """The registry variant with the benchmark's input channels and stem (engine.setup.new_model)."""
-    model = create_model(cfg.model, in_chans=cfg.channels, cifar_stem=cfg.stem == "cifar").to(device)
+    model = create_model(cfg.model, in_chans=cfg.channels, cifar_stem=cfg.stem != "imagenet",
+                         stem_stride=2 if cfg.stem == "small" else 1).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -591,7 +592,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, argparse
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--stem", default=d.stem, choices=("imagenet", "cifar"))
+    p.add_argument("--stem", default=d.stem, choices=("imagenet", "cifar", "small"))
     p.add_argument("--device", default=d.device)
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per round")

@@ -460,3 +460,22 @@ def test_channels_last_same_output():
     assert cl.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(plain(x)["proj"], cl(x)["proj"], atol=1e-5)
+
+
+def test_small_stem_halves_resolution_and_keeps_parameters():
+    """stem=small: the CIFAR stem's 3x3 conv with stride 2, no max-pool (28 px -> 14 px maps)."""
+    from simclrv2.models.resnet import ResNet
+
+    x = torch.rand(2, 1, 28, 28)
+    cifar = ResNet(10, 0.25, cifar_stem=True, in_chans=1)
+    small = ResNet(10, 0.25, cifar_stem=True, in_chans=1, stem_stride=2)
+    imagenet = ResNet(10, 0.25, cifar_stem=False, in_chans=1)
+    assert cifar.stem(x).shape[-2:] == (28, 28)
+    assert small.stem(x).shape[-2:] == (14, 14)
+    assert imagenet.stem(x).shape[-2:] == (7, 7)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in cifar.parameters())
+    assert small(x).shape == (2, small.feature_dim)
+    rebuilt = SimCLRModel(**create_model("r10_0.25x_sk0", in_chans=1, stem_stride=2).config)
+    assert rebuilt.backbone.stem.conv1.stride == (2, 2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        ResNet(10, 0.25, cifar_stem=False, stem_stride=2)

@@ -45,7 +45,7 @@ class CommonConfig:
     train_split: str = "train"  # split used for training (stl10: train+unlabeled for pretraining)
     test_split: str = "test"  # split used for evaluation
     image_size: int = 0  # training resolution; 0 = the dataset's native size
-    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, spec 1.4) | cifar | imagenet
+    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, spec 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
     epochs: float = 10.0  # passes over the training set (fractional allowed)
     max_steps: int = 0  # cap on optimizer steps for quick runs; 0 = no cap
@@ -328,7 +328,8 @@ def validate(cfg: Any) -> None:
     need(cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}")
     need(cfg.epochs > 0 or cfg.max_steps > 0, "epochs must be positive (or set max_steps)")
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
-    need(cfg.stem in ("auto", "cifar", "imagenet"), f"stem must be auto, cifar or imagenet, got '{cfg.stem}'")
+    need(cfg.stem in ("auto", "cifar", "small", "imagenet"),
+         f"stem must be auto, cifar, small or imagenet, got '{cfg.stem}'")
     need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")
     if isinstance(cfg, LabelConfig) and not cfg.label_list:
         need(

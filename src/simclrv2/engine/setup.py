@@ -56,9 +56,13 @@ def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", 
     """A registry model adapted to the data: input channels and stem.
 
     ``stem="auto"`` keeps the registry's stem but uses the CIFAR stem at <= 32 px (spec 1.4);
-    ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU).
+    ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU);
+    ``small`` is the CIFAR stem with stride 2 (2x downsampling, no max-pool).
     """
-    if stem == "cifar" or (stem == "auto" and image_size <= 32):
+    if stem == "small":
+        overrides["cifar_stem"] = True
+        overrides["stem_stride"] = 2
+    elif stem == "cifar" or (stem == "auto" and image_size <= 32):
         overrides["cifar_stem"] = True
     elif stem == "imagenet":
         overrides["cifar_stem"] = False

@@ -24,7 +24,7 @@ class SimCLRModel(nn.Module):
     """Backbone f(.), projection head g(.) and an optional supervised head (spec sections 1, 2).
 
     Args:
-        depth, width, sk_ratio, cifar_stem, in_chans, tf_padding: backbone, see ``ResNet``.
+        depth, width, sk_ratio, cifar_stem, in_chans, tf_padding, stem_stride: backbone, see ``ResNet``.
         proj_head_mode, num_proj_layers, proj_out_dim: head, see ``ProjectionHead``.
         ft_proj_selector: which entry of the head's list ``[h, out_1, ..., out_L]`` feeds the
             classifier and is returned as ``proj`` by ``forward``: 0 = backbone features h
@@ -48,6 +48,7 @@ class SimCLRModel(nn.Module):
         sk_ratio: float = 0.0,
         cifar_stem: bool = False,
         in_chans: int = 3,
+        stem_stride: int = 1,
         proj_head_mode: str = "nonlinear",
         num_proj_layers: int = 3,
         proj_out_dim: int = 128,
@@ -63,11 +64,11 @@ class SimCLRModel(nn.Module):
         self.name = name
         self._arch: dict[str, Any] = dict(
             depth=depth, width=width, sk_ratio=sk_ratio, cifar_stem=cifar_stem, in_chans=in_chans,
-            proj_head_mode=proj_head_mode, num_proj_layers=num_proj_layers, proj_out_dim=proj_out_dim,
+            stem_stride=stem_stride, proj_head_mode=proj_head_mode, num_proj_layers=num_proj_layers, proj_out_dim=proj_out_dim,
             tf_padding=tf_padding, channels_last=channels_last,
         )
         self.backbone = ResNet(depth, width, sk_ratio, cifar_stem=cifar_stem, in_chans=in_chans,
-                               tf_padding=tf_padding)
+                               tf_padding=tf_padding, stem_stride=stem_stride)
         self.proj_head = ProjectionHead(self.backbone.feature_dim, proj_head_mode, num_proj_layers, proj_out_dim)
         self.proj_head.resolve_index(ft_proj_selector)  # fail early on an out-of-range selector
         self.ft_proj_selector = ft_proj_selector

@@ -150,18 +150,20 @@ class AvgPoolShortcut(nn.Module):
 class Stem(nn.Module):
     """Network input layers (spec 1.4).
 
-    * ``cifar_stem``: 3x3 stride-1 conv -> BN -> ReLU, no pooling (small images).
+    * ``cifar_stem``: 3x3 conv (stride ``stem_stride``, 1 for CIFAR) -> BN -> ReLU, no pooling
+      (small images; stride 2 halves the resolution for 4x fewer FLOPs).
     * SK on (ImageNet): conv3x3/2 (c/2) -> BN-ReLU -> conv3x3 (c/2) -> BN-ReLU -> conv3x3 (c)
       -> BN-ReLU -> max-pool 3x3/2.
     * SK off (ImageNet): conv7x7/2 (c) -> BN-ReLU -> max-pool 3x3/2.
     """
 
-    def __init__(self, in_chans: int, channels: int, deep: bool, cifar_stem: bool, tf_padding: bool) -> None:
+    def __init__(self, in_chans: int, channels: int, deep: bool, cifar_stem: bool, tf_padding: bool,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         # Attribute order = TF creation order: conv, bn, conv_1, bn_1, ... (spec 8.2).
         self.deep = deep and not cifar_stem
         if cifar_stem:
-            self.conv1 = conv2d(in_chans, channels, 3, stride=1)
+            self.conv1 = conv2d(in_chans, channels, 3, stride=stem_stride)
             self.bn1 = batch_norm2d(channels)
         elif deep:
             self.conv1 = conv2d(in_chans, channels // 2, 3, stride=2)
@@ -334,6 +336,7 @@ class ResNet(nn.Module):
         sk_ratio: > 0 turns on Selective Kernel (bottleneck only) together with the deep stem
             and the avg-pool projection shortcut (spec 1.3, 1.4). Released models use 0.0625.
         cifar_stem: 3x3 stride-1 stem without max-pool, for images of about 32 px or less.
+        stem_stride: stride of the CIFAR stem's conv (2: the "small" stem, 4x cheaper).
         in_chans: input channels (1 for grayscale Fashion-MNIST).
         tf_padding: exact TF "SAME" pooling semantics (spec 1.5); see the module docstring.
 
@@ -342,7 +345,8 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, depth: int = 50, width: float = 1.0, sk_ratio: float = 0.0,
-                 cifar_stem: bool = False, in_chans: int = 3, tf_padding: bool = False) -> None:
+                 cifar_stem: bool = False, in_chans: int = 3, tf_padding: bool = False,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(RESNET_LAYOUTS)}")
@@ -358,7 +362,10 @@ class ResNet(nn.Module):
         self.grad_checkpointing = False
 
         stem_ch = int(64 * width)
-        self.stem = Stem(in_chans, stem_ch, deep=sk_ratio > 0, cifar_stem=cifar_stem, tf_padding=tf_padding)
+        if stem_stride not in (1, 2) or (stem_stride != 1 and not cifar_stem):
+            raise ValueError(f"stem_stride must be 1 or 2, and 2 only with the CIFAR stem; got {stem_stride}")
+        self.stem = Stem(in_chans, stem_ch, deep=sk_ratio > 0, cifar_stem=cifar_stem, tf_padding=tf_padding,
+                         stem_stride=stem_stride)
         in_ch = stem_ch
         stages = []
         for i, (n_blocks, stage_stride) in enumerate(zip(layers, (1, 2, 2, 2))):
