@@ -208,3 +208,41 @@ def test_knn_eval_writes_metrics(pretrain_dir, data_dir, test_labels, tmp_path):
     assert code == 0
     metrics = check_eval_outputs(tmp_path / "knn", test_labels)
     assert metrics["stage"] == "knn-eval" and metrics["k"] == 20
+
+
+def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, data_dir, test_labels, tmp_path,
+                                                                  monkeypatch):
+    """Issue 6: through the real distill stage, the teacher is never updated: no gradient reaches
+    it, and its weights and BN buffers (running mean/var, batch counter) are bitwise unchanged,
+    and the teacher's model file is not rewritten."""
+    from simclrv2.config import DistillConfig, FinetuneConfig
+
+    teacher_dir = tmp_path / "teacher"
+    ft = load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
+                                            "label_fraction=0.2", "max_steps=2"])
+    classify.run_finetune(ft)
+    loaded = []
+
+    def capture(*args, **kwargs):
+        model, meta = classify_load_model(*args, **kwargs)
+        loaded.append(model)
+        return model, meta
+
+    classify_load_model = classify.load_model
+    monkeypatch.setattr(classify, "load_model", capture)
+    before = _state(teacher_dir)
+    digest = _file_digest(teacher_dir)
+    cfg = load_config(DistillConfig, None, [*_common(data_dir, tmp_path / "student"),
+                                            f"teacher_checkpoint={teacher_dir}", "max_steps=3",
+                                            "warmup_epochs=0", "tau=1.0"])
+    result = classify.run_distill(cfg)
+    teacher = loaded[0]
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    state = teacher.state_dict()
+    assert any(k.endswith("running_mean") for k in state)
+    for k, v in before.items():
+        assert torch.equal(state[k].cpu(), v), k
+    assert _file_digest(teacher_dir) == digest
+    assert result["teacher_top1"] == pytest.approx(json.loads((teacher_dir / "metrics.json").read_text())["top1"])
+    check_eval_outputs(tmp_path / "student", test_labels)
