@@ -141,17 +141,23 @@ def test_finetune_classifier_placement(pretrain_dir, data_dir, test_labels, tmp_
         (run_dir / "labelled_subset.txt").read_text().splitlines())
 
 
-@pytest.mark.parametrize("method", ["cached", "sgd"])
-def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch, method):
+def capture_loaded_models(monkeypatch, module) -> list:
+    """Patch ``module.load_model`` to also record every model it returns."""
     loaded = []
+    original = module.load_model
 
     def capture(*args, **kwargs):
-        model, meta = probe_load_model(*args, **kwargs)
+        model, meta = original(*args, **kwargs)
         loaded.append(model)
         return model, meta
 
-    probe_load_model = probe.load_model
-    monkeypatch.setattr(probe, "load_model", capture)
+    monkeypatch.setattr(module, "load_model", capture)
+    return loaded
+
+
+@pytest.mark.parametrize("method", ["cached", "sgd"])
+def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch, method):
+    loaded = capture_loaded_models(monkeypatch, probe)
     digest = _file_digest(pretrain_dir)
     before = _state(pretrain_dir)
     cfg = load_config(LinearEvalConfig, None, [*_common(data_dir, tmp_path / method), f"checkpoint={pretrain_dir}",
@@ -221,15 +227,7 @@ def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, 
     ft = load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
                                             "label_fraction=0.2", "max_steps=2"])
     classify.run_finetune(ft)
-    loaded = []
-
-    def capture(*args, **kwargs):
-        model, meta = classify_load_model(*args, **kwargs)
-        loaded.append(model)
-        return model, meta
-
-    classify_load_model = classify.load_model
-    monkeypatch.setattr(classify, "load_model", capture)
+    loaded = capture_loaded_models(monkeypatch, classify)
     before = _state(teacher_dir)
     digest = _file_digest(teacher_dir)
     cfg = load_config(DistillConfig, None, [*_common(data_dir, tmp_path / "student"),
