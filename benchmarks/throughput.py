@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclrv2.data import SimCLRAugment
 from simclrv2.engine.pretrain import ContrastiveStep
 from simclrv2.engine.runtime import autocast
+from simclrv2.engine.setup import stem_overrides
 from simclrv2.losses import nt_xent
 from simclrv2.models import create_model
 from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
@@ -107,8 +108,7 @@ def synthetic_images(n: int, channels: int, size: int, seed: int) -> torch.Tenso
 
 def make_model(cfg: BenchConfig, device: torch.device) -> nn.Module:
     """The registry variant with the benchmark's input channels and stem (engine.setup.new_model)."""
-    model = create_model(cfg.model, in_chans=cfg.channels, cifar_stem=cfg.stem != "imagenet",
-                         stem_stride=2 if cfg.stem == "small" else 1).to(device)
+    model = create_model(cfg.model, in_chans=cfg.channels, **stem_overrides(cfg.stem, cfg.image_size)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

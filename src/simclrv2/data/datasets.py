@@ -10,6 +10,7 @@ augmentations turn ``uint8`` batches into ``float32`` in [0, 1] on the training 
 
 from __future__ import annotations
 
+import abc
 import gzip
 import os
 import struct
@@ -95,7 +96,7 @@ class DatasetError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset, abc.ABC):
     """Common interface: ``ds[i] -> (uint8 image (C, H, W), label int (-1 = unlabeled), i)``.
 
     Attributes: ``classes`` (class names), ``num_classes``, ``channels``, ``labels`` (int64 tensor
@@ -115,8 +116,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """``(uint8 image (C, H, W), label, index)``."""
 
 
 class InMemoryDataset(ImageDataset):

@@ -59,14 +59,18 @@ def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", 
     ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU);
     ``small`` is the CIFAR stem with stride 2 (2x downsampling, no max-pool).
     """
+    return create_model(name, in_chans=ds.channels, **stem_overrides(stem, image_size), **overrides)
+
+
+def stem_overrides(stem: str, image_size: int) -> dict[str, Any]:
+    """``create_model`` keyword arguments for a config's ``stem`` key ({} keeps the registry's)."""
     if stem == "small":
-        overrides["cifar_stem"] = True
-        overrides["stem_stride"] = 2
-    elif stem == "cifar" or (stem == "auto" and image_size <= 32):
-        overrides["cifar_stem"] = True
-    elif stem == "imagenet":
-        overrides["cifar_stem"] = False
-    return create_model(name, in_chans=ds.channels, **overrides)
+        return {"cifar_stem": True, "stem_stride": 2}
+    if stem == "cifar" or (stem == "auto" and image_size <= 32):
+        return {"cifar_stem": True}
+    if stem == "imagenet":
+        return {"cifar_stem": False}
+    return {}
 
 
 def load_model(path: str, device: torch.device, **overrides: Any) -> tuple[SimCLRModel, dict[str, Any]]:

@@ -64,8 +64,8 @@ class SimCLRModel(nn.Module):
         self.name = name
         self._arch: dict[str, Any] = dict(
             depth=depth, width=width, sk_ratio=sk_ratio, cifar_stem=cifar_stem, in_chans=in_chans,
-            stem_stride=stem_stride, proj_head_mode=proj_head_mode, num_proj_layers=num_proj_layers, proj_out_dim=proj_out_dim,
-            tf_padding=tf_padding, channels_last=channels_last,
+            stem_stride=stem_stride, proj_head_mode=proj_head_mode, num_proj_layers=num_proj_layers,
+            proj_out_dim=proj_out_dim, tf_padding=tf_padding, channels_last=channels_last,
         )
         self.backbone = ResNet(depth, width, sk_ratio, cifar_stem=cifar_stem, in_chans=in_chans,
                                tf_padding=tf_padding, stem_stride=stem_stride)
