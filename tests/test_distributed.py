@@ -126,3 +126,44 @@ def test_helpers_degrade_to_one_process():
     sdist.barrier()
     assert sdist.setup_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: no process group
     assert not sdist.is_dist()
+
+
+def test_pipeline_under_torchrun_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2 -m simclrv2 pipeline` with gloo on the CPU, global BN left on.
+
+    torch's SyncBatchNorm is CUDA-only: converting to it on CPUs failed every training stage
+    ("SyncBatchNorm layers only work with GPU modules"). On CPUs BN stays per process, with a note.
+    """
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from test_pipeline import tiny_fashion_mnist
+
+    data = tiny_fashion_mnist(tmp_path / "fmnist")
+    run = tmp_path / "run"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run), "label_fractions": [0.1], "self_distill": True, "small_student": "",
+        "embedding_points": 0, "plots": False,
+        "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": "r10_0.25x_sk0",
+                   "stem": "imagenet", "progress": False, "batch_size": 128, "global_bn": True},
+        "pretrain": {"epochs": 1, "knn_every": 1, "knn_train_size": 500, "knn_test_size": 200},
+        "finetune": {"epochs": 1, "batch_size": 32},
+        "supervised": {"epochs": 1, "batch_size": 32},
+        "distill_self": {"epochs": 0.2},
+        "linear_eval": {"epochs": 2},
+    }))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "simclrv2", "pipeline", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SyncBatchNorm is CUDA-only" in proc.stderr
+    out = json.loads((run / "results.json").read_text())
+    assert {r["method"] for r in out["results"]} == {"finetune", "distill-self", "supervised", "linear-eval", "knn"}
+    summary = json.loads((run / "pretrain" / "summary.json").read_text())
+    assert summary["global_batch"] == 128 and summary["steps"] == 2000 // 128

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,12 @@ def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.M
     """SyncBatchNorm (global BN, spec 1.6) and DDP when running under torchrun; else unchanged."""
     if dist.world_size() == 1:
         return module
-    if global_bn:
+    if global_bn and device.type == "cuda":
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    elif global_bn and dist.is_main():
+        # torch's SyncBatchNorm runs on CUDA only; gloo processes on CPUs keep per-process BN
+        print("note: global_bn needs GPUs (SyncBatchNorm is CUDA-only); on CPUs each process "
+              "normalises over its own share of the batch", file=sys.stderr, flush=True)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
