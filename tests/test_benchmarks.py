@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_benchmark as gb  # noqa: E402
+import knn_reference as kr  # noqa: E402
 import throughput as tp  # noqa: E402
 
 TINY = dict(model="r10_0.25x_sk0", image_size=16, channels=1, batch_size=8, steps=1, warmup=1,
@@ -127,3 +128,26 @@ def test_bf16_channels_last_step_runs():
     ours_views, _ = tp.OursStep(cfg, torch.device("cpu")).views(0)
     assert ours_views.dtype == torch.float32  # augmentation stays fp32 under autocast
     assert ours_views.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_knn_reference_pixels_match_a_naive_knn(capsys):
+    rows = dict(kr.main(["--bank", "300", "--test", "50", "--k", "20", "--models", "r10_0.25x_sk0:imagenet"]))
+    assert "| raw pixels |" in capsys.readouterr().out
+    from simclrv2.data.datasets import load_dataset
+
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randperm(len(train), generator=g)[:300].sort().values
+    tst = torch.randperm(len(test), generator=g)[:50].sort().values
+    correct = 0
+    for i in tst.tolist():  # one query at a time: cosine, top 20, votes weighted by exp(sim / 0.1)
+        q = test.images[i].flatten().double()
+        sims = [(float(q @ train.images[j].flatten().double())
+                 / float(q.norm() * train.images[j].flatten().double().norm()), int(train.labels[j]))
+                for j in bank.tolist()]
+        votes = [0.0] * 10
+        for sim, label in sorted(sims, reverse=True)[:20]:
+            votes[label] += math.exp(sim / 0.1)
+        correct += int(max(range(10), key=votes.__getitem__) == int(test.labels[i]))
+    assert rows["raw pixels"] == round(100.0 * correct / 50, 2)
+    assert 0.0 <= rows["random-init r10_0.25x_sk0 (imagenet stem)"] <= 100.0
