@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from simclrv2.data.datasets import load_dataset
-from simclrv2.engine.evaluate import extract, knn_predict
+from simclrv2.engine.evaluate import extract, knn_monitor_indices, knn_predict
 from simclrv2.engine.runtime import BatchSource
 from simclrv2.engine.setup import new_model
 
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     args = parser.parse_args(argv)
 
     train, test = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
-    g = torch.Generator().manual_seed(args.seed)  # the monitor's draw (engine/pretrain.py)
-    bank = torch.randperm(len(train), generator=g)[: args.bank].sort().values
-    tst = torch.randperm(len(test), generator=g)[: args.test].sort().values
+    bank, tst = knn_monitor_indices(train.labels, len(test), args.bank, args.test, args.seed)
     ytr, yte, n_cls = train.labels[bank], test.labels[tst], train.num_classes
     px_tr = train.images[bank].flatten(1).float()
     px_te = test.images[tst].flatten(1).float()

@@ -47,6 +47,21 @@ def extract(
     return torch.cat(outs), torch.cat(labels)
 
 
+def knn_monitor_indices(
+    train_labels: torch.Tensor, n_test: int, train_size: int, test_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretraining kNN monitor's images: (bank indices, test indices), each sorted.
+
+    The bank is ``train_size`` labelled training images and the test set ``test_size`` test images
+    (0 = all), both drawn with one ``torch.Generator`` seeded with ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.nonzero(train_labels >= 0).flatten()
+    bank = bank[torch.randperm(len(bank), generator=g)[: train_size or None]]
+    test = torch.randperm(n_test, generator=g)[: test_size or None]
+    return bank.sort().values, test.sort().values
+
+
 def knn_predict(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,

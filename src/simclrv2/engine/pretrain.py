@@ -14,7 +14,7 @@ from ..data.augment import SimCLRAugment
 from ..losses import nt_xent
 from ..memory import MomentumMemory
 from . import loop
-from .evaluate import extract, knn_predict
+from .evaluate import extract, knn_monitor_indices, knn_predict
 from .runtime import StepPlan, augment, prepare_run_dir, resolve_device, step_generator, write_json
 from .setup import (
     distribute,
@@ -139,11 +139,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     knn_bank = None
     if cfg.knn_every > 0 and labelled:
         test_ds, test_source = open_split(cfg, cfg.test_split, device)
-        g = torch.Generator().manual_seed(cfg.seed)
-        bank_idx = torch.nonzero(ds.labels >= 0).flatten()
-        bank_idx = bank_idx[torch.randperm(len(bank_idx), generator=g)[: cfg.knn_train_size or None]]
-        test_idx = torch.randperm(len(test_ds), generator=g)[: cfg.knn_test_size or None]
-        knn_bank = (bank_idx.sort().values, test_idx.sort().values, test_source, test_ds.num_classes)
+        bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
+                                                 cfg.knn_test_size, cfg.seed)
+        knn_bank = (bank_idx, test_idx, test_source, test_ds.num_classes)
 
     def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
         if knn_bank is None or (epoch % cfg.knn_every != 0 and step != plan.total_steps):
