@@ -21,7 +21,7 @@ import torch
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main as cli_main
-from simclrv2.config import LinearEvalConfig, SupervisedConfig, load_config
+from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import read_idx
 from simclrv2.engine import classify, probe
 from simclrv2.models import create_model
@@ -214,6 +214,38 @@ def test_knn_eval_writes_metrics(pretrain_dir, data_dir, test_labels, tmp_path):
     assert code == 0
     metrics = check_eval_outputs(tmp_path / "knn", test_labels)
     assert metrics["stage"] == "knn-eval" and metrics["k"] == 20
+
+
+def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_dir, data_dir, tmp_path,
+                                                                      monkeypatch):
+    """The pipeline's linear eval + kNN: inside ``shared_features`` the two stages run the encoder over
+    the train and test splits once each (not twice each), and give the same numbers as alone."""
+    def cfgs(tag: str):
+        lin = load_config(LinearEvalConfig, None, [*_common(data_dir, tmp_path / f"lin_{tag}"),
+                                                   f"checkpoint={pretrain_dir}", "epochs=2"])
+        knn = load_config(KnnEvalConfig, None, [*_common(data_dir, tmp_path / f"knn_{tag}"),
+                                                f"checkpoint={pretrain_dir}", "k=20"])
+        return lin, knn
+
+    alone = [probe.run_linear_eval(cfgs("alone")[0]), probe.run_knn_eval(cfgs("alone")[1])]
+    calls = []
+    extract = probe.extract
+
+    def counting(model, source, indices, *args, **kwargs):
+        calls.append(len(indices))
+        return extract(model, source, indices, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "extract", counting)
+    lin, knn = cfgs("shared")
+    with probe.shared_features():
+        shared = [probe.run_linear_eval(lin), probe.run_knn_eval(knn)]
+    assert sorted(calls) == [N_TEST, N_TRAIN]
+    for a, b in zip(alone, shared):
+        assert a["top1"] == b["top1"] and a["confusion_matrix"] == b["confusion_matrix"]
+    # outside the block nothing is cached
+    calls.clear()
+    probe.run_knn_eval(cfgs("after")[1])
+    assert sorted(calls) == [N_TEST, N_TRAIN]
 
 
 def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, data_dir, test_labels, tmp_path,

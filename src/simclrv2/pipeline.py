@@ -16,6 +16,7 @@ checkpoint. So an interrupted pipeline, run again, continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -155,24 +156,32 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages = [], {}
     t_all = time.time()
-    for i, plan in enumerate(plans, 1):
-        if dist.is_main():
-            print(f"[{i}/{len(plans)}] {plan.name} ({plan.stage}) ...", flush=True)
-        result, seconds, skipped = run_stage(plan)
-        stages[plan.name] = seconds
-        if dist.is_main():
-            note = "skipped, done before" if skipped else f"{seconds:.0f} s"
-            top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
-            print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}", flush=True)
-        if plan.method is not None:
-            results.append({
-                "method": plan.method, "label_fraction": plan.label_fraction, "model": plan.cfg.model
-                if plan.stage != "linear-eval" and plan.stage != "knn-eval" else plans[0].cfg.model,
-                "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds,
-                "run_dir": plan.cfg.run_dir, **({"teacher_top1": result["teacher_top1"],
-                                                 "teacher_agreement": result["teacher_agreement"]}
-                                                if "teacher_top1" in result else {}),
-            })
+    probes = [i for i, p in enumerate(plans, 1) if p.stage in ("linear-eval", "knn-eval")]
+    with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
+        for i, plan in enumerate(plans, 1):
+            if dist.is_main():
+                print(f"[{i}/{len(plans)}] {plan.name} ({plan.stage}) ...", flush=True)
+            if probes and i == probes[0]:
+                from .engine.probe import shared_features
+
+                shared.enter_context(shared_features())
+            result, seconds, skipped = run_stage(plan)
+            if probes and i == probes[-1]:
+                shared.close()
+            stages[plan.name] = seconds
+            if dist.is_main():
+                note = "skipped, done before" if skipped else f"{seconds:.0f} s"
+                top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
+                print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}", flush=True)
+            if plan.method is not None:
+                results.append({
+                    "method": plan.method, "label_fraction": plan.label_fraction, "model": plan.cfg.model
+                    if plan.stage != "linear-eval" and plan.stage != "knn-eval" else plans[0].cfg.model,
+                    "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds,
+                    "run_dir": plan.cfg.run_dir, **({"teacher_top1": result["teacher_top1"],
+                                                     "teacher_agreement": result["teacher_agreement"]}
+                                                    if "teacher_top1" in result else {}),
+                })
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),

@@ -7,19 +7,60 @@ crop-and-flip views computed under ``torch.no_grad`` (``method=sgd``, SGD-Nester
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
 from .runtime import RunError, augment, autocast, prepare_run_dir, resolve_device, step_generator
 from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
+
+_SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def shared_features() -> Iterator[None]:
+    """Within this block, linear-eval and knn-eval extract the features of a split once.
+
+    The pipeline evaluates one frozen encoder both ways; each stage alone would run the encoder over
+    the same training and test images. Features are kept in memory, keyed by the checkpoint file
+    (path, size, mtime), dataset, split, output, image size, precision and the image indices, and
+    are dropped when the block ends.
+    """
+    global _SHARED
+    outer, _SHARED = _SHARED, {}
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _features(cfg: Any, model: nn.Module, source: Any, split: str, idx: torch.Tensor, size: int,
+              out: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract`` over ``idx``, through the :func:`shared_features` cache when one is open."""
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return extract(model, source, idx, size, cfg.batch_size, out, cfg.precision)
+
+    if _SHARED is None:
+        return run()
+    path = Path(ckpt.resolve_checkpoint(cfg.checkpoint)).resolve()
+    stat = path.stat() if path.is_file() else (path / "model.safetensors").stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, cfg.dataset, str(cfg.data_dir), split, out, size,
+           cfg.precision, hashlib.sha1(idx.numpy().tobytes()).hexdigest())
+    if key not in _SHARED:
+        _SHARED[key] = run()
+    return _SHARED[key]
 
 
 def _frozen_encoder(cfg: Any, device: torch.device) -> nn.Module:
@@ -44,10 +85,10 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     size = image_size_of(cfg, ds)
     train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
     out = _output(cfg)
-    test_x, test_y = extract(model, test_source, torch.arange(len(test_ds)), size, cfg.batch_size, out, cfg.precision)
+    test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size, out)
     epochs = max(1, math.ceil(cfg.epochs))
     if cfg.method == "cached":
-        train_x, train_y = extract(model, source, train_idx, size, cfg.batch_size, out, cfg.precision)
+        train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
         lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
         head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
                                         cfg.batch_size, cfg.seed)
@@ -103,9 +144,9 @@ def run_knn_eval(cfg: KnnEvalConfig) -> dict[str, Any]:
     test_ds, test_source = open_split(cfg, cfg.test_split, device)
     size = image_size_of(cfg, ds)
     train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
-    train_x, train_y = extract(model, source, train_idx, size, cfg.batch_size, precision=cfg.precision)
-    test_x, test_y = extract(model, test_source, torch.arange(len(test_ds)), size, cfg.batch_size,
-                             precision=cfg.precision)
+    train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, "features")
+    test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size,
+                               "features")
     scores = knn_predict(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="knn-eval", model=model.name, k=cfg.k, temperature=cfg.temperature,
