@@ -151,3 +151,47 @@ def test_knn_reference_pixels_match_a_naive_knn(capsys):
         correct += int(max(range(10), key=votes.__getitem__) == int(test.labels[i]))
     assert rows["raw pixels"] == round(100.0 * correct / 50, 2)
     assert 0.0 <= rows["random-init r10_0.25x_sk0 (imagenet stem)"] <= 100.0
+
+
+def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_path):
+    """benchmarks/linear_reference.py: the 0.1% subset is the one ``finetune`` writes, C comes from 3-fold
+    CV on those labelled images only (no test image), and the encoder row runs a real checkpoint."""
+    import linear_reference as lr
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from simclrv2.cli import main as cli_main
+    from simclrv2.data.datasets import load_dataset
+    from simclrv2.data.subsets import balanced_subset
+
+    run = tmp_path / "pre"
+    assert cli_main(["pretrain", "model=r10_0.25x_sk0", "stem=imagenet", "max_steps=1", "batch_size=16",
+                     "knn_every=0", "progress=false", "device=cpu", f"run_dir={run}"]) == 0
+    rows = lr.main(["--fractions", "0.001", "--test-limit", "300", "--checkpoint", str(run)])
+    out = capsys.readouterr().out
+    assert "| raw pixels |" in out and "r10_0.25x_sk0 features" in out
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    idx = balanced_subset(train.labels, 0.001, 0)
+    assert len(idx) == 60
+    x = train.images[idx].flatten(1).numpy() / 255.0
+    y = train.labels[idx].numpy()
+    xt, yt = test.images[:300].flatten(1).numpy() / 255.0, test.labels[:300].numpy()
+    # the naive version: every C on every fold, one scaler per fold, the best mean, a refit
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(x, y))
+    scores = {}
+    for c in (0.01, 0.1, 1.0):
+        accs = []
+        for a, b in folds:
+            sc = StandardScaler().fit(x[a])
+            m = LogisticRegression(C=c, max_iter=300).fit(sc.transform(x[a]), y[a])
+            accs.append((m.predict(sc.transform(x[b])) == y[b]).mean())
+        scores[c] = np.mean(accs)
+    best = max(scores, key=scores.get)
+    sc = StandardScaler().fit(x)
+    m = LogisticRegression(C=best, max_iter=300).fit(sc.transform(x), y)
+    pixels = dict((r[0], r[1]) for r in rows)["raw pixels"]
+    assert pixels == round(100.0 * float((m.predict(sc.transform(xt)) == yt).mean()), 2)
+    assert f"(C {best:g})" in out
+    assert pixels > 50.0  # 6 labels per class: pixels alone reach about 68% on the full test split
