@@ -135,3 +135,20 @@ def test_finetune_stop_and_resume_is_bitwise_identical(tmp_path: Path, image_dat
     assert metric_lines(whole) == metric_lines(split)
     # the evaluation after the resumed run equals the uninterrupted one
     assert np.array_equal(np.load(whole / "predictions.npy"), np.load(split / "predictions.npy"))
+
+
+@pytest.mark.parametrize("min_seconds, expected", [(None, [12]), ("0", list(range(1, 13)))])
+def test_epoch_checkpoints_are_spaced_in_time(tmp_path, monkeypatch, min_seconds, expected):
+    """checkpoint_every=0 saves at epoch ends, but not twice within checkpoint_min_seconds (30 s by
+    default): 12 one-step epochs (20 labelled images, batch 16) take a few seconds, so only the last
+    step is saved; checkpoint_min_seconds=0 saves at every epoch end."""
+    from simclrv2.engine import loop
+
+    saved = []
+    real = loop.save
+    monkeypatch.setattr(loop, "save", lambda job, step, epoch: (saved.append(step), real(job, step, epoch)))
+    extra = [] if min_seconds is None else [f"checkpoint_min_seconds={min_seconds}"]
+    cli("supervised", "model=r10_0.25x_sk0", "dataset=fashion_mnist", "label_fraction=0.0003",
+        "batch_size=16", "epochs=12", "warmup_epochs=0", "progress=false", f"run_dir={tmp_path / 'run'}", *extra)
+    assert saved == expected
+    assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == 12

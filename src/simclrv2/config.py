@@ -58,7 +58,8 @@ class CommonConfig:
     num_workers: int = 4  # DataLoader workers for data that is not held in memory
     skip_bad_images: bool = False  # ImageFolder: skip undecodable files with a counted warning
     resume: bool = True  # resume from the run folder's last complete checkpoint
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at epoch ends (see checkpoint_min_seconds)
+    checkpoint_min_seconds: float = 30.0  # checkpoint_every=0: skip epoch ends < this after the last save
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     log_every: int = 20  # steps between metric lines
     progress: bool = True  # progress bar on rank 0
@@ -328,6 +329,8 @@ def validate(cfg: Any) -> None:
     need(cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}")
     need(cfg.epochs > 0 or cfg.max_steps > 0, "epochs must be positive (or set max_steps)")
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
+    need(cfg.checkpoint_min_seconds >= 0,
+         f"checkpoint_min_seconds must be >= 0 (0 = every epoch), got {cfg.checkpoint_min_seconds}")
     need(cfg.stem in ("auto", "cifar", "small", "imagenet"),
          f"stem must be auto, cifar, small or imagenet, got '{cfg.stem}'")
     need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")

@@ -165,6 +165,10 @@ def run(job: TrainJob) -> dict[str, Any]:
     logger = MetricsLogger(job.run_dir, resume_step=start)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     every = cfg.checkpoint_every or plan.steps_per_epoch
+    # epoch-end checkpoints at most every checkpoint_min_seconds: with 60 labelled images an epoch
+    # is one step, and a checkpoint per step cost a third of a short fine-tuning run
+    min_gap = 0.0 if cfg.checkpoint_every else cfg.checkpoint_min_seconds
+    last_save = time.time()
     bar = None
     if cfg.progress and dist.is_main() and start < plan.total_steps:
         from tqdm import tqdm
@@ -221,7 +225,9 @@ def run(job: TrainJob) -> dict[str, Any]:
         if boundary:
             if not _weights_finite(job.model):  # a finite loss can still come with an overflowing update
                 _raise_non_finite(job, done, "weights")
-            save(job, done, done / plan.steps_per_epoch)
+            if done == plan.total_steps or time.time() - last_save >= min_gap:
+                save(job, done, done / plan.steps_per_epoch)
+                last_save = time.time()
     if bar is not None:
         bar.close()
     logger.close()

@@ -39,7 +39,7 @@ class RunError(RuntimeError):
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_SAFE_KEYS = {
     "resume", "progress", "log_every", "num_workers", "device", "data_dir", "download",
-    "max_steps", "run_dir", "checkpoint_every", "keep_checkpoints", "knn_every",
+    "max_steps", "run_dir", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "knn_every",
 }
 
 
