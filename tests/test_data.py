@@ -353,3 +353,25 @@ def test_torchvision_sets_convert_to_nchw(monkeypatch: pytest.MonkeyPatch, tmp_p
     stl = load_dataset("stl10", "unlabeled", data_dir=tmp_path)
     assert stl.images.shape == (4, 3, 96, 96) and stl.labels.tolist() == [-1] * 4
     assert stl.num_classes == 10 and stl[0][1] == -1  # class names fall back to STL-10's own
+
+
+def test_read_idx_reuses_an_unchanged_file_and_rereads_a_changed_one(tmp_path: Path) -> None:
+    """The pipeline's stages each load both splits; an unchanged file is decoded once per process,
+    and a rewritten one (new bytes, same name) is read again."""
+    from simclrv2.data import datasets
+
+    good = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    path = tmp_path / "labels"
+    path.write_bytes(good)
+    first = read_idx(path, expected_ndim=1)
+    hits = datasets._read_idx_cached.cache_info().hits
+    again = read_idx(path, expected_ndim=1)
+    assert again is first and datasets._read_idx_cached.cache_info().hits == hits + 1
+    assert not first.flags.writeable  # shared between callers, so nobody may write into it
+    new = tmp_path / "labels.new"  # same size, replaced by a rename (a new inode)
+    new.write_bytes(good[:-3] + bytes([7, 8, 9]))
+    new.replace(path)
+    assert read_idx(path, expected_ndim=1).tolist() == [7, 8, 9]
+    path.write_bytes(good[:-1])  # now truncated: the error is raised, not an old cached array
+    with pytest.raises(DatasetError, match="holds 2"):
+        read_idx(path, expected_ndim=1)

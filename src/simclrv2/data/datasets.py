@@ -11,12 +11,14 @@ augmentations turn ``uint8`` batches into ``float32`` in [0, 1] on the training 
 from __future__ import annotations
 
 import abc
+import functools
 import gzip
 import os
 import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,12 +176,28 @@ def _open_maybe_gzip(path: Path):
 
 
 def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file (``.gz`` or uncompressed) into a ``uint8`` array, checking magic and size.
+    """Read an IDX file (``.gz`` or uncompressed) into a read-only ``uint8`` array, checking magic
+    and size.
 
     Raises :class:`DatasetError` naming the file for a bad magic number, a truncated or corrupt file,
-    or trailing bytes.
+    or trailing bytes. A file read before in this process, unchanged since (same inode, size and
+    times), is not decompressed again: the pipeline's 15 stages each open both splits.
     """
     path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return _parse_idx(path, expected_ndim)  # raises the error that names the file
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _read_idx_cached(key, path, expected_ndim)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(key: tuple[Any, ...], path: Path, expected_ndim: int | None) -> np.ndarray:
+    return _parse_idx(path, expected_ndim)
+
+
+def _parse_idx(path: Path, expected_ndim: int | None) -> np.ndarray:
     fix = "fix: re-install it (apt-get install --reinstall dataset-fashion-mnist) or delete it and pass download=true"
     try:
         with _open_maybe_gzip(path) as f:
