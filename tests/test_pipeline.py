@@ -153,3 +153,27 @@ def test_report_numbers_equal_results_json(pipeline_run: tuple[Path, str]) -> No
     # the summary table on stdout is the report's table
     table = report.split("## Test top-1 accuracy (%)\n\n", 1)[1].split("\n\n", 1)[0]
     assert table in stdout
+
+
+def test_pretraining_plot_draws_the_contrastive_term(tmp_path, monkeypatch):
+    """The left axis says "contrastive loss": it plots ``contrastive_loss``, not ``loss`` (which adds
+    the online probe's cross-entropy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from simclrv2.report import plot_pretraining
+
+    (tmp_path / "pretrain").mkdir()
+    rows = [{"step": 1, "epoch": 0.5, "loss": 9.0, "contrastive_loss": 7.0},
+            {"step": 2, "epoch": 1.0, "loss": 8.0, "contrastive_loss": 6.5},
+            {"step": 2, "epoch": 1.0, "knn_top1": 50.0}]
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (drawn.append(a), real(self, *a, **k))[1])
+    assert plot_pretraining(tmp_path, tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file()
+    assert list(drawn[0][1]) == [7.0, 6.5]  # the contrastive term; then the kNN line
+    assert list(drawn[1][1]) == [50.0]

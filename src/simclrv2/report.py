@@ -87,7 +87,9 @@ def plot_pretraining(run_dir: Path, dest: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = _read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
-    loss = [(r["epoch"], r["loss"]) for r in rows if "loss" in r]
+    # the NT-Xent term alone: "loss" also holds the online probe's cross-entropy
+    key = "contrastive_loss" if any("contrastive_loss" in r for r in rows) else "loss"
+    loss = [(r["epoch"], r[key]) for r in rows if key in r]
     knn = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
     if not loss:
         return False
