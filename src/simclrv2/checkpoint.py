@@ -282,11 +282,17 @@ def _model_meta(p: Path) -> dict[str, Any]:
     return meta
 
 
+def model_weights_file(path: str | Path) -> Path:
+    """The weights file that :func:`read_model_file` reads for a run folder, checkpoint or model file."""
+    p = resolve_checkpoint(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and metadata (see :func:`read_model_meta`) of a checkpoint folder or model file."""
     p = resolve_checkpoint(path)  # once: a run still writing checkpoints may add a newer one
     meta = _model_meta(p)
-    return load_tensors(p / "model.safetensors" if p.is_dir() else p), meta
+    return load_tensors(model_weights_file(p)), meta
 
 
 def write_model_file(path: str | Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

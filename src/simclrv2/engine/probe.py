@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,9 +53,9 @@ def _features(cfg: Any, model: nn.Module, source: Any, split: str, idx: torch.Te
 
     if _SHARED is None:
         return run()
-    path = Path(ckpt.resolve_checkpoint(cfg.checkpoint)).resolve()
-    stat = path.stat() if path.is_file() else (path / "model.safetensors").stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, cfg.dataset, str(cfg.data_dir), split, out, size,
+    weights = ckpt.model_weights_file(cfg.checkpoint).resolve()
+    stat = weights.stat()
+    key = (str(weights), stat.st_size, stat.st_mtime_ns, cfg.dataset, str(cfg.data_dir), split, out, size,
            cfg.precision, hashlib.sha1(idx.numpy().tobytes()).hexdigest())
     if key not in _SHARED:
         _SHARED[key] = run()
