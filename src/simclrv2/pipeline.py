@@ -64,6 +64,10 @@ class StagePlan:
     label_fraction: float | None
 
 
+# stages that evaluate the pretrained encoder; they share its features, and report its model
+PROBE_STAGES = ("linear-eval", "knn-eval")
+
+
 def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers: dict) -> Any:
     values: dict[str, Any] = {}
     keys = {f.name for f in dataclasses.fields(C.STAGE_CONFIGS[stage])}
@@ -156,7 +160,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages = [], {}
     t_all = time.time()
-    probes = [i for i, p in enumerate(plans, 1) if p.stage in ("linear-eval", "knn-eval")]
+    probes = [i for i, p in enumerate(plans, 1) if p.stage in PROBE_STAGES]
     with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
         for i, plan in enumerate(plans, 1):
             if dist.is_main():
@@ -176,7 +180,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
             if plan.method is not None:
                 results.append({
                     "method": plan.method, "label_fraction": plan.label_fraction, "model": plan.cfg.model
-                    if plan.stage != "linear-eval" and plan.stage != "knn-eval" else plans[0].cfg.model,
+                    if plan.stage not in PROBE_STAGES else plans[0].cfg.model,
                     "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds,
                     "run_dir": plan.cfg.run_dir, **({"teacher_top1": result["teacher_top1"],
                                                      "teacher_agreement": result["teacher_agreement"]}
