@@ -296,3 +296,52 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert np.array_equal(np.load(tmp_path / "finetune_reference" / "predictions.npy"),
                           np.load(ft_dir / "predictions.npy"))
+
+
+def test_pipeline_reruns_an_edited_stage_and_the_stages_that_read_it(tmp_path: Path, capsys) -> None:
+    """Editing one stage's config reruns that stage from scratch and every stage built on its
+    output (here the distillation of the fine-tuned teacher); the stages beside it are skipped."""
+    data = make_image_folder(tmp_path / "images")
+    run = tmp_path / "pipeline"
+    values = {
+        "run_dir": str(run), "label_fractions": [1.0], "self_distill": True, "embedding_points": 0,
+        "plots": False,
+        "common": {"model": "r10_0.25x_sk0", "dataset": "imagefolder", "data_dir": str(data),
+                   "image_size": 16, "num_workers": 0, "progress": False, "batch_size": 8},
+        "pretrain": {"max_steps": 2, "knn_every": 0},
+        "finetune": {"max_steps": 3, "checkpoint_every": 1},
+        "distill_self": {"max_steps": 2},
+        "linear_eval": {"epochs": 3},
+        "supervised": {"max_steps": 2},
+    }
+    config = tmp_path / "pipeline.yaml"
+
+    def pipeline() -> dict[str, str]:
+        config.write_text(yaml.safe_dump(values))
+        capsys.readouterr()
+        assert main(["pipeline", "--config", str(config)]) == 0
+        lines = re.findall(r"^\[\d+/\d+\] (\w+): (.+)$", capsys.readouterr().out, re.M)
+        return {name: "skipped" if "skipped" in note else "ran" for name, note in lines}
+
+    assert set(pipeline().values()) == {"ran"}
+    ft_dir, ds_dir = run / "finetune_100pct", run / "distill_self_100pct"
+    first_steps = sorted(c.name for c in ckpt.list_checkpoints(ft_dir))
+    kept = {name: snapshot(run / name) for name in ("pretrain", "linear_eval", "knn", "supervised_100pct")}
+    teacher_print = json.loads((ds_dir / "done.json").read_text())["upstream"]
+
+    values["finetune"]["base_lr"] = 0.02  # the edit
+    second = pipeline()
+    assert second == {"pretrain": "skipped", "finetune_100pct": "ran", "distill_self_100pct": "ran",
+                      "linear_eval": "skipped", "knn": "skipped", "supervised_100pct": "skipped"}
+    assert {name: snapshot(run / name) for name in kept} == kept, "a stage beside the edit was rewritten"
+    # fine-tuning started over (it did not resume from the old run's last checkpoint) and kept the old run
+    assert yaml.safe_load((ft_dir / "config.previous.yaml").read_text())["base_lr"] != 0.02
+    assert sorted(c.name for c in (ft_dir / "checkpoints.previous").iterdir()) == first_steps
+    lines = [json.loads(x) for x in (ft_dir / "metrics.jsonl").read_text().splitlines()]
+    assert min(x["step"] for x in lines if "step" in x) == 1
+    # the student was distilled again, from the new teacher
+    rec = json.loads((ds_dir / "done.json").read_text())
+    assert rec["upstream"] != teacher_print
+    assert rec["result"]["teacher_top1"] == json.loads((ft_dir / "done.json").read_text())["result"]["top1"]
+
+    assert set(pipeline().values()) == {"skipped"}  # nothing changed: nothing runs

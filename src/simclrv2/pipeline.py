@@ -8,9 +8,12 @@ Stages, each in its own sub-folder of ``run_dir``:
 4. ``linear_eval`` and ``knn`` of the pretrained encoder;
 5. ``supervised_<f>``, the baselines on the same labelled subsets.
 
-A finished stage leaves ``done.json`` with the hash of its resolved config. A stage whose
-``done.json`` matches its config is skipped; an interrupted stage resumes from its own last
-checkpoint. So an interrupted pipeline, run again, continues where it stopped.
+A finished stage leaves ``done.json`` with the hash of its resolved config and a fingerprint of
+the stage it builds on (fine-tuning and the probes on pretraining, distillation on its teacher's
+fine-tuning). A stage whose ``done.json`` matches both is skipped; an interrupted stage resumes
+from its own last checkpoint. So an interrupted pipeline, run again, continues where it stopped.
+A stage whose config was edited, or whose upstream stage has run again since, starts over (its
+old checkpoints are kept as ``checkpoints.previous``), and so do the stages after it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -62,6 +66,7 @@ class StagePlan:
     cfg: Any  # resolved stage config
     method: str | None  # results.json method, None for pretrain
     label_fraction: float | None
+    upstream: str | None = None  # name of the stage whose output this one reads
 
 
 # stages that evaluate the pretrained encoder; they share its features, and report its model
@@ -97,21 +102,22 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         lab = {"label_fraction": f}
         ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
                         _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model})
-        plans.append(StagePlan(ft.run_dir.split("/")[-1], "finetune", ft, "finetune", f))
+        ft_name = f"finetune_{tag}"
+        plans.append(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"))
         if pc.self_distill:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
                             _fraction_layer(pc, f, "distill_self"), lab,
                             {"teacher_checkpoint": ft.run_dir, "model": model})
-            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f))
+            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
                              _fraction_layer(pc, f, "distill_small"), lab,
                              {"teacher_checkpoint": ft.run_dir, "model": pc.small_student})
-            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f))
+            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name))
     le = _stage_cfg("linear-eval", pc, run_dir, "linear_eval", pc.linear_eval, {"checkpoint": pre_dir})
-    plans.append(StagePlan("linear_eval", "linear-eval", le, "linear-eval", le.label_fraction))
+    plans.append(StagePlan("linear_eval", "linear-eval", le, "linear-eval", le.label_fraction, "pretrain"))
     kn = _stage_cfg("knn-eval", pc, run_dir, "knn", pc.knn_eval, {"checkpoint": pre_dir})
-    plans.append(StagePlan("knn", "knn-eval", kn, "knn", kn.label_fraction))
+    plans.append(StagePlan("knn", "knn-eval", kn, "knn", kn.label_fraction, "pretrain"))
     for f in pc.label_fractions:
         tag = fraction_tag(f)
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
@@ -129,24 +135,51 @@ def _runner(stage: str):
     }[stage]
 
 
-def run_stage(plan: StagePlan) -> tuple[dict[str, Any], float, bool]:
-    """Run one stage unless its ``done.json`` matches its config; return (result, seconds, skipped)."""
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def fingerprint(run_dir: str) -> str:
+    """Identifies one finished run of a stage: the hash of its ``done.json`` (config hash, result
+    and wall time), so a rerun of the stage, even with the same config, gives a new value."""
+    return hashlib.sha256((Path(run_dir) / "done.json").read_bytes()).hexdigest()[:16]
+
+
+def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, Any], float, bool]:
+    """Run one stage unless its ``done.json`` matches its config and ``upstream`` (the
+    :func:`fingerprint` of the stage it reads); return (result, seconds, skipped)."""
+    from .engine.runtime import config_changes
+
     values = dict(C.to_dict(plan.cfg), stage=plan.stage)
     h = C.config_hash(values)
-    done = Path(plan.cfg.run_dir) / "done.json"
-    if done.is_file():
-        try:
-            rec = json.loads(done.read_text())
-            if rec.get("config_hash") == h:
-                return rec["result"], rec["seconds"], True
-        except (json.JSONDecodeError, KeyError):
-            pass
+    run_dir = Path(plan.cfg.run_dir)
+    done, started = run_dir / "done.json", run_dir / "upstream.json"
+    rec = _read_json(done)
+    if rec is not None and rec.get("config_hash") == h and rec.get("upstream") == upstream and "result" in rec:
+        return rec["result"], rec["seconds"], True
+    # Start over, never resume, when the folder holds a finished run that no longer matches, or an
+    # interrupted one with another config or upstream: its checkpoints would be the wrong ones.
+    begun = _read_json(started)
+    fresh = done.exists() or (begun is not None and begun.get("upstream") != upstream) or bool(
+        config_changes(plan.cfg, plan.stage))
+    dist.barrier()  # every process has decided before the main one rewrites the markers
+    cfg = dataclasses.replace(plan.cfg, resume=False) if fresh and plan.cfg.resume else plan.cfg
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)
+        atomic_write_text(started, json.dumps({"upstream": upstream}))
     t0 = time.time()
-    result = _runner(plan.stage)(plan.cfg)
+    result = _runner(plan.stage)(cfg)
     seconds = round(time.time() - t0, 2)
     keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
     if dist.is_main():
-        atomic_write_text(done, json.dumps({"config_hash": h, "seconds": seconds, "result": keep}, indent=1))
+        atomic_write_text(done, json.dumps({"config_hash": h, "upstream": upstream, "seconds": seconds,
+                                            "result": keep}, indent=1))
+    dist.barrier()  # done.json is on disk before any process fingerprints it
     return keep, seconds, False
 
 
@@ -158,7 +191,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
-    results, stages = [], {}
+    results, stages, prints = [], {}, {}
     t_all = time.time()
     probes = [i for i, p in enumerate(plans, 1) if p.stage in PROBE_STAGES]
     with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
@@ -169,7 +202,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 from .engine.probe import shared_features
 
                 shared.enter_context(shared_features())
-            result, seconds, skipped = run_stage(plan)
+            result, seconds, skipped = run_stage(plan, prints[plan.upstream] if plan.upstream else None)
+            prints[plan.name] = fingerprint(plan.cfg.run_dir)
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds

@@ -54,6 +54,15 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
+def config_changes(cfg: Any, stage: str) -> list[str]:
+    """What differs between ``cfg`` and the run already in its folder (``config.yaml``), as
+    ``"key: old -> new"`` lines, ignoring :data:`RESUME_SAFE_KEYS`; ``[]`` when there is no run."""
+    cfg_path = Path(cfg.run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return []
+    return _diff(C.load_yaml(cfg_path), dict(C.to_dict(cfg), stage=stage))
+
+
 def prepare_run_dir(cfg: Any, stage: str) -> Path:
     """Create (or reopen) the run folder and write ``config.yaml``.
 
@@ -76,8 +85,7 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
             ) from e
         cfg_path = run_dir / "config.yaml"
         if cfg_path.is_file():
-            old = C.load_yaml(cfg_path)
-            changed = _diff(old, values)
+            changed = config_changes(cfg, stage)
             if changed and cfg.resume:
                 raise RunError(
                     f"run folder '{run_dir}' holds a run with a different config ({changed[0]}"
