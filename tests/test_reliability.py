@@ -269,7 +269,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     kill(first)
     assert (run / "pretrain" / "done.json").is_file() and not (ft_dir / "done.json").exists()
     last = ckpt.latest_checkpoint(ft_dir)
-    last_step = ckpt.read_meta(last)["step"]
+    last_step, before = ckpt.read_meta(last)["step"], ckpt.read_meta(last)["train_seconds"]
     assert 3 <= last_step < 12
     pretrain_files = snapshot(run / "pretrain")
 
@@ -281,6 +281,9 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     assert "pretrain: resuming" not in out
     assert f"finetune: resuming from {last} at step {last_step}" in out
     assert snapshot(run / "pretrain") == pretrain_files, "pretraining was redone or rewritten"
+    # the stage's time counts the killed process's training up to the checkpoint it resumed from
+    rec = json.loads((ft_dir / "done.json").read_text())
+    assert rec["seconds_before_resume"] == before > 0 and rec["seconds"] > before
     assert json.loads((run / "results.json").read_text())["results"]
 
     # the resumed fine-tuning equals an uninterrupted one with the same config, bit for bit

@@ -149,6 +149,15 @@ def fingerprint(run_dir: str) -> str:
     return hashlib.sha256((Path(run_dir) / "done.json").read_bytes()).hexdigest()[:16]
 
 
+def _seconds_before(cfg: Any) -> float:
+    """Training seconds already spent by earlier processes, when the stage will resume from a
+    checkpoint (its meta.json's ``train_seconds``); 0 for a stage that starts from step 0."""
+    from . import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    return float(ckpt.read_meta(last).get("train_seconds", 0.0)) if last is not None else 0.0
+
+
 def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, Any], float, bool]:
     """Run one stage unless its ``done.json`` matches its config and ``upstream`` (the
     :func:`fingerprint` of the stage it reads); return (result, seconds, skipped)."""
@@ -168,16 +177,18 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
         config_changes(plan.cfg, plan.stage))
     dist.barrier()  # every process has decided before the main one rewrites the markers
     cfg = dataclasses.replace(plan.cfg, resume=False) if fresh and plan.cfg.resume else plan.cfg
+    before = _seconds_before(cfg)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
         atomic_write_text(started, json.dumps({"upstream": upstream}))
     t0 = time.time()
     result = _runner(plan.stage)(cfg)
-    seconds = round(time.time() - t0, 2)
+    seconds = round(before + time.time() - t0, 2)
     keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
     if dist.is_main():
         atomic_write_text(done, json.dumps({"config_hash": h, "upstream": upstream, "seconds": seconds,
+                                            **({"seconds_before_resume": before} if before else {}),
                                             "result": keep}, indent=1))
     dist.barrier()  # done.json is on disk before any process fingerprints it
     return keep, seconds, False

@@ -47,6 +47,10 @@ class TrainJob:
     after_step: Callable[[int], None] | None = None  # e.g. the memory's EMA update
     on_epoch_end: Callable[[int, int], dict[str, float]] | None = None  # (epoch, step) -> metrics
     train_modules: list[nn.Module] = field(default_factory=list)  # set to train() each step
+    # training seconds before this process: read from the checkpoint resumed from, and carried on
+    # in each new checkpoint's meta.json as train_seconds, so a resumed run reports its whole time
+    resumed_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
 
 
 # Extra state lives in one safetensors file under keys "<name>/<key>" ("<name>/<sub>/<key>" for
@@ -91,7 +95,8 @@ def save(job: TrainJob, step: int, epoch: float) -> None:
     state = {"optimizer": job.optimizer.state_dict()}
     ckpt.save_checkpoint(
         job.run_dir, step, job.model.state_dict(),
-        meta=dict(job.meta, stage=job.stage, epoch=epoch, config=_cfg_dict(job.cfg)),
+        meta=dict(job.meta, stage=job.stage, epoch=epoch, config=_cfg_dict(job.cfg),
+                  train_seconds=round(job.resumed_seconds + time.time() - job.started, 2)),
         extra_tensors=extra, optimizer_state=state, keep=job.cfg.keep_checkpoints,
     )
 
@@ -135,6 +140,7 @@ def try_resume(job: TrainJob) -> int:
             "it was written by another simclrv2 version or setup: use a new run_dir, or resume=false"
         ) from e
     step = int(meta["step"])
+    job.resumed_seconds = float(meta.get("train_seconds", 0.0))
     if dist.is_main():
         # one line per restart; tests/test_reliability.py parses it to check where a run resumed
         print(f"{job.stage}: resuming from {last} at step {step}", file=sys.stderr, flush=True)
@@ -161,6 +167,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     cfg, plan = job.cfg, job.plan
     if not cfg.resume and dist.is_main():
         set_aside_previous_run(job.run_dir)  # starting over: keep, but never resume, the old run
+    job.started = time.time()
     start = try_resume(job)
     logger = MetricsLogger(job.run_dir, resume_step=start)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
