@@ -233,6 +233,18 @@ def test_unknown_key_in_config_file(tmp_path: Path, capsys) -> None:
     assert_error(rc, err, "unknown config key 'learning_rate'", "base_lr")
 
 
+def test_a_run_repeats_from_its_own_config_yaml(pretrained: Path, tmp_path: Path, capsys) -> None:
+    """A run folder's config.yaml (which names its stage) is a valid --config for that stage only."""
+    from simclrv2 import config as C
+
+    saved = pretrained / "config.yaml"
+    cfg = C.load_config(C.PretrainConfig, saved, [], stage="pretrain")
+    assert dict(C.to_dict(cfg), stage="pretrain") == C.load_yaml(saved)
+    rc, err = cli(capsys, "finetune", "--config", str(saved), f"run_dir={tmp_path / 'ft'}")
+    assert_error(rc, err, "config of a pretrain run, not finetune", f"simclrv2 pretrain --config {saved}")
+    assert not (tmp_path / "ft").exists()
+
+
 # ------------------------------------------------------------------ checkpoints
 
 

@@ -55,7 +55,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML file with config keys (a pipeline config is not accepted here)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 memory.enabled=true")
     args = parser.parse_args(argv)
-    cfg = C.load_config(cls, args.config, args.overrides)
+    cfg = C.load_config(cls, args.config, args.overrides, stage=stage)
     result = _load(STAGES[stage][0])(cfg)
     from . import distributed as dist
 

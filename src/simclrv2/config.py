@@ -310,9 +310,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """YAML file (optional) + overrides -> a validated config dataclass."""
+def load_config(
+    cls: type, path: str | Path | None = None, overrides: list[str] | None = None, stage: str = ""
+) -> Any:
+    """YAML file (optional) + overrides -> a validated config dataclass.
+
+    A run folder's ``config.yaml`` names its stage (``stage: finetune``); with ``stage`` given, that
+    key is accepted when it names the same stage, so a run can be repeated from its own config.
+    """
     values = load_yaml(path) if path else {}
+    if stage and "stage" in values:
+        written = values.pop("stage")
+        if written != stage:
+            raise ConfigError(
+                f"config file '{path}' is the config of a {written} run, not {stage}; "
+                f"run it with 'simclrv2 {written} --config {path}'"
+            )
     values = apply_overrides(values, overrides or [])
     cfg = build(cls, values)
     validate(cfg)
