@@ -19,6 +19,7 @@ the incoming gradient over ranks in backward (see its docstring).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,15 @@ def barrier() -> None:
     """Wait for all processes; no-op in one process."""
     if is_dist():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (picklable); ``obj`` itself in one process."""
+    if not (is_dist() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
