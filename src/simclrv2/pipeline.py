@@ -259,6 +259,7 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     from .engine.runtime import machine_description
 
+    plans = plan_stages(pc)  # checks every stage's config before anything is written
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = None
@@ -267,7 +268,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
 
         budget = fit_pretraining(pc)
         pc = dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
-    plans = plan_stages(pc)
+        plans = plan_stages(pc)
     if dist.is_main():  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages, prints, chosen_dirs = [], {}, {}, {}
