@@ -63,7 +63,7 @@ class CommonConfig:
     checkpoint_min_seconds: float = 30.0  # checkpoint_every=0: skip epoch ends < this after the last save
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     log_every: int = 20  # steps between metric lines
-    progress: bool = True  # progress bar on rank 0
+    progress: bool | str = "auto"  # auto: a bar on a terminal, a line every log_every steps otherwise | true (bar) | false
 
 
 @dataclass
@@ -397,6 +397,8 @@ def validate(cfg: Any) -> None:
          f"checkpoint_min_seconds must be >= 0 (0 = every epoch), got {cfg.checkpoint_min_seconds}")
     need(cfg.stem in ("auto", "cifar", "small", "imagenet"),
          f"stem must be auto, cifar, small or imagenet, got '{cfg.stem}'")
+    need(cfg.progress in (True, False, "auto"), f"progress must be auto, true or false, got '{cfg.progress}'")
+    need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
     need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")
     if isinstance(cfg, LabelConfig) and not cfg.label_list:
         need(

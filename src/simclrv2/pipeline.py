@@ -31,6 +31,7 @@ from typing import Any
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
+from .engine.progress import position
 
 
 @dataclass
@@ -252,7 +253,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 from .engine.probe import shared_features
 
                 shared.enter_context(shared_features())
-            result, seconds, skipped = run_stage(plan, prints[plan.upstream] if plan.upstream else None)
+            with position(f"[{i}/{len(plans)}] {plan.name}"):  # the stage's progress bar or lines say where it is
+                result, seconds, skipped = run_stage(plan, prints[plan.upstream] if plan.upstream else None)
             prints[plan.name] = fingerprint(plan.cfg.run_dir)
             if probes and i == probes[-1]:
                 shared.close()
