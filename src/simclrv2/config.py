@@ -331,6 +331,7 @@ def split_key(key: str) -> list[str]:
 
 
 def as_number(text: str) -> float | None:
+    """The number that ``text`` spells (``"0.01"``, ``"1e-3"``), or None."""
     try:
         return float(text)
     except ValueError:
