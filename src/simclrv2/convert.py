@@ -67,6 +67,11 @@ _CONV_RE = re.compile(r"^conv2d(?:_(\d+))?/kernel$")
 _BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|moving_variance)$")
 _HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
 _OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
+# Release category -> the head output its classifier reads (see guess_ft_proj_selector).
+RELEASE_SELECTORS = {"finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0, "pretrained": 0,
+                     "supervised": 0}
+SELECTOR_ADVICE = ("pass --ft-proj-selector 1 for a finetuned_1pct/finetuned_10pct checkpoint, "
+                   "0 for finetuned_100pct, pretrained or supervised")
 
 
 class ConversionError(ValueError):
@@ -277,18 +282,17 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 def guess_ft_proj_selector(path: str | os.PathLike[str]) -> int | None:
-    """``ft_proj_selector`` of a released fine-tuned checkpoint, from its bucket category.
+    """``ft_proj_selector`` of a released checkpoint, from the bucket category in its path.
 
     The paper fine-tunes from the first projection-head layer with 1% and 10% labels and from
     the head input with 100% (google-research/simclr issue #109), so ``finetuned_1pct`` and
-    ``finetuned_10pct`` give 1, ``finetuned_100pct`` 0. ``None`` when the path names no such
-    category (pretrained and supervised checkpoints put the classifier on the features, 0).
+    ``finetuned_10pct`` give 1 and ``finetuned_100pct`` 0; ``pretrained`` (linear-eval head) and
+    ``supervised`` checkpoints put the classifier on the backbone features, 0. ``None`` when the
+    path names no category, e.g. a folder fetched with ``gsutil cp -r .../<model> .``.
     """
     for part in reversed(Path(os.path.abspath(path)).parts):
-        if part in ("finetuned_1pct", "finetuned_10pct"):
-            return 1
-        if part == "finetuned_100pct":
-            return 0
+        if part in RELEASE_SELECTORS:
+            return RELEASE_SELECTORS[part]
     return None
 
 
@@ -297,6 +301,7 @@ def convert_checkpoint(
     ema: bool = False,
     ft_proj_selector: int | None = None,
     strict: bool = True,
+    allow_short_head: bool = False,
 ) -> tuple[SimCLRModel, ConversionReport]:
     """Build the registry model a TF1 SimCLR checkpoint holds and copy every tensor into it.
 
@@ -306,9 +311,14 @@ def convert_checkpoint(
         ema: take ``ema_model/base_model`` and ``ema_model/head_contrastive`` (the EMA weights);
             the supervised head has no EMA copy and is always the live one.
         ft_proj_selector: which entry of ``[h, out_1, ..., out_L]`` feeds the classifier and
-            is returned as ``proj`` (spec 2). ``None``: 0 when the classifier input has the
-            feature width, -1 when it has the projection width; 0 without a classifier.
+            is returned as ``proj`` (spec 2). ``None``: 0 without a classifier, else the one
+            head output whose width fits the classifier input; when several fit (the released
+            checkpoints: features and middle layers are all as wide), the checkpoint cannot
+            tell, and ``ConversionError`` asks for it (``guess_ft_proj_selector`` reads it
+            from a release path).
         strict: raise when a state-dict entry received no tensor (else list it in the report).
+        allow_short_head: convert a projection head whose final layer is missing (its last
+            layer present still has a ``beta``, which only middle layers have); else an error.
 
     Returns the model in eval mode with ``tf_padding=True``, and a ``ConversionReport``.
     Conv kernels go HWIO -> OIHW, dense kernels are transposed, BN gamma/beta/moving_mean/
@@ -338,6 +348,14 @@ def convert_checkpoint(
         n.startswith(EMA_SCOPE + CONTRASTIVE_SCOPE) for n in shapes) else CONTRASTIVE_SCOPE
     mode, head_layers = _head_layout(shapes, head_scope)
     head_layers = [p[len(EMA_SCOPE):] if p.startswith(EMA_SCOPE) else p for p in head_layers]
+    # TF builds every head layer but the last with a BN beta (center=True); a final layer that
+    # still has one means the real final layer was lost (a truncated copy or export).
+    short_head = bool(head_layers) and source(head_layers[-1] + "batch_normalization/beta") in live
+    if short_head and not allow_short_head:
+        raise ConversionError(
+            f"the projection head stops at {head_layers[-1].rstrip('/')}, which has a BN beta, so its final "
+            f"layer is missing; re-download the checkpoint, or pass --allow-short-head to convert the "
+            f"{len(head_layers)} layers present")
     proj_out_dim = shapes[source(head_layers[-1] + "dense/kernel")][1] if head_layers else 128
     num_proj_layers = max(len(head_layers), 1)
 
@@ -350,16 +368,17 @@ def convert_checkpoint(
                              proj_out_dim=proj_out_dim, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans)
     dims = probe.proj_head.dims
     if ft_proj_selector is None:
-        if num_classes and cls_in != dims[0]:
-            fits = [j for j, d in enumerate(dims) if d == cls_in]
-            if not fits:
-                raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
-            ft_proj_selector = -1 if fits[-1] == len(dims) - 1 else fits[0]
-        else:
-            ft_proj_selector = 0
+        fits = [j for j, d in enumerate(dims) if d == cls_in] if num_classes else [0]
+        if not fits:
+            raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
+        if len(fits) > 1:
+            listed = ", ".join(map(str, fits[:-1])) + f" and {fits[-1]}"
+            raise ConversionError(
+                f"cannot tell which head output feeds the classifier: its {cls_in} inputs fit outputs {listed}, "
+                f"and the path names no release category; {SELECTOR_ADVICE}")
+        ft_proj_selector = fits[0]
         if num_classes:
-            notes.append(f"ft_proj_selector={ft_proj_selector} chosen from the classifier input width; "
-                         "released finetuned_1pct/10pct checkpoints use 1 (pass --ft-proj-selector)")
+            notes.append(f"ft_proj_selector={ft_proj_selector}: the only head output as wide as the classifier input")
     try:
         selected = dims[probe.proj_head.resolve_index(ft_proj_selector)]
     except ValueError as e:
@@ -478,6 +497,9 @@ def convert_checkpoint(
         ft_proj_selector=ft_proj_selector, num_classes=num_classes, mapping=mapping, ignored=ignored,
         unused=sorted(unused), missing=missing, ema_fallback=fallback, notes=notes,
     )
+    if short_head:
+        report.notes.append(f"short head (--allow-short-head): {head_layers[-1].rstrip('/')} was a middle layer in "
+                            "TF; its beta is unused and its output differs, so select an earlier output")
     if mode == "none":
         report.notes.append("no head_contrastive variables (supervised checkpoint): projection head mode 'none'")
     return model, report
@@ -601,10 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema_model/...) of the backbone and projection head")
     parser.add_argument("--ft-proj-selector", type=int, default=None, metavar="N",
                         help="head output feeding the classifier: 0 = backbone features, 1 = first head layer, "
-                             "-1 = final output (default: 1 for finetuned_1pct/10pct folders, else from the "
-                             "classifier width, normally 0)")
+                             "-1 = final output (default: from the release category in the path, 1 for "
+                             "finetuned_1pct/10pct, 0 for finetuned_100pct/pretrained/supervised; required "
+                             "when the path names none and the checkpoint cannot tell)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="write the model even if some of its tensors are not in the checkpoint")
+    parser.add_argument("--allow-short-head", action="store_true",
+                        help="convert a projection head whose final layer is missing (else an error)")
     parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")
     return parser
 
@@ -613,10 +638,15 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     """``simclrv2 convert --tf-checkpoint DIR_OR_PREFIX --out FILE.safetensors [--ema] [--ft-proj-selector N]``."""
     args = build_parser().parse_args(argv)
     ckpt = TFCheckpoint(args.tf_checkpoint, verify=not args.no_verify)
-    selector = args.ft_proj_selector
+    selector, category = args.ft_proj_selector, None
     if selector is None:
         selector = guess_ft_proj_selector(ckpt.prefix)
-    model, report = convert_checkpoint(ckpt, ema=args.ema, ft_proj_selector=selector, strict=not args.allow_missing)
+        category = next((p for p in reversed(ckpt.prefix.parts) if p in RELEASE_SELECTORS), None)
+    model, report = convert_checkpoint(ckpt, ema=args.ema, ft_proj_selector=selector, strict=not args.allow_missing,
+                                       allow_short_head=args.allow_short_head)
+    if args.ft_proj_selector is None and category is not None and report.num_classes:
+        report.notes.append(f"ft_proj_selector={selector} for a {category} checkpoint (the folder name); "
+                            "--ft-proj-selector overrides it")
     step = None
     if "global_step" in ckpt:
         step = int(np.asarray(ckpt["global_step"]).reshape(()))
