@@ -36,7 +36,7 @@ from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint, writ
 
 BN_EPS = 1e-5
 REF_DTYPE = np.float64  # reference in double precision: its own rounding is negligible
-BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # --------------------------------------------------------------------------------------------
 # Replay of the official TF1 network construction
@@ -110,6 +110,13 @@ class OfficialNet:
         x = self.bn(self.conv(x, 4 * filters, 1, 1), relu=False, last=True)
         return self.ops.relu(self.ops.add(x, shortcut))
 
+    def basic(self, x: Any, filters: int, stride: int, projection: bool) -> Any:
+        """residual_block of resnet.py (ResNet-10/18/34): two 3x3 convs, projection first."""
+        shortcut = self.bn(self.conv(x, filters, 1, stride), relu=False) if projection else x
+        x = self.bn(self.conv(x, filters, 3, stride))
+        x = self.bn(self.conv(x, filters, 3, 1), relu=False, last=True)
+        return self.ops.relu(self.ops.add(x, shortcut))
+
     def backbone(self, x: Any, depth: int, width: float, sk: bool, cifar_stem: bool = False) -> Any:
         c = int(64 * width)
         if cifar_stem:  # 3x3 stride 1, no max-pool, with or without SK
@@ -124,7 +131,11 @@ class OfficialNet:
             x = self.ops.max_pool_same(self.bn(x))
         for i, n in enumerate(BLOCKS[depth]):
             for j in range(n):
-                x = self.bottleneck(x, c * 2**i, (1, 2, 2, 2)[i] if j == 0 else 1, j == 0, sk)
+                stride = (1, 2, 2, 2)[i] if j == 0 else 1
+                if depth < 50:
+                    x = self.basic(x, c * 2**i, stride, j == 0)
+                else:
+                    x = self.bottleneck(x, c * 2**i, stride, j == 0, sk)
         return self.ops.global_pool(x)
 
     def projection_head(self, h: Any, num_layers: int = 3, out_dim: int = 128) -> list[Any]:
@@ -636,6 +647,32 @@ def test_cifar_stem_checkpoint_converts_to_the_small_variant(tmp_path: Path) -> 
     torch.testing.assert_close(out["logits"].double(), ref["logits_0"], atol=2e-5, rtol=1e-5)
     with pytest.raises(ConversionError, match="must end in .safetensors"):
         save_converted(model, report, tmp_path / "model.pt")
+
+
+def tiny_tf_checkpoint(folder: Path, step: int = 30) -> dict[str, np.ndarray]:
+    """A fine-tuned ResNet-10 0.25x TF checkpoint (CIFAR stem, 3-layer head, 10 classes) in
+    ``folder``, with momentum slots and ``global_step``: small enough to serve, convert and train."""
+    live = official_variables(10, 0.25, False, NUM_CLASSES, seed=5, cifar_stem=True)
+    tensors = dict(live.values)
+    tensors.update({f"{n}/Momentum": np.zeros_like(v) for n, v in live.values.items()
+                    if live.kinds[n] in TRAINABLE_KINDS})
+    tensors["global_step"] = np.array(step, dtype=np.int64)
+    write_tf_checkpoint(folder / f"model.ckpt-{step}", tensors)
+    return tensors
+
+
+def test_basic_block_checkpoint_converts_with_tf_outputs(tmp_path: Path) -> None:
+    tensors = tiny_tf_checkpoint(tmp_path / "finetuned_10pct" / "r10_0.25x_sk0")
+    model, report = convert_checkpoint(TFCheckpoint(tmp_path / "finetuned_10pct" / "r10_0.25x_sk0"),
+                                       ft_proj_selector=1)
+    assert model.name == "r10_0.25x_sk0" and report.unused == [] and report.missing == []
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(x)
+    ref = reference_outputs(tensors, x, 10, 0.25, False, cifar_stem=True)
+    assert ref["features"].abs().max() > 0.1
+    torch.testing.assert_close(out["features"].double(), ref["features"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits"].double(), ref["logits_1"], atol=2e-5, rtol=1e-5)
 
 
 def test_missing_tensors_are_refused_or_reported() -> None:
