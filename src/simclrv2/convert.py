@@ -68,6 +68,7 @@ _BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|mo
 _HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
 _OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
 # Release category -> the head output its classifier reads (see guess_ft_proj_selector).
+RELEASE_CATEGORIES = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
 RELEASE_SELECTORS = {"finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0, "pretrained": 0,
                      "supervised": 0}
 SELECTOR_ADVICE = ("pass --ft-proj-selector 1 for a finetuned_1pct/finetuned_10pct checkpoint, "
@@ -556,14 +557,34 @@ def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.P
     return out, sidecar
 
 
-def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SimCLRModel:
-    """A model with its heads, in eval mode, from a converted file or one of our checkpoints.
+def load_pretrained(
+    name_or_path: str | os.PathLike[str],
+    category: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    ema: bool = False,
+) -> SimCLRModel:
+    """A model with its heads, in eval mode, from a file, a run folder or a released model's name.
 
-    ``path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json`` or
-    the file header), or a run / checkpoint folder of ours. ``model(x)`` on float
-    ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``: pooled backbone
-    features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
+    ``name_or_path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json``
+    or the file header), a run / checkpoint folder of ours, or a released model such as
+    ``"r50_1x_sk1"`` with ``category`` (``pretrained`` by default, ``finetuned_1pct``,
+    ``finetuned_10pct``, ``finetuned_100pct``, ``supervised``): downloaded once into the cache
+    (``simclrv2.released``) and converted, with ``ema`` choosing the EMA weights.
+    ``model(x)`` on float ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``:
+    pooled backbone features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
     """
+    from simclrv2 import released
+
+    path = Path(name_or_path)
+    if not path.exists() and released.is_release_name(str(name_or_path)):
+        path = released.release_model_file(str(name_or_path), category or "pretrained", ema=ema)
+    elif category is not None or ema:
+        raise ConversionError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
+                              f"not to the file '{name_or_path}'")
+    elif not path.exists():
+        raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
+                                f"({', '.join(released.MODELS)})")
     from simclrv2.checkpoint import read_model_file
 
     state, meta = read_model_file(path)
@@ -616,10 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--tf-checkpoint", required=True, metavar="DIR_OR_PREFIX",
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a released model (r50_1x_sk0 ... r152_3x_sk1): downloaded into the cache "
+                             "($SIMCLRV2_CACHE, default ~/.cache/simclrv2), then converted")
+    parser.add_argument("--category", default="pretrained", choices=RELEASE_CATEGORIES,
+                        help="release category of MODEL (default: pretrained)")
+    parser.add_argument("--tf-checkpoint", metavar="DIR_OR_PREFIX",
                         help="checkpoint folder (with a `checkpoint` file) or prefix such as "
                              "r50_1x_sk1/model.ckpt-250228")
-    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; FILE.json is written next to it")
+    parser.add_argument("--out", metavar="FILE.safetensors",
+                        help="output weights; FILE.json is written next to it (default with MODEL: "
+                             "MODEL_CATEGORY.safetensors)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema_model/...) of the backbone and projection head")
     parser.add_argument("--ft-proj-selector", type=int, default=None, metavar="N",
                         help="head output feeding the classifier: 0 = backbone features, 1 = first head layer, "
@@ -634,24 +662,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """``simclrv2 convert --tf-checkpoint DIR_OR_PREFIX --out FILE.safetensors [--ema] [--ft-proj-selector N]``."""
-    args = build_parser().parse_args(argv)
-    ckpt = TFCheckpoint(args.tf_checkpoint, verify=not args.no_verify)
-    selector, category = args.ft_proj_selector, None
+def convert_release_folder(
+    tf_checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    category: str | None = None,
+    ema: bool = False,
+    ft_proj_selector: int | None = None,
+    strict: bool = True,
+    allow_short_head: bool = False,
+    verify: bool = True,
+    quiet: bool = False,
+) -> ConversionReport:
+    """Convert a TF checkpoint folder or prefix to ``out`` (+ ``.json``), printing the report.
+
+    Without ``ft_proj_selector`` it comes from ``category`` (a release category such as
+    ``finetuned_10pct``), else from a category in the path, else from the checkpoint itself
+    (``convert_checkpoint`` raises when that cannot tell).
+    """
+    ckpt = TFCheckpoint(tf_checkpoint, verify=verify)
+    selector = ft_proj_selector
     if selector is None:
-        selector = guess_ft_proj_selector(ckpt.prefix)
-        category = next((p for p in reversed(ckpt.prefix.parts) if p in RELEASE_SELECTORS), None)
-    model, report = convert_checkpoint(ckpt, ema=args.ema, ft_proj_selector=selector, strict=not args.allow_missing,
-                                       allow_short_head=args.allow_short_head)
-    if args.ft_proj_selector is None and category is not None and report.num_classes:
-        report.notes.append(f"ft_proj_selector={selector} for a {category} checkpoint (the folder name); "
+        if category is None:
+            category = next((p for p in reversed(ckpt.prefix.absolute().parts) if p in RELEASE_SELECTORS), None)
+        selector = RELEASE_SELECTORS.get(category) if category is not None else None
+    model, report = convert_checkpoint(ckpt, ema=ema, ft_proj_selector=selector, strict=strict,
+                                       allow_short_head=allow_short_head)
+    if ft_proj_selector is None and category is not None and report.num_classes:
+        report.notes.append(f"ft_proj_selector={selector} for a {category} checkpoint; "
                             "--ft-proj-selector overrides it")
     step = None
     if "global_step" in ckpt:
         step = int(np.asarray(ckpt["global_step"]).reshape(()))
-    out, sidecar = save_converted(model, report, args.out,
-                                  source={"tf_checkpoint": str(ckpt.prefix), "global_step": step})
-    print(report.summary())
-    print(f"wrote {out} and {sidecar}")
+    written, sidecar = save_converted(model, report, out, source={
+        "tf_checkpoint": str(ckpt.prefix), "global_step": step, "category": category})
+    ckpt.close()
+    if not quiet:
+        print(report.summary())
+        print(f"wrote {written} and {sidecar}")
+    return report
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """``simclrv2 convert (MODEL [--category C] | --tf-checkpoint DIR_OR_PREFIX) [--out FILE.safetensors] ...``."""
+    from simclrv2 import released
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.tf_checkpoint is None):
+        parser.error("give a released model name (e.g. r50_1x_sk1) or --tf-checkpoint DIR, not both or neither")
+    if args.model is not None:
+        folder = released.fetch_release(args.model, args.category)
+        out = args.out or f"{args.model}_{args.category}{'_ema' if args.ema else ''}.safetensors"
+        category: str | None = args.category
+    else:
+        if args.out is None:
+            parser.error("--out FILE.safetensors is needed with --tf-checkpoint")
+        folder, out, category = args.tf_checkpoint, args.out, None
+    convert_release_folder(folder, out, category=category, ema=args.ema, ft_proj_selector=args.ft_proj_selector,
+                           strict=not args.allow_missing, allow_short_head=args.allow_short_head,
+                           verify=not args.no_verify)
     return 0
