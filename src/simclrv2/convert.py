@@ -606,8 +606,12 @@ def load_pretrained(
 # --------------------------------------------------------------------------------------------
 
 HELP_EPILOG = """\
-Where the released checkpoints live (google-research/simclr README, "Pretrained SimCLRv2
-models"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
+By name: `simclrv2 convert r50_1x_sk1 --category finetuned_10pct` downloads the release from
+https://storage.googleapis.com/simclr-checkpoints/simclrv2/<category>/<model>/ into the cache
+($SIMCLRV2_CACHE, default ~/.cache/simclrv2; resumable) and converts it.
+
+Where the released checkpoints live (google-research/simclr README, "Pre-trained models for
+SimCLRv2"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
   category: pretrained (with a linear-eval head), finetuned_1pct, finetuned_10pct,
             finetuned_100pct, supervised
   model:    r50_1x_sk0 r50_1x_sk1 r50_2x_sk0 r50_2x_sk1 r101_1x_sk0 r101_1x_sk1 r101_2x_sk0
@@ -617,15 +621,17 @@ Each folder holds `checkpoint`, `model.ckpt-<step>.index`, `model.ckpt-<step>.da
 
 From download to fine-tuning:
   gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk1 .
-  simclrv2 convert --tf-checkpoint r50_1x_sk1 --out r50_1x_sk1.safetensors
+  simclrv2 convert --tf-checkpoint r50_1x_sk1 --out r50_1x_sk1.safetensors --ft-proj-selector 0
   simclrv2 finetune --config configs/imagenet_r50_1x_sk1.yaml init_checkpoint=r50_1x_sk1.safetensors ...
 
+A folder copied that way has lost its category, which sets --ft-proj-selector (1 for
+finetuned_1pct/10pct, 0 otherwise); convert asks for it rather than guess.
 The output (r50_1x_sk1.safetensors + r50_1x_sk1.json) is accepted by finetune, distill,
 linear-eval, predict and embed as init_checkpoint / checkpoint, and from Python by
-simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation;
-evaluation crops the central 87.5% and resizes to 224 with bicubic interpolation.
-The converted model uses exact TF "SAME" pooling (tf_padding=True), so its outputs match
-TensorFlow's. Details: docs/CONVERT.md.
+simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation (grey
+images are repeated to RGB); evaluation crops the central 87.5% and resizes to 224 with bicubic
+interpolation. The converted model uses exact TF "SAME" pooling (tf_padding=True), so its
+outputs match TensorFlow's. Details: docs/CONVERT.md.
 """
 
 

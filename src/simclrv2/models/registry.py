@@ -120,7 +120,8 @@ class SimCLRModel(nn.Module):
         channels), and the model keeps taking colour images as well.
         """
         in_chans = self._arch["in_chans"]
-        if x.shape[1] != in_chans:
+        # a trace (ONNX/TorchScript export) records one input shape, the model's own: no check
+        if not torch.jit.is_tracing() and x.shape[1] != in_chans:
             if x.ndim != 4 or x.shape[1] != 1:
                 raise ValueError(f"model {self.name} takes {in_chans}-channel images, got shape {tuple(x.shape)}; "
                                  f"convert the images to {in_chans} channels (or to grey)")
