@@ -179,6 +179,10 @@ def test_convert_and_load_pretrained_by_name(tiny_release: dict[str, Any], tmp_p
         simclrv2.load_pretrained("r50_1x_sk0", category="finetuned_10")
     with pytest.raises(FileNotFoundError, match="neither a file nor a released model name"):
         simclrv2.load_pretrained("r50_1x_sk9")
+    # a TF folder in the working directory named like a release is a path, not the release
+    tiny_tf_checkpoint(tmp_path / "r50_1x_sk0")
+    with pytest.raises(ValueError, match="is a TF checkpoint folder; convert it first"):
+        simclrv2.load_pretrained("r50_1x_sk0")
 
 
 def test_without_a_network_the_error_says_what_to_fetch_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -585,6 +585,9 @@ def load_pretrained(
     elif not path.exists():
         raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
                                 f"({', '.join(released.MODELS)})")
+    if path.is_dir() and any(path.glob("*.index")):
+        raise ConversionError(f"'{path}' is a TF checkpoint folder; convert it first (simclrv2 convert --tf-checkpoint "
+                              f"{path} --out {path.name}.safetensors) and load the .safetensors")
     from simclrv2.checkpoint import read_model_file
 
     state, meta = read_model_file(path)
