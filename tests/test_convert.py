@@ -36,7 +36,7 @@ from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint, writ
 
 BN_EPS = 1e-5
 REF_DTYPE = np.float64  # reference in double precision: its own rounding is negligible
-BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # --------------------------------------------------------------------------------------------
 # Replay of the official TF1 network construction
@@ -110,6 +110,13 @@ class OfficialNet:
         x = self.bn(self.conv(x, 4 * filters, 1, 1), relu=False, last=True)
         return self.ops.relu(self.ops.add(x, shortcut))
 
+    def basic(self, x: Any, filters: int, stride: int, projection: bool) -> Any:
+        """residual_block of resnet.py (ResNet-10/18/34): two 3x3 convs, projection first."""
+        shortcut = self.bn(self.conv(x, filters, 1, stride), relu=False) if projection else x
+        x = self.bn(self.conv(x, filters, 3, stride))
+        x = self.bn(self.conv(x, filters, 3, 1), relu=False, last=True)
+        return self.ops.relu(self.ops.add(x, shortcut))
+
     def backbone(self, x: Any, depth: int, width: float, sk: bool, cifar_stem: bool = False) -> Any:
         c = int(64 * width)
         if cifar_stem:  # 3x3 stride 1, no max-pool, with or without SK
@@ -124,7 +131,11 @@ class OfficialNet:
             x = self.ops.max_pool_same(self.bn(x))
         for i, n in enumerate(BLOCKS[depth]):
             for j in range(n):
-                x = self.bottleneck(x, c * 2**i, (1, 2, 2, 2)[i] if j == 0 else 1, j == 0, sk)
+                stride = (1, 2, 2, 2)[i] if j == 0 else 1
+                if depth < 50:
+                    x = self.basic(x, c * 2**i, stride, j == 0)
+                else:
+                    x = self.bottleneck(x, c * 2**i, stride, j == 0, sk)
         return self.ops.global_pool(x)
 
     def projection_head(self, h: Any, num_layers: int = 3, out_dim: int = 128) -> list[Any]:
@@ -551,7 +562,7 @@ def test_convert_maps_every_tensor_and_matches_tf_semantics(variant: str, reques
 
 def test_convert_ema_uses_the_ema_copies(r50_sk1: dict[str, Any]) -> None:
     tensors = r50_sk1["tensors"]
-    model, report = convert_checkpoint(TFCheckpoint(r50_sk1["prefix"], verify=False), ema=True)
+    model, report = convert_checkpoint(TFCheckpoint(r50_sk1["prefix"], verify=False), ema=True, ft_proj_selector=0)
     ema_sources = {n for n in tensors if n.startswith("ema_model/") and not n.endswith("/Momentum")}
     sup = {"head_supervised/linear_layer/dense/kernel", "head_supervised/linear_layer/dense/bias"}
     check_every_tensor(model, report, tensors, ema_sources | sup)
@@ -625,7 +636,7 @@ def test_refuses_checkpoints_that_match_no_variant() -> None:
 
 def test_cifar_stem_checkpoint_converts_to_the_small_variant(tmp_path: Path) -> None:
     values = official_variables(50, 0.5, True, NUM_CLASSES, cifar_stem=True).values
-    model, report = convert_checkpoint(values)
+    model, report = convert_checkpoint(values, ft_proj_selector=0)
     assert model.name == "r50_0.5x_sk1" and model.config["cifar_stem"] and report.ft_proj_selector == 0
     check_every_tensor(model, report, values, set(values))
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -638,13 +649,39 @@ def test_cifar_stem_checkpoint_converts_to_the_small_variant(tmp_path: Path) -> 
         save_converted(model, report, tmp_path / "model.pt")
 
 
+def tiny_tf_checkpoint(folder: Path, step: int = 30) -> dict[str, np.ndarray]:
+    """A fine-tuned ResNet-10 0.25x TF checkpoint (CIFAR stem, 3-layer head, 10 classes) in
+    ``folder``, with momentum slots and ``global_step``: small enough to serve, convert and train."""
+    live = official_variables(10, 0.25, False, NUM_CLASSES, seed=5, cifar_stem=True)
+    tensors = dict(live.values)
+    tensors.update({f"{n}/Momentum": np.zeros_like(v) for n, v in live.values.items()
+                    if live.kinds[n] in TRAINABLE_KINDS})
+    tensors["global_step"] = np.array(step, dtype=np.int64)
+    write_tf_checkpoint(folder / f"model.ckpt-{step}", tensors)
+    return tensors
+
+
+def test_basic_block_checkpoint_converts_with_tf_outputs(tmp_path: Path) -> None:
+    tensors = tiny_tf_checkpoint(tmp_path / "finetuned_10pct" / "r10_0.25x_sk0")
+    model, report = convert_checkpoint(TFCheckpoint(tmp_path / "finetuned_10pct" / "r10_0.25x_sk0"),
+                                       ft_proj_selector=1)
+    assert model.name == "r10_0.25x_sk0" and report.unused == [] and report.missing == []
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(x)
+    ref = reference_outputs(tensors, x, 10, 0.25, False, cifar_stem=True)
+    assert ref["features"].abs().max() > 0.1
+    torch.testing.assert_close(out["features"].double(), ref["features"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits"].double(), ref["logits_1"], atol=2e-5, rtol=1e-5)
+
+
 def test_missing_tensors_are_refused_or_reported() -> None:
     values = dict(official_variables(50, 0.5, False, NUM_CLASSES, cifar_stem=True).values)
     del values["head_contrastive/nl_1/batch_normalization/moving_variance"]
     with pytest.raises(ConversionError, match="1 model tensors have no counterpart"):
-        convert_checkpoint(values)
+        convert_checkpoint(values, ft_proj_selector=0)
     values["unexpected/variable"] = np.zeros(3, np.float32)
-    model, report = convert_checkpoint(values, strict=False)
+    model, report = convert_checkpoint(values, strict=False, ft_proj_selector=0)
     assert report.missing == ["proj_head.layers.1.bn.running_var"]
     assert report.unused == ["unexpected/variable"]
     assert torch.equal(model.proj_head.layers[1].bn.running_var, torch.ones(1024))  # fresh init kept
@@ -654,7 +691,80 @@ def test_selector_guess_from_release_folders(tmp_path: Path) -> None:
     assert guess_ft_proj_selector("/x/finetuned_1pct/r50_1x_sk0/model.ckpt-751") == 1
     assert guess_ft_proj_selector("/x/finetuned_10pct/r50_1x_sk0") == 1
     assert guess_ft_proj_selector("/x/finetuned_100pct/r50_1x_sk0") == 0
-    assert guess_ft_proj_selector("/x/pretrained/r50_1x_sk0") is None
+    assert guess_ft_proj_selector("/x/pretrained/r50_1x_sk0") == 0
+    assert guess_ft_proj_selector("/x/supervised/r50_1x_sk0") == 0
+    assert guess_ft_proj_selector(tmp_path / "r50_1x_sk0") is None  # copied with `gsutil cp -r .../r50_1x_sk0 .`
+
+
+def test_selector_is_required_when_neither_checkpoint_nor_path_tells(r50_sk0: dict[str, Any], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # the fine-tuned fixture copied without its category folder: the classifier's 2048 inputs fit
+    # the features and both middle head layers, so nothing says which one it reads
+    copied = tmp_path / "r50_1x_sk0"
+    copied.mkdir()
+    for f in Path(r50_sk0["prefix"]).parent.iterdir():
+        (copied / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ConversionError, match=r"^cannot tell which head output feeds the classifier: its 2048 "
+                                              r"inputs fit outputs 0, 1 and 2, .*ft_proj_selector=1 for a finetuned_1pct"):
+        convert_main([f"tf_checkpoint={copied}", f"out={out}"])
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    from simclrv2.cli import main as cli_main
+
+    assert cli_main(["convert", f"tf_checkpoint={copied}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot tell which head output")
+    assert convert_main(["--tf-checkpoint", str(copied), "--out", str(out), "--ft-proj-selector", "1"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["ft_proj_selector"] == 1
+    # one width that fits: the checkpoint tells (a classifier on the 128-d output)
+    values = dict(shapes_only(r50_sk0["live"].values))
+    values[SUP_KERNEL] = np.broadcast_to(np.float32(0), (128, NUM_CLASSES))
+    _, report = convert_checkpoint(values)
+    assert report.ft_proj_selector == 3 and "only head output as wide" in report.notes[0]
+    # no classifier: the selector only picks `proj`; the features, as in pretraining checkpoints
+    no_cls = {k: v for k, v in shapes_only(r50_sk0["live"].values).items() if not k.startswith("head_supervised/")}
+    assert convert_checkpoint(no_cls)[1].ft_proj_selector == 0
+
+
+SUP_KERNEL = "head_supervised/linear_layer/dense/kernel"
+
+
+def test_missing_last_head_layer_is_an_error_unless_allowed() -> None:
+    values = dict(official_variables(50, 0.5, False, NUM_CLASSES, cifar_stem=True).values)
+    short = {k: v for k, v in values.items() if not k.startswith("head_contrastive/nl_2/")}
+    with pytest.raises(ConversionError, match=r"^the projection head stops at head_contrastive/nl_1, which has a "
+                                              r"BN beta, so its final layer is missing; .*allow_short_head=true"):
+        convert_checkpoint(short, ft_proj_selector=1)
+    model, report = convert_checkpoint(short, ft_proj_selector=1, allow_short_head=True)
+    assert report.num_proj_layers == 2 and report.unused == ["head_contrastive/nl_1/batch_normalization/beta"]
+    assert any("short head" in n for n in report.notes)
+    # the layers before the lost one still give TF's outputs
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(x)
+    ref = reference_outputs(values, x, 50, 0.5, False, cifar_stem=True)
+    torch.testing.assert_close(out["proj"].double(), ref["head"][1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits"].double(), ref["logits_1"], atol=2e-5, rtol=1e-5)
+    # a complete 2-layer head (SimCLRv1 style: its last layer has no beta) is not short
+    two = {k: v for k, v in short.items() if k != "head_contrastive/nl_1/batch_normalization/beta"}
+    two["head_contrastive/nl_1/dense/kernel"] = values["head_contrastive/nl_1/dense/kernel"][:, :128]
+    for f in ("gamma", "moving_mean", "moving_variance"):
+        two[f"head_contrastive/nl_1/batch_normalization/{f}"] = values[f"head_contrastive/nl_1/batch_normalization/{f}"][:128]
+    assert convert_checkpoint(two, ft_proj_selector=1)[1].num_proj_layers == 2
+
+
+def test_checkpoint_file_naming_a_missing_step_is_an_error(tmp_path: Path) -> None:
+    tensors = {"base_model/conv2d/kernel": np.zeros((3, 3, 3, 8), np.float32)}
+    folder = tmp_path / "r50_1x_sk0"
+    write_tf_checkpoint(folder / "model.ckpt-100", tensors)
+    write_tf_checkpoint(folder / "model.ckpt-2000", tensors, write_state_file=False)
+    assert tfcheckpoint.resolve_checkpoint_prefix(folder).name == "model.ckpt-100"  # state file wins
+    (folder / "checkpoint").write_text('model_checkpoint_path: "gs://bucket/run/model.ckpt-250228"\n')
+    with pytest.raises(FileNotFoundError, match=r"checkpoint names model.ckpt-250228, but model.ckpt-250228.index "
+                                                r"is not in .*checkpoints present: model.ckpt-100, model.ckpt-2000\)"):
+        TFCheckpoint(folder)
+    (folder / "checkpoint").unlink()  # no state file: the highest step
+    assert tfcheckpoint.resolve_checkpoint_prefix(folder).name == "model.ckpt-2000"
 
 
 def test_cli_convert_then_load_pretrained(r50_sk0: dict[str, Any], tmp_path: Path,
@@ -691,7 +801,7 @@ def test_help_explains_download_to_finetune(capsys: pytest.CaptureFixture[str]) 
     text = capsys.readouterr().out
     assert "gs://simclr-checkpoints/simclrv2/<category>/<model>/" in text
     assert "gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk1 ." in text
-    assert "simclrv2 convert --tf-checkpoint" in text and "simclrv2 finetune --config" in text
+    assert "simclrv2 convert tf_checkpoint=" in text and "simclrv2 finetune init_checkpoint=" in text
     assert "[0, 1]" in text
 
 

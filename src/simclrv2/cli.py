@@ -171,8 +171,10 @@ def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets import DatasetError
     from .engine.runtime import RunError
+    from .released import DownloadError
 
-    return (C.ConfigError, RunError, CheckpointError, DatasetError, ValueError, FileNotFoundError, PermissionError)
+    return (C.ConfigError, RunError, CheckpointError, DatasetError, DownloadError, ValueError, FileNotFoundError,
+            PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,12 @@ _CONV_RE = re.compile(r"^conv2d(?:_(\d+))?/kernel$")
 _BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|moving_variance)$")
 _HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
 _OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
+# Release category -> the head output its classifier reads (see guess_ft_proj_selector).
+RELEASE_CATEGORIES = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
+RELEASE_SELECTORS = {"finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0, "pretrained": 0,
+                     "supervised": 0}
+SELECTOR_ADVICE = ("pass ft_proj_selector=1 for a finetuned_1pct/finetuned_10pct checkpoint, "
+                   "0 for finetuned_100pct, pretrained or supervised")
 
 
 class ConversionError(ValueError):
@@ -277,18 +283,17 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 def guess_ft_proj_selector(path: str | os.PathLike[str]) -> int | None:
-    """``ft_proj_selector`` of a released fine-tuned checkpoint, from its bucket category.
+    """``ft_proj_selector`` of a released checkpoint, from the bucket category in its path.
 
     The paper fine-tunes from the first projection-head layer with 1% and 10% labels and from
     the head input with 100% (google-research/simclr issue #109), so ``finetuned_1pct`` and
-    ``finetuned_10pct`` give 1, ``finetuned_100pct`` 0. ``None`` when the path names no such
-    category (pretrained and supervised checkpoints put the classifier on the features, 0).
+    ``finetuned_10pct`` give 1 and ``finetuned_100pct`` 0; ``pretrained`` (linear-eval head) and
+    ``supervised`` checkpoints put the classifier on the backbone features, 0. ``None`` when the
+    path names no category, e.g. a folder fetched with ``gsutil cp -r .../<model> .``.
     """
     for part in reversed(Path(os.path.abspath(path)).parts):
-        if part in ("finetuned_1pct", "finetuned_10pct"):
-            return 1
-        if part == "finetuned_100pct":
-            return 0
+        if part in RELEASE_SELECTORS:
+            return RELEASE_SELECTORS[part]
     return None
 
 
@@ -297,6 +302,7 @@ def convert_checkpoint(
     ema: bool = False,
     ft_proj_selector: int | None = None,
     strict: bool = True,
+    allow_short_head: bool = False,
 ) -> tuple[SimCLRModel, ConversionReport]:
     """Build the registry model a TF1 SimCLR checkpoint holds and copy every tensor into it.
 
@@ -306,9 +312,14 @@ def convert_checkpoint(
         ema: take ``ema_model/base_model`` and ``ema_model/head_contrastive`` (the EMA weights);
             the supervised head has no EMA copy and is always the live one.
         ft_proj_selector: which entry of ``[h, out_1, ..., out_L]`` feeds the classifier and
-            is returned as ``proj`` (spec 2). ``None``: 0 when the classifier input has the
-            feature width, -1 when it has the projection width; 0 without a classifier.
+            is returned as ``proj`` (spec 2). ``None``: 0 without a classifier, else the one
+            head output whose width fits the classifier input; when several fit (the released
+            checkpoints: features and middle layers are all as wide), the checkpoint cannot
+            tell, and ``ConversionError`` asks for it (``guess_ft_proj_selector`` reads it
+            from a release path).
         strict: raise when a state-dict entry received no tensor (else list it in the report).
+        allow_short_head: convert a projection head whose final layer is missing (its last
+            layer present still has a ``beta``, which only middle layers have); else an error.
 
     Returns the model in eval mode with ``tf_padding=True``, and a ``ConversionReport``.
     Conv kernels go HWIO -> OIHW, dense kernels are transposed, BN gamma/beta/moving_mean/
@@ -338,6 +349,14 @@ def convert_checkpoint(
         n.startswith(EMA_SCOPE + CONTRASTIVE_SCOPE) for n in shapes) else CONTRASTIVE_SCOPE
     mode, head_layers = _head_layout(shapes, head_scope)
     head_layers = [p[len(EMA_SCOPE):] if p.startswith(EMA_SCOPE) else p for p in head_layers]
+    # TF builds every head layer but the last with a BN beta (center=True); a final layer that
+    # still has one means the real final layer was lost (a truncated copy or export).
+    short_head = bool(head_layers) and source(head_layers[-1] + "batch_normalization/beta") in live
+    if short_head and not allow_short_head:
+        raise ConversionError(
+            f"the projection head stops at {head_layers[-1].rstrip('/')}, which has a BN beta, so its final "
+            f"layer is missing; re-download the checkpoint, or pass allow_short_head=true to convert the "
+            f"{len(head_layers)} layers present")
     proj_out_dim = shapes[source(head_layers[-1] + "dense/kernel")][1] if head_layers else 128
     num_proj_layers = max(len(head_layers), 1)
 
@@ -350,16 +369,17 @@ def convert_checkpoint(
                              proj_out_dim=proj_out_dim, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans)
     dims = probe.proj_head.dims
     if ft_proj_selector is None:
-        if num_classes and cls_in != dims[0]:
-            fits = [j for j, d in enumerate(dims) if d == cls_in]
-            if not fits:
-                raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
-            ft_proj_selector = -1 if fits[-1] == len(dims) - 1 else fits[0]
-        else:
-            ft_proj_selector = 0
+        fits = [j for j, d in enumerate(dims) if d == cls_in] if num_classes else [0]
+        if not fits:
+            raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
+        if len(fits) > 1:
+            listed = ", ".join(map(str, fits[:-1])) + f" and {fits[-1]}"
+            raise ConversionError(
+                f"cannot tell which head output feeds the classifier: its {cls_in} inputs fit outputs {listed}, "
+                f"and the path names no release category; {SELECTOR_ADVICE}")
+        ft_proj_selector = fits[0]
         if num_classes:
-            notes.append(f"ft_proj_selector={ft_proj_selector} chosen from the classifier input width; "
-                         "released finetuned_1pct/10pct checkpoints use 1 (pass --ft-proj-selector)")
+            notes.append(f"ft_proj_selector={ft_proj_selector}: the only head output as wide as the classifier input")
     try:
         selected = dims[probe.proj_head.resolve_index(ft_proj_selector)]
     except ValueError as e:
@@ -478,6 +498,9 @@ def convert_checkpoint(
         ft_proj_selector=ft_proj_selector, num_classes=num_classes, mapping=mapping, ignored=ignored,
         unused=sorted(unused), missing=missing, ema_fallback=fallback, notes=notes,
     )
+    if short_head:
+        report.notes.append(f"short head (--allow-short-head): {head_layers[-1].rstrip('/')} was a middle layer in "
+                            "TF; its beta is unused and its output differs, so select an earlier output")
     if mode == "none":
         report.notes.append("no head_contrastive variables (supervised checkpoint): projection head mode 'none'")
     return model, report
@@ -534,14 +557,37 @@ def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.P
     return out, sidecar
 
 
-def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SimCLRModel:
-    """A model with its heads, in eval mode, from a converted file or one of our checkpoints.
+def load_pretrained(
+    name_or_path: str | os.PathLike[str],
+    category: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    ema: bool = False,
+) -> SimCLRModel:
+    """A model with its heads, in eval mode, from a file, a run folder or a released model's name.
 
-    ``path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json`` or
-    the file header), or a run / checkpoint folder of ours. ``model(x)`` on float
-    ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``: pooled backbone
-    features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
+    ``name_or_path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json``
+    or the file header), a run / checkpoint folder of ours, or a released model such as
+    ``"r50_1x_sk1"`` with ``category`` (``pretrained`` by default, ``finetuned_1pct``,
+    ``finetuned_10pct``, ``finetuned_100pct``, ``supervised``): downloaded once into the cache
+    (``simclrv2.released``) and converted, with ``ema`` choosing the EMA weights.
+    ``model(x)`` on float ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``:
+    pooled backbone features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
     """
+    from simclrv2 import released
+
+    path = Path(name_or_path)
+    if not path.exists() and released.is_release_name(str(name_or_path)):
+        path = released.release_model_file(str(name_or_path), category or "pretrained", ema=ema)
+    elif category is not None or ema:
+        raise ConversionError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
+                              f"not to the file '{name_or_path}'")
+    elif not path.exists():
+        raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
+                                f"({', '.join(released.MODELS)})")
+    if path.is_dir() and any(path.glob("*.index")):
+        raise ConversionError(f"'{path}' is a TF checkpoint folder; convert it first (simclrv2 convert tf_checkpoint="
+                              f"{path} out={path.name}.safetensors) and load the .safetensors")
     from simclrv2.checkpoint import read_model_file
 
     state, meta = read_model_file(path)
@@ -563,8 +609,12 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
 # --------------------------------------------------------------------------------------------
 
 HELP_EPILOG = """\
-Where the released checkpoints live (google-research/simclr README, "Pretrained SimCLRv2
-models"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
+By name: `simclrv2 convert r50_1x_sk1 category=finetuned_10pct` downloads the release from
+https://storage.googleapis.com/simclr-checkpoints/simclrv2/<category>/<model>/ into the cache
+($SIMCLRV2_CACHE, default ~/.cache/simclrv2; resumable) and converts it.
+
+Where the released checkpoints live (google-research/simclr README, "Pre-trained models for
+SimCLRv2"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
   category: pretrained (with a linear-eval head), finetuned_1pct, finetuned_10pct,
             finetuned_100pct, supervised
   model:    r50_1x_sk0 r50_1x_sk1 r50_2x_sk0 r50_2x_sk1 r101_1x_sk0 r101_1x_sk1 r101_2x_sk0
@@ -574,15 +624,17 @@ Each folder holds `checkpoint`, `model.ckpt-<step>.index`, `model.ckpt-<step>.da
 
 From download to fine-tuning:
   gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk1 .
-  simclrv2 convert --tf-checkpoint r50_1x_sk1 --out r50_1x_sk1.safetensors
-  simclrv2 finetune --config configs/imagenet_r50_1x_sk1.yaml init_checkpoint=r50_1x_sk1.safetensors ...
+  simclrv2 convert tf_checkpoint=r50_1x_sk1 out=r50_1x_sk1.safetensors ft_proj_selector=0
+  simclrv2 finetune init_checkpoint=r50_1x_sk1.safetensors dataset=imagefolder data_dir=DIR label_fraction=0.01
 
+A folder copied that way has lost its category, which sets ft_proj_selector (1 for
+finetuned_1pct/10pct, 0 otherwise); convert asks for it rather than guess.
 The output (r50_1x_sk1.safetensors + r50_1x_sk1.json) is accepted by finetune, distill,
 linear-eval, predict and embed as init_checkpoint / checkpoint, and from Python by
-simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation;
-evaluation crops the central 87.5% and resizes to 224 with bicubic interpolation.
-The converted model uses exact TF "SAME" pooling (tf_padding=True), so its outputs match
-TensorFlow's. Details: docs/CONVERT.md.
+simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation (grey
+images are repeated to RGB); evaluation crops the central 87.5% and resizes to 224 with bicubic
+interpolation. The converted model uses exact TF "SAME" pooling (tf_padding=True), so its
+outputs match TensorFlow's. Details: docs/CONVERT.md.
 """
 
 
@@ -594,36 +646,90 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--tf-checkpoint", required=True, metavar="DIR_OR_PREFIX",
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a released model (r50_1x_sk0 ... r152_3x_sk1): downloaded into the cache "
+                             "($SIMCLRV2_CACHE, default ~/.cache/simclrv2), then converted")
+    parser.add_argument("--category", default="pretrained", choices=RELEASE_CATEGORIES,
+                        help="release category of MODEL (default: pretrained)")
+    parser.add_argument("--tf-checkpoint", metavar="DIR_OR_PREFIX",
                         help="checkpoint folder (with a `checkpoint` file) or prefix such as "
                              "r50_1x_sk1/model.ckpt-250228")
-    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; FILE.json is written next to it")
+    parser.add_argument("--out", metavar="FILE.safetensors",
+                        help="output weights; FILE.json is written next to it (default with MODEL: "
+                             "MODEL_CATEGORY.safetensors)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema_model/...) of the backbone and projection head")
     parser.add_argument("--ft-proj-selector", type=int, default=None, metavar="N",
                         help="head output feeding the classifier: 0 = backbone features, 1 = first head layer, "
-                             "-1 = final output (default: 1 for finetuned_1pct/10pct folders, else from the "
-                             "classifier width, normally 0)")
+                             "-1 = final output (default: from the release category in the path, 1 for "
+                             "finetuned_1pct/10pct, 0 for finetuned_100pct/pretrained/supervised; required "
+                             "when the path names none and the checkpoint cannot tell)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="write the model even if some of its tensors are not in the checkpoint")
+    parser.add_argument("--allow-short-head", action="store_true",
+                        help="convert a projection head whose final layer is missing (else an error)")
     parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")
     return parser
 
 
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """``simclrv2 convert --tf-checkpoint DIR_OR_PREFIX --out FILE.safetensors [--ema] [--ft-proj-selector N]``."""
-    from .cli import parse_tool_args  # key=value and --config, the grammar of every command
+def convert_release_folder(
+    tf_checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    category: str | None = None,
+    ema: bool = False,
+    ft_proj_selector: int | None = None,
+    strict: bool = True,
+    allow_short_head: bool = False,
+    verify: bool = True,
+    quiet: bool = False,
+) -> ConversionReport:
+    """Convert a TF checkpoint folder or prefix to ``out`` (+ ``.json``), printing the report.
 
-    args = parse_tool_args(build_parser(), argv)
-    ckpt = TFCheckpoint(args.tf_checkpoint, verify=not args.no_verify)
-    selector = args.ft_proj_selector
+    Without ``ft_proj_selector`` it comes from ``category`` (a release category such as
+    ``finetuned_10pct``), else from a category in the path, else from the checkpoint itself
+    (``convert_checkpoint`` raises when that cannot tell).
+    """
+    ckpt = TFCheckpoint(tf_checkpoint, verify=verify)
+    selector = ft_proj_selector
     if selector is None:
-        selector = guess_ft_proj_selector(ckpt.prefix)
-    model, report = convert_checkpoint(ckpt, ema=args.ema, ft_proj_selector=selector, strict=not args.allow_missing)
+        if category is None:
+            category = next((p for p in reversed(ckpt.prefix.absolute().parts) if p in RELEASE_SELECTORS), None)
+        selector = RELEASE_SELECTORS.get(category) if category is not None else None
+    model, report = convert_checkpoint(ckpt, ema=ema, ft_proj_selector=selector, strict=strict,
+                                       allow_short_head=allow_short_head)
+    if ft_proj_selector is None and category is not None and report.num_classes:
+        report.notes.append(f"ft_proj_selector={selector} for a {category} checkpoint; "
+                            "ft_proj_selector=N overrides it")
     step = None
     if "global_step" in ckpt:
         step = int(np.asarray(ckpt["global_step"]).reshape(()))
-    out, sidecar = save_converted(model, report, args.out,
-                                  source={"tf_checkpoint": str(ckpt.prefix), "global_step": step})
-    print(report.summary())
-    print(f"wrote {out} and {sidecar}")
+    written, sidecar = save_converted(model, report, out, source={
+        "tf_checkpoint": str(ckpt.prefix), "global_step": step, "category": category})
+    ckpt.close()
+    if not quiet:
+        print(report.summary())
+        print(f"wrote {written} and {sidecar}")
+    return report
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """``simclrv2 convert (MODEL [category=C] | tf_checkpoint=DIR_OR_PREFIX) [out=FILE.safetensors] ...``."""
+    from simclrv2 import released
+
+    from .cli import parse_tool_args  # key=value and --config, the grammar of every command
+
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
+    if (args.model is None) == (args.tf_checkpoint is None):
+        parser.error("give a released model name (e.g. r50_1x_sk1) or --tf-checkpoint DIR, not both or neither")
+    if args.model is not None:
+        folder = released.fetch_release(args.model, args.category)
+        out = args.out or f"{args.model}_{args.category}{'_ema' if args.ema else ''}.safetensors"
+        category: str | None = args.category
+    else:
+        if args.out is None:
+            parser.error("--out FILE.safetensors is needed with --tf-checkpoint")
+        folder, out, category = args.tf_checkpoint, args.out, None
+    convert_release_folder(folder, out, category=category, ema=args.ema, ft_proj_selector=args.ft_proj_selector,
+                           strict=not args.allow_missing, allow_short_head=args.allow_short_head,
+                           verify=not args.no_verify)
     return 0

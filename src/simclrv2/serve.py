@@ -145,7 +145,7 @@ def _dataset_outputs(model: SimCLRModel, info: ServingInfo, args: argparse.Names
     # image folders are stored at the checkpoint's size; built-in datasets only at their native one
     stored = info.image_size if args.dataset == "imagefolder" else None
     ds = load_dataset(args.dataset, args.split, data_dir=args.data_dir or None, image_size=stored)
-    if ds.channels != info.channels:
+    if ds.channels != info.channels and ds.channels != 1:  # grey is repeated to RGB by the model
         raise RunError(f"{args.dataset} has {ds.channels}-channel images but the model takes {info.channels}")
     n = len(ds) if args.limit <= 0 else min(args.limit, len(ds))
     source = BatchSource(ds, device, num_workers=args.num_workers)

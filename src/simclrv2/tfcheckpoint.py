@@ -379,25 +379,31 @@ def resolve_checkpoint_prefix(path: str | os.PathLike[str]) -> Path:
 
     A directory is resolved through its ``checkpoint`` state file (TF's ``latest_checkpoint``;
     the recorded path may point at the bucket the model was trained in, so only its base name is
-    trusted) or, without one, the ``*.index`` file with the highest step.
+    trusted) or, without one, the ``*.index`` file with the highest step. A state file naming
+    a checkpoint that is absent is an error listing the ones present.
     """
     p = Path(path)
     if p.is_dir():
-        state = p / "checkpoint"
-        if state.is_file():
-            match = _STATE_RE.search(state.read_text())
-            if match:
-                candidate = p / Path(match.group(1)).name
-                if Path(str(candidate) + ".index").is_file():
-                    return candidate
         indexes = sorted(p.glob("*.index"))
-        if not indexes:
-            raise FileNotFoundError(f"no TF checkpoint (*.index) in directory {p}")
 
         def step(ix: Path) -> int:
             m = _STEP_RE.search(ix.name[: -len(".index")])
             return int(m.group(1)) if m else -1
 
+        state = p / "checkpoint"
+        match = _STATE_RE.search(state.read_text()) if state.is_file() else None
+        if match:
+            candidate = p / Path(match.group(1)).name
+            if Path(str(candidate) + ".index").is_file():
+                return candidate
+            # A state file naming a step that is not here: a partial copy. Taking another step
+            # silently would convert different weights than the folder says it holds.
+            present = ", ".join(ix.name[: -len(".index")] for ix in sorted(indexes, key=step)) or "none"
+            raise FileNotFoundError(
+                f"{state} names {candidate.name}, but {candidate.name}.index is not in {p} (checkpoints "
+                f"present: {present}); download it, or pass one present as {p}/<name>")
+        if not indexes:
+            raise FileNotFoundError(f"no TF checkpoint (*.index) in directory {p}")
         best = max(indexes, key=step)
         return best.with_name(best.name[: -len(".index")])
     name = p.name

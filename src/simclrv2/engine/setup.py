@@ -20,9 +20,13 @@ from .runtime import BatchSource, RunError, StepPlan
 
 
 def open_split(cfg: Any, split: str, device: torch.device) -> tuple[ImageDataset, BatchSource]:
+    """A split and its batch source. ``image_size`` is the stored size of an image folder; the
+    built-in datasets stay at their native size and the stage's views are resized to
+    ``image_size`` (e.g. 224 for the released checkpoints on 28 px Fashion-MNIST)."""
+    stored = (cfg.image_size or None) if cfg.dataset == "imagefolder" else None
     ds = load_dataset(
         cfg.dataset, split, data_dir=cfg.data_dir or None, download=cfg.download,
-        image_size=cfg.image_size or None, skip_bad_images=cfg.skip_bad_images,
+        image_size=stored, skip_bad_images=cfg.skip_bad_images,
     )
     return ds, BatchSource(ds, device, cfg.num_workers)
 

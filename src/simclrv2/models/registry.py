@@ -112,7 +112,20 @@ class SimCLRModel(nn.Module):
         self.backbone.set_grad_checkpointing(on)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images in [0, 1] -> (N, feature_dim) pooled backbone features."""
+        """(N, C, H, W) images in [0, 1] -> (N, feature_dim) pooled backbone features.
+
+        Grey images (C = 1) on a model built for colour (released ImageNet weights fine-tuned on
+        Fashion-MNIST) are repeated to every input channel, as PIL's ``convert("RGB")`` does; for
+        the stem conv this equals timm's ``adapt_input_conv`` (its kernel summed over input
+        channels), and the model keeps taking colour images as well.
+        """
+        in_chans = self._arch["in_chans"]
+        # a trace (ONNX/TorchScript export) records one input shape, the model's own: no check
+        if not torch.jit.is_tracing() and x.shape[1] != in_chans:
+            if x.ndim != 4 or x.shape[1] != 1:
+                raise ValueError(f"model {self.name} takes {in_chans}-channel images, got shape {tuple(x.shape)}; "
+                                 f"convert the images to {in_chans} channels (or to grey)")
+            x = x.expand(-1, in_chans, -1, -1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
