@@ -1,4 +1,4 @@
-"""LARS, parameter groups, lr scaling and schedule (spec 4)."""
+"""LARS, parameter groups, lr scaling and schedule (METHOD.md 4)."""
 
 import math
 
@@ -120,7 +120,7 @@ def test_build_optimizer_kinds():
 
 
 def test_scaled_lr():
-    # Spec 4.2: 0.3 * 4096 / 256 = 0.075 * sqrt(4096) = 4.8.
+    # METHOD.md 4.2: 0.3 * 4096 / 256 = 0.075 * sqrt(4096) = 4.8.
     assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
     assert scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)
     assert scaled_lr(0.1, 4096, "sqrt") == pytest.approx(6.4)

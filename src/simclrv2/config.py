@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MemoryConfig:
-    """SimCLRv2 memory (spec 3.1): EMA encoder whose projections fill a queue of negatives."""
+    """SimCLRv2 memory (METHOD.md 3.1): EMA encoder whose projections fill a queue of negatives."""
 
     enabled: bool = False
     size: int = 4096  # queue length; 65536 on ImageNet
@@ -45,7 +45,7 @@ class CommonConfig:
     train_split: str = "train"  # split used for training (stl10: train+unlabeled for pretraining)
     test_split: str = "test"  # split used for evaluation
     image_size: int = 0  # training resolution; 0 = the dataset's native size
-    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, spec 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
+    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, METHOD.md 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
     epochs: float = 10.0  # passes over the training set (fractional allowed)
     max_steps: int = 0  # cap on optimizer steps for quick runs; 0 = no cap
@@ -67,7 +67,7 @@ class CommonConfig:
 
 @dataclass
 class LabelConfig:
-    """Which labels a stage may use (spec 6)."""
+    """Which labels a stage may use (METHOD.md 6)."""
 
     label_fraction: float = 0.01  # class-balanced fraction of the train split, in (0, 1]
     label_seed: int = 0  # seed of the subset draw; same seed -> same images everywhere
@@ -76,7 +76,7 @@ class LabelConfig:
 
 @dataclass
 class PretrainConfig(CommonConfig):
-    """Contrastive pretraining (spec 3-5)."""
+    """Contrastive pretraining (METHOD.md 3-5)."""
 
     run_dir: str = "runs/pretrain"
     epochs: float = 100.0
@@ -106,7 +106,7 @@ class PretrainConfig(CommonConfig):
 
 @dataclass
 class FinetuneConfig(CommonConfig, LabelConfig):
-    """Fine-tuning from a projection-head layer on a labelled subset (spec 4.3, 6)."""
+    """Fine-tuning from a projection-head layer on a labelled subset (METHOD.md 4.3, 6)."""
 
     run_dir: str = "runs/finetune"
     init_checkpoint: str = ""  # pretraining run folder, checkpoint folder or .safetensors file
@@ -142,7 +142,7 @@ class SupervisedConfig(CommonConfig, LabelConfig):
 
 @dataclass
 class DistillConfig(CommonConfig, LabelConfig):
-    """Distillation on the unlabeled pool (spec 7). `model` is the student."""
+    """Distillation on the unlabeled pool (METHOD.md 7). `model` is the student."""
 
     run_dir: str = "runs/distill"
     teacher_checkpoint: str = ""  # fine-tuned teacher: run folder, checkpoint folder or file

@@ -1,4 +1,4 @@
-"""LARS, parameter groups, learning-rate scaling and the warmup + cosine schedule (spec 4)."""
+"""LARS, parameter groups, learning-rate scaling and the warmup + cosine schedule (METHOD.md 4)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------
-# LARS (spec 4.1)
+# LARS (METHOD.md 4.1)
 # ---------------------------------------------------------------------------------------------
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS with classic (non-Nesterov) momentum, as in the official code (spec 4.1).
+    """LARS with classic (non-Nesterov) momentum, as in the official code (METHOD.md 4.1).
 
     Per parameter ``w`` with gradient ``g``::
 
@@ -125,7 +125,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def is_excluded(name: str) -> bool:
-    """Whether a parameter gets no weight decay and no LARS adaptation (spec 4.1).
+    """Whether a parameter gets no weight decay and no LARS adaptation (METHOD.md 4.1).
 
     The official code excludes names containing ``batch_normalization``, ``bias`` or
     ``head_supervised``. Our names: BatchNorm modules carry ``bn`` in their attribute name, biases
@@ -135,14 +135,15 @@ def is_excluded(name: str) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed/adapted group and an excluded group (spec 4.1).
+    """Split trainable parameters into a decayed/adapted group and an excluded group (METHOD.md 4.1).
 
     Returns up to two group dicts (empty groups are dropped) with keys ``params``, ``names``
     (parameter names, for inspection), ``weight_decay`` (``weight_decay`` or 0.0) and
     ``lars_exclude``. Frozen parameters (``requires_grad=False``) are left out.
 
-    The spec adds the supervised head's weight decay to the loss instead (wd * sum w^2 / 2 over its
-    non-bias weights); that term belongs to the training loop, not to these groups.
+    The official code adds the supervised head's weight decay to the loss instead (wd * sum w^2 / 2
+    over its non-bias weights, METHOD.md 4.1); that term belongs to the training loop, not to these
+    groups.
     """
     decay: dict[str, Any] = {"params": [], "names": [], "weight_decay": weight_decay, "lars_exclude": False}
     excluded: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lars_exclude": True}
@@ -166,12 +167,13 @@ def build_optimizer(
     """Build ``"lars"``, ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"`` over ``param_groups``.
 
     For every choice, weight decay is applied only to the non-excluded group. SGD's weight decay
-    is the coupled L2 gradient term (the spec's wd * sum w^2 / 2 loss term); AdamW's is decoupled.
+    is the coupled L2 gradient term (the official wd * sum w^2 / 2 loss term, METHOD.md 4.1); AdamW's
+    is decoupled.
     """
     groups = param_groups(model, weight_decay)
     if name == "lars":
         if nesterov:
-            raise ValueError("LARS uses classic momentum (spec 4.1); nesterov is not supported")
+            raise ValueError("LARS uses classic momentum (METHOD.md 4.1); nesterov is not supported")
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -181,12 +183,12 @@ def build_optimizer(
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning rate (spec 4.2)
+# Learning rate (METHOD.md 4.2)
 # ---------------------------------------------------------------------------------------------
 
 
 def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
-    """Effective peak lr: ``linear`` base*B/256, ``sqrt`` base*sqrt(B), ``none`` base (spec 4.2)."""
+    """Effective peak lr: ``linear`` base*B/256, ``sqrt`` base*sqrt(B), ``none`` base (METHOD.md 4.2)."""
     if scaling == "linear":
         return base_lr * batch_size / 256
     if scaling == "sqrt":
@@ -197,7 +199,7 @@ def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Learning rate at ``step`` (spec 4.2): linear warmup from 0 over ``warmup_steps``, then cosine
+    """Learning rate at ``step`` (METHOD.md 4.2): linear warmup from 0 over ``warmup_steps``, then cosine
     decay from ``peak_lr`` to 0 at ``total_steps``. A pure function of the step, so resuming needs
     no scheduler state.
     """
