@@ -101,7 +101,7 @@ class PretrainConfig(CommonConfig):
     knn_train_size: int = 10000  # labelled bank size for the kNN monitor (0 = whole split)
     knn_test_size: int = 2000  # held-out images for the kNN monitor (0 = whole split)
     online_probe: bool = True  # linear probe on detached features, trained alongside
-    grad_accum_steps: int = 1  # must be 1: see PretrainConfig docs in README (use the memory)
+    grad_accum_steps: int = 1  # must be 1: see docs/USAGE.md, pretrain (use the memory)
 
 
 @dataclass
