@@ -3,7 +3,7 @@
     python benchmarks/augment.py                 # CPU, about a minute on 2 cores
     python benchmarks/augment.py --device cuda   # the batched path on a GPU (torchvision stays on CPU)
 
-The batched path (simclrv2.data.SimCLRAugment, spec 5.1) gets a uint8 batch already on the device and
+The batched path (simclrv2.data.SimCLRAugment, METHOD.md 5.1) gets a uint8 batch already on the device and
 returns float32 views there. The torchvision path runs torchvision_simclr_transform image by image in
 a DataLoader with worker processes, as a conventional input pipeline does. Each cell runs for about
 --seconds after one warm-up batch (worker start-up excluded).

@@ -7,9 +7,9 @@ Three pipelines run in the same process on the same machine, one after the other
 
 - ``ours``: what ``simclrv2.engine.pretrain`` does per step (its ``loss_fn`` closure inside
   ``engine/loop.py``): a uint8 batch gathered from an in-memory tensor on the device, two views from
-  the batched ``SimCLRAugment`` (spec 5.1), ``ContrastiveStep`` (encoder + 3-layer head + online
-  probe on detached features) on the 2N batch, ``nt_xent`` (spec 3), backward, ``LARS`` over
-  ``param_groups`` (spec 4.1) with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag
+  the batched ``SimCLRAugment`` (METHOD.md 5.1), ``ContrastiveStep`` (encoder + 3-layer head + online
+  probe on detached features) on the 2N batch, ``nt_xent`` (METHOD.md 3), backward, ``LARS`` over
+  ``param_groups`` (METHOD.md 4.1) with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag
   and metric sums; no host sync.
 - ``lightly``: the same backbone variant with lightly's ``SimCLRProjectionHead`` (3 layers, the same
   widths) and ``NTXentLoss``; lightly's own ``SimCLRTransform`` (PIL, per image, two views) in a

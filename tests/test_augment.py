@@ -1,4 +1,4 @@
-"""Batched SimCLR augmentations (spec section 5): parameter distributions, ops vs naive references."""
+"""Batched SimCLR augmentations (METHOD.md 5): parameter distributions, ops vs naive references."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def params() -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameter distributions (spec 5.1)
+# Parameter distributions (METHOD.md 5.1)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -45,7 +45,7 @@ def test_probabilities_match_spec(params: dict[str, torch.Tensor]) -> None:
     tol = 4 * math.sqrt(0.25 / N_PARAMS)  # 4 sigma of a Bernoulli mean
     for key, p in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
         assert abs(params[key].float().mean().item() - p) < tol, key
-    # Grayscale is independent of jitter (spec 5.1 item 3): p=0.2 whether or not jitter ran.
+    # Grayscale is independent of jitter (METHOD.md 5.1 item 3): p=0.2 whether or not jitter ran.
     jit = params["jitter"]
     assert abs(params["gray"][jit].float().mean().item() - 0.2) < 2 * tol
     assert abs(params["gray"][~jit].float().mean().item() - 0.2) < 3 * tol

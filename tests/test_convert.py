@@ -1,4 +1,4 @@
-"""Released-checkpoint conversion (spec section 8): TF tensor-bundle I/O, name mapping, TF padding.
+"""Released-checkpoint conversion (METHOD.md 8): TF tensor-bundle I/O, name mapping, TF padding.
 
 The checkpoints here are built by ``OfficialNet``, a replay of the official TF1 graph
 construction (google-research/simclr resnet.py / model_util.py) written independently of our
@@ -47,7 +47,7 @@ class OfficialNet:
     """Calls the layers in TF1 SimCLR order; ``ops`` decides what a tensor is.
 
     ``variables.get(name, shape, kind)`` returns the value of a variable (creating it when
-    building a checkpoint). Conv and BN names use one shared counter each (spec 8.2).
+    building a checkpoint). Conv and BN names use one shared counter each (METHOD.md 8.2).
     """
 
     def __init__(self, ops: Any, variables: Any, prefix: str = "") -> None:
@@ -806,7 +806,7 @@ def test_help_explains_download_to_finetune(capsys: pytest.CaptureFixture[str]) 
 
 
 # --------------------------------------------------------------------------------------------
-# TF "SAME" padding (spec 1.5)
+# TF "SAME" padding (METHOD.md 1.5)
 # --------------------------------------------------------------------------------------------
 
 

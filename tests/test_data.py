@@ -1,4 +1,4 @@
-"""Datasets (IDX, ImageFolder, front door) and labelled subsets (spec sections 5, 6)."""
+"""Datasets (IDX, ImageFolder, front door) and labelled subsets (METHOD.md 5, 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two real gloo processes: gathered NT-Xent equals one process on the full batch (spec 3.3).
+"""Two real gloo processes: gathered NT-Xent equals one process on the full batch (METHOD.md 3, step 3).
 
 Each rank holds half of the global batch. The loss is not divided by the world size and the
 parameter gradients are averaged over ranks, as DDP does; the result must match a single process

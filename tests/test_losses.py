@@ -1,4 +1,4 @@
-"""NT-Xent and distillation losses against naive references (spec 3, spec 7)."""
+"""NT-Xent and distillation losses against naive references (METHOD.md 3, METHOD.md 7)."""
 
 import math
 
@@ -10,7 +10,7 @@ from simclrv2.losses import distillation_loss, mixed_distillation_loss, nt_xent
 
 
 def naive_nt_xent(z1, z2, temperature, extra_negatives=None, directions="sum"):
-    """Double loop over anchors and candidates, straight from spec 3 steps 1-7."""
+    """Double loop over anchors and candidates, straight from METHOD.md 3 steps 1-7."""
     h1 = [v / v.norm() for v in z1]
     h2 = [v / v.norm() for v in z2]
     negs = [] if extra_negatives is None else list(extra_negatives)

@@ -1,4 +1,4 @@
-"""MomentumMemory: EMA math, ring buffer, state round trip (spec 3.1)."""
+"""MomentumMemory: EMA math, ring buffer, state round trip (METHOD.md 3.1)."""
 
 import io
 

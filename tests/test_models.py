@@ -1,4 +1,4 @@
-"""Model zoo tests: Table-1 parameter counts, TF layout order, init, heads, TF padding (spec 1, 2, 8.2)."""
+"""Model zoo tests: Table-1 parameter counts, TF layout order, init, heads, TF padding (METHOD.md 1, 2, 8.2)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from simclrv2.models.heads import BatchNorm1dNoBeta
 from simclrv2.models.registry import VARIANTS, format_models_table
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame, sk_mid_dim, tf_same_pads
 
-# Paper Table 1 backbone sizes in millions (spec 9.1).
+# Paper Table 1 backbone sizes in millions (METHOD.md 9.1).
 TABLE1_PARAMS_M = {
     "r50_1x_sk0": 24, "r50_1x_sk1": 35, "r50_2x_sk0": 94, "r50_2x_sk1": 140,
     "r101_1x_sk0": 43, "r101_1x_sk1": 65, "r101_2x_sk0": 170, "r101_2x_sk1": 257,
@@ -106,7 +106,7 @@ def test_meta_shapes_and_counts_over_registry(name):
     depth, width = info["depth"], info["width"]
     expected_dim = int(512 * width) * (1 if depth < 50 else 4)
     assert model.backbone.feature_dim == info["feature_dim"] == expected_dim
-    # Conv weights + BN gamma, beta, moving mean, moving variance (the TF variables, spec 1.7).
+    # Conv weights + BN gamma, beta, moving mean, moving variance (the TF variables, METHOD.md 1.7).
     convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     n_conv = sum(m.weight.numel() for m in convs)
@@ -151,11 +151,11 @@ def test_config_rebuilds_model():
     assert model.classifier is None and model.config["num_classes"] == 0
 
 
-# --- TF layout (spec 8.2) ------------------------------------------------------------------
+# --- TF layout (METHOD.md 8.2) ------------------------------------------------------------------
 
 
 def tf_creation_order(depth: int, width: float, sk: bool, cifar_stem: bool):
-    """(out, in, k) of every conv and width of every BN in TF1 creation order, from spec 8.2."""
+    """(out, in, k) of every conv and width of every BN in TF1 creation order, from METHOD.md 8.2."""
     c = int(64 * width)
     convs: list[tuple[int, int, int]] = []
     bns: list[int] = []
@@ -213,7 +213,7 @@ def test_bn_modules_named_bn_and_classifier_named():
     assert isinstance(model.classifier, nn.Linear)
 
 
-# --- init (spec 1.6) and SK (spec 1.3) ------------------------------------------------------
+# --- init (METHOD.md 1.6) and SK (METHOD.md 1.3) ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["r50_1x_sk1", "r18_0.25x_sk0"])
@@ -241,7 +241,7 @@ def test_conv_and_dense_init(real_models):
 
 def test_sk_mid_width():
     assert sk_mid_dim(64, 0.0625) == 32  # floor of 32 dominates
-    assert sk_mid_dim(1536, 0.0625) == 96  # spec 1.3 example: r152 3x stage 4
+    assert sk_mid_dim(1536, 0.0625) == 96  # METHOD.md 1.3 example: r152 3x stage 4
     for name in ["r50_1x_sk1", "r152_3x_sk1", "r50_0.5x_sk1"]:
         for blk in meta_model(name).backbone.blocks():
             f = blk.conv1.out_channels
@@ -306,7 +306,7 @@ def test_zero_init_classifier():
     assert model.classifier.weight.std() > 0 and torch.all(model.classifier.bias == 0)
 
 
-# --- heads (spec 2) ----------------------------------------------------------------------
+# --- heads (METHOD.md 2) ----------------------------------------------------------------------
 
 
 def test_projection_head_modes():
@@ -354,7 +354,7 @@ def test_sync_bn_conversion_keeps_head_without_beta():
     assert sum(p.numel() for p in synced.parameters()) == n_params  # no beta appeared
 
 
-# --- TF "SAME" padding (spec 1.5) ----------------------------------------------------------
+# --- TF "SAME" padding (METHOD.md 1.5) ----------------------------------------------------------
 
 
 def naive_tf_pool(x: torch.Tensor, k: int, s: int, op: str) -> torch.Tensor:
@@ -387,7 +387,7 @@ def naive_zero_pad_pool(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def test_tf_same_pads_formula():
-    assert tf_same_pads(112, 3, 2) == (0, 1)  # spec 1.5: even input, pad only after
+    assert tf_same_pads(112, 3, 2) == (0, 1)  # METHOD.md 1.5: even input, pad only after
     assert tf_same_pads(113, 3, 2) == (1, 1)
     assert tf_same_pads(56, 2, 1) == (0, 1)
 

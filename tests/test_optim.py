@@ -1,4 +1,4 @@
-"""LARS, parameter groups, lr scaling and schedule (spec 4)."""
+"""LARS, parameter groups, lr scaling and schedule (METHOD.md 4)."""
 
 import math
 
@@ -44,7 +44,7 @@ def test_lars_one_step_hand_computed(foreach):
     # Excluded: plain SGD step at lr, no trust ratio: v = 0.1 * g.
     w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.0, exclude=True, foreach=foreach)
     torch.testing.assert_close(w1, torch.tensor([2.94, 3.92], dtype=torch.float64))
-    # Excluded with the group's L2 term (the supervised head, spec 4.1): v = 0.1 * (g + 0.1 * w).
+    # Excluded with the group's L2 term (the supervised head, METHOD.md 4.1): v = 0.1 * (g + 0.1 * w).
     w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.1, exclude=True, foreach=foreach)
     torch.testing.assert_close(w1, torch.tensor([2.91, 3.88], dtype=torch.float64))
     # |w| = 0: trust falls back to 1.
@@ -110,7 +110,7 @@ def test_param_groups_by_module_type():
     got = _groups_by_kind(param_groups(net, weight_decay=1e-4))
     assert got == {
         (False, 1e-4): ["conv1.weight", "proj.weight"],
-        (True, 1e-4): ["classifier.weight"],  # no trust ratio, L2 term (spec 4.1)
+        (True, 1e-4): ["classifier.weight"],  # no trust ratio, L2 term (METHOD.md 4.1)
         (True, 0.0): ["bn1.weight", "bn1.bias", "proj.bias", "classifier.bias"],
     }
 
@@ -151,7 +151,7 @@ def test_build_optimizer_kinds():
 
 
 def test_scaled_lr():
-    # Spec 4.2: 0.3 * 4096 / 256 = 0.075 * sqrt(4096) = 4.8.
+    # METHOD.md 4.2: 0.3 * 4096 / 256 = 0.075 * sqrt(4096) = 4.8.
     assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
     assert scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)
     assert scaled_lr(0.1, 4096, "sqrt") == pytest.approx(6.4)

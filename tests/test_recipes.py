@@ -1,7 +1,7 @@
 """Issue 18: recipes that hold on any dataset.
 
 - the optimizer each stage builds puts the classifier, biases and normalisation parameters where
-  spec 4.1 puts them, whatever wrapper the stage trains through;
+  METHOD.md 4.1 puts them, whatever wrapper the stage trains through;
 - stage lengths follow the data: a 40-image labelled subset and a small unlabeled pool still get
   ``min_steps``;
 - the validation split is disjoint from the labelled subsets, the unlabeled pool and the test
@@ -96,7 +96,7 @@ def _stage_cfgs(data: Path, tmp: Path, encoder: Path, teacher: Path) -> dict[str
     }
 
 
-# ------------------------------------------------------------------ parameter groups (spec 4.1)
+# ------------------------------------------------------------------ parameter groups (METHOD.md 4.1)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "supervised", "distill"])

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MemoryConfig:
-    """SimCLRv2 memory (spec 3.1): EMA encoder whose projections fill a queue of negatives."""
+    """SimCLRv2 memory (METHOD.md 3.1): EMA encoder whose projections fill a queue of negatives."""
 
     enabled: bool = False
     size: int = 4096  # queue length; 65536 on ImageNet
@@ -48,7 +48,7 @@ class CommonConfig:
     val_fraction: float = 0.0  # class-balanced share of train_split held out for validation; 0 = none
     val_seed: int = 0  # seed of the validation draw (same seed -> same images in every stage)
     image_size: int = 0  # training resolution; 0 = the dataset's native size
-    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, spec 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
+    stem: str = "auto"  # auto (CIFAR stem at <= 32 px, METHOD.md 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
     epochs: float = 10.0  # passes over the training set (fractional allowed)
     max_steps: int = 0  # cap on optimizer steps for quick runs; 0 = no cap
@@ -70,7 +70,7 @@ class CommonConfig:
 
 @dataclass
 class LabelConfig:
-    """Which labels a stage may use (spec 6)."""
+    """Which labels a stage may use (METHOD.md 6)."""
 
     label_fraction: float = 0.01  # class-balanced fraction of the train split, in (0, 1]
     label_seed: int = 0  # seed of the subset draw; same seed -> same images everywhere
@@ -79,7 +79,7 @@ class LabelConfig:
 
 @dataclass
 class PretrainConfig(CommonConfig):
-    """Contrastive pretraining (spec 3-5)."""
+    """Contrastive pretraining (METHOD.md 3-5)."""
 
     run_dir: str = "runs/pretrain"
     epochs: float = 100.0
@@ -104,12 +104,12 @@ class PretrainConfig(CommonConfig):
     knn_train_size: int = 10000  # labelled bank size for the kNN monitor (0 = whole split)
     knn_test_size: int = 2000  # held-out images for the kNN monitor (0 = whole split)
     online_probe: bool = True  # linear probe on detached features, trained alongside
-    grad_accum_steps: int = 1  # must be 1: see PretrainConfig docs in README (use the memory)
+    grad_accum_steps: int = 1  # must be 1: see docs/USAGE.md, pretrain (use the memory)
 
 
 @dataclass
 class FinetuneConfig(CommonConfig, LabelConfig):
-    """Fine-tuning from a projection-head layer on a labelled subset (spec 4.3, 6)."""
+    """Fine-tuning from a projection-head layer on a labelled subset (METHOD.md 4.3, 6)."""
 
     run_dir: str = "runs/finetune"
     init_checkpoint: str = ""  # pretraining run folder, checkpoint folder or .safetensors file
@@ -147,7 +147,7 @@ class SupervisedConfig(CommonConfig, LabelConfig):
 
 @dataclass
 class DistillConfig(CommonConfig, LabelConfig):
-    """Distillation on the unlabeled pool (spec 7). `model` is the student."""
+    """Distillation on the unlabeled pool (METHOD.md 7). `model` is the student."""
 
     run_dir: str = "runs/distill"
     teacher_checkpoint: str = ""  # fine-tuned teacher: run folder, checkpoint folder or file

@@ -1,7 +1,7 @@
-"""Released SimCLRv2 TF1 checkpoints -> our ``SimCLRModel`` (spec section 8), with TF output parity.
+"""Released SimCLRv2 TF1 checkpoints -> our ``SimCLRModel`` (METHOD.md 8), with TF output parity.
 
-The released checkpoints (spec 8.1; google-research/simclr README) live in
-``gs://simclr-checkpoints/simclrv2/<category>/<model>/``. Their variables (spec 8.2) are
+The released checkpoints (METHOD.md 8.1; google-research/simclr README) live in
+``gs://simclr-checkpoints/simclrv2/<category>/<model>/``. Their variables (METHOD.md 8.2) are
 
 - ``base_model/conv2d[_N]/kernel`` (HWIO) and ``base_model/batch_normalization[_N]/{gamma,beta,
   moving_mean,moving_variance}``, auto-numbered in creation order with one counter for all convs
@@ -16,8 +16,8 @@ The architecture (depth, width, SK, stem) is read from the shapes and counts, ma
 registered variant, and every tensor is copied by position: the backbone registers its modules
 in TF creation order (``simclrv2.models.resnet``), so the i-th TF conv / BN is the i-th
 ``nn.Conv2d`` / ``nn.BatchNorm2d``; every shape is checked. Converted models use the exact TF
-"SAME" pooling (``tf_padding=True``, spec 1.5) and expect RGB inputs in [0, 1] with no mean/std
-normalisation (spec 5).
+"SAME" pooling (``tf_padding=True``, METHOD.md 1.5) and expect RGB inputs in [0, 1] with no mean/std
+normalisation (METHOD.md 5).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SUPERVISED_KERNEL = "head_supervised/linear_layer/dense/kernel"
 SUPERVISED_BIAS = "head_supervised/linear_layer/dense/bias"
 EMA_SCOPE = "ema_model/"
 BN_FIELDS = ("gamma", "beta", "moving_mean", "moving_variance")
-# TF BN variable -> torch BatchNorm state (spec 8.3 rule 5)
+# TF BN variable -> torch BatchNorm state (METHOD.md 8.3 rule 5)
 BN_TO_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 _CONV_RE = re.compile(r"^conv2d(?:_(\d+))?/kernel$")
@@ -81,7 +81,7 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class TFArchitecture:
-    """What the backbone variables say about the network (spec 1.1-1.4)."""
+    """What the backbone variables say about the network (METHOD.md 1.1-1.4)."""
 
     depth: int
     width: float
@@ -183,7 +183,7 @@ def _is_optimizer_slot(name: str) -> bool:
 
 
 def infer_architecture(shapes: Mapping[str, tuple[int, ...]], scope: str = BACKBONE_SCOPE) -> TFArchitecture:
-    """Depth, width, SK and stem of a TF1 SimCLR backbone from its variable shapes (spec 1, 8.2).
+    """Depth, width, SK and stem of a TF1 SimCLR backbone from its variable shapes (METHOD.md 1, 8.2).
 
     Stem: a 7x7 first conv (no SK), three 3x3 convs with the first two at half width (SK deep
     stem) or a single 3x3 conv (CIFAR stem); width = stem channels / 64. The first block tells
@@ -312,7 +312,7 @@ def convert_checkpoint(
         ema: take ``ema_model/base_model`` and ``ema_model/head_contrastive`` (the EMA weights);
             the supervised head has no EMA copy and is always the live one.
         ft_proj_selector: which entry of ``[h, out_1, ..., out_L]`` feeds the classifier and
-            is returned as ``proj`` (spec 2). ``None``: 0 without a classifier, else the one
+            is returned as ``proj`` (METHOD.md 2). ``None``: 0 without a classifier, else the one
             head output whose width fits the classifier input; when several fit (the released
             checkpoints: features and middle layers are all as wide), the checkpoint cannot
             tell, and ``ConversionError`` asks for it (``guess_ft_proj_selector`` reads it
@@ -323,7 +323,7 @@ def convert_checkpoint(
 
     Returns the model in eval mode with ``tf_padding=True``, and a ``ConversionReport``.
     Conv kernels go HWIO -> OIHW, dense kernels are transposed, BN gamma/beta/moving_mean/
-    moving_variance become weight/bias/running_mean/running_var (spec 8.3).
+    moving_variance become weight/bias/running_mean/running_var (METHOD.md 8.3).
     """
     shapes = _shapes_of(tensors)
     live = set(shapes)
@@ -426,7 +426,7 @@ def convert_checkpoint(
             rel, tensor = found[torch_field]
             take(f"{tf_base}/{tf_field}", f"{prefix}.{rel}", tensor.shape)
 
-    # Backbone: the i-th TF conv / BN is the i-th Conv2d / BatchNorm2d (creation order, spec 8.2).
+    # Backbone: the i-th TF conv / BN is the i-th Conv2d / BatchNorm2d (creation order, METHOD.md 8.2).
     convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     if (len(convs), len(bns)) != (len(conv_names), len(bn_names)):
@@ -511,7 +511,7 @@ def convert_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 EVAL_PREPROCESSING = {
-    # Spec 5 / 5.3: what the released models expect.
+    # METHOD.md 5 / 5.3: what the released models expect.
     "input": "RGB float in [0, 1], no mean/std normalisation",
     "center_crop_fraction": 0.875,
     "resize": "bicubic",

@@ -5,7 +5,7 @@ code (losses, memory, engine) can call them unconditionally. ``setup_distributed
 function in the package that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); launch multi-process runs with ``torchrun``.
 
-Gradient convention (spec 3, step 3 and step 7). The official TF code gathers embeddings with a
+Gradient convention (METHOD.md 3, step 3 and step 7). The official TF code gathers embeddings with a
 differentiable all-reduce, divides each replica's loss by the replica count and *sums* gradients
 across replicas. PyTorch DDP instead *averages* gradients. Both give the gradient of
 
@@ -108,7 +108,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-gather: ``(N, ...)`` per rank -> ``(R*N, ...)`` in rank order (spec 3.3).
+    """Differentiable all-gather: ``(N, ...)`` per rank -> ``(R*N, ...)`` in rank order (METHOD.md 3, step 3).
 
     Forward concatenates every rank's tensor (all ranks must pass the same shape, hence
     ``drop_last`` in the sampler). Backward all-reduces (sums) the incoming gradient and returns

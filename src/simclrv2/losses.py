@@ -1,4 +1,4 @@
-"""Pure loss functions: NT-Xent (spec 3) and distillation (spec 7).
+"""Pure loss functions: NT-Xent (METHOD.md 3) and distillation (METHOD.md 7).
 
 Losses take tensors and return tensors; state such as a negatives queue lives in
 ``simclrv2.memory.MomentumMemory`` and is passed in as ``extra_negatives``.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from simclrv2.distributed import gather_with_grad, rank, world_size
 
-# Subtracted from the self-similarity logits (spec 3.5, the official LARGE_NUM). Logits are
+# Subtracted from the self-similarity logits (METHOD.md 3, step 5, the official LARGE_NUM). Logits are
 # computed in float32, so 1e9 is exact enough and exp(-1e9) underflows to 0 in the softmax.
 LARGE_NUM = 1e9
 
@@ -24,7 +24,7 @@ def nt_xent(
     extra_negatives: torch.Tensor | None = None,
     directions: str = "sum",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """NT-Xent contrastive loss over the global batch, as in the official code (spec 3).
+    """NT-Xent contrastive loss over the global batch, as in the official code (METHOD.md 3).
 
     Args:
         z1, z2: ``(N, D)`` projection-head outputs of view 1 and view 2 of the same N local images.
@@ -34,7 +34,7 @@ def nt_xent(
         extra_negatives: optional ``(K, D)`` extra negatives (e.g. the memory queue), assumed
             already L2-normalised and identical on every rank; no gradient flows into them. They
             add K columns to both directions.
-        directions: ``"sum"`` (official: loss_A + loss_B, spec 3.7) or ``"mean"`` (their average,
+        directions: ``"sum"`` (official: loss_A + loss_B, METHOD.md 3, step 7) or ``"mean"`` (their average,
             the textbook normalisation; half the official value).
 
     Returns:
@@ -111,7 +111,7 @@ def distillation_loss(
     tau: float,
     scale_by_tau_sq: bool = False,
 ) -> torch.Tensor:
-    """Soft-label distillation loss (spec 7): mean over the batch of
+    """Soft-label distillation loss (METHOD.md 7): mean over the batch of
     ``-sum_y softmax(teacher/tau)_y * log_softmax(student/tau)_y``.
 
     The teacher is fixed: its logits are detached. ``scale_by_tau_sq`` multiplies by tau**2 as the
@@ -139,7 +139,7 @@ def mixed_distillation_loss(
     alpha: float,
     scale_by_tau_sq: bool = False,
 ) -> torch.Tensor:
-    """Distillation with labels (spec 7): ``(1 - alpha) * CE(labels) + alpha * distill``.
+    """Distillation with labels (METHOD.md 7): ``(1 - alpha) * CE(labels) + alpha * distill``.
 
     ``labels`` is ``(N,)`` int64; negative values (-1) mark unlabeled samples. The CE term (at temperature 1,
     as ``log P_S(y_i|x_i)`` in the paper's formula) is the mean over labeled samples only and is 0

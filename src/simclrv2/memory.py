@@ -1,6 +1,6 @@
 """SimCLRv2 memory: a momentum (EMA) encoder and a queue of its projections as extra negatives.
 
-Spec 3.1: the paper adds a momentum-averaged "memory network" whose outputs are buffered as
+METHOD.md 3.1: the paper adds a momentum-averaged "memory network" whose outputs are buffered as
 extra negatives (64K buffer, EMA decay 0.999), worth about +1% linear eval; the official code
 never released it and the exact mechanics are UNVERIFIED. This module follows MoCo v2, and is
 off by default. Design choices (each one is ours, not the official code's):

@@ -1,4 +1,4 @@
-"""LARS, parameter groups, learning-rate scaling and the warmup + cosine schedule (spec 4)."""
+"""LARS, parameter groups, learning-rate scaling and the warmup + cosine schedule (METHOD.md 4)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------
-# LARS (spec 4.1)
+# LARS (METHOD.md 4.1)
 # ---------------------------------------------------------------------------------------------
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS with classic (non-Nesterov) momentum, as in the official code (spec 4.1).
+    """LARS with classic (non-Nesterov) momentum, as in the official code (METHOD.md 4.1).
 
     Per parameter ``w`` with gradient ``g``::
 
@@ -28,7 +28,7 @@ class LARS(torch.optim.Optimizer):
     Groups with ``lars_exclude=True`` (BN, biases, supervised head; see ``param_groups``) get no
     trust ratio: plain momentum SGD at the group's lr, with their ``weight_decay`` entry added to
     the gradient as an L2 term (``param_groups`` sets it to 0 for BN and biases, and to the
-    weight decay for the supervised head, spec 4.1).
+    weight decay for the supervised head, METHOD.md 4.1).
 
     ``foreach=None`` uses the multi-tensor path when all of a group's parameters are on one CUDA
     device with one dtype, else the per-parameter reference path (``_step_reference``); both
@@ -130,7 +130,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into the three groups of spec 4.1, by module type and shape.
+    """Split trainable parameters into the three groups of METHOD.md 4.1, by module type and shape.
 
     - ``decay``: conv and linear weights; weight decay and the LARS trust ratio.
     - ``head``: the supervised head's weight (any ``SupervisedHead`` module); no trust ratio, but
@@ -184,7 +184,7 @@ def build_optimizer(
     groups = param_groups(model, weight_decay)
     if name == "lars":
         if nesterov:
-            raise ValueError("LARS uses classic momentum (spec 4.1); nesterov is not supported")
+            raise ValueError("LARS uses classic momentum (METHOD.md 4.1); nesterov is not supported")
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -194,12 +194,12 @@ def build_optimizer(
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning rate (spec 4.2)
+# Learning rate (METHOD.md 4.2)
 # ---------------------------------------------------------------------------------------------
 
 
 def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
-    """Effective peak lr: ``linear`` base*B/256, ``sqrt`` base*sqrt(B), ``none`` base (spec 4.2)."""
+    """Effective peak lr: ``linear`` base*B/256, ``sqrt`` base*sqrt(B), ``none`` base (METHOD.md 4.2)."""
     if scaling == "linear":
         return base_lr * batch_size / 256
     if scaling == "sqrt":
@@ -210,7 +210,7 @@ def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Learning rate at ``step`` (spec 4.2): linear warmup from 0 over ``warmup_steps``, then cosine
+    """Learning rate at ``step`` (METHOD.md 4.2): linear warmup from 0 over ``warmup_steps``, then cosine
     decay from ``peak_lr`` to 0 at ``total_steps``. A pure function of the step, so resuming needs
     no scheduler state.
     """

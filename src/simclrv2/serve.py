@@ -1,6 +1,6 @@
 """Serving a trained model: ``simclrv2 predict``, ``simclrv2 embed`` and ``simclrv2 export``.
 
-Every entry point feeds the model what evaluation fed it (spec 5, 5.3): ``uint8`` images ->
+Every entry point feeds the model what evaluation fed it (METHOD.md 5, 5.3): ``uint8`` images ->
 :class:`~simclrv2.data.augment.EvalTransform` (0.875 centre crop for images of 64 px and more,
 bicubic resize to the checkpoint's ``image_size``, clip) -> float32 in [0, 1], no mean/std.
 Exported models take that float input, ``(N, C, S, S)``, and leave the preprocessing to the caller.
@@ -117,7 +117,7 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
 def folder_batches(
     paths: Sequence[Path], channels: int, image_size: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """Preprocessed float batches ``(n, C, S, S)`` in [0, 1] of image files of any size (spec 5.3).
+    """Preprocessed float batches ``(n, C, S, S)`` in [0, 1] of image files of any size (METHOD.md 5.3).
 
     Each image goes through :class:`EvalTransform` on its own, since sizes differ between files.
     """
@@ -207,7 +207,7 @@ def predict_main(argv: list[str]) -> int:
         description="Classify images (a folder or a dataset split) with a model that has a classifier. "
         "Writes a CSV (image, label, pred_index, pred_class, confidence, one probability column per "
         "class) and the probabilities as OUT.npy (float32, (N, classes)). Preprocessing is the "
-        "evaluation one (spec 5.3): centre crop 0.875 for images of 64 px and more, bicubic resize to "
+        "evaluation one (METHOD.md 5.3): centre crop 0.875 for images of 64 px and more, bicubic resize to "
         "the checkpoint's image size, inputs in [0, 1].",
     )
     _add_source_args(parser)
@@ -350,7 +350,7 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="simclrv2 export",
         description="Export encoder + classifier for serving. The exported model takes float32 "
-        "images (N, C, S, S) in [0, 1], already preprocessed as in evaluation (spec 5.3), with a "
+        "images (N, C, S, S) in [0, 1], already preprocessed as in evaluation (METHOD.md 5.3), with a "
         "free batch size, and returns logits (N, classes), or pooled features (N, D) when the "
         "checkpoint has no classifier. OUT.json beside the file records the input size, channels, "
         "class names and preprocessing.",

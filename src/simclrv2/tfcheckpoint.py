@@ -1,6 +1,6 @@
 """Read and write TensorFlow checkpoints (tensor-bundle V2 format) without TensorFlow.
 
-The released SimCLRv2 checkpoints (spec section 8.1) are TF1 checkpoints: a prefix such as
+The released SimCLRv2 checkpoints (METHOD.md 8.1) are TF1 checkpoints: a prefix such as
 ``model.ckpt-250228`` with two files next to it,
 
 - ``PREFIX.index``: an SSTable (the LevelDB table format that TensorFlow keeps in
@@ -511,7 +511,7 @@ def read_tf_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> dic
     """Read every tensor of a TF checkpoint into a dict (name -> array); no TensorFlow needed.
 
     ``path`` is a directory (with a ``checkpoint`` state file or ``*.index`` files), a prefix
-    such as ``.../model.ckpt-250228``, or one of the checkpoint's files. Spec section 8.1.
+    such as ``.../model.ckpt-250228``, or one of the checkpoint's files. METHOD.md 8.1.
     """
     ckpt = TFCheckpoint(path, verify=verify)
     return {name: ckpt[name] for name in ckpt}

@@ -1,4 +1,4 @@
-"""Data: datasets behind one interface, labelled subsets, batched SimCLR augmentations (spec 5, 6)."""
+"""Data: datasets behind one interface, labelled subsets, batched SimCLR augmentations (METHOD.md 5, 6)."""
 
 from .augment import CropFlipAugment, EvalTransform, SimCLRAugment, torchvision_simclr_transform
 from .datasets import (

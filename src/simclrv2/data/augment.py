@@ -1,4 +1,4 @@
-"""Batched SimCLR augmentations on the training device (spec section 5).
+"""Batched SimCLR augmentations on the training device (METHOD.md 5).
 
 Every transform takes a whole batch ``(N, C, H, W)`` (``uint8`` 0..255 or float in [0, 1]) on any
 device and returns ``float32`` in [0, 1] of shape ``(N, C, S, S)``. Random parameters are drawn per
@@ -8,7 +8,7 @@ distributions, and :meth:`SimCLRAugment.apply` runs the batch ops for given para
 
 Why not torchvision.transforms.v2 on the batch: its batched functional ops take one factor (one crop
 box, one hue shift, one blur sigma) for the whole batch, and SimCLR needs independent parameters per
-image (spec 5.1 "each view independently"). So the ops here are small batched re-writes:
+image (METHOD.md 5.1 "each view independently"). So the ops here are small batched re-writes:
 
 - crop + resize + flip in one ``grid_sample`` call with a per-sample affine grid;
 - colour jitter with TF's definitions (``tf.image.adjust_*``, the reference code) and per-sample
@@ -26,7 +26,7 @@ Deviations from the TF reference, on purpose:
   ratio uniform, 10 attempts, then a whole-image box with the ratio clamped) with continuous, not
   integer, box coordinates. TF's ``min_object_covered=0.1`` is not modelled; pass
   ``crop_scale=(0.1, 1.0)`` to get its effective minimum area.
-- Blur draws one sigma per image, not one per batch as the TF code does (spec 5.1 item 4); the
+- Blur draws one sigma per image, not one per batch as the TF code does (METHOD.md 5.1 item 4); the
   kernel size (``2 * ((S // 10) // 2) + 1`` taps: 23 at 224 px, 3 at 28-39 px) and the zero padding
   follow the reference.
 - One-channel images (Fashion-MNIST): brightness and contrast apply; saturation, hue and grayscale
@@ -84,7 +84,7 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Multiplicative brightness (SimCLRv2 variant, spec 5.1): ``x * factor``."""
+    """Multiplicative brightness (SimCLRv2 variant, METHOD.md 5.1): ``x * factor``."""
     return (x * _per_sample(factor)).clamp_(0.0, 1.0)
 
 
@@ -155,7 +155,7 @@ def blur_kernel_size(image_size: int) -> int:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur with one ``sigma`` per image and zero padding (spec 5.1 item 4).
+    """Separable Gaussian blur with one ``sigma`` per image and zero padding (METHOD.md 5.1 item 4).
 
     x: (M, C, H, W) float; sigma: (M,). torchvision's ``gaussian_blur`` takes one sigma per call, so we
     fold the images into the channel axis and run one grouped convolution per direction.
@@ -249,7 +249,7 @@ def _crop_resize_flip(
 
 
 class SimCLRAugment(nn.Module):
-    """SimCLR pretraining view (spec 5.1), one independent draw per image.
+    """SimCLR pretraining view (METHOD.md 5.1), one independent draw per image.
 
     Order: random resized crop (area ``crop_scale``, aspect ``ratio``) + horizontal flip (``flip_p``)
     -> with ``jitter_p`` colour jitter of strength ``color_strength`` (brightness x U[max(0, 1-0.8s),
@@ -394,12 +394,12 @@ class SimCLRAugment(nn.Module):
     def two_views(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independent views (spec 5.1), each (N, C, S, S)."""
+        """Two independent views (METHOD.md 5.1), each (N, C, S, S)."""
         return self(x, generator), self(x, generator)
 
 
 class CropFlipAugment(SimCLRAugment):
-    """Fine-tuning / distillation / linear-eval training view (spec 5.2): random resized crop + flip only."""
+    """Fine-tuning / distillation / linear-eval training view (METHOD.md 5.2): random resized crop + flip only."""
 
     def __init__(
         self,
@@ -424,7 +424,7 @@ class CropFlipAugment(SimCLRAugment):
 
 
 class EvalTransform(nn.Module):
-    """Deterministic evaluation view (spec 5.3).
+    """Deterministic evaluation view (METHOD.md 5.3).
 
     Images with a shorter side >= ``min_crop_side`` (64) get the reference's centre crop: a square of
     ``rint(0.875 * min(H, W))`` pixels, offsets rounded up, then a bicubic resize to ``image_size``

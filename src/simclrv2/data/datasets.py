@@ -1,4 +1,4 @@
-"""Image datasets behind one interface (DESIGN.md "Images"; spec section 5).
+"""Image datasets behind one interface (DESIGN.md "Images"; METHOD.md 5).
 
 Every dataset yields ``(image, label, index)`` where ``image`` is a ``uint8`` tensor ``(C, H, W)``,
 ``label`` an ``int`` (``-1`` = unlabeled) and ``index`` the position in the dataset. Small datasets
@@ -103,7 +103,7 @@ class ImageDataset(Dataset, abc.ABC):
 
     Attributes: ``classes`` (class names), ``num_classes``, ``channels``, ``labels`` (int64 tensor
     ``(N,)``, -1 where unlabeled) and ``filenames`` (list of file base names, or ``None`` where the
-    source has none; file-list subsets need them, spec section 6).
+    source has none; file-list subsets need them, METHOD.md 6).
     """
 
     classes: list[str]
@@ -381,7 +381,7 @@ class ImageFolderDataset(ImageDataset):
 
     Each image becomes RGB, its shorter side is resized (bicubic, PIL's antialiased resize) to
     ``image_size`` and the centre ``image_size`` square is kept, so batches stack. ``filenames`` are
-    the file base names (what official subset lists name, spec section 6); ``paths`` the full paths.
+    the file base names (what official subset lists name, METHOD.md 6); ``paths`` the full paths.
 
     Every file is checked at construction (header + checksum, see :func:`_check_image`). A bad file
     raises :class:`DatasetError` naming it, or with ``skip_bad_images=True`` is dropped with one

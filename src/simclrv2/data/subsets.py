@@ -1,4 +1,4 @@
-"""Labelled subsets for semi-supervised fine-tuning (spec section 6).
+"""Labelled subsets for semi-supervised fine-tuning (METHOD.md 6).
 
 Two ways to pick the labelled images: a class-balanced random fraction that is the same on every
 machine (:func:`balanced_subset`), or an official list of ImageNet train file names
@@ -101,7 +101,7 @@ def _read_names(list_path: Path) -> list[str]:
 
 
 def subset_from_file_list(filenames: Sequence[str] | None, list_path: str | os.PathLike[str]) -> np.ndarray:
-    """Sorted indices of the images named in ``list_path`` (official ImageNet subset format, spec 6).
+    """Sorted indices of the images named in ``list_path`` (official ImageNet subset format, METHOD.md 6).
 
     ``filenames`` are the dataset's file base names (``ImageFolderDataset.filenames``), e.g.
     ``n01440764_10026.JPEG``. Any listed name missing from the dataset is an error that counts them.

@@ -1,4 +1,4 @@
-"""Stages that train a classifier: fine-tuning (spec 6), supervised baselines, distillation (spec 7).
+"""Stages that train a classifier: fine-tuning (METHOD.md 6), supervised baselines, distillation (METHOD.md 7).
 
 All three share one shape: a model with a classifier, crop-and-flip views, a loss on logits, then
 an evaluation on the test split that writes ``metrics.json`` and ``predictions.npy``.
@@ -69,7 +69,7 @@ def freeze_for_finetune(model: SimCLRModel, after_block: int) -> list[nn.Module]
 
     Head layers after the one ``ft_proj_selector`` picks never run, so they get no gradient and are
     excluded from the optimizer. ``after_block = k >= 0`` also freezes the stem and stages 1..k
-    (spec 6, ``fine_tune_after_block``; 4 freezes the whole backbone).
+    (METHOD.md 6, ``fine_tune_after_block``; 4 freezes the whole backbone).
     """
     frozen: list[nn.Module] = []
     used = model.proj_head.resolve_index(model.ft_proj_selector)
@@ -183,7 +183,7 @@ def check_finetune_model(cfg: FinetuneConfig) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
-    """Fine-tune a pretrained model from head layer ``ft_proj_selector`` (spec 6).
+    """Fine-tune a pretrained model from head layer ``ft_proj_selector`` (METHOD.md 6).
 
     ``test=False`` evaluates on the validation split only (a learning-rate search candidate)."""
     if not cfg.init_checkpoint:
@@ -220,10 +220,10 @@ def run_supervised(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
 
 
 def run_distill(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
-    """Distil a frozen fine-tuned teacher into a student on every training image (spec 7).
+    """Distil a frozen fine-tuned teacher into a student on every training image (METHOD.md 7).
 
     The teacher runs in eval mode, without gradients, outside DDP, under autocast where the config
-    asks for it. The student has no projection head (spec 7) and starts from random weights, or
+    asks for it. The student has no projection head (METHOD.md 7) and starts from random weights, or
     from ``student_init``.
     """
     if not cfg.teacher_checkpoint:

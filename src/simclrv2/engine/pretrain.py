@@ -1,4 +1,4 @@
-"""Contrastive pretraining (spec 3-5): two augmented views, NT-Xent over the global batch."""
+"""Contrastive pretraining (METHOD.md 3-5): two augmented views, NT-Xent over the global batch."""
 
 from __future__ import annotations
 

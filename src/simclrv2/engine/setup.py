@@ -82,7 +82,7 @@ def labelled_indices(cfg: Any, ds: ImageDataset, run_dir: Path | None) -> np.nda
 def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", **overrides: Any) -> SimCLRModel:
     """A registry model adapted to the data: input channels and stem.
 
-    ``stem="auto"`` keeps the registry's stem but uses the CIFAR stem at <= 32 px (spec 1.4);
+    ``stem="auto"`` keeps the registry's stem but uses the CIFAR stem at <= 32 px (METHOD.md 1.4);
     ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU);
     ``small`` is the CIFAR stem with stride 2 (2x downsampling, no max-pool).
     """
@@ -138,7 +138,7 @@ def model_meta(model: SimCLRModel, ds: ImageDataset | None = None, **extra: Any)
 
 
 def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.Module:
-    """SyncBatchNorm (global BN, spec 1.6) and DDP when running under torchrun; else unchanged."""
+    """SyncBatchNorm (global BN, METHOD.md 1.6) and DDP when running under torchrun; else unchanged."""
     if dist.world_size() == 1:
         return module
     if global_bn and device.type == "cuda":

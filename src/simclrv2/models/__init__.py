@@ -1,4 +1,4 @@
-"""Model zoo: ResNet v1 (+SK) backbones, the SimCLRv2 projection head and named variants (spec 1, 2)."""
+"""Model zoo: ResNet v1 (+SK) backbones, the SimCLRv2 projection head and named variants (METHOD.md 1, 2)."""
 
 from simclrv2.models.heads import ProjectionHead
 from simclrv2.models.registry import (

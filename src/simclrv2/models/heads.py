@@ -1,4 +1,4 @@
-"""SimCLRv2 projection head and supervised head (spec section 2)."""
+"""SimCLRv2 projection head and supervised head (METHOD.md 2)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ HEAD_MODES = ("nonlinear", "linear", "none")
 
 
 class BatchNorm1dNoBeta(nn.Module):
-    """BatchNorm1d with a learned scale but no shift (TF ``center=False``, spec 2).
+    """BatchNorm1d with a learned scale but no shift (TF ``center=False``, METHOD.md 2).
 
     An affine-free ``BatchNorm1d`` (``self.bn``: running statistics) times a learned ``weight``
     (gamma). There is no beta at all, rather than a zero beta that an optimizer, a
@@ -34,7 +34,7 @@ class BatchNorm1dNoBeta(nn.Module):
 
 
 class ProjectionLayer(nn.Module):
-    """One head layer: Linear (no bias) -> BN1d -> optional ReLU (spec 2).
+    """One head layer: Linear (no bias) -> BN1d -> optional ReLU (METHOD.md 2).
 
     Middle layers have BN with beta and a ReLU; the last layer has BN without beta and no ReLU.
     """
@@ -45,7 +45,7 @@ class ProjectionLayer(nn.Module):
         self.bn: nn.Module = (BatchNorm1dNoBeta(out_dim) if last
                               else nn.BatchNorm1d(out_dim, eps=BN_EPS, momentum=BN_MOMENTUM))
         self.relu = not last
-        nn.init.normal_(self.linear.weight, std=0.01)  # dense init normal(0, 0.01), spec 1.6
+        nn.init.normal_(self.linear.weight, std=0.01)  # dense init normal(0, 0.01), METHOD.md 1.6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.linear(x))
@@ -53,7 +53,7 @@ class ProjectionLayer(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """SimCLRv2 projection head g(.) (spec 2).
+    """SimCLRv2 projection head g(.) (METHOD.md 2).
 
     Args:
         in_dim: backbone feature dim d.
@@ -118,12 +118,12 @@ class SupervisedHead(nn.Linear):
 
     ``optim.param_groups`` finds it by type, whatever prefix a wrapper (DDP, ``torch.compile``, a
     stage's own module) puts before its parameter names, and gives it no LARS trust ratio and an
-    L2 term instead of weight decay (spec 4.1). Its state_dict keys are those of ``nn.Linear``.
+    L2 term instead of weight decay (METHOD.md 4.1). Its state_dict keys are those of ``nn.Linear``.
     """
 
 
 def make_classifier(in_dim: int, num_classes: int, zero_init: bool = False) -> nn.Linear:
-    """Supervised head: one Linear with bias, no BN (spec 2).
+    """Supervised head: one Linear with bias, no BN (METHOD.md 2).
 
     Weights normal(0, 0.01) and bias 0 (TF dense defaults), or all zeros with ``zero_init``
     (``zero_init_logits_layer`` at the start of fine-tuning).

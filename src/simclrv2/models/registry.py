@@ -1,6 +1,6 @@
 """The SimCLRv2 model (backbone + projection head + optional classifier) and its named variants.
 
-Variant names follow the released checkpoints (spec 8.1): ``r{depth}_{width}x_sk{0|1}``, where
+Variant names follow the released checkpoints (METHOD.md 8.1): ``r{depth}_{width}x_sk{0|1}``, where
 sk1 means Selective Kernel with sk_ratio 0.0625. The 13 Table-1 models use the ImageNet stem;
 the small variants (depth 10-50, widths 0.25-1) default to the CIFAR stem for 28-96 px images.
 """
@@ -17,11 +17,11 @@ from torch import nn
 from simclrv2.models.heads import ProjectionHead, make_classifier
 from simclrv2.models.resnet import ResNet
 
-SK_RATIO = 0.0625  # released SK models (spec 1.3, issue #147)
+SK_RATIO = 0.0625  # released SK models (METHOD.md 1.3, issue #147)
 
 
 class SimCLRModel(nn.Module):
-    """Backbone f(.), projection head g(.) and an optional supervised head (spec sections 1, 2).
+    """Backbone f(.), projection head g(.) and an optional supervised head (METHOD.md 1, 2).
 
     Args:
         depth, width, sk_ratio, cifar_stem, in_chans, tf_padding, stem_stride: backbone, see ``ResNet``.
@@ -99,7 +99,7 @@ class SimCLRModel(nn.Module):
 
     def reset_classifier(self, num_classes: int, zero_init: bool = True) -> None:
         """Replace the supervised head by a fresh Linear(selected_dim -> num_classes) with bias
-        (0 removes it). Init normal(0, 0.01), or zeros with ``zero_init`` (spec 2)."""
+        (0 removes it). Init normal(0, 0.01), or zeros with ``zero_init`` (METHOD.md 2)."""
         self.zero_init_classifier = zero_init
         if num_classes <= 0:
             self.classifier = None
@@ -156,7 +156,7 @@ def _variant_name(depth: int, width: float, sk: bool) -> str:
 
 def _build_variants() -> dict[str, dict[str, Any]]:
     variants: dict[str, dict[str, Any]] = {}
-    # Paper Table 1 / released checkpoints (spec 8.1, 9.1): ImageNet stem.
+    # Paper Table 1 / released checkpoints (METHOD.md 8.1, 9.1): ImageNet stem.
     imagenet = [(50, 1), (50, 2), (101, 1), (101, 2), (152, 1), (152, 2)]
     for depth, width in imagenet:
         for sk in (False, True):
@@ -200,7 +200,7 @@ def create_model(name: str, **overrides: Any) -> SimCLRModel:
 
 def count_backbone_params(model: nn.Module, include_bn_stats: bool = True) -> int:
     """Size of the backbone as the paper counts it: every conv + BN variable, heads excluded
-    (spec 1.7, 9.1). Accepts a ``SimCLRModel`` or a bare ``ResNet``.
+    (METHOD.md 1.7, 9.1). Accepts a ``SimCLRModel`` or a bare ``ResNet``.
 
     With ``include_bn_stats`` (default) the BN moving mean and variance count too, as they do
     among the checkpoint variables the Table-1 numbers were taken from; only then do all 13

@@ -1,11 +1,11 @@
 """ResNet v1 (post-activation) backbone with optional Selective Kernel, as in SimCLRv2.
 
-Follows spec section 1 (architecture, init) and section 8.2 (module registration order): the
+Follows METHOD.md 1 (architecture, init) and section 8.2 (module registration order): the
 i-th ``nn.Conv2d`` / ``nn.BatchNorm2d`` in ``modules()`` order is the i-th ``conv2d_*`` /
 ``batch_normalization_*`` variable of the released TF1 checkpoints, so a converter can map
 weights by position.
 
-Two padding modes (spec 1.5):
+Two padding modes (METHOD.md 1.5):
 
 * ``tf_padding=False`` (default): ordinary PyTorch padding -- max-pool ``padding=1`` on both
   sides, and the SK avg-pool shortcut zero-pads bottom/right and counts the zeros in the mean
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-BN_EPS = 1e-5  # spec 1.6
-BN_MOMENTUM = 0.1  # TF decay 0.9 -> PyTorch momentum 0.1 (spec 1.6)
-SK_MIN_DIM = 32  # spec 1.3: floor on the SK mixing width
+BN_EPS = 1e-5  # METHOD.md 1.6
+BN_MOMENTUM = 0.1  # TF decay 0.9 -> PyTorch momentum 0.1 (METHOD.md 1.6)
+SK_MIN_DIM = 32  # METHOD.md 1.3: floor on the SK mixing width
 
-# depth -> (block type, blocks per stage). Spec 1.1; depth 10 ([1,1,1,1] basic blocks) is a
+# depth -> (block type, blocks per stage). METHOD.md 1.1; depth 10 ([1,1,1,1] basic blocks) is a
 # project extension used as a tiny CPU distillation student.
 RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     10: ("basic", (1, 1, 1, 1)),
@@ -49,7 +49,7 @@ RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 
 
 def sk_mid_dim(filters: int, sk_ratio: float, min_dim: int = SK_MIN_DIM) -> int:
-    """Width of the SK mixing bottleneck: ``max(int(filters * sk_ratio), min_dim)`` (spec 1.3)."""
+    """Width of the SK mixing bottleneck: ``max(int(filters * sk_ratio), min_dim)`` (METHOD.md 1.3)."""
     return max(int(filters * sk_ratio), min_dim)
 
 
@@ -64,7 +64,7 @@ def tf_same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    """Bias-free conv with symmetric ``(k-1)//2`` padding, exact for TF's padding of odd k (spec 1.5)."""
+    """Bias-free conv with symmetric ``(k-1)//2`` padding, exact for TF's padding of odd k (METHOD.md 1.5)."""
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False)
 
 
@@ -73,7 +73,7 @@ def batch_norm2d(channels: int) -> nn.BatchNorm2d:
 
 
 def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """TF ``variance_scaling_initializer()``: fan_in, truncated normal, scale 1.0 (spec 1.6).
+    """TF ``variance_scaling_initializer()``: fan_in, truncated normal, scale 1.0 (METHOD.md 1.6).
 
     TF truncates at two standard deviations and divides the std by 0.8796... (the std of a unit
     normal truncated to [-2, 2]) so the truncated samples have variance ``scale / fan_in``.
@@ -102,7 +102,7 @@ def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
 
 
 class MaxPoolSame(nn.Module):
-    """Stem max-pool 3x3 stride 2 (spec 1.4, 1.5).
+    """Stem max-pool 3x3 stride 2 (METHOD.md 1.4, 1.5).
 
     TF mode pads by the SAME formula with -inf (on an even input: 0 before, 1 after), so every
     window covers the same pixels as in TF. Default mode uses PyTorch's symmetric ``padding=1``,
@@ -123,7 +123,7 @@ class MaxPoolSame(nn.Module):
 
 
 class AvgPoolShortcut(nn.Module):
-    """2x2 average pool of the SK (ResNet-D) projection shortcut (spec 1.4, 1.5).
+    """2x2 average pool of the SK (ResNet-D) projection shortcut (METHOD.md 1.4, 1.5).
 
     Stride 2: pad bottom/right by one zero row/column, then a VALID 2x2/2 pool -- what TF does
     explicitly, identical in both modes. Stride 1 (first block of stage 1): TF uses a SAME 2x2/1
@@ -148,7 +148,7 @@ class AvgPoolShortcut(nn.Module):
 
 
 class Stem(nn.Module):
-    """Network input layers (spec 1.4).
+    """Network input layers (METHOD.md 1.4).
 
     * ``cifar_stem``: 3x3 conv (stride ``stem_stride``, 1 for CIFAR) -> BN -> ReLU, no pooling
       (small images; stride 2 halves the resolution for 4x fewer FLOPs).
@@ -160,7 +160,7 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, channels: int, deep: bool, cifar_stem: bool, tf_padding: bool,
                  stem_stride: int = 1) -> None:
         super().__init__()
-        # Attribute order = TF creation order: conv, bn, conv_1, bn_1, ... (spec 8.2).
+        # Attribute order = TF creation order: conv, bn, conv_1, bn_1, ... (METHOD.md 8.2).
         self.deep = deep and not cifar_stem
         if cifar_stem:
             self.conv1 = conv2d(in_chans, channels, 3, stride=stem_stride)
@@ -188,7 +188,7 @@ class Stem(nn.Module):
 
 
 class Projection(nn.Module):
-    """Projection shortcut of the first block in a stage (spec 1.2, 1.4).
+    """Projection shortcut of the first block in a stage (METHOD.md 1.2, 1.4).
 
     SK off: 1x1 conv with the block stride -> BN. SK on (ResNet-D): 2x2 avg pool with the block
     stride -> 1x1 stride-1 conv -> BN. No ReLU; BN gamma starts at 1.
@@ -207,7 +207,7 @@ class Projection(nn.Module):
 
 
 class SelectiveKernel(nn.Module):
-    """SimCLRv2's Selective Kernel conv replacing the bottleneck 3x3 conv + BN + ReLU (spec 1.3).
+    """SimCLRv2's Selective Kernel conv replacing the bottleneck 3x3 conv + BN + ReLU (METHOD.md 1.3).
 
     One 3x3 conv to ``2f`` channels -> BN-ReLU, split into two f-channel branches A, B; the
     spatial mean of A + B goes through 1x1 (f -> mid) -> BN-ReLU -> 1x1 (mid -> 2f); a softmax
@@ -217,7 +217,7 @@ class SelectiveKernel(nn.Module):
     def __init__(self, in_ch: int, filters: int, stride: int, sk_ratio: float) -> None:
         super().__init__()
         mid = sk_mid_dim(filters, sk_ratio)
-        # Order = TF creation order: 3x3 conv, BN, 1x1 f->mid, BN, 1x1 mid->2f (spec 8.2).
+        # Order = TF creation order: 3x3 conv, BN, 1x1 f->mid, BN, 1x1 mid->2f (METHOD.md 8.2).
         self.conv = conv2d(in_ch, 2 * filters, 3, stride=stride)
         self.bn = batch_norm2d(2 * filters)
         self.fc1 = nn.Conv2d(filters, mid, 1, bias=False)
@@ -235,7 +235,7 @@ class SelectiveKernel(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (stride on the first); the second BN starts at gamma 0 (spec 1.2)."""
+    """Two 3x3 convs (stride on the first); the second BN starts at gamma 0 (METHOD.md 1.2)."""
 
     expansion = 1
 
@@ -244,7 +244,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         if sk_ratio > 0:
             raise ValueError("Selective Kernel applies to bottleneck blocks only (depth >= 50)")
-        # Projection first: TF creates the shortcut variables before the main path (spec 8.2).
+        # Projection first: TF creates the shortcut variables before the main path (METHOD.md 8.2).
         self.shortcut = Projection(in_ch, filters, stride, False, tf_padding) if use_projection else None
         self.conv1 = conv2d(in_ch, filters, 3, stride=stride)
         self.bn1 = batch_norm2d(filters)
@@ -263,7 +263,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 (f) -> 3x3 or SK (f, stride s) -> 1x1 (4f), BN after each; last BN gamma 0 (spec 1.2-1.4)."""
+    """1x1 (f) -> 3x3 or SK (f, stride s) -> 1x1 (4f), BN after each; last BN gamma 0 (METHOD.md 1.2-1.4)."""
 
     expansion = 4
 
@@ -328,17 +328,17 @@ def _checkpoint_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextMa
 
 
 class ResNet(nn.Module):
-    """ResNet v1 backbone returning globally average-pooled features ``(N, feature_dim)`` (spec 1).
+    """ResNet v1 backbone returning globally average-pooled features ``(N, feature_dim)`` (METHOD.md 1).
 
     Args:
         depth: 10, 18, 34 (basic blocks) or 50, 101, 152, 200 (bottleneck blocks).
         width: width multiplier; may be fractional (channels = ``int(64 * width)`` etc.).
         sk_ratio: > 0 turns on Selective Kernel (bottleneck only) together with the deep stem
-            and the avg-pool projection shortcut (spec 1.3, 1.4). Released models use 0.0625.
+            and the avg-pool projection shortcut (METHOD.md 1.3, 1.4). Released models use 0.0625.
         cifar_stem: 3x3 stride-1 stem without max-pool, for images of about 32 px or less.
         stem_stride: stride of the CIFAR stem's conv (2: the "small" stem, 4x cheaper).
         in_chans: input channels (1 for grayscale Fashion-MNIST).
-        tf_padding: exact TF "SAME" pooling semantics (spec 1.5); see the module docstring.
+        tf_padding: exact TF "SAME" pooling semantics (METHOD.md 1.5); see the module docstring.
 
     ``feature_dim`` is ``4 * int(512 * width)`` for bottleneck nets (2048 at 1x) and
     ``int(512 * width)`` for basic-block nets.
@@ -384,7 +384,7 @@ class ResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """Conv: variance scaling (scale 1, fan_in, truncated). BN: gamma 1, beta 0, except the
-        last BN of every residual block, gamma 0 (spec 1.6)."""
+        last BN of every residual block, gamma 0 (METHOD.md 1.6)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 variance_scaling_(m.weight)
