@@ -8,17 +8,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from simclrv2 import config as C
 from simclrv2 import pipeline as P
 from simclrv2.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "fashion_mnist_demo.yaml"
+DEMO_CONFIG = ROOT / "configs" / "fashion_mnist_demo.yaml"
+# the demo config with a per-fraction table, as a user's config may have one
+BY_FRACTION = {
+    0.001: {"finetune": {"epochs": 60, "base_lr": 0.03}, "supervised": {"epochs": 60, "base_lr": 0.1}},
+    0.01: {"finetune": {"epochs": 60}, "supervised": {"epochs": 60}},
+    0.1: {"distill_small": {"epochs": 0.25}},
+}
 
 
-def plans(*overrides: str) -> dict[str, P.StagePlan]:
-    pc = C.build(P.PipelineConfig, C.apply_overrides(C.load_yaml(DEMO), list(overrides)))
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    values = dict(C.load_yaml(DEMO_CONFIG), by_fraction=BY_FRACTION)
+    path = tmp_path_factory.mktemp("config") / "demo_by_fraction.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def plans(demo: Path, *overrides: str) -> dict[str, P.StagePlan]:
+    pc = C.build(P.PipelineConfig, C.apply_overrides(C.load_yaml(demo), list(overrides)))
     return {p.name: p for p in P.plan_stages(pc)}
 
 
@@ -35,7 +50,7 @@ def test_a_mistyped_key_is_one_line_with_the_closest_key_and_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
         override: str, typo: str, suggestion: str) -> None:
     monkeypatch.chdir(tmp_path)  # the demo's run_dir is relative: it would appear here
-    assert main(["pipeline", "--config", str(DEMO), override]) == 2
+    assert main(["pipeline", "--config", str(DEMO_CONFIG), override]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert f"unknown config key '{typo}'" in err and f"did you mean {suggestion}?" in err, err
@@ -49,9 +64,9 @@ def test_a_mistyped_key_is_one_line_with_the_closest_key_and_writes_nothing(
     ("by_fraction.2.finetune.epochs=1", "'by_fraction.2' is not a label fraction"),
     ("by_fraction.0.010.linear_eval.epochs=1", "unknown config key 'by_fraction.0.01.linear_eval'"),
 ])
-def test_a_mistyped_value_or_section_is_an_error(capsys: pytest.CaptureFixture, tmp_path: Path,
+def test_a_mistyped_value_or_section_is_an_error(demo: Path, capsys: pytest.CaptureFixture, tmp_path: Path,
                                                  override: str, needle: str) -> None:
-    assert main(["pipeline", "--config", str(DEMO), f"run_dir={tmp_path / 'run'}", override]) == 2
+    assert main(["pipeline", "--config", str(demo), f"run_dir={tmp_path / 'run'}", override]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "run").exists()
@@ -72,9 +87,9 @@ def test_split_key_keeps_a_number_whole() -> None:
     assert C.split_key("pretrain.memory.size") == ["pretrain", "memory", "size"]
 
 
-def test_by_fraction_overrides_reach_the_planned_stage_configs() -> None:
-    base = plans()
-    got = plans("by_fraction.0.01.finetune.epochs=1",  # the YAML key 0.01, merged with its other keys
+def test_by_fraction_overrides_reach_the_planned_stage_configs(demo: Path) -> None:
+    base = plans(demo)
+    got = plans(demo, "by_fraction.0.01.finetune.epochs=1",  # the YAML key 0.01, merged with its other keys
                 "by_fraction.1e-3.supervised.base_lr=0.5",  # 1e-3 names the YAML key 0.001
                 "by_fraction.0.10.distill_small.tau=2.0",  # so does 0.10 name 0.1
                 "label_fractions=[0.001, 0.01, 0.1, 0.05]",

@@ -27,6 +27,7 @@ from test_pipeline import tiny_fashion_mnist
 from torch import nn
 
 from simclrv2 import budget
+from simclrv2 import checkpoint as ckpt
 from simclrv2 import config as C
 from simclrv2.cli import main
 from simclrv2.config import DistillConfig, FinetuneConfig, PretrainConfig, SupervisedConfig, load_config
@@ -213,6 +214,8 @@ def test_lr_search_chooses_on_validation(searched):
             assert metrics["val_top1"] == scores[lr]
             assert ("top1" in metrics) == (lr == row["base_lr"]), "the test split is for the chosen run only"
         assert row["run_dir"] == str(stage_dir / f"lr_{row['base_lr']:.4g}")
+        # the stage folder stands for the chosen run
+        assert ckpt.resolve_checkpoint(stage_dir) == ckpt.latest_checkpoint(row["run_dir"])
     student = yaml.safe_load((searched / "distill_self_2pct" / "config.yaml").read_text())
     assert student["teacher_checkpoint"] == rows["finetune"]["run_dir"]
     assert rows["distill-self"]["teacher_top1"] == rows["finetune"]["top1"]

@@ -246,6 +246,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "meta.json").is_file():
         return p
     latest = latest_checkpoint(p)
+    if latest is None and (p / "chosen.json").is_file():
+        # a pipeline stage with a learning-rate search: its folder names the candidate it chose
+        try:
+            chosen = json.loads((p / "chosen.json").read_text())["chosen"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"'{p / 'chosen.json'}' is unreadable ({e}); rerun the pipeline") from e
+        return resolve_checkpoint(p / chosen)
     if latest is None:
         raise CheckpointError(f"'{path}' holds no complete checkpoint; run the stage that writes it first")
     return latest

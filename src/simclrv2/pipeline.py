@@ -292,6 +292,9 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     seconds += sec - trained  # the chosen one's seconds include its training, counted above
     rates = [c.cfg.base_lr for c in plan.candidates]
     edge = len(rates) > 1 and chosen.cfg.base_lr in (min(rates), max(rates))
+    if dist.is_main():  # the stage folder stands for its choice: predict, export and friends read it
+        atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
+            "chosen": Path(chosen.cfg.run_dir).name, "base_lr": chosen.cfg.base_lr, "val_top1": scores}, indent=1))
     result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=edge)
     return chosen, result, round(seconds, 2), all_skipped and skipped
 

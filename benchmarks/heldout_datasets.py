@@ -1,0 +1,118 @@
+"""Write small ImageFolder datasets that no config was written for, to check recipes on them.
+
+    python benchmarks/heldout_datasets.py OUT_DIR
+
+writes three datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png``:
+
+- ``fmnist4k``: 4,000 training and 1,000 test images of Fashion-MNIST (grey, 28 px, 10 classes), a
+  subset drawn with a fixed seed: 400 images a class, so the demo's label fractions give 1, 4 and
+  40 labels a class;
+- ``digits``: scikit-learn's 1,797 handwritten digits (8x8 grey, 16 levels) upscaled to 24 px, 10
+  classes, 1,437 training and 360 test images;
+- ``shapes``: 3,000 training and 600 test RGB images of 32 px drawn here: six shape classes
+  (disc, square, triangle, cross, ring, bar) in random colours, sizes and places on a noisy
+  background of another random colour.
+
+Then run the demo recipe on one of them as a user would::
+
+    simclrv2 pipeline --config configs/fashion_mnist_demo.yaml common.dataset=imagefolder \\
+        common.data_dir=OUT_DIR/shapes run_dir=runs/heldout_shapes
+
+Every draw uses a fixed seed, so the folders are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar")
+
+
+def _write(root: Path, split: str, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    for i, (img, y) in enumerate(zip(images, labels)):
+        folder = root / split / classes[int(y)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{split}_{i:05d}.png")
+
+
+def fmnist4k(root: Path, rng: np.random.Generator) -> None:
+    from simclrv2.data.datasets import load_fashion_mnist
+
+    for split, per_class in (("train", 400), ("test", 100)):
+        ds = load_fashion_mnist(split)
+        labels = ds.labels.numpy()
+        pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                                       for c in range(10)]))
+        _write(root, split, ds.images[pick, 0].numpy(), labels[pick], list(ds.classes))
+
+
+def digits(root: Path, rng: np.random.Generator) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0 * 255).round().astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(im).resize((24, 24), Image.BILINEAR)) for im in images])
+    order = rng.permutation(len(images))
+    cut = int(0.8 * len(images))
+    classes = [str(c) for c in range(10)]
+    _write(root, "train", images[order[:cut]], d.target[order[:cut]], classes)
+    _write(root, "test", images[order[cut:]], d.target[order[cut:]], classes)
+
+
+def _shape(rng: np.random.Generator, kind: str, size: int = 32) -> np.ndarray:
+    bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    while np.abs(bg.astype(int) - fg).sum() < 150:  # keep the shape visible
+        fg = rng.integers(0, 256, 3)
+    noise = rng.normal(0, 12, (size, size, 3))
+    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(6, 12)
+    cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    colour = tuple(int(v) for v in fg)
+    if kind == "disc":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif kind == "cross":
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+    elif kind == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+    else:  # bar: a long thin rectangle, horizontal or vertical
+        w = r / 4
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w) if rng.random() < 0.5 else (cx - w, cy - r, cx + w, cy + r),
+                       fill=colour)
+    return np.asarray(img)
+
+
+def shapes(root: Path, rng: np.random.Generator) -> None:
+    for split, n in (("train", 3000), ("test", 600)):
+        labels = np.arange(n) % len(SHAPES)
+        images = np.stack([_shape(rng, SHAPES[y]) for y in labels])
+        _write(root, split, images, labels, list(SHAPES))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder to write the datasets into")
+    args = parser.parse_args()
+    for name, make in (("fmnist4k", fmnist4k), ("digits", digits), ("shapes", shapes)):
+        target = args.out / name
+        if target.exists():
+            print(f"{target}: exists, kept")
+            continue
+        make(target, np.random.default_rng(0))
+        counts = {s: sum(1 for _ in (target / s).rglob("*.png")) for s in ("train", "test")}
+        print(f"{target}: {counts['train']} training and {counts['test']} test images")
+
+
+if __name__ == "__main__":
+    main()
