@@ -70,8 +70,10 @@ def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets import DatasetError
     from .engine.runtime import RunError
+    from .runlock import RunFolderBusy
 
-    return (C.ConfigError, RunError, CheckpointError, DatasetError, ValueError, FileNotFoundError, PermissionError)
+    return (C.ConfigError, RunError, RunFolderBusy, CheckpointError, DatasetError, ValueError, FileNotFoundError,
+            PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the run resumes from it", file=sys.stderr)
         return 130
+    finally:
+        # the run folders this command wrote are free again (a SIGKILL leaves a stale lock instead,
+        # which the next run takes over)
+        from .runlock import release_all
+
+        release_all()
 
 
 if __name__ == "__main__":

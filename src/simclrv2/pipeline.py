@@ -30,6 +30,7 @@ from typing import Any
 
 from . import config as C
 from . import distributed as dist
+from . import runlock
 from .checkpoint import atomic_write_text
 
 
@@ -178,6 +179,9 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
     dist.barrier()  # every process has decided before the main one rewrites the markers
     cfg = dataclasses.replace(plan.cfg, resume=False) if fresh and plan.cfg.resume else plan.cfg
     before = _seconds_before(cfg)
+    if dist.launch_rank() == 0:  # the stage's folder is ours before its markers change
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runlock.acquire(run_dir)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
@@ -191,6 +195,7 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
                                             **({"seconds_before_resume": before} if before else {}),
                                             "result": keep}, indent=1))
     dist.barrier()  # done.json is on disk before any process fingerprints it
+    runlock.release(run_dir)  # the stage is over; the pipeline's own lock stays
     return keep, seconds, False
 
 
@@ -200,6 +205,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     plans = plan_stages(pc)
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
+        runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
     if dist.is_main():
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages, prints = [], {}, {}
