@@ -155,7 +155,7 @@ def _seconds_before(cfg: Any) -> float:
     checkpoint (its meta.json's ``train_seconds``); 0 for a stage that starts from step 0."""
     from . import checkpoint as ckpt
 
-    last = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    last = ckpt.newest_sound_checkpoint(cfg.run_dir)[0] if cfg.resume else None  # the one resumed from
     return float(ckpt.read_meta(last).get("train_seconds", 0.0)) if last is not None else 0.0
 
 
