@@ -150,9 +150,9 @@ def test_pipeline_under_torchrun_on_cpu(tmp_path):
         "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": "r10_0.25x_sk0",
                    "stem": "imagenet", "progress": False, "batch_size": 128, "global_bn": True},
         "pretrain": {"epochs": 1, "knn_every": 1, "knn_train_size": 500, "knn_test_size": 200},
-        "finetune": {"epochs": 1, "batch_size": 32},
-        "supervised": {"epochs": 1, "batch_size": 32},
-        "distill_self": {"epochs": 0.2},
+        "finetune": {"epochs": 1, "batch_size": 32, "min_steps": 0},
+        "supervised": {"epochs": 1, "batch_size": 32, "min_steps": 0},
+        "distill_self": {"epochs": 0.2, "min_steps": 0},
         "linear_eval": {"epochs": 2},
     }))
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from simclrv2.models import create_model
+from simclrv2.models.heads import SupervisedHead
 from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
 
 
@@ -39,9 +41,12 @@ def test_lars_one_step_hand_computed(foreach):
     # Without weight decay: trust = 0.001 * 5 / 1 = 0.005, v = 0.1 * 0.005 * g = [3e-4, 4e-4].
     w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.0, exclude=False, foreach=foreach)
     torch.testing.assert_close(w1, torch.tensor([2.9997, 3.9996], dtype=torch.float64))
-    # Excluded: plain SGD step at lr, the group's weight decay ignored: v = 0.1 * g.
-    w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.1, exclude=True, foreach=foreach)
+    # Excluded: plain SGD step at lr, no trust ratio: v = 0.1 * g.
+    w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.0, exclude=True, foreach=foreach)
     torch.testing.assert_close(w1, torch.tensor([2.94, 3.92], dtype=torch.float64))
+    # Excluded with the group's L2 term (the supervised head, spec 4.1): v = 0.1 * (g + 0.1 * w).
+    w1 = one_param_step([3.0, 4.0], [0.6, 0.8], lr=0.1, wd=0.1, exclude=True, foreach=foreach)
+    torch.testing.assert_close(w1, torch.tensor([2.91, 3.88], dtype=torch.float64))
     # |w| = 0: trust falls back to 1.
     w1 = one_param_step([0.0, 0.0], [0.6, 0.8], lr=0.1, wd=0.1, exclude=False, foreach=foreach)
     torch.testing.assert_close(w1, torch.tensor([-0.06, -0.08], dtype=torch.float64))
@@ -65,7 +70,7 @@ def test_lars_momentum_two_steps(foreach):
     got = one_param_step(w0, g0, lr=lr, wd=wd, exclude=False, foreach=foreach, steps_grads=(g1,))
     torch.testing.assert_close(got, torch.tensor(w2, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     # Excluded group over two steps: v1 = m * lr * g0 + lr * g1.
-    got = one_param_step(w0, g0, lr=lr, wd=wd, exclude=True, foreach=foreach, steps_grads=(g1,))
+    got = one_param_step(w0, g0, lr=lr, wd=0.0, exclude=True, foreach=foreach, steps_grads=(g1,))
     expected = [w - lr * a - (m * lr * a + lr * b) for w, a, b in zip(w0, g0, g1)]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
 
@@ -86,19 +91,45 @@ def test_lars_foreach_equals_reference_on_a_model():
     assert nets[0].conv1.weight.abs().sum() > 0
 
 
-def test_param_groups_exclusions_by_name():
-    groups = param_groups(TinyNet(), weight_decay=1e-4)
-    by_flag = {g["lars_exclude"]: g for g in groups}
-    assert by_flag[False]["names"] == ["conv1.weight", "proj.weight"]
-    assert by_flag[True]["names"] == [
-        "bn1.weight",
-        "bn1.bias",
-        "proj.bias",
-        "classifier.weight",
-        "classifier.bias",
-    ]
-    assert by_flag[False]["weight_decay"] == 1e-4 and by_flag[True]["weight_decay"] == 0.0
-    assert all(len(g["params"]) == len(g["names"]) for g in groups)
+class _Wrapper(nn.Module):
+    """A stage's own wrapper: parameter names gain a 'model.' prefix."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.model = inner
+
+
+def _groups_by_kind(groups):
+    """Names per group kind, told apart by flags only: (exclude, wd) -> names."""
+    return {(g["lars_exclude"], g["weight_decay"]): g["names"] for g in groups}
+
+
+def test_param_groups_by_module_type():
+    net = TinyNet()
+    net.classifier = SupervisedHead(3, 4)
+    got = _groups_by_kind(param_groups(net, weight_decay=1e-4))
+    assert got == {
+        (False, 1e-4): ["conv1.weight", "proj.weight"],
+        (True, 1e-4): ["classifier.weight"],  # no trust ratio, L2 term (spec 4.1)
+        (True, 0.0): ["bn1.weight", "bn1.bias", "proj.bias", "classifier.bias"],
+    }
+
+
+def test_param_groups_ignore_wrapper_prefixes():
+    """DDP ('module.'), torch.compile ('_orig_mod.') and the stages' own wrappers ('model.') rename
+    every parameter; the groups must not change. The old name rule put 'model.classifier.weight'
+    in the decayed, trust-ratio group."""
+    model = create_model("r10_0.25x_sk0", num_classes=5, in_chans=1)
+    plain = param_groups(model, 1e-4)
+    wrapped = param_groups(_Wrapper(_Wrapper(model)), 1e-4)
+    assert [[id(p) for p in g["params"]] for g in plain] == [[id(p) for p in g["params"]] for g in wrapped]
+    by_kind = _groups_by_kind(wrapped)
+    assert by_kind[(True, 1e-4)] == ["model.model.classifier.weight"]
+    excluded = set(by_kind[(True, 0.0)])
+    assert "model.model.classifier.bias" in excluded
+    norm_params = {f"model.model.{n}" for n, p in model.named_parameters() if p.ndim < 2}
+    assert norm_params <= excluded
+    assert all(p.ndim >= 2 for p in next(g for g in wrapped if not g["lars_exclude"])["params"])
 
 
 def test_build_optimizer_kinds():
@@ -109,8 +140,8 @@ def test_build_optimizer_kinds():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
     adamw = build_optimizer("adamw", net, lr=0.1, weight_decay=0.05)
     for opt, wd in ((sgd, 1e-4), (adamw, 0.05)):
-        decays = {g["lars_exclude"]: g["weight_decay"] for g in opt.param_groups}
-        assert decays == {False: wd, True: 0.0}
+        decays = sorted((g["lars_exclude"], g["weight_decay"]) for g in opt.param_groups)
+        assert decays == [(False, wd), (True, 0.0)]
     with pytest.raises(ValueError):
         build_optimizer("lamb", net, lr=0.1, weight_decay=0.0)
     with pytest.raises(ValueError):

@@ -61,10 +61,10 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                    "stem": "imagenet", "progress": False, "batch_size": 128},
         "pretrain": {"epochs": 2, "knn_every": 1, "knn_train_size": 1000, "knn_test_size": 500,
                      "temperature": 0.2, "warmup_epochs": 0.5},
-        "finetune": {"epochs": 4, "batch_size": 32},
-        "supervised": {"epochs": 4, "batch_size": 32},
-        "distill_self": {"epochs": 1},
-        "distill_small": {"epochs": 1},
+        "finetune": {"epochs": 4, "batch_size": 32, "min_steps": 0},
+        "supervised": {"epochs": 4, "batch_size": 32, "min_steps": 0},
+        "distill_self": {"epochs": 1, "min_steps": 0},
+        "distill_small": {"epochs": 1, "min_steps": 0},
         "linear_eval": {"epochs": 10},
     }))
     import io

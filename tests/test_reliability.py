@@ -257,7 +257,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
                    "image_size": 16, "num_workers": 0, "progress": False, "batch_size": 8},
         "pretrain": {"max_steps": 3, "knn_every": 0},
         # 48 images at batch 8: 6 steps per epoch, 12 steps, a checkpoint after each
-        "finetune": {"epochs": 2, "checkpoint_every": 1, "log_every": 1},
+        "finetune": {"epochs": 2, "min_steps": 0, "checkpoint_every": 1, "log_every": 1},
         "linear_eval": {"epochs": 5},
         "supervised": {"max_steps": 2},
     }))

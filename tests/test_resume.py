@@ -123,7 +123,7 @@ def test_finetune_stop_and_resume_is_bitwise_identical(tmp_path: Path, image_dat
     # 48 labelled images at batch 8: 6 steps per epoch, 1.5 epochs = 9 steps; no warmup, so every
     # step's learning rate depends on the planned length (the cosine decay)
     finetune = ["finetune", f"init_checkpoint={pre}", *data, "label_fraction=1.0", "batch_size=8",
-                "epochs=1.5", "warmup_epochs=0", "log_every=1"]
+                "epochs=1.5", "min_steps=0", "warmup_epochs=0", "log_every=1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     cli(*finetune, f"run_dir={whole}")
     cli(*finetune, f"run_dir={split}", "max_steps=4")
@@ -149,6 +149,6 @@ def test_epoch_checkpoints_are_spaced_in_time(tmp_path, monkeypatch, min_seconds
     monkeypatch.setattr(loop, "save", lambda job, step, epoch: (saved.append(step), real(job, step, epoch)))
     extra = [] if min_seconds is None else [f"checkpoint_min_seconds={min_seconds}"]
     cli("supervised", "model=r10_0.25x_sk0", "dataset=fashion_mnist", "label_fraction=0.0003",
-        "batch_size=16", "epochs=12", "warmup_epochs=0", "progress=false", f"run_dir={tmp_path / 'run'}", *extra)
+        "batch_size=16", "epochs=12", "min_steps=0", "warmup_epochs=0", "progress=false", f"run_dir={tmp_path / 'run'}", *extra)
     assert saved == expected
     assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == 12

@@ -43,7 +43,9 @@ class CommonConfig:
     data_dir: str = ""  # where the data lives; "" = the dataset's default places
     download: bool = False  # allow torchvision downloads (needs a network)
     train_split: str = "train"  # split used for training (stl10: train+unlabeled for pretraining)
-    test_split: str = "test"  # split used for evaluation
+    test_split: str = "test"  # split used for evaluation (reporting only)
+    val_fraction: float = 0.0  # class-balanced share of train_split held out for validation; 0 = none
+    val_seed: int = 0  # seed of the validation draw (same seed -> same images in every stage)
     image_size: int = 0  # training resolution; 0 = the dataset's native size
     stem: str = "auto"  # auto (CIFAR stem at <= 32 px, spec 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
@@ -114,6 +116,7 @@ class FinetuneConfig(CommonConfig, LabelConfig):
     fine_tune_after_block: int = -1  # -1 = train everything; k freezes the stem and stages <= k
     batch_size: int = 64
     epochs: float = 60.0  # official: 60 for 1% labels, 30 for 10%
+    min_steps: int = 300  # at least this many steps, however few the labelled images
     optimizer: str = "lars"
     base_lr: float = 0.005
     lr_scaling: str = "sqrt"
@@ -131,6 +134,7 @@ class SupervisedConfig(CommonConfig, LabelConfig):
     run_dir: str = "runs/supervised"
     batch_size: int = 64
     epochs: float = 60.0
+    min_steps: int = 300  # at least this many steps, however few the labelled images
     optimizer: str = "lars"
     base_lr: float = 0.05
     lr_scaling: str = "sqrt"
@@ -152,6 +156,7 @@ class DistillConfig(CommonConfig, LabelConfig):
     scale_by_tau_sq: bool = False  # multiply the distillation term by tau^2 (official colab)
     batch_size: int = 256
     epochs: float = 10.0
+    min_steps: int = 300  # at least this many steps, however small the unlabeled pool
     optimizer: str = "lars"
     base_lr: float = 0.1
     lr_scaling: str = "sqrt"
@@ -342,6 +347,9 @@ def validate(cfg: Any) -> None:
     need(cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}")
     need(cfg.epochs > 0 or cfg.max_steps > 0, "epochs must be positive (or set max_steps)")
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
+    need(getattr(cfg, "min_steps", 0) >= 0, f"min_steps must be >= 0, got {getattr(cfg, 'min_steps', 0)}")
+    need(0.0 <= cfg.val_fraction < 1.0,
+         f"val_fraction must be in [0, 1), got {cfg.val_fraction}; e.g. val_fraction=0.1 holds out 10%")
     need(cfg.checkpoint_min_seconds >= 0,
          f"checkpoint_min_seconds must be >= 0 (0 = every epoch), got {cfg.checkpoint_min_seconds}")
     need(cfg.stem in ("auto", "cifar", "small", "imagenet"),

@@ -77,6 +77,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (picklable); ``obj`` itself in one process."""
+    if not (is_dist() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over all processes, for metrics (not differentiable; ``t`` is not modified)."""
     out = t.detach().clone()

@@ -25,9 +25,10 @@ class LARS(torch.optim.Optimizer):
         v <- momentum * v + lr * trust * g        (v starts at 0, as TF's slot)
         w <- w - v
 
-    Groups with ``lars_exclude=True`` (BN, biases, supervised head; see ``param_groups``) get
-    neither weight decay nor the trust ratio: plain momentum SGD at the group's lr, whatever
-    their ``weight_decay`` entry says.
+    Groups with ``lars_exclude=True`` (BN, biases, supervised head; see ``param_groups``) get no
+    trust ratio: plain momentum SGD at the group's lr, with their ``weight_decay`` entry added to
+    the gradient as an L2 term (``param_groups`` sets it to 0 for BN and biases, and to the
+    weight decay for the supervised head, spec 4.1).
 
     ``foreach=None`` uses the multi-tensor path when all of a group's parameters are on one CUDA
     device with one dtype, else the per-parameter reference path (``_step_reference``); both
@@ -89,9 +90,9 @@ class LARS(torch.optim.Optimizer):
         exclude, wd = group["lars_exclude"], group["weight_decay"]
         for p, buf in zip(params, bufs):
             g = p.grad
+            if wd != 0:
+                g = g.add(p, alpha=wd)
             if not exclude:
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
                 w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                 trust = torch.where(
                     (w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.ones_like(w_norm)
@@ -105,9 +106,9 @@ class LARS(torch.optim.Optimizer):
         """Multi-tensor version of ``_step_reference`` (same math, a few kernel launches per group)."""
         lr, momentum, eta = group["lr"], group["momentum"], group["trust_coefficient"]
         exclude, wd = group["lars_exclude"], group["weight_decay"]
-        grads = [p.grad for p in params]
+        grads = torch._foreach_add([p.grad for p in params], params, alpha=wd) if wd != 0 else [
+            p.grad for p in params]
         if not exclude:
-            grads = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else list(grads)
             w_norms = torch._foreach_norm(params)  # list of 0-dim tensors
             g_norms = torch._foreach_norm(grads)
             # Stack the per-tensor norms to compute every trust ratio in one go: (P,)
@@ -124,35 +125,46 @@ class LARS(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def is_excluded(name: str) -> bool:
-    """Whether a parameter gets no weight decay and no LARS adaptation (spec 4.1).
-
-    The official code excludes names containing ``batch_normalization``, ``bias`` or
-    ``head_supervised``. Our names: BatchNorm modules carry ``bn`` in their attribute name, biases
-    end in ``bias``, the supervised head is the top-level ``classifier``.
-    """
-    return "bn" in name or name == "bias" or name.endswith(".bias") or name.startswith("classifier")
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed/adapted group and an excluded group (spec 4.1).
+    """Split trainable parameters into the three groups of spec 4.1, by module type and shape.
 
-    Returns up to two group dicts (empty groups are dropped) with keys ``params``, ``names``
-    (parameter names, for inspection), ``weight_decay`` (``weight_decay`` or 0.0) and
-    ``lars_exclude``. Frozen parameters (``requires_grad=False``) are left out.
+    - ``decay``: conv and linear weights; weight decay and the LARS trust ratio.
+    - ``head``: the supervised head's weight (any ``SupervisedHead`` module); no trust ratio, but
+      the spec's L2 term wd * sum w^2 / 2, i.e. ``weight_decay`` added to its gradient.
+    - ``excluded``: normalisation parameters and every bias (any parameter of fewer than two
+      dimensions); neither weight decay nor trust ratio.
 
-    The spec adds the supervised head's weight decay to the loss instead (wd * sum w^2 / 2 over its
-    non-bias weights); that term belongs to the training loop, not to these groups.
+    Names never decide the group, so a wrapper's prefix (``module.``, ``_orig_mod.``,
+    ``model.``) changes nothing. Returns the non-empty groups as dicts with keys ``params``,
+    ``names`` (for inspection), ``weight_decay`` and ``lars_exclude``; frozen parameters
+    (``requires_grad=False``) are left out.
     """
-    decay: dict[str, Any] = {"params": [], "names": [], "weight_decay": weight_decay, "lars_exclude": False}
-    excluded: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lars_exclude": True}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        group = excluded if is_excluded(name) else decay
-        group["params"].append(p)
-        group["names"].append(name)
-    return [g for g in (decay, excluded) if g["params"]]
+    from .models.heads import SupervisedHead  # models does not import optim: no cycle
+
+    groups = {
+        "decay": {"params": [], "names": [], "weight_decay": weight_decay, "lars_exclude": False},
+        "head": {"params": [], "names": [], "weight_decay": weight_decay, "lars_exclude": True},
+        "excluded": {"params": [], "names": [], "weight_decay": 0.0, "lars_exclude": True},
+    }
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if _is_norm(module) or p.ndim < 2:
+                key = "excluded"
+            elif isinstance(module, SupervisedHead):
+                key = "head"
+            else:
+                key = "decay"
+            groups[key]["params"].append(p)
+            groups[key]["names"].append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return [g for g in groups.values() if g["params"]]
 
 
 def build_optimizer(
@@ -165,8 +177,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build ``"lars"``, ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"`` over ``param_groups``.
 
-    For every choice, weight decay is applied only to the non-excluded group. SGD's weight decay
-    is the coupled L2 gradient term (the spec's wd * sum w^2 / 2 loss term); AdamW's is decoupled.
+    Each group carries its own weight decay (``param_groups``: BN and biases get none). SGD's
+    weight decay is the coupled L2 gradient term (the spec's wd * sum w^2 / 2 loss term); AdamW's
+    is decoupled.
     """
     groups = param_groups(model, weight_decay)
     if name == "lars":

@@ -53,6 +53,13 @@ class PipelineConfig:
     by_fraction: dict = field(default_factory=dict)  # {0.01: {finetune: {epochs: 60}, ...}}
     embedding_points: int = 2000  # test images in the 2-D embedding plot; 0 = no plot
     plots: bool = True
+    # Learning-rate search of fine-tuning and the supervised baseline: each trains once per factor
+    # (times its own base_lr) and keeps the best top-1 on the validation split (common.val_fraction).
+    # Both arms get the same factors. [] = no search.
+    lr_search: list[float] = field(default_factory=list)
+    # Wall-clock budget of the whole pipeline in minutes: pretraining gets the epochs that fill what
+    # the other stages, measured on this machine, leave (simclrv2.budget). 0 = pretrain.epochs as given.
+    budget_minutes: float = 0.0
 
 
 def fraction_tag(f: float) -> str:
@@ -68,6 +75,18 @@ class StagePlan:
     method: str | None  # results.json method, None for pretrain
     label_fraction: float | None
     upstream: str | None = None  # name of the stage whose output this one reads
+    # learning-rate search: one run per candidate rate, in sub-folders; the best on the validation
+    # split is this stage's result (and the teacher of the stages that read it)
+    candidates: list[StagePlan] = field(default_factory=list)
+
+
+def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
+    """``plan`` with one candidate per factor: base_lr * factor, run folder ``<stage>/lr_<rate>``."""
+    for factor in factors:
+        lr = plan.cfg.base_lr * factor
+        cfg = dataclasses.replace(plan.cfg, base_lr=lr, run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}"))
+        plan.candidates.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}", cfg=cfg, candidates=[]))
+    return plan
 
 
 # stages that evaluate the pretrained encoder; they share its features, and report its model
@@ -104,7 +123,7 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
                         _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model})
         ft_name = f"finetune_{tag}"
-        plans.append(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"))
+        plans.append(_with_search(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"), pc.lr_search))
         if pc.self_distill:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
                             _fraction_layer(pc, f, "distill_self"), lab,
@@ -123,7 +142,10 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         tag = fraction_tag(f)
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
                          _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model})
-        plans.append(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f))
+        plans.append(_with_search(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), pc.lr_search))
+    if pc.lr_search and not pre.val_fraction > 0:
+        raise C.ConfigError("lr_search needs a validation split to choose on; set common.val_fraction "
+                            "(e.g. 0.1), or lr_search=[] to train each stage at its base_lr")
     return plans
 
 
@@ -159,9 +181,14 @@ def _seconds_before(cfg: Any) -> float:
     return float(ckpt.read_meta(last).get("train_seconds", 0.0)) if last is not None else 0.0
 
 
-def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, Any], float, bool]:
+def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -> tuple[dict[str, Any], float, bool]:
     """Run one stage unless its ``done.json`` matches its config and ``upstream`` (the
-    :func:`fingerprint` of the stage it reads); return (result, seconds, skipped)."""
+    :func:`fingerprint` of the stage it reads); return (result, seconds, skipped).
+
+    ``test=False`` evaluates on the validation split only (a search candidate). A candidate that
+    is chosen later runs again with ``test=True``: it resumes at its last step, so only the test
+    evaluation runs, and its seconds add to the training's.
+    """
     from .engine.runtime import config_changes
 
     values = dict(C.to_dict(plan.cfg), stage=plan.stage)
@@ -169,16 +196,20 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
     run_dir = Path(plan.cfg.run_dir)
     done, started = run_dir / "done.json", run_dir / "upstream.json"
     rec = _read_json(done)
-    if rec is not None and rec.get("config_hash") == h and rec.get("upstream") == upstream and "result" in rec:
+    same = rec is not None and rec.get("config_hash") == h and rec.get("upstream") == upstream and "result" in rec
+    if same and (rec.get("tested", True) or not test):
         return rec["result"], rec["seconds"], True
+    evaluate_only = same and test  # trained and validated before; the test evaluation is missing
     # Start over, never resume, when the folder holds a finished run that no longer matches, or an
     # interrupted one with another config or upstream: its checkpoints would be the wrong ones.
     begun = _read_json(started)
-    fresh = done.exists() or (begun is not None and begun.get("upstream") != upstream) or bool(
-        config_changes(plan.cfg, plan.stage))
+    fresh = not evaluate_only and (done.exists() or (begun is not None and begun.get("upstream") != upstream)
+                                   or bool(config_changes(plan.cfg, plan.stage)))
     dist.barrier()  # every process has decided before the main one rewrites the markers
     cfg = dataclasses.replace(plan.cfg, resume=False) if fresh and plan.cfg.resume else plan.cfg
-    before = _seconds_before(cfg)
+    if evaluate_only:
+        cfg = dataclasses.replace(cfg, resume=True)  # from the last checkpoint: no step is trained again
+    before = rec["seconds"] if evaluate_only else _seconds_before(cfg)
     if dist.launch_rank() == 0:  # the stage's folder is ours before its markers change
         run_dir.mkdir(parents=True, exist_ok=True)
         runlock.acquire(run_dir)
@@ -187,11 +218,13 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
         done.unlink(missing_ok=True)
         atomic_write_text(started, json.dumps({"upstream": upstream}))
     t0 = time.time()
-    result = _runner(plan.stage)(cfg)
+    runner = _runner(plan.stage)
+    result = runner(cfg, test=test) if plan.stage in SEARCHABLE_STAGES + ("distill",) else runner(cfg)
     seconds = round(before + time.time() - t0, 2)
     keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
     if dist.is_main():
         atomic_write_text(done, json.dumps({"config_hash": h, "upstream": upstream, "seconds": seconds,
+                                            "tested": test,
                                             **({"seconds_before_resume": before} if before else {}),
                                             "result": keep}, indent=1))
     dist.barrier()  # done.json is on disk before any process fingerprints it
@@ -199,17 +232,53 @@ def run_stage(plan: StagePlan, upstream: str | None = None) -> tuple[dict[str, A
     return keep, seconds, False
 
 
+SEARCHABLE_STAGES = ("finetune", "supervised")
+
+
+def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[str, Any], float, bool]:
+    """Train every candidate of ``plan``, choose the best on the validation split, test only it.
+
+    Returns (chosen candidate, its result with the search recorded, seconds of all candidates,
+    whether everything was done before). Ties go to the smaller rate (candidates run in order).
+    """
+    scores: dict[str, float] = {}
+    seconds, all_skipped = 0.0, True
+    best: tuple[float, float, StagePlan] | None = None  # (val top-1, training seconds, candidate)
+    for cand in plan.candidates:
+        res, sec, skipped = run_stage(cand, upstream, test=False)
+        seconds += sec
+        all_skipped &= skipped
+        scores[f"{cand.cfg.base_lr:.4g}"] = res["val_top1"]
+        if best is None or res["val_top1"] > best[0]:
+            best = (res["val_top1"], sec, cand)
+    assert best is not None, "a search plan has at least one candidate"
+    _, trained, chosen = best
+    result, sec, skipped = run_stage(chosen, upstream, test=True)
+    seconds += sec - trained  # the chosen one's seconds include its training, counted above
+    rates = [c.cfg.base_lr for c in plan.candidates]
+    edge = len(rates) > 1 and chosen.cfg.base_lr in (min(rates), max(rates))
+    result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=edge)
+    return chosen, result, round(seconds, 2), all_skipped and skipped
+
+
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     from .engine.runtime import machine_description
 
-    plans = plan_stages(pc)
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
         runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
-    if dist.is_main():
+    budget = None
+    if pc.budget_minutes > 0:
+        from .budget import fit_pretraining
+
+        budget = fit_pretraining(pc)
+        pc = dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
+    plans = plan_stages(pc)
+    if dist.is_main():  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
-    results, stages, prints = [], {}, {}
+    results, stages, prints, chosen_dirs = [], {}, {}, {}
+    pretrained: dict[str, Any] = {}
     t_all = time.time()
     probes = [i for i, p in enumerate(plans, 1) if p.stage in PROBE_STAGES]
     with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
@@ -220,37 +289,64 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 from .engine.probe import shared_features
 
                 shared.enter_context(shared_features())
-            result, seconds, skipped = run_stage(plan, prints[plan.upstream] if plan.upstream else None)
-            prints[plan.name] = fingerprint(plan.cfg.run_dir)
+            if plan.stage == "distill" and plan.upstream in chosen_dirs:  # the teacher its search chose
+                plan = dataclasses.replace(plan, cfg=dataclasses.replace(
+                    plan.cfg, teacher_checkpoint=chosen_dirs[plan.upstream]))
+            upstream = prints[plan.upstream] if plan.upstream else None
+            if plan.candidates:
+                chosen, result, seconds, skipped = run_search(plan, upstream)
+                chosen_dirs[plan.name] = chosen.cfg.run_dir
+                prints[plan.name] = fingerprint(chosen.cfg.run_dir)
+                out_dir = chosen.cfg.run_dir
+            else:
+                result, seconds, skipped = run_stage(plan, upstream)
+                prints[plan.name] = fingerprint(plan.cfg.run_dir)
+                out_dir = plan.cfg.run_dir
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds
             if dist.is_main():
                 note = "skipped, done before" if skipped else f"{seconds:.0f} s"
                 top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
-                print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}", flush=True)
+                lr = f" (base_lr {result['base_lr']:g} chosen on validation)" if "base_lr" in result else ""
+                print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}{lr}", flush=True)
             if plan.method is not None:
-                results.append({
-                    "method": plan.method, "label_fraction": plan.label_fraction, "model": plan.cfg.model
-                    if plan.stage not in PROBE_STAGES else plans[0].cfg.model,
-                    "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds,
-                    "run_dir": plan.cfg.run_dir, **({"teacher_top1": result["teacher_top1"],
-                                                     "teacher_agreement": result["teacher_agreement"]}
-                                                    if "teacher_top1" in result else {}),
-                })
+                results.append(_result_row(plan, plans[0], result, seconds, out_dir))
+            elif plan.stage == "pretrain":
+                pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
+                              "knn_top1": result.get("knn_top1")}
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),
         "total_seconds": round(time.time() - t_all, 2),
         "stages": stages,
+        "pretrain": pretrained,
         "results": results,
     }
+    if budget is not None:
+        out["budget"] = budget
     if dist.is_main():
         atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1))
         from .report import write_report
 
         write_report(run_dir, out, pc)
     return out
+
+
+def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], seconds: float,
+                out_dir: str) -> dict[str, Any]:
+    """One ``results.json`` row: the test top-1, and what was chosen on the validation split."""
+    row = {
+        "method": plan.method, "label_fraction": plan.label_fraction,
+        "model": plan.cfg.model if plan.stage not in PROBE_STAGES else pretrain.cfg.model,
+        "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds, "run_dir": out_dir,
+        "num_classes": len(result.get("per_class_accuracy", [])) or None,
+        "steps": result.get("steps"),
+    }
+    for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement"):
+        if key in result:
+            row[key] = result[key]
+    return row
 
 
 def summary_table(out: dict[str, Any]) -> str:
@@ -276,6 +372,10 @@ def main(argv: list[str]) -> int:
     if dist.is_main():
         print()
         print(summary_table(out))
+        from .report import warnings
+
+        for line in warnings(out):
+            print(f"warning: {line}")
         print(f"\nwall time {out['total_seconds']:.0f} s; report: {Path(pc.run_dir) / 'report.md'}")
     dist.cleanup_distributed()
     return 0

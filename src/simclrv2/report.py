@@ -68,6 +68,55 @@ def gains_table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# A result this close to chance (in points) is reported as a failure to learn.
+CHANCE_MARGIN = 5.0
+# Fewer optimizer steps than this are named as a likely cause of a weak classifier.
+FEW_STEPS = 100
+
+
+def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
+    """Likely causes of a weak result, from what results.json knows about the run."""
+    causes = []
+    if row.get("lr_at_edge"):
+        rates = sorted(float(r) for r in row.get("lr_search", {}))
+        causes.append(f"base_lr {row['base_lr']:g} is at the edge of the search ({rates[0]:g}-{rates[-1]:g}): "
+                      "widen lr_search")
+    if row.get("steps") is not None and row["steps"] < FEW_STEPS:
+        causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
+    if row["method"] != "supervised" and not causes:
+        pre = out.get("pretrain", {})
+        if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
+            causes.append(f"pretraining may be too short ({pre['epochs']:g} epochs, kNN monitor "
+                          f"{pre['knn_top1']:.1f}%): raise budget_minutes or pretrain.epochs")
+    return causes or ["no simple cause found: read the stage's metrics.jsonl"]
+
+
+def warnings(out: dict[str, Any]) -> list[str]:
+    """One line per result that signals a problem, each with its likely causes.
+
+    - a result within ``CHANCE_MARGIN`` points of chance (100 / number of classes);
+    - a student more than 1 point below its teacher;
+    - a fine-tuned model below the supervised baseline on the same labels.
+    """
+    lines = []
+    for r in out["results"]:
+        where = f"{r['method']} at {_tag(r['label_fraction'])} labels"
+        if r.get("num_classes"):
+            chance = 100.0 / r["num_classes"]
+            if r["top1"] < chance + CHANCE_MARGIN:
+                lines.append(f"{where}: top-1 {r['top1']:.2f} is within {CHANCE_MARGIN:g} points of chance "
+                             f"({chance:.1f}); " + "; ".join(_causes(r, out)))
+                continue
+        if "teacher_top1" in r and r["top1"] < r["teacher_top1"] - 1.0:
+            lines.append(f"{where}: the student ({r['top1']:.2f}) ends {r['teacher_top1'] - r['top1']:.2f} points "
+                         f"below its teacher ({r['teacher_top1']:.2f}); " + "; ".join(_causes(r, out)))
+        base = _lookup(out, "supervised", r["label_fraction"]) if r["method"] == "finetune" else None
+        if base is not None and r["top1"] < base["top1"]:
+            lines.append(f"{where}: fine-tuned ({r['top1']:.2f}) is below the supervised baseline "
+                         f"({base['top1']:.2f}); " + "; ".join(_causes(r, out)))
+    return lines
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -236,6 +285,17 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         gains_table(out),
         "",
     ]
+    warned = warnings(out)
+    if warned:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warned] + [""]
+    searched = [r for r in out["results"] if "lr_search" in r]
+    if searched:
+        lines += ["## Learning rates chosen on the validation split", "",
+                  "| Method | Labels | Validation top-1 per base_lr | Chosen |", "|---|---|---|---|"]
+        for r in searched:
+            tried = ", ".join(f"{lr}: {v:.2f}" for lr, v in r["lr_search"].items())
+            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {tried} | {r['base_lr']:g} |")
+        lines.append("")
     distilled = [r for r in out["results"] if "teacher_top1" in r]
     if distilled:
         lines += ["## Distillation: student against teacher", "",

@@ -18,7 +18,9 @@ import torch
 
 from .datasets import DatasetError
 
-__all__ = ["balanced_subset", "read_subset", "subset_from_file_list", "unlabeled_indices", "write_subset"]
+__all__ = [
+    "balanced_subset", "read_subset", "subset_from_file_list", "unlabeled_indices", "validation_split", "write_subset",
+]
 
 
 def _as_numpy_labels(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -28,7 +30,10 @@ def _as_numpy_labels(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.nd
 
 
 def balanced_subset(
-    labels: torch.Tensor | np.ndarray | Sequence[int], fraction: float, seed: int = 0
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    fraction: float,
+    seed: int = 0,
+    exclude: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted indices of a class-balanced random ``fraction`` of the labelled images.
 
@@ -38,21 +43,45 @@ def balanced_subset(
     are specified bit for bit, so the subset is the same on every platform and NumPy >= 1.17, and a
     class's pick does not depend on the other classes. Unlabeled entries (label -1) are never picked.
 
+    ``exclude`` (e.g. the validation split) is never picked; ``k_c`` still counts every image of
+    the class, so "1% of the labels" means the same number of images with or without a
+    validation split, drawn from the images that remain.
+
     Fashion-MNIST train (6,000 per class): 1% -> 60 per class, 0.1% -> 6, 10% -> 600.
     """
+    return _balanced(labels, fraction, [seed], exclude)
+
+
+def validation_split(labels: torch.Tensor | np.ndarray | Sequence[int], fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of the validation split: a class-balanced ``fraction`` of the labelled images.
+
+    Drawn like :func:`balanced_subset` but from its own random stream (``SeedSequence([seed, c,
+    1])``), so it does not coincide with the labelled subset of the same seed; pass it to
+    :func:`balanced_subset` as ``exclude`` to keep the two disjoint.
+    """
+    return _balanced(labels, fraction, [seed], None, stream=1)
+
+
+def _balanced(labels, fraction, seed: list[int], exclude, stream: int | None = None) -> np.ndarray:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     fraction = float(fraction)
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError(f"fraction must be in (0, 1] (e.g. 0.01 for 1%), got {fraction}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    (s,) = seed
+    if int(s) != s or s < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {s!r}")
     y = _as_numpy_labels(labels)
+    allowed = np.ones(y.size, dtype=bool)
+    if exclude is not None:
+        allowed[np.asarray(exclude, dtype=np.int64)] = False
     picked: list[np.ndarray] = []
     for c in np.unique(y[y >= 0]):
         members = np.flatnonzero(y == c)  # ascending dataset order
         k = max(1, math.floor(fraction * members.size + 0.5))
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(c)]))
+        members = members[allowed[members]]
+        entropy = [int(s), int(c)] + ([] if stream is None else [stream])
+        rng = np.random.default_rng(np.random.SeedSequence(entropy))
         picked.append(members[rng.permutation(members.size)[:k]])
     if not picked:
         raise ValueError("balanced_subset: the dataset has no labelled images (all labels are -1)")

@@ -21,7 +21,7 @@ from ..data.augment import CropFlipAugment
 from ..losses import mixed_distillation_loss
 from ..models import SimCLRModel
 from . import loop
-from .evaluate import evaluate_classifier, write_eval
+from .evaluate import evaluate_classifier, write_eval, write_json
 from .runtime import (
     RunError,
     StepPlan,
@@ -41,6 +41,8 @@ from .setup import (
     new_model,
     open_split,
     seed_everything,
+    training_pool,
+    validation_indices,
 )
 
 
@@ -89,6 +91,7 @@ def _train_and_evaluate(
     make_loss: Callable[[SimCLRModel, nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     pool_kind: str,
     extra_eval: Callable[[SimCLRModel, Any, torch.Tensor, int, torch.Tensor], dict[str, Any]] | None = None,
+    test: bool = True,
 ) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -106,11 +109,11 @@ def _train_and_evaluate(
     if pool_kind == "labelled":
         pool = labelled
         targets = source.labels
-    else:  # distillation: every training image; labels kept only for the labelled subset
-        pool = torch.arange(len(ds))
+    else:  # distillation: every training image but the validation split; labels only for the subset
+        pool = training_pool(cfg, ds)
         targets = torch.full_like(source.labels, -1)
         targets[labelled.to(targets.device)] = source.labels[labelled.to(targets.device)]
-    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
     optimizer, peak_lr, warmup = make_optimizer(cfg, wrapper, plan)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
     loss_of = make_loss(model, train_module)
@@ -137,17 +140,25 @@ def _train_and_evaluate(
         meta=model_meta(model, ds, image_size=size, **meta_extra), train_modules=[wrapper],
     )
     loop.run(job)
-    # evaluation on the test split
-    test_ds, test_source = open_split(cfg, cfg.test_split, device)
-    test_idx = torch.arange(len(test_ds))
-    metrics, logits = evaluate_classifier(model, test_source, test_idx, size, test_ds.num_classes,
-                                          precision=cfg.precision)
-    metrics.update(stage=stage, model=model.name, label_fraction=cfg.label_fraction,
-                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=peak_lr)
-    if extra_eval is not None:
-        metrics.update(extra_eval(model, test_source, test_idx, size, logits))
+    metrics: dict[str, Any] = dict(stage=stage, model=model.name, label_fraction=cfg.label_fraction,
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=peak_lr)
+    val_idx = torch.from_numpy(validation_indices(cfg, ds))
+    if len(val_idx):  # the split that choices are made on
+        val, _ = evaluate_classifier(model, source, val_idx, size, ds.num_classes, precision=cfg.precision)
+        metrics.update(val_top1=val["top1"], val_images=len(val_idx))
+    if test:  # the test split: reporting only
+        test_ds, test_source = open_split(cfg, cfg.test_split, device)
+        test_idx = torch.arange(len(test_ds))
+        tested, logits = evaluate_classifier(model, test_source, test_idx, size, test_ds.num_classes,
+                                             precision=cfg.precision)
+        metrics.update(tested)
+        if extra_eval is not None:
+            metrics.update(extra_eval(model, test_source, test_idx, size, logits))
     if dist.is_main():
-        write_eval(run_dir, metrics, logits)
+        if test:
+            write_eval(run_dir, metrics, logits)
+        else:
+            write_json(run_dir / "metrics.json", metrics)
     dist.barrier()
     return metrics
 
@@ -171,8 +182,10 @@ def check_finetune_model(cfg: FinetuneConfig) -> None:
         print(f"finetune: using the checkpoint's model {ckpt_model}", file=sys.stderr, flush=True)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune a pretrained model from head layer ``ft_proj_selector`` (spec 6)."""
+def run_finetune(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
+    """Fine-tune a pretrained model from head layer ``ft_proj_selector`` (spec 6).
+
+    ``test=False`` evaluates on the validation split only (a learning-rate search candidate)."""
     if not cfg.init_checkpoint:
         raise RunError("finetune needs init_checkpoint=PATH (a pretraining run folder or a model file)")
     resolve_device(cfg.device)  # joins the process group first, so that only rank 0 logs
@@ -189,10 +202,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     def make_loss(model: SimCLRModel, module: nn.Module):
         return lambda x, y: F.cross_entropy(module(x)["logits"].float(), y)
 
-    return _train_and_evaluate(cfg, "finetune", build, make_loss, "labelled")
+    return _train_and_evaluate(cfg, "finetune", build, make_loss, "labelled", test=test)
 
 
-def run_supervised(cfg: SupervisedConfig) -> dict[str, Any]:
+def run_supervised(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
     """The baseline: the same architecture from random initialisation on the same labels."""
 
     def build(ds: Any, size: int, device: torch.device):
@@ -203,10 +216,10 @@ def run_supervised(cfg: SupervisedConfig) -> dict[str, Any]:
     def make_loss(model: SimCLRModel, module: nn.Module):
         return lambda x, y: F.cross_entropy(module(x)["logits"].float(), y)
 
-    return _train_and_evaluate(cfg, "supervised", build, make_loss, "labelled")
+    return _train_and_evaluate(cfg, "supervised", build, make_loss, "labelled", test=test)
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+def run_distill(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
     """Distil a frozen fine-tuned teacher into a student on every training image (spec 7).
 
     The teacher runs in eval mode, without gradients, outside DDP, under autocast where the config
@@ -246,4 +259,4 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         agree = (t_logits.argmax(1) == logits.argmax(1)).float().mean().item() * 100
         return {"teacher_top1": t_metrics["top1"], "teacher_agreement": round(agree, 4)}
 
-    return _train_and_evaluate(cfg, "distill", build, make_loss, "all", agreement)
+    return _train_and_evaluate(cfg, "distill", build, make_loss, "all", agreement, test=test)

@@ -24,6 +24,8 @@ from .setup import (
     new_model,
     open_split,
     seed_everything,
+    training_pool,
+    validation_indices,
 )
 
 
@@ -96,7 +98,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     train_module = distribute(step_module, device, cfg.global_bn)
     if cfg.compile:
         train_module = torch.compile(train_module)
-    plan = StepPlan.make(len(ds), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    pool = training_pool(cfg, ds)  # never the validation split
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
     optimizer, peak_lr, warmup = make_optimizer(cfg, model, plan)
     probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
     aug = SimCLRAugment(
@@ -138,10 +141,18 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     knn_bank = None
     if cfg.knn_every > 0 and labelled:
-        test_ds, test_source = open_split(cfg, cfg.test_split, device)
-        bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
+        val_idx = torch.from_numpy(validation_indices(cfg, ds))
+        if len(val_idx):  # monitor on the validation split: choices made from it never see the test split
+            bank_labels = torch.full_like(ds.labels, -1)
+            bank_labels[pool] = ds.labels[pool]
+            bank_idx, pick = knn_monitor_indices(bank_labels, len(val_idx), cfg.knn_train_size,
                                                  cfg.knn_test_size, cfg.seed)
-        knn_bank = (bank_idx, test_idx, test_source, test_ds.num_classes)
+            knn_bank = (bank_idx, val_idx[pick], source, ds.num_classes)
+        else:
+            test_ds, test_source = open_split(cfg, cfg.test_split, device)
+            bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
+                                                     cfg.knn_test_size, cfg.seed)
+            knn_bank = (bank_idx, test_idx, test_source, test_ds.num_classes)
 
     def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
         if knn_bank is None or (epoch % cfg.knn_every != 0 and step != plan.total_steps):
@@ -159,7 +170,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         extra_state["probe"] = probe
     job = loop.TrainJob(
         stage="pretrain", cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
-        loss_fn=loss_fn, pool=torch.arange(len(ds)), source=source, plan=plan, peak_lr=peak_lr,
+        loss_fn=loss_fn, pool=pool, source=source, plan=plan, peak_lr=peak_lr,
         warmup_steps=warmup, meta=model_meta(model, ds, image_size=size), extra_state=extra_state,
         after_step=after_step, on_epoch_end=on_epoch_end, train_modules=[step_module],
     )

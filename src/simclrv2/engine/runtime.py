@@ -230,8 +230,12 @@ class StepPlan:
             self.schedule_steps = self.total_steps
 
     @classmethod
-    def make(cls, pool_size: int, batch_size: int, epochs: float, max_steps: int) -> StepPlan:
+    def make(cls, pool_size: int, batch_size: int, epochs: float, max_steps: int, min_steps: int = 0) -> StepPlan:
         """``epochs`` sets the learning-rate schedule; ``max_steps`` only stops the run early.
+
+        ``min_steps`` lengthens the schedule when ``epochs`` over a small pool would give fewer
+        steps (40 labelled images at batch 64 make one step an epoch), so a stage's length
+        follows the data rather than a per-dataset epoch table.
 
         The schedule therefore does not depend on ``max_steps``: a run stopped by ``max_steps=k``
         and resumed with a larger (or no) cap takes exactly the steps of an uninterrupted run,
@@ -245,7 +249,7 @@ class StepPlan:
             raise RunError(f"{pool_size} training images cannot be split over {ws} processes")
         steps_per_epoch = max(1, pool_size // global_batch)
         planned = math.ceil(epochs * steps_per_epoch) if epochs > 0 else max_steps
-        planned = max(1, planned)
+        planned = max(1, planned, min_steps)
         total = min(planned, max_steps) if max_steps > 0 else planned
         return cls(global_batch, global_batch // ws, steps_per_epoch, total, planned)
 

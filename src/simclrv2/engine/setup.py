@@ -13,7 +13,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..data.datasets import ImageDataset, load_dataset
-from ..data.subsets import balanced_subset, subset_from_file_list, write_subset
+from ..data.subsets import balanced_subset, subset_from_file_list, validation_split, write_subset
 from ..models import SimCLRModel, create_model
 from ..optim import build_optimizer, scaled_lr
 from .runtime import BatchSource, RunError, StepPlan
@@ -38,18 +38,40 @@ def image_size_of(cfg: Any, ds: ImageDataset) -> int:
     return int(x.shape[-1])
 
 
+def validation_indices(cfg: Any, ds: ImageDataset) -> np.ndarray:
+    """The validation split held out of ``train_split`` (``val_fraction``; empty when 0).
+
+    Every stage draws the same images from the same seed, so none of them ever trains on it:
+    the labelled subsets, the unlabeled pool and the pretraining pool all leave it out.
+    """
+    if cfg.val_fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return validation_split(ds.labels, cfg.val_fraction, cfg.val_seed)
+
+
+def training_pool(cfg: Any, ds: ImageDataset) -> torch.Tensor:
+    """Indices a stage may train on without labels: the training split minus the validation split."""
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    keep[torch.from_numpy(validation_indices(cfg, ds))] = False
+    return torch.nonzero(keep).flatten()
+
+
 def labelled_indices(cfg: Any, ds: ImageDataset, run_dir: Path | None) -> np.ndarray:
-    """The labelled subset (fraction with a seed, or an official file list); written to the run folder."""
+    """The labelled subset (fraction with a seed, or an official file list), never overlapping the
+    validation split; written to the run folder with the validation split beside it."""
+    val = validation_indices(cfg, ds)
     if cfg.label_list:
-        idx = subset_from_file_list(ds.filenames, cfg.label_list)
+        idx = np.setdiff1d(subset_from_file_list(ds.filenames, cfg.label_list), val)
     elif cfg.label_fraction >= 1.0:
-        idx = np.flatnonzero(ds.labels.numpy() >= 0)
+        idx = np.setdiff1d(np.flatnonzero(ds.labels.numpy() >= 0), val)
     else:
-        idx = balanced_subset(ds.labels, cfg.label_fraction, cfg.label_seed)
+        idx = balanced_subset(ds.labels, cfg.label_fraction, cfg.label_seed, exclude=val)
     if len(idx) == 0:
         raise RunError("the labelled subset is empty; raise label_fraction or check label_list")
     if run_dir is not None and dist.is_main():
         write_subset(run_dir / "labelled_subset.txt", idx, ds.filenames)
+        if len(val):
+            write_subset(run_dir / "validation_subset.txt", val, ds.filenames)
     return idx
 
 
@@ -126,10 +148,14 @@ def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.M
 
 
 def make_optimizer(cfg: Any, module: nn.Module, plan: StepPlan) -> tuple[torch.optim.Optimizer, float, int]:
-    """Optimizer, the peak learning rate after batch scaling, and the warmup length in steps."""
+    """Optimizer, the peak learning rate after batch scaling, and the warmup length in steps.
+
+    The warmup is at most half the schedule: when ``min_steps`` stretches a stage over a small
+    pool, ``warmup_epochs`` of a large one would otherwise leave no steps at the peak.
+    """
     peak_lr = scaled_lr(cfg.base_lr, plan.global_batch, cfg.lr_scaling)
     opt = build_optimizer(cfg.optimizer, module, peak_lr, cfg.weight_decay)
-    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+    warmup = min(round(cfg.warmup_epochs * plan.steps_per_epoch), plan.schedule_steps // 2)
     return opt, peak_lr, warmup
 
 

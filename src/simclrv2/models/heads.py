@@ -113,13 +113,22 @@ class ProjectionHead(nn.Module):
         return outputs
 
 
+class SupervisedHead(nn.Linear):
+    """The supervised head: a plain Linear whose type tells the optimizer what it is.
+
+    ``optim.param_groups`` finds it by type, whatever prefix a wrapper (DDP, ``torch.compile``, a
+    stage's own module) puts before its parameter names, and gives it no LARS trust ratio and an
+    L2 term instead of weight decay (spec 4.1). Its state_dict keys are those of ``nn.Linear``.
+    """
+
+
 def make_classifier(in_dim: int, num_classes: int, zero_init: bool = False) -> nn.Linear:
     """Supervised head: one Linear with bias, no BN (spec 2).
 
     Weights normal(0, 0.01) and bias 0 (TF dense defaults), or all zeros with ``zero_init``
     (``zero_init_logits_layer`` at the start of fine-tuning).
     """
-    classifier = nn.Linear(in_dim, num_classes, bias=True)
+    classifier = SupervisedHead(in_dim, num_classes, bias=True)
     if zero_init:
         nn.init.zeros_(classifier.weight)
     else:

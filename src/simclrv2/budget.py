@@ -1,0 +1,203 @@
+"""``budget_minutes``: size pretraining so that the whole pipeline fits a wall-clock budget.
+
+Every stage but pretraining has a length fixed by its config (steps from ``epochs`` and
+``min_steps``, evaluations over known splits). So the pipeline measures, on this machine and
+before anything trains, how long one training step of each stage takes and how long one image
+takes through each model in evaluation; it then adds the other stages up and gives pretraining
+the epochs that fill what is left. A fast machine pretrains longer; a slow one still finishes.
+
+The measurement uses the stages' own models, batch sizes and augmentations on random images, a
+warm-up step first. Measuring takes a few seconds and is counted in the budget. The choice is
+stored in ``<run_dir>/budget.json`` under a hash of the pipeline config, so running the same
+command again (to resume after an interruption, say) reuses it instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config as C
+from . import distributed as dist
+from .checkpoint import atomic_write_text
+
+# The estimate leaves this share of the budget unplanned: dataset opening, checkpoints, logging
+# and the run-to-run spread of step times are not measured.
+MARGIN = 0.12
+TIMED_STEPS = 2  # timed steps per measurement, after one warm-up step
+
+
+def fit_pretraining(pc: Any) -> dict[str, Any]:
+    """The pretraining epochs that fit ``pc.budget_minutes``, with the estimate behind them.
+
+    Every process gets rank 0's answer, so they all train the same number of steps.
+    """
+    path = Path(pc.run_dir) / "budget.json"
+    key = C.config_hash(dataclasses.asdict(pc))
+    rec = None
+    if dist.is_main():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or rec.get("config_hash") != key:
+            rec = dict(_measure_and_fit(pc), config_hash=key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(rec, indent=1))
+            print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
+                  f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
+                  f"pretraining {rec['epochs']:g} epochs", flush=True)
+        else:
+            print(f"budget: pretraining {rec['epochs']:g} epochs, as chosen before ({path})", flush=True)
+    return dist.broadcast_object(rec)
+
+
+def _measure_and_fit(pc: Any) -> dict[str, Any]:
+    from .pipeline import plan_stages
+
+    t0 = time.time()
+    plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
+    sizes = _Sizes(plans[0].cfg)
+    timer = _StepTimer(sizes)
+    epoch = timer.pretrain_epoch(plans[0].cfg)
+    stages = {plan.name: timer.stage(plan, plans[0].cfg) for plan in plans[1:]}
+    other = sum(stages.values())
+    measured = time.time() - t0
+    left = pc.budget_minutes * 60 * (1 - MARGIN) - other - measured
+    epochs = math.floor(2 * left / epoch) / 2 if left > 0 else 0.0  # half epochs
+    if epochs < 1:
+        raise C.ConfigError(
+            f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
+            f"about {other / 60:.1f} min and one pretraining epoch {epoch / 60:.1f} min; raise budget_minutes "
+            "or shorten the other stages (min_steps, epochs, lr_search)")
+    return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "epoch_seconds": round(epoch, 2),
+            "other_seconds": round(other, 1), "measure_seconds": round(measured, 1),
+            "stage_estimates": {k: round(v, 1) for k, v in stages.items()}}
+
+
+class _Sizes:
+    """Image counts of the splits the stages use (the validation split taken out)."""
+
+    def __init__(self, cfg: Any) -> None:
+        from .engine.setup import open_split, training_pool, validation_indices
+
+        ds, _ = open_split(cfg, cfg.train_split, torch.device("cpu"))
+        self.train = ds
+        self.pool = len(training_pool(cfg, ds))
+        self.val = len(validation_indices(cfg, ds))
+        test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
+        self.test = len(test)
+        self.channels = ds.channels
+
+    def labelled(self, cfg: Any) -> int:
+        from .engine.setup import labelled_indices
+
+        return len(labelled_indices(cfg, self.train, None))
+
+
+class _StepTimer:
+    """Seconds per training step and per evaluated image, measured once per model and batch."""
+
+    def __init__(self, sizes: _Sizes) -> None:
+        from .engine.setup import image_size_of
+
+        self.sizes = sizes
+        self._image_size_of = image_size_of
+        self._cache: dict[tuple[Any, ...], float] = {}
+
+    def _model(self, cfg: Any, **kw: Any) -> torch.nn.Module:
+        from .engine.setup import new_model
+
+        size = self._image_size_of(cfg, self.sizes.train)
+        model = new_model(cfg.model, self.sizes.train, size, cfg.stem, **kw)
+        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+    def _timed(self, key: tuple[Any, ...], fn: Any) -> float:
+        if key not in self._cache:
+            fn()  # warm-up: first-call allocations and kernel selection
+            t0 = time.perf_counter()
+            for _ in range(TIMED_STEPS):
+                fn()
+            self._cache[key] = (time.perf_counter() - t0) / TIMED_STEPS
+        return self._cache[key]
+
+    def _images(self, cfg: Any, n: int) -> torch.Tensor:
+        size = self._image_size_of(cfg, self.sizes.train)
+        return torch.randint(0, 256, (n, self.sizes.channels, size, size), dtype=torch.uint8)
+
+    def train_step(self, cfg: Any, batch: int, views: int, teacher_cfg: Any = None) -> float:
+        """One optimizer step of ``cfg.model`` on ``views`` augmented views of ``batch`` images, with
+        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation."""
+        from .data.augment import CropFlipAugment, SimCLRAugment
+        from .optim import build_optimizer
+
+        key = ("train", cfg.model, cfg.stem, batch, views, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem))
+        if key in self._cache:
+            return self._cache[key]
+        size = self._image_size_of(cfg, self.sizes.train)
+        aug = SimCLRAugment(size, blur=False) if views == 2 else CropFlipAugment(size)
+        model = self._model(cfg, ft_proj_selector=-1 if views == 2 else 0).train()
+        teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
+        opt = build_optimizer("lars", model, 0.0, 0.0)
+        x = self._images(cfg, batch)
+
+        def step() -> None:
+            view = torch.cat([aug(x) for _ in range(views)])
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher(view)
+            loss = model(view)["proj"].float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return self._timed(key, step)
+
+    def per_image(self, cfg: Any) -> float:
+        """Seconds per image of an evaluation forward pass (batches of 512)."""
+        key = ("eval", cfg.model, cfg.stem)
+        if key in self._cache:
+            return self._cache[key] / 512
+        model = self._model(cfg).eval()
+        x = self._images(cfg, 512).float() / 255
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(x)
+
+        return self._timed(key, forward) / 512
+
+    def pretrain_epoch(self, cfg: Any) -> float:
+        batch = min(cfg.batch_size, self.sizes.pool)
+        steps = max(1, self.sizes.pool // batch)
+        seconds = steps * self.train_step(cfg, batch, views=2)
+        if cfg.knn_every > 0:  # the kNN monitor: a bank of training images and the validation split
+            images = min(cfg.knn_train_size or self.sizes.pool, self.sizes.pool)
+            images += min(cfg.knn_test_size or self.sizes.val, self.sizes.val or self.sizes.test)
+            seconds += images * self.per_image(cfg) / cfg.knn_every
+        return seconds
+
+    def stage(self, plan: Any, encoder: Any) -> float:
+        """Seconds of one stage after pretraining (all its search candidates); ``encoder`` is the
+        pretraining config, whose model the fine-tuned teachers and the probes run."""
+        cfg, s = plan.cfg, self.sizes
+        if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
+            return (s.labelled(cfg) + s.test) * self.per_image(encoder)
+        if plan.stage == "knn-eval":
+            return 0.0
+        runs = [c.cfg for c in plan.candidates] or [cfg]
+        pool = s.pool if plan.stage == "distill" else s.labelled(cfg)
+        batch = min(cfg.batch_size, pool)
+        steps = max(math.ceil(cfg.epochs * max(1, pool // batch)), cfg.min_steps)
+        teacher = encoder if plan.stage == "distill" else None
+        seconds = len(runs) * (steps * self.train_step(cfg, batch, 1, teacher) + s.val * self.per_image(cfg))
+        seconds += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
+        if teacher is not None:  # the teacher is evaluated on the test split too
+            seconds += s.test * self.per_image(teacher)
+        return seconds

@@ -1,0 +1,339 @@
+"""Issue 18: recipes that hold on any dataset.
+
+- the optimizer each stage builds puts the classifier, biases and normalisation parameters where
+  spec 4.1 puts them, whatever wrapper the stage trains through;
+- stage lengths follow the data: a 40-image labelled subset and a small unlabeled pool still get
+  ``min_steps``;
+- the validation split is disjoint from the labelled subsets, the unlabeled pool and the test
+  split, and the learning-rate search chooses on it;
+- ``budget_minutes`` sizes pretraining and a rerun repeats the choice;
+- the report warns about results at chance, students below teachers and fine-tuning below the
+  baseline.
+
+Real stages on 2,000 real Fashion-MNIST training images (``test_pipeline.tiny_fashion_mnist``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_pipeline import tiny_fashion_mnist
+from torch import nn
+
+from simclrv2 import budget
+from simclrv2 import config as C
+from simclrv2.cli import main
+from simclrv2.config import DistillConfig, FinetuneConfig, PretrainConfig, SupervisedConfig, load_config
+from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.engine import classify, loop, pretrain
+from simclrv2.engine.setup import labelled_indices, training_pool, validation_indices
+from simclrv2.models.heads import SupervisedHead
+from simclrv2.pipeline import PipelineConfig, plan_stages
+from simclrv2.report import warnings, write_report
+
+MODEL = "r10_0.25x_sk0"
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tiny_fashion_mnist(tmp_path_factory.mktemp("recipes") / "fmnist")
+
+
+def _common(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model={MODEL}", "dataset=fashion_mnist", f"data_dir={data}", "stem=imagenet", "progress=false",
+            "device=cpu", "seed=0", "val_fraction=0.1", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def encoder(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("encoder")
+    assert main(["pretrain", *_common(data, run), "max_steps=1", "knn_every=0", "batch_size=64"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def teacher(data, encoder, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("teacher")
+    assert main(["finetune", *_common(data, run), f"init_checkpoint={encoder}", "max_steps=1",
+                 "label_fraction=0.05"]) == 0
+    return run
+
+
+class _Built(Exception):
+    """Raised by the patched step loop: the stage has built its job, nothing needs to train."""
+
+
+def built_job(monkeypatch, stage_fn, cfg) -> loop.TrainJob:
+    """The job (model, optimizer, pool, step plan) that ``stage_fn(cfg)`` hands to the step loop."""
+    jobs: list[loop.TrainJob] = []
+
+    def capture(job: loop.TrainJob) -> None:
+        jobs.append(job)
+        raise _Built
+
+    monkeypatch.setattr(loop, "run", capture)
+    with pytest.raises(_Built):
+        stage_fn(cfg)
+    return jobs[0]
+
+
+def _stage_cfgs(data: Path, tmp: Path, encoder: Path, teacher: Path) -> dict[str, tuple]:
+    return {
+        "pretrain": (pretrain.run, load_config(PretrainConfig, None, _common(data, tmp / "p"))),
+        "finetune": (classify.run_finetune, load_config(
+            FinetuneConfig, None, _common(data, tmp / "f", f"init_checkpoint={encoder}", "label_fraction=0.02"))),
+        "supervised": (classify.run_supervised, load_config(
+            SupervisedConfig, None, _common(data, tmp / "s", "label_fraction=0.02"))),
+        "distill": (classify.run_distill, load_config(
+            DistillConfig, None, _common(data, tmp / "d", f"teacher_checkpoint={teacher}", "label_fraction=0.02"))),
+    }
+
+
+# ------------------------------------------------------------------ parameter groups (spec 4.1)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "supervised", "distill"])
+def test_stage_optimizer_groups(stage, data, encoder, teacher, tmp_path, monkeypatch):
+    """The optimizer a stage really builds: the classifier's weight has no trust ratio and an L2
+    term, biases and BN have neither, and only conv/linear weights are adapted. Before the fix,
+    the stages' wrapper named the head 'model.classifier.weight', which the name rule missed."""
+    stage_fn, cfg = _stage_cfgs(data, tmp_path, encoder, teacher)[stage]
+    job = built_job(monkeypatch, stage_fn, cfg)
+    groups = job.optimizer.param_groups
+    group_of = {id(p): (g["lars_exclude"], g["weight_decay"]) for g in groups for p in g["params"]}
+    model = job.model
+    wd = cfg.weight_decay
+    norms = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert norms and biases
+    for p in norms + biases:
+        if p.requires_grad:
+            assert group_of[id(p)] == (True, 0.0)
+    if stage != "pretrain":
+        assert isinstance(model.classifier, SupervisedHead)
+        assert group_of[id(model.classifier.weight)] == (True, wd)
+    adapted = [p for g in groups if not g["lars_exclude"] for p in g["params"]]
+    assert adapted and all(p.ndim >= 2 for p in adapted)
+    assert all(g["weight_decay"] == wd for g in groups if not g["lars_exclude"])
+
+
+# ------------------------------------------------------------------ lengths that follow the data
+
+
+def test_small_data_gets_min_steps(data, encoder, teacher, tmp_path, monkeypatch):
+    """The demo config's stages on a 2,000-image training split: a 40-image labelled subset and the
+    1,800-image unlabeled pool (after the validation split) each get at least ``min_steps``,
+    where the epochs alone would give 1 step (40 images) or a handful (1,800 at batch 256)."""
+    values = yaml.safe_load(DEMO.read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.02], budget_minutes=0, lr_search=[])
+    values["common"]["data_dir"] = str(data)
+    plans = {p.name: p for p in plan_stages(C.build(PipelineConfig, values))}
+    runs = {"finetune_2pct": classify.run_finetune, "supervised_2pct": classify.run_supervised,
+            "distill_self_2pct": classify.run_distill, "distill_small_2pct": classify.run_distill}
+    for name, stage_fn in runs.items():
+        cfg = plans[name].cfg
+        if stage_fn is classify.run_finetune:
+            cfg = dataclasses.replace(cfg, init_checkpoint=str(encoder))
+        if stage_fn is classify.run_distill:
+            cfg = dataclasses.replace(cfg, teacher_checkpoint=str(teacher))
+        job = built_job(monkeypatch, stage_fn, cfg)
+        pool = 40 if stage_fn is not classify.run_distill else 1800
+        assert len(job.pool) == pool, name
+        by_epochs = math.ceil(cfg.epochs * max(1, pool // min(cfg.batch_size, pool)))
+        assert cfg.min_steps > by_epochs, f"{name}: the test should exercise min_steps"
+        assert job.plan.total_steps == cfg.min_steps, name
+        assert job.warmup_steps <= job.plan.total_steps // 2
+
+
+# ------------------------------------------------------------------ the validation split
+
+
+def test_validation_split_is_disjoint(data, encoder, teacher, tmp_path, monkeypatch):
+    """The validation split never trains anything: not in a labelled subset (any fraction), not in
+    the unlabeled pool of pretraining or distillation; the label fractions keep their size."""
+    cfgs = _stage_cfgs(data, tmp_path, encoder, teacher)
+    ds = load_fashion_mnist("train", data_dir=str(data))
+    val = set(validation_indices(cfgs["finetune"][1], ds).tolist())
+    assert len(val) == 200 and np.bincount(ds.labels[sorted(val)].numpy()).tolist() == [20] * 10
+    for fraction in (0.005, 0.02, 0.1, 0.5, 1.0):
+        cfg = dataclasses.replace(cfgs["finetune"][1], label_fraction=fraction)
+        lab = labelled_indices(cfg, ds, None)
+        assert not val & set(lab.tolist())
+        if fraction < 1:  # the count comes from the whole class: 200 images a class
+            assert len(lab) == 10 * max(1, math.floor(fraction * 200 + 0.5))
+    assert not val & set(training_pool(cfgs["pretrain"][1], ds).tolist())
+    for stage in ("pretrain", "finetune", "supervised", "distill"):
+        job = built_job(monkeypatch, *cfgs[stage])
+        assert not val & set(job.pool.tolist()), stage
+        assert len(job.pool) == (1800 if stage in ("pretrain", "distill") else 40)
+
+
+@pytest.fixture(scope="module")
+def searched(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("search") / "run"
+    values = {
+        "run_dir": str(run), "label_fractions": [0.02], "self_distill": True, "small_student": "",
+        "embedding_points": 0, "plots": False, "lr_search": [0.5, 2.0],
+        "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": MODEL, "stem": "imagenet",
+                   "progress": False, "batch_size": 64, "val_fraction": 0.1},
+        "pretrain": {"epochs": 1, "knn_every": 1, "knn_train_size": 500, "knn_test_size": 100},
+        "finetune": {"epochs": 1, "min_steps": 6, "base_lr": 0.05},
+        "supervised": {"epochs": 1, "min_steps": 6, "base_lr": 0.1},
+        "distill_self": {"epochs": 0.1, "min_steps": 3},
+        "linear_eval": {"epochs": 2},
+    }
+    config = run.parent / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert main(["pipeline", "--config", str(config)]) == 0
+    return run
+
+
+def test_lr_search_chooses_on_validation(searched):
+    """Each arm trains once per factor; the best validation top-1 is chosen and only it is
+    evaluated on the test split; its students learn from the chosen teacher."""
+    out = json.loads((searched / "results.json").read_text())
+    rows = {r["method"]: r for r in out["results"]}
+    for method, base in (("finetune", 0.05), ("supervised", 0.1)):
+        row = rows[method]
+        scores = {float(k): v for k, v in row["lr_search"].items()}
+        assert sorted(scores) == pytest.approx([base * 0.5, base * 2.0])
+        best = max(scores.values())
+        assert row["base_lr"] == pytest.approx(min(lr for lr, v in scores.items() if v == best))
+        assert row["val_top1"] == best and row["lr_at_edge"]
+        stage_dir = searched / f"{method}_2pct"
+        for lr in scores:
+            metrics = json.loads((stage_dir / f"lr_{lr:.4g}" / "metrics.json").read_text())
+            assert metrics["val_top1"] == scores[lr]
+            assert ("top1" in metrics) == (lr == row["base_lr"]), "the test split is for the chosen run only"
+        assert row["run_dir"] == str(stage_dir / f"lr_{row['base_lr']:.4g}")
+    student = yaml.safe_load((searched / "distill_self_2pct" / "config.yaml").read_text())
+    assert student["teacher_checkpoint"] == rows["finetune"]["run_dir"]
+    assert rows["distill-self"]["teacher_top1"] == rows["finetune"]["top1"]
+    report = (searched / "report.md").read_text()
+    assert "## Learning rates chosen on the validation split" in report
+
+
+def test_lr_search_rerun_skips_everything(searched, capsys):
+    config = searched.parent / "pipeline.yaml"
+    before = json.loads((searched / "results.json").read_text())
+    assert main(["pipeline", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped, done before") == 6  # every stage, searches included
+    after = json.loads((searched / "results.json").read_text())
+    assert [r["top1"] for r in after["results"]] == [r["top1"] for r in before["results"]]
+
+
+def test_lr_search_needs_a_validation_split():
+    pc = C.build(PipelineConfig, {"lr_search": [1.0, 2.0]})
+    with pytest.raises(C.ConfigError, match="val_fraction"):
+        plan_stages(pc)
+
+
+# ------------------------------------------------------------------ the time budget
+
+
+def _budget_config(data: Path, run: Path, minutes: float) -> PipelineConfig:
+    values = yaml.safe_load(DEMO.read_text())
+    values.update(run_dir=str(run), label_fractions=[0.02], budget_minutes=minutes, embedding_points=0)
+    values["common"].update(data_dir=str(data), model=MODEL)
+    values["small_student"] = ""
+    return C.build(PipelineConfig, values)
+
+
+def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
+    """With step times fixed, the epochs are the ones that fill the rest of the budget (in half
+    epochs), rank 0's choice is stored, and a rerun reuses it without measuring again."""
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.5 if views == 2 else 0.01)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    pc = _budget_config(data, tmp_path / "run", minutes=2)
+    rec = budget.fit_pretraining(pc)
+    # 1,800 pool images at batch 512: 3 steps an epoch of 0.5 s, plus the kNN monitor per 5 epochs
+    assert rec["epoch_seconds"] == pytest.approx(3 * 0.5 + (1800 + 200) * 1e-4 / 5, abs=0.01)
+    left = 2 * 60 * (1 - budget.MARGIN) - rec["other_seconds"] - rec["measure_seconds"]
+    assert rec["epochs"] == math.floor(2 * left / rec["epoch_seconds"]) / 2
+    # finetune and supervised: 3 candidates x 300 steps each, the distillation 300 steps
+    assert rec["stage_estimates"]["finetune_2pct"] >= 3 * 300 * 0.01
+    monkeypatch.setattr(budget, "_measure_and_fit", lambda pc: pytest.fail("measured again"))
+    assert budget.fit_pretraining(pc)["epochs"] == rec["epochs"]
+
+
+def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-3)
+    pc = _budget_config(data, tmp_path / "run", minutes=1)
+    with pytest.raises(C.ConfigError, match="budget_minutes=1 is too small here"):
+        budget.fit_pretraining(pc)
+
+
+def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkeypatch):
+    """The real measurement on tiny data; the run's pipeline.yaml then holds the chosen epochs
+    and no budget, so running it again repeats them."""
+    import simclrv2.pipeline as P
+
+    pc = _budget_config(data, tmp_path / "run", minutes=30)
+    seen: list[PipelineConfig] = []  # the budget's own plan first, then the pipeline's
+    monkeypatch.setattr(P, "plan_stages", lambda pc, real=P.plan_stages: (seen.append(pc), real(pc))[1])
+
+    class _Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(P, "run_stage", stop)
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    rec = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert rec["epochs"] >= 1 and rec["epoch_seconds"] > 0 and rec["other_seconds"] > 0
+    written = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
+    assert written["pretrain"]["epochs"] == rec["epochs"] and written["budget_minutes"] == 0
+    assert seen[-1].pretrain["epochs"] == rec["epochs"] and len(seen) == 2
+
+
+# ------------------------------------------------------------------ warnings
+
+
+def _row(method, fraction, top1, **extra):
+    return {"method": method, "label_fraction": fraction, "top1": top1, "num_classes": 10, "steps": 300,
+            "model": MODEL, "run_dir": "", "seconds": 1.0, **extra}
+
+
+def test_report_warns(tmp_path):
+    out = {"config_hash": "x", "machine": "test", "total_seconds": 1.0, "stages": {},
+           "pretrain": {"epochs": 2, "steps": 200, "knn_top1": 60.0},
+           "results": [
+               _row("supervised", 0.01, 70.0),
+               _row("finetune", 0.01, 68.0, base_lr=0.4, lr_search={"0.1": 60.0, "0.4": 66.0}, lr_at_edge=True),
+               _row("distill-self", 0.01, 14.0, teacher_top1=68.0, teacher_agreement=90.0),
+               _row("distill-small", 0.01, 65.0, teacher_top1=68.0, teacher_agreement=90.0, steps=40),
+               _row("supervised", 0.1, 80.0), _row("finetune", 0.1, 82.0),
+               _row("distill-self", 0.1, 81.5, teacher_top1=82.0, teacher_agreement=95.0),
+           ]}
+    found = warnings(out)
+    assert len(found) == 3
+    assert "finetune at 1% labels" in found[0] and "below the supervised baseline" in found[0]
+    assert "edge of the search" in found[0]
+    assert "within 5 points of chance (10.0)" in found[1] and "pretraining may be too short" in found[1]
+    assert "3.00 points below its teacher" in found[2] and "too few steps (40)" in found[2]
+    (tmp_path / "r").mkdir()
+    pc = C.build(PipelineConfig, {"plots": False})
+    report = write_report(tmp_path / "r", out, pc).read_text()
+    assert "## Warnings" in report and all(w in report for w in found)
+    healthy = dict(out, results=out["results"][4:])
+    assert warnings(healthy) == []
+    assert "## Warnings" not in write_report(tmp_path / "r", healthy, pc).read_text()
+
+
+def test_chance_warning_uses_the_number_of_classes():
+    out = {"results": [dict(_row("supervised", 0.1, 54.0), num_classes=2)]}
+    assert "within 5 points of chance (50.0)" in warnings(out)[0]
+    out["results"][0]["top1"] = 56.0
+    assert warnings(out) == []
