@@ -14,7 +14,7 @@ lint: setup
 	.venv/bin/ruff check src tests benchmarks
 
 test: setup lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest  # -q comes from pyproject's addopts; -qq would hide the summary line
 
 bench: setup
 	.venv/bin/python benchmarks/augment.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         simclrv2.nope  # noqa: B018
+
+
+def test_make_test_prints_the_pytest_summary_line(tmp_path: Path) -> None:
+    """`make test` runs the Makefile's pytest command under pyproject's addopts; together they must
+    leave the final "N passed, M skipped" line (twice -q hides it)."""
+    root = Path(__file__).resolve().parents[1]
+    recipe = re.search(r"^test:.*\n\t(.*)$", (root / "Makefile").read_text(), re.M)
+    assert recipe is not None, "Makefile has no test target"
+    command = recipe.group(1).split("#")[0].split()
+    assert command[1:3] == ["-m", "pytest"], command
+    (tmp_path / "test_tiny.py").write_text(
+        "import pytest\n\ndef test_a():\n    pass\n\n@pytest.mark.skip\ndef test_b():\n    pass\n")
+    out = subprocess.run([sys.executable, *command[1:], "-c", str(root / "pyproject.toml"), "-p", "no:cacheprovider",
+                          "--rootdir", str(tmp_path), str(tmp_path / "test_tiny.py")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^1 passed, 1 skipped in ", out.stdout, re.M), out.stdout

@@ -58,7 +58,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "small_student": "r10_0.25x_sk0",
         "embedding_points": 300,
         "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": "r18_0.25x_sk0",
-                   "stem": "imagenet", "progress": False, "batch_size": 128},
+                   "stem": "imagenet", "batch_size": 128, "log_every": 10},  # progress: auto
         "pretrain": {"epochs": 2, "knn_every": 1, "knn_train_size": 1000, "knn_test_size": 500,
                      "temperature": 0.2, "warmup_epochs": 0.5},
         "finetune": {"epochs": 4, "batch_size": 32, "min_steps": 0},
@@ -177,3 +177,18 @@ def test_pretraining_plot_draws_the_contrastive_term(tmp_path, monkeypatch):
     assert (tmp_path / "p.png").is_file()
     assert list(drawn[0][1]) == [7.0, 6.5]  # the contrastive term; then the kNN line
     assert list(drawn[1][1]) == [50.0]
+
+
+def test_stdout_gets_plain_progress_lines_with_the_pipeline_position(pipeline_run: tuple[Path, str]) -> None:
+    """stdout is not a terminal here: each training stage prints a line every log_every steps (and
+    at its last step), labelled with its place in the pipeline."""
+    _, stdout = pipeline_run
+    lines = re.findall(r"^\[(\d+)/\d+\] (\w+) step (\d+)/(\d+) loss [\d.]+ lr \S+ \d+ img/s ETA [\d:]+$",
+                       stdout, re.M)
+    steps: dict[str, list[int]] = {}
+    for _, name, step, _ in lines:
+        steps.setdefault(name, []).append(int(step))
+    assert lines[0][:3] == ("1", "pretrain", "10") and "\r" not in stdout
+    assert steps["pretrain"][:3] == [10, 20, 30]
+    assert steps["supervised_1pct"] == [4]  # 20 images, batch 32, 4 epochs: under log_every, only the end
+    assert {"finetune_10pct", "distill_self_1pct", "distill_small_10pct"} <= set(steps)

@@ -279,7 +279,7 @@ def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkey
     import simclrv2.pipeline as P
 
     pc = _budget_config(data, tmp_path / "run", minutes=30)
-    seen: list[PipelineConfig] = []  # the budget's own plan first, then the pipeline's
+    seen: list[PipelineConfig] = []  # the check, the budget's own plan, then the pipeline's
     monkeypatch.setattr(P, "plan_stages", lambda pc, real=P.plan_stages: (seen.append(pc), real(pc))[1])
 
     class _Stop(Exception):
@@ -295,7 +295,7 @@ def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkey
     assert rec["epochs"] >= 1 and rec["epoch_seconds"] > 0 and rec["other_seconds"] > 0
     written = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
     assert written["pretrain"]["epochs"] == rec["epochs"] and written["budget_minutes"] == 0
-    assert seen[-1].pretrain["epochs"] == rec["epochs"] and len(seen) == 2
+    assert seen[-1].pretrain["epochs"] == rec["epochs"] and len(seen) == 3
 
 
 # ------------------------------------------------------------------ warnings

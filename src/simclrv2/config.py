@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class CommonConfig:
     checkpoint_min_seconds: float = 30.0  # checkpoint_every=0: skip epoch ends < this after the last save
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     log_every: int = 20  # steps between metric lines
-    progress: bool = True  # progress bar on rank 0
+    progress: bool | str = "auto"  # auto: a bar on a terminal, a line every log_every steps otherwise | true (bar) | false
 
 
 @dataclass
@@ -266,15 +267,37 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    types_ = _field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys: "
-            + ", ".join(prefix + k for k in types_)
-        )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    kwargs = {k: _coerce(v, t, prefix + k) for k, v, t in checked_items(cls, values, prefix)}
     return cls(**kwargs)
+
+
+def unknown_key(key: str, valid: list[str], prefix: str = "") -> ConfigError:
+    """The one-line error for an unknown key: the closest valid key, or every valid key when
+    none is close (a synonym such as learning_rate for base_lr is not a typo)."""
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    where = f" of {prefix.rstrip('.')}" if prefix else ""
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys{where}: " + ", ".join(valid)
+    return ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
+
+
+def checked_items(cls: type, values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, value, declared type)`` for each key of ``values``; an unknown key is a
+    :func:`unknown_key` error."""
+    types_ = _field_types(cls)
+    for k in values:
+        if k not in types_:
+            raise unknown_key(k, list(types_), prefix)
+    return [(k, v, types_[k]) for k, v in values.items()]
+
+
+def check_partial(cls: type, values: dict[str, Any], prefix: str = "") -> None:
+    """Check the keys and value types of a partial mapping (some keys of ``cls``, the rest left to
+    defaults and other layers), e.g. one stage section of a pipeline config."""
+    for k, v, t in checked_items(cls, values, prefix):
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            check_partial(t, v, f"{prefix}{k}.")
+        else:
+            _coerce(v, t, prefix + k)
 
 
 def parse_value(text: str) -> Any:
@@ -287,19 +310,48 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides (dotted keys for nested sections) to a plain mapping."""
-    out = json.loads(json.dumps(values))  # deep copy of plain data
+    out = json.loads(json.dumps(values))  # deep copy of plain data; number keys become strings
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value; write it as e.g. epochs=10")
         key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
+        parts = split_key(key.strip())
         node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            node = node.setdefault(_same_key(node, p), {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = parse_value(raw)
+        node[_same_key(node, parts[-1])] = parse_value(raw)
     return out
+
+
+# A dotted key splits at its dots, except inside a number: in by_fraction.0.01.finetune.epochs the
+# label fraction 0.01 is one key (so is 1e-3).
+_KEY_PART = re.compile(r"\d+\.\d+(?:[eE][-+]?\d+)?|[^.]+")
+
+
+def split_key(key: str) -> list[str]:
+    """``"by_fraction.0.01.finetune.epochs"`` -> ``["by_fraction", "0.01", "finetune", "epochs"]``."""
+    return _KEY_PART.findall(key)
+
+
+def as_number(text: str) -> float | None:
+    """The number that ``text`` spells (``"0.01"``, ``"1e-3"``), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _same_key(node: dict[str, Any], part: str) -> str:
+    """The key of ``node`` that ``part`` names: a number matches the key of the same value
+    (``0.010`` and ``1e-2`` name the YAML key ``0.01``)."""
+    value = as_number(part)
+    if value is not None and part not in node:
+        for k in node:
+            if as_number(str(k)) == value:
+                return k
+    return part
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -354,6 +406,8 @@ def validate(cfg: Any) -> None:
          f"checkpoint_min_seconds must be >= 0 (0 = every epoch), got {cfg.checkpoint_min_seconds}")
     need(cfg.stem in ("auto", "cifar", "small", "imagenet"),
          f"stem must be auto, cifar, small or imagenet, got '{cfg.stem}'")
+    need(cfg.progress in (True, False, "auto"), f"progress must be auto, true or false, got '{cfg.progress}'")
+    need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
     need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")
     if isinstance(cfg, LabelConfig) and not cfg.label_list:
         need(

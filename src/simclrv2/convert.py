@@ -611,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
     """``simclrv2 convert --tf-checkpoint DIR_OR_PREFIX --out FILE.safetensors [--ema] [--ft-proj-selector N]``."""
-    args = build_parser().parse_args(argv)
+    from .cli import parse_tool_args  # key=value and --config, the grammar of every command
+
+    args = parse_tool_args(build_parser(), argv)
     ckpt = TFCheckpoint(args.tf_checkpoint, verify=not args.no_verify)
     selector = args.ft_proj_selector
     if selector is None:

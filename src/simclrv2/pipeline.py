@@ -32,6 +32,7 @@ from . import config as C
 from . import distributed as dist
 from . import runlock
 from .checkpoint import atomic_write_text
+from .engine.progress import position
 
 
 @dataclass
@@ -91,6 +92,44 @@ def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
 
 # stages that evaluate the pretrained encoder; they share its features, and report its model
 PROBE_STAGES = ("linear-eval", "knn-eval")
+# each stage section of PipelineConfig and the stage whose config keys it holds
+SECTIONS = {"pretrain": "pretrain", "finetune": "finetune", "supervised": "supervised",
+            "distill_self": "distill", "distill_small": "distill", "linear_eval": "linear-eval",
+            "knn_eval": "knn-eval"}
+FRACTION_SECTIONS = ("finetune", "supervised", "distill_self", "distill_small")  # under by_fraction.<f>
+
+
+def check_sections(pc: PipelineConfig) -> None:
+    """Every key of ``common``, the stage sections and ``by_fraction`` names a config key of its
+    stage with a value of its type; else a one-line :class:`~simclrv2.config.ConfigError`."""
+    classes = {name: C.STAGE_CONFIGS[stage] for name, stage in SECTIONS.items()}
+    # common: a key of any stage goes to the stages that have it, typed as the first one declares it
+    known: dict[str, type] = {}
+    for cls in C.STAGE_CONFIGS.values():
+        known.update({f.name: cls for f in dataclasses.fields(cls) if f.name not in known})
+    for key, value in pc.common.items():
+        if key not in known:
+            raise C.unknown_key(key, list(known), "common.")
+        C.check_partial(known[key], {key: value}, "common.")
+    for name, cls in classes.items():
+        C.check_partial(cls, getattr(pc, name), f"{name}.")
+    seen: dict[float, Any] = {}
+    for frac, sections in pc.by_fraction.items():
+        f = C.as_number(str(frac))
+        where = f"by_fraction.{frac}"
+        if f is None or not 0.0 < f <= 1.0:
+            raise C.ConfigError(f"'{where}' is not a label fraction; by_fraction keys are numbers in (0, 1], e.g. 0.01")
+        if f in seen:
+            raise C.ConfigError(f"'{where}' and 'by_fraction.{seen[f]}' are the same label fraction; merge them")
+        seen[f] = frac
+        if not isinstance(sections, dict):
+            raise C.ConfigError(f"config key '{where}' must be a mapping of stage sections, got {sections!r}")
+        for name, values in sections.items():
+            if name not in FRACTION_SECTIONS:
+                raise C.unknown_key(name, list(FRACTION_SECTIONS), f"{where}.")
+            if not isinstance(values, dict):
+                raise C.ConfigError(f"config key '{where}.{name}' must be a mapping, got {values!r}")
+            C.check_partial(classes[name], values, f"{where}.{name}.")
 
 
 def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers: dict) -> Any:
@@ -112,6 +151,7 @@ def _fraction_layer(pc: PipelineConfig, f: float, section: str) -> dict:
 
 
 def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
+    check_sections(pc)
     run_dir = Path(pc.run_dir)
     pre = _stage_cfg("pretrain", pc, run_dir, "pretrain", pc.pretrain)
     pre_dir = pre.run_dir
@@ -264,6 +304,7 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     from .engine.runtime import machine_description
 
+    plans = plan_stages(pc)  # checks every stage's config before anything is written
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
@@ -274,7 +315,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
 
         budget = fit_pretraining(pc)
         pc = dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
-    plans = plan_stages(pc)
+        plans = plan_stages(pc)
     if dist.is_main():  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages, prints, chosen_dirs = [], {}, {}, {}
@@ -293,15 +334,15 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 plan = dataclasses.replace(plan, cfg=dataclasses.replace(
                     plan.cfg, teacher_checkpoint=chosen_dirs[plan.upstream]))
             upstream = prints[plan.upstream] if plan.upstream else None
-            if plan.candidates:
-                chosen, result, seconds, skipped = run_search(plan, upstream)
-                chosen_dirs[plan.name] = chosen.cfg.run_dir
-                prints[plan.name] = fingerprint(chosen.cfg.run_dir)
-                out_dir = chosen.cfg.run_dir
-            else:
-                result, seconds, skipped = run_stage(plan, upstream)
-                prints[plan.name] = fingerprint(plan.cfg.run_dir)
-                out_dir = plan.cfg.run_dir
+            with position(f"[{i}/{len(plans)}] {plan.name}"):  # the stage's progress bar or lines say where it is
+                if plan.candidates:
+                    chosen, result, seconds, skipped = run_search(plan, upstream)
+                    chosen_dirs[plan.name] = chosen.cfg.run_dir
+                    out_dir = chosen.cfg.run_dir
+                else:
+                    result, seconds, skipped = run_stage(plan, upstream)
+                    out_dir = plan.cfg.run_dir
+            prints[plan.name] = fingerprint(out_dir)
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds
@@ -360,11 +401,19 @@ def main(argv: list[str]) -> int:
         prog="simclrv2 pipeline",
         description="Pretrain, fine-tune on each label fraction, distil, evaluate, train supervised "
         "baselines, and write results.json + report.md + plots into run_dir. Pipeline keys:\n"
-        + C.describe(PipelineConfig),
+        + C.describe(PipelineConfig)
+        + "\n\nOverrides are key=value, dotted for sections; a section takes the keys of its stage "
+        "(`simclrv2 <stage> --help`), common takes the keys of any stage:\n"
+        "  common.batch_size=128  pretrain.epochs=5  pretrain.memory.enabled=true\n"
+        "A label fraction under by_fraction is one key, dots included (0.01, 0.001, 1e-3 all work):\n"
+        "  by_fraction.0.01.finetune.epochs=1  by_fraction.0.1.supervised.base_lr=0.2\n"
+        f"by_fraction sections: {', '.join(FRACTION_SECTIONS)}. An unknown key is an error (exit 2) "
+        "before anything is written.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/fashion_mnist_demo.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted: pretrain.epochs=5")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted: pretrain.epochs=5, "
+                        "by_fraction.0.01.finetune.epochs=1")
     args = parser.parse_args(argv)
     values = C.apply_overrides(C.load_yaml(args.config), args.overrides)
     pc = C.build(PipelineConfig, values)

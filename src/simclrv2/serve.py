@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text
+from .cli import parse_tool_args
 from .data.augment import EvalTransform
 from .data.datasets import DATASET_NAMES, IMAGE_EXTENSIONS, load_dataset
 from .engine.evaluate import extract
@@ -211,10 +212,10 @@ def predict_main(argv: list[str]) -> int:
     )
     _add_source_args(parser)
     parser.add_argument("--out", required=True, help="output CSV file")
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv)
     out = Path(args.out)
     if out.suffix == ".npy":
-        raise RunError(f"--out '{out}' is the probabilities file name; give a .csv name")
+        raise RunError(f"out='{out}' is the probabilities file name; give a .csv name")
     device = resolve_device(args.device)
     model, info = load_for_serving(args.checkpoint, device)
     if model.classifier is None:
@@ -247,10 +248,10 @@ def embed_main(argv: list[str]) -> int:
     _add_source_args(parser)
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--output", choices=("features", "proj"), default="features")
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv)
     out = Path(args.out)
     if out.suffix != ".npy":
-        raise RunError(f"--out must end in .npy, got '{out}'")
+        raise RunError(f"out must end in .npy, got '{out}'")
     device = resolve_device(args.device)
     model, info = load_for_serving(args.checkpoint, device)
     if args.dataset:
@@ -362,10 +363,10 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     parser.add_argument("--verify", action="store_true",
                         help="ONNX: compare ONNX Runtime with PyTorch on a random batch and print the error")
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv)
     out = Path(args.out)
     if out.suffix == ".json":
-        raise RunError(f"--out '{out}' is the metadata file name; give an .onnx or .pt name")
+        raise RunError(f"out='{out}' is the metadata file name; give an .onnx or .pt name")
     model, info = load_for_serving(args.checkpoint, "cpu")
     size = args.image_size or info.image_size
     module = ServingModule(model).eval()

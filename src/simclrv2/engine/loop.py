@@ -15,6 +15,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..optim import lr_at, set_lr
+from .progress import Progress
 from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices, set_aside_previous_run
 
 
@@ -188,11 +189,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     # is one step, and a checkpoint per step cost a third of a short fine-tuning run
     min_gap = 0.0 if cfg.checkpoint_every else cfg.checkpoint_min_seconds
     last_save = time.time()
-    bar = None
-    if cfg.progress and dist.is_main() and start < plan.total_steps:
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.total_steps, initial=start, desc=job.stage, dynamic_ncols=True, leave=False)
+    progress = Progress(job.stage, cfg.progress, plan.total_steps, start, cfg.log_every, enabled=dist.is_main())
     finite = torch.ones((), dtype=torch.bool, device=job.device)
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -223,8 +220,7 @@ def run(job: TrainJob) -> dict[str, Any]:
             sums[k] = sums.get(k, 0) + v.float()
         count += 1
         done = step + 1
-        if bar is not None:
-            bar.update(1)
+        progress.step()
         boundary = done % every == 0 or done == plan.total_steps
         if done % cfg.log_every == 0 or boundary:
             if not bool(finite):  # checked before any save: non-finite values never reach disk
@@ -233,8 +229,7 @@ def run(job: TrainJob) -> dict[str, Any]:
             rec = dict(step=done, epoch=round(done / plan.steps_per_epoch, 4), lr=lr, **last)
             rec["images_per_s"] = round(count * plan.global_batch / max(time.time() - t0, 1e-9), 1)
             logger.log(rec)
-            if bar is not None:
-                bar.set_postfix(loss=last["loss"], lr=f"{lr:.3g}")
+            progress.metrics(done, last["loss"], lr, rec["images_per_s"])
             sums, count, t0 = {}, 0, time.time()
         if done % plan.steps_per_epoch == 0 and job.on_epoch_end is not None:
             extra = job.on_epoch_end(done // plan.steps_per_epoch, done)
@@ -247,8 +242,7 @@ def run(job: TrainJob) -> dict[str, Any]:
             if done == plan.total_steps or time.time() - last_save >= min_gap:
                 save(job, done, done / plan.steps_per_epoch)
                 last_save = time.time()
-    if bar is not None:
-        bar.close()
+    progress.close()
     logger.close()
     dist.barrier()
     return last
