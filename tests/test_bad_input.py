@@ -32,6 +32,12 @@ TINY = ["num_workers=0", "progress=false", "batch_size=8", "image_size=16"]
 # ------------------------------------------------------------------ helpers
 
 
+def reseal(ckpt_dir: Path) -> None:
+    """Record the checksums of a checkpoint's files as they are now, as whoever swapped a file in
+    could: the tests below check what comes after the checksums (shapes, the safe loader)."""
+    ckpt.write_meta(ckpt_dir, json.loads((ckpt_dir / "meta.json").read_text()))
+
+
 def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4) -> Path:
     """root/<split>/<class>/<file>.png with two Fashion-MNIST classes; file names unique."""
     ds = load_fashion_mnist("test")
@@ -273,6 +279,7 @@ def test_resume_from_same_name_other_shapes(images: Path, pretrained: Path, othe
     # weights of another architecture under this run's own (correct) metadata
     shutil.copy(ckpt.latest_checkpoint(other_arch) / "model.safetensors",
                 ckpt.latest_checkpoint(run) / "model.safetensors")
+    reseal(ckpt.latest_checkpoint(run))
     before = checkpoint_snapshot(run)
     rc, err = cli(capsys, *pretrain_args(images, run), "max_steps=4")
     assert_error(rc, err, "does not fit this model")
@@ -283,6 +290,7 @@ def test_finetune_from_checkpoint_of_another_architecture(images: Path, pretrain
                                                           tmp_path: Path, capsys) -> None:
     init = Path(shutil.copytree(ckpt.latest_checkpoint(pretrained), tmp_path / "init"))
     shutil.copy(ckpt.latest_checkpoint(other_arch) / "model.safetensors", init / "model.safetensors")
+    reseal(init)
     rc, err = cli(capsys, "finetune", f"init_checkpoint={init}", "dataset=imagefolder", f"data_dir={images}",
                   *TINY, "label_fraction=1.0", "max_steps=1", f"run_dir={tmp_path / 'ft'}")
     assert_error(rc, err, str(init), "does not fit model r10_0.25x_sk0")
@@ -341,6 +349,7 @@ def test_malicious_pickle_in_checkpoint_is_refused(images: Path, pretrained: Pat
     marker = tmp_path / "pwned"
     evil = ckpt.latest_checkpoint(run) / "optimizer.pt"
     torch.save({"optimizer": _Payload(marker)}, evil)
+    reseal(evil.parent)
     rc, err = cli(capsys, *pretrain_args(images, run), "max_steps=4")
     assert_error(rc, err, str(evil), "refused by the safe loader", "trusted source")
     assert not marker.exists()

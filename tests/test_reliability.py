@@ -10,6 +10,11 @@ write window on purpose. After every kill the test checks that each complete che
 readable in full, and after every restart that the run resumed from the newest complete checkpoint
 (its "resuming from ... at step N" line). At the end the weights, optimizer state and metrics equal
 those of an uninterrupted run with the same seed, bit for bit.
+
+The pipeline test (issue 20) SIGKILLs ``simclrv2 pipeline`` in every one of its stages, at least
+10 times in all, each kill at a random moment within the span that stage took uninterrupted; every
+restart takes over the killed process's stale run-folder locks. The finished results.json equals an
+uninterrupted run's apart from its timings.
 """
 
 from __future__ import annotations
@@ -348,3 +353,91 @@ def test_pipeline_reruns_an_edited_stage_and_the_stages_that_read_it(tmp_path: P
     assert rec["result"]["teacher_top1"] == json.loads((ft_dir / "done.json").read_text())["result"]["top1"]
 
     assert set(pipeline().values()) == {"skipped"}  # nothing changed: nothing runs
+
+
+PIPELINE_KILLS = 10
+
+
+def _without_seconds(out: dict) -> dict:
+    """results.json without its timings: total_seconds, the per-stage seconds, each result's seconds."""
+    out = json.loads(json.dumps(out))
+    out.pop("total_seconds")
+    out["stages"] = sorted(out["stages"])
+    for r in out["results"]:
+        r.pop("seconds")
+    return out
+
+
+def test_pipeline_killed_at_random_moments_across_all_stages(tmp_path: Path) -> None:
+    """SIGKILL ``simclrv2 pipeline`` at least 10 times, aimed at random moments of every stage,
+    then let it finish: results.json equals an uninterrupted run's apart from timings, and every
+    training stage's metrics.jsonl reads as one uninterrupted run."""
+    data = make_image_folder(tmp_path / "images")
+    run = tmp_path / "pipeline"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run), "label_fractions": [1.0], "self_distill": True, "embedding_points": 0,
+        "plots": False,
+        "common": {"model": "r10_0.25x_sk0", "dataset": "imagefolder", "data_dir": str(data),
+                   "image_size": 16, "num_workers": 0, "progress": False, "batch_size": 8,
+                   "checkpoint_every": 1, "log_every": 1},
+        "pretrain": {"max_steps": 6, "knn_every": 0},
+        "finetune": {"max_steps": 6},
+        "distill_self": {"max_steps": 6},
+        "linear_eval": {"epochs": 5},
+        "supervised": {"max_steps": 6},
+    }))
+    argv = ["pipeline", "--config", str(config)]
+    start = launcher()
+
+    # the uninterrupted reference, in the same folder (results.json holds the run folders and the
+    # config hash), then moved aside
+    ref = start(argv, tmp_path / "reference.txt")
+    ref.join(timeout=300)
+    assert ref.exitcode == 0, (tmp_path / "reference.txt").read_text()
+    stages = re.findall(r"^\[\d+/\d+\] (\w+) \(", (tmp_path / "reference.txt").read_text(), re.M)
+    assert len(stages) == 6
+    run.rename(tmp_path / "reference")
+    reference = tmp_path / "reference"
+    # how long each stage ran uninterrupted: kills are aimed at a random moment within that span
+    span = {s: json.loads((reference / s / "done.json").read_text())["seconds"] for s in stages}
+
+    rng = random.Random(SEED)
+    killed_in: list[str] = []
+    for attempt in range(60):
+        out_path = tmp_path / f"out-{attempt}.txt"
+        out_path.write_text("")
+        proc = start(argv, out_path)
+        if len(killed_in) >= PIPELINE_KILLS and set(killed_in) == set(stages):
+            break
+        # the first unfinished stage, up to 3 kills each (the probes start over when killed: without a
+        # cap they would be killed for ever), at a random moment within its uninterrupted span
+        pending = [s for s in stages if not (run / s / "done.json").is_file() and killed_in.count(s) < 3]
+        if not pending:
+            break
+        target = pending[0]
+        begun = re.compile(rf"^\[\d+/\d+\] {target} \(", re.M)
+        if not wait_for(lambda begun=begun, out_path=out_path: begun.search(out_path.read_text()) is not None, proc):
+            break
+        time.sleep(rng.uniform(0.0, 0.9 * span[target]))
+        if not proc.is_alive():
+            break
+        kill(proc)
+        text = out_path.read_text()
+        running = re.findall(r"^\[\d+/\d+\] (\w+) \(", text, re.M)
+        killed_in.append(running[-1])
+        assert "failed verification" not in text, text
+    proc.join(timeout=300)
+    out = out_path.read_text()
+    assert proc.exitcode == 0, out
+    assert "failed verification" not in out
+    print(f"\npipeline fault injection: {len(killed_in)} SIGKILLs, in {sorted(set(killed_in))}")
+    assert len(killed_in) >= PIPELINE_KILLS, f"the pipeline finished after {len(killed_in)} kills"
+    assert set(killed_in) == set(stages), f"no kill landed in some stages: {killed_in}"
+
+    a = json.loads((reference / "results.json").read_text())
+    b = json.loads((run / "results.json").read_text())
+    assert _without_seconds(b) == _without_seconds(a)
+    for stage in ("pretrain", "finetune_100pct", "distill_self_100pct", "supervised_100pct"):
+        assert metric_lines(run / stage) == metric_lines(reference / stage), stage
+    assert not list(run.rglob("run.lock")), "a finished pipeline left a lock behind"

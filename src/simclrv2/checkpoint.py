@@ -6,7 +6,15 @@ Layout of one checkpoint (a folder, written whole or not at all)::
         model.safetensors      model weights (and BN buffers)
         state.safetensors      extra tensor state: memory queue + EMA weights, online probe
         optimizer.pt           optimizer / grad-scaler state, read back with weights_only=True
-        meta.json              format version, stage, step, epoch, model name+config, run config
+        meta.json              format version, stage, step, epoch, model name+config, run config,
+                               the sha256 of each other file ("files") and of itself ("meta_sha256")
+
+Checksums: a flipped bit on a flaky disk would otherwise load as valid weights. Every read path
+verifies what it reads (:func:`verify_checkpoint`, :func:`read_meta`, :func:`read_model_file`) and
+names the damaged file in one line; resuming skips a damaged checkpoint for the newest one that
+verifies (:func:`newest_sound_checkpoint`). Standalone model files carry a digest of their tensors
+in the safetensors header (``weights_sha256``). Checkpoints and model files written before
+checksums existed carry none and load as before.
 
 The folder is first written as ``step-00001234.tmp-<pid>``, every file is flushed to disk, and
 then it is renamed in one ``os.replace``. Old checkpoints are deleted the same way round: first
@@ -27,6 +35,7 @@ on purpose. It changes no result.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -44,6 +53,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line with the fix."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint of a newer format than this simclrv2 reads (not damage: never skipped)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,8 +142,7 @@ def save_checkpoint(
             torch.save(optimizer_state, tmp / "optimizer.pt")
             _test_pause()
         meta = dict(meta, format="simclrv2-checkpoint", format_version=FORMAT_VERSION, step=step)
-        with open(tmp / "meta.json", "w") as f:
-            f.write(json.dumps(meta, indent=1, default=str))
+        write_meta(tmp, meta)
         _test_pause()
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -146,6 +158,74 @@ def save_checkpoint(
         raise
     _prune(ckpt_root, keep)
     return final
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the metadata as JSON with sorted keys, ``meta_sha256`` itself left out."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_meta(ckpt_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` with the sha256 of every other file of the folder and of itself.
+
+    Call it after the folder's other files are written. The digest of the metadata is taken over
+    its JSON form read back, so non-JSON values (``default=str``) hash as they will be read.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    files = {p.name: file_sha256(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != "meta.json"}
+    meta = json.loads(json.dumps(dict(meta, files=files), default=str))
+    meta["meta_sha256"] = _meta_digest(meta)
+    atomic_write_text(ckpt_dir / "meta.json", json.dumps(meta, indent=1))
+
+
+def verify_checkpoint(ckpt_dir: str | Path, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check ``meta.json`` and the files it lists (only ``names`` when given) against their sha256;
+    return the metadata. A checkpoint without checksums (written before they existed) passes.
+    Raises :class:`CheckpointError` naming the first file that does not match."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    for name, digest in (meta.get("files") or {}).items():
+        if names is not None and name not in names:
+            continue
+        path = ckpt_dir / name
+        try:
+            actual = file_sha256(path)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint file '{path}' is unreadable ({e.strerror or e}); "
+                                  "the checkpoint is damaged, resume from an earlier one or rerun the stage") from e
+        if actual != digest:
+            raise CheckpointError(
+                f"checkpoint file '{path}' does not match the sha256 recorded in its meta.json (damaged on "
+                "disk); resume from an earlier checkpoint or rerun the stage that wrote it"
+            )
+    return meta
+
+
+def newest_sound_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that verifies, and the newer ones that did not (with why).
+
+    A checkpoint from a newer simclrv2 format is not "damaged": that error is raised, not skipped.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for c in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(c)
+        except CheckpointError as e:
+            if isinstance(e, CheckpointFormatError):
+                raise
+            skipped.append((c, str(e)))
+            continue
+        return c, skipped
+    return None, skipped
 
 
 def _write_error(e: OSError, final: Path, ckpt_root: Path) -> CheckpointError:
@@ -200,7 +280,13 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint metadata '{path}' is unreadable ({e}); delete that checkpoint folder") from e
-    check_version(meta, str(path))
+    check_version(meta, str(path))  # first: a newer format may hash differently
+    recorded = meta.get("meta_sha256")
+    if recorded is not None and recorded != _meta_digest(meta):
+        raise CheckpointError(
+            f"checkpoint metadata '{path}' does not match its recorded sha256 (damaged on disk); "
+            "resume from an earlier checkpoint or rerun the stage that wrote it"
+        )
     return meta
 
 
@@ -209,7 +295,7 @@ def check_version(meta: dict[str, Any], where: str) -> None:
     if not isinstance(version, int):
         raise CheckpointError(f"'{where}' has no simclrv2 format_version; it is not a simclrv2 checkpoint")
     if version > FORMAT_VERSION:
-        raise CheckpointError(
+        raise CheckpointFormatError(
             f"'{where}' has checkpoint format version {version}, newer than this simclrv2 reads "
             f"({FORMAT_VERSION}); upgrade simclrv2"
         )
@@ -296,19 +382,55 @@ def model_weights_file(path: str | Path) -> Path:
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata (see :func:`read_model_meta`) of a checkpoint folder or model file."""
+    """Weights and metadata (see :func:`read_model_meta`) of a checkpoint folder or model file,
+    verified against their checksums where they carry them (a one-line error names a damaged file)."""
     p = resolve_checkpoint(path)  # once: a run still writing checkpoints may add a newer one
+    if p.is_dir():
+        meta = verify_checkpoint(p, names=("model.safetensors",))
+        return load_tensors(p / "model.safetensors"), meta
     meta = _model_meta(p)
-    return load_tensors(model_weights_file(p)), meta
+    state = load_tensors(p)
+    recorded = _header_meta(p).get("weights_sha256")
+    if recorded is not None and recorded != tensors_sha256(state):
+        raise CheckpointError(
+            f"model file '{p}' does not match the weights_sha256 in its header (damaged on disk); "
+            "copy or convert it again"
+        )
+    return state, meta
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``state``, in name order.
+
+    A digest of the tensors rather than of the file, so that it can live inside the file's own
+    header (a file cannot hold the hash of its own bytes).
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _header_meta(p: Path) -> dict[str, Any]:
+    """The ``simclrv2`` entry of a safetensors header; ``{}`` when it has none."""
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+        return json.loads(header.get("simclrv2", "{}"))
+    except Exception:  # unreadable here means unreadable for load_tensors too, which says so
+        return {}
 
 
 def write_model_file(path: str | Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A standalone model file: safetensors with the metadata in its header, written atomically."""
     path = Path(path)
-    meta = dict(meta, format="simclrv2-model", format_version=FORMAT_VERSION)
+    state = _contiguous(model_state)
+    meta = dict(meta, format="simclrv2-model", format_version=FORMAT_VERSION, weights_sha256=tensors_sha256(state))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(_contiguous(model_state), str(tmp), metadata={"simclrv2": json.dumps(meta, default=str)})
+        save_file(state, str(tmp), metadata={"simclrv2": json.dumps(meta, default=str)})
         _fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:

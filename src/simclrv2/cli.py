@@ -172,9 +172,28 @@ def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .data.datasets import DatasetError
     from .engine.runtime import RunError
     from .released import DownloadError
+    from .runlock import RunFolderBusy
 
-    return (C.ConfigError, RunError, CheckpointError, DatasetError, DownloadError, ValueError, FileNotFoundError,
-            PermissionError)
+    return (C.ConfigError, RunError, RunFolderBusy, CheckpointError, DatasetError, DownloadError, ValueError,
+            FileNotFoundError, PermissionError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for a known error.
+
+    An error raised in a DataLoader worker reaches us re-raised as "Caught DatasetError in
+    DataLoader worker process 0." followed by the worker's traceback; its last line holds the
+    original message (the one that names the file).
+    """
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1]
+        name, sep, msg = last.partition(": ")
+        return msg if sep and name.rsplit(".", 1)[-1] == type(e).__name__ else last
+    return lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,14 +215,19 @@ def main(argv: list[str] | None = None) -> int:
             return _stage_main(cmd, rest)
         return int(_load(TOOLS[cmd][0])(rest) or 0)
     except _friendly_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         if os.environ.get("SIMCLRV2_TRACEBACK"):
             raise
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept and the run resumes from it", file=sys.stderr)
         return 130
+    finally:
+        # the run folders this command wrote are free again (a SIGKILL leaves a stale lock instead,
+        # which the next run takes over)
+        from .runlock import release_all
+
+        release_all()
 
 
 if __name__ == "__main__":

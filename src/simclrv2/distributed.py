@@ -3,7 +3,8 @@
 Every helper returns the single-process answer when no process group is initialised, so library
 code (losses, memory, engine) can call them unconditionally. ``setup_distributed`` is the only
 function in the package that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); launch multi-process runs with ``torchrun``.
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), apart from ``launch_rank``, which reads ``RANK``
+before a process group exists; launch multi-process runs with ``torchrun``.
 
 Gradient convention (METHOD.md 3, step 3 and step 7). The official TF code gathers embeddings with a
 differentiable all-reduce, divides each replica's loss by the replica count and *sums* gradients
@@ -51,6 +52,23 @@ def local_rank() -> int:
 def is_main() -> bool:
     """True on the process that logs and writes checkpoints."""
     return rank() == 0
+
+
+def launch_rank() -> int:
+    """Global rank, also before the process group exists: torchrun's ``RANK`` (0 without torchrun).
+
+    The pipeline takes its run folder's lock before any stage initialises the process group.
+    """
+    return rank() if is_dist() else int(os.environ.get("RANK", "0"))
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects); ``obj`` itself in one process."""
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

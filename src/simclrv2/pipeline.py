@@ -30,6 +30,7 @@ from typing import Any
 
 from . import config as C
 from . import distributed as dist
+from . import runlock
 from .checkpoint import atomic_write_text
 from .engine.progress import position
 
@@ -216,7 +217,7 @@ def _seconds_before(cfg: Any) -> float:
     checkpoint (its meta.json's ``train_seconds``); 0 for a stage that starts from step 0."""
     from . import checkpoint as ckpt
 
-    last = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    last = ckpt.newest_sound_checkpoint(cfg.run_dir)[0] if cfg.resume else None  # the one resumed from
     return float(ckpt.read_meta(last).get("train_seconds", 0.0)) if last is not None else 0.0
 
 
@@ -249,6 +250,9 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
     if evaluate_only:
         cfg = dataclasses.replace(cfg, resume=True)  # from the last checkpoint: no step is trained again
     before = rec["seconds"] if evaluate_only else _seconds_before(cfg)
+    if dist.launch_rank() == 0:  # the stage's folder is ours before its markers change
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runlock.acquire(run_dir)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
@@ -264,6 +268,7 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
                                             **({"seconds_before_resume": before} if before else {}),
                                             "result": keep}, indent=1))
     dist.barrier()  # done.json is on disk before any process fingerprints it
+    runlock.release(run_dir)  # the stage is over; the pipeline's own lock stays
     return keep, seconds, False
 
 
@@ -305,6 +310,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     plans = plan_stages(pc)  # checks every stage's config before anything is written
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
+        runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
     budget = None
     if pc.budget_minutes > 0:
         from .budget import fit_pretraining

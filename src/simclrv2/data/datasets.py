@@ -11,6 +11,7 @@ augmentations turn ``uint8`` batches into ``float32`` in [0, 1] on the training 
 from __future__ import annotations
 
 import abc
+import errno
 import functools
 import gzip
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -353,6 +354,19 @@ def load_stl10(
 # --------------------------------------------------------------------------------------------------
 
 
+# Images with more pixels than this are refused from their header, before any decoding: a
+# 20,000 x 20,000 px file would take 1.2 GB as RGB (PIL itself only warns below twice its limit).
+# The same number as PIL's own default limit (about 9,459 x 9,459 px).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def _too_large(size: tuple[int, int]) -> str | None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"{w} x {h} px is over the limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it"
+    return None
+
+
 def _check_image(path: Path) -> str | None:
     """Return why ``path`` is not a readable image, or ``None`` when it is.
 
@@ -361,8 +375,16 @@ def _check_image(path: Path) -> str | None:
     pay for a full decode to tell a truncated file from one with harmless trailing bytes.
     """
     try:
-        with Image.open(path) as img:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():  # PIL warns about large images that we refuse just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             fmt = img.format
+            too_large = _too_large(img.size)
+            if too_large:
+                return too_large
             img.verify()
         if fmt == "JPEG":
             with open(path, "rb") as f:
@@ -371,9 +393,55 @@ def _check_image(path: Path) -> str | None:
             if not has_eoi:
                 with Image.open(path) as img:
                     img.load()
+    except Image.DecompressionBombError as exc:  # PIL refuses twice its limit on its own
+        return f"over the limit of {MAX_IMAGE_PIXELS:,} pixels ({exc}); downscale it"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, upright.
+
+    EXIF orientation is applied (phone photos are stored sideways with a rotation tag). 16-bit
+    greyscale (PNG mode ``I;16``/``I``) is scaled to 8 bits: PIL's own ``convert`` clips it, which
+    turns almost every pixel white. Palette images with a transparent colour go through RGBA, as
+    PIL asks; CMYK, greyscale and the rest use PIL's conversion.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray(np.clip((wide + 128) // 257, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _list_class_folder(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files of one class folder, and the entries with an image name that cannot be read.
+
+    Hidden files (``.DS_Store``, macOS's ``._photo.jpg`` companions) and files with other
+    extensions are ignored. A symlink is followed; a broken one or a loop is reported with the
+    reason rather than silently dropped.
+    """
+    files: list[Path] = []
+    bad: list[tuple[Path, str]] = []
+    for p in sorted(class_dir.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except RuntimeError:  # pathlib's "Symlink loop from ..."
+                bad.append((p, "symlink loop"))
+                continue
+            except OSError as exc:
+                reason = "symlink loop" if exc.errno == errno.ELOOP else f"broken symlink to {os.readlink(p)}"
+                bad.append((p, reason))
+                continue
+        if p.is_file():
+            files.append(p)
+    return files, bad
 
 
 class ImageFolderDataset(ImageDataset):
@@ -400,6 +468,11 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size)
         self.channels = 3
+        for p in sorted(self.root.iterdir()):
+            if p.is_symlink() and not p.name.startswith(".") and not p.exists():
+                raise DatasetError(
+                    f"{p} is a broken symlink or a symlink loop; fix: repoint it to a class folder or remove it"
+                )
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise DatasetError(
@@ -411,14 +484,26 @@ class ImageFolderDataset(ImageDataset):
         labels: list[int] = []
         bad: list[tuple[Path, str]] = []
         for label, class_dir in enumerate(class_dirs):
-            files = sorted(
-                p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not files:
+            files, unreadable = _list_class_folder(class_dir)
+            if not files and not unreadable:
+                subdirs = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+                if subdirs:
+                    raise DatasetError(
+                        f"class folder {class_dir} holds only sub-folders ({', '.join(subdirs[:3])}"
+                        f"{', ...' if len(subdirs) > 3 else ''}), no images; fix: images go directly in "
+                        "root/<class>/, so set data_dir one level deeper or move the images up"
+                    )
                 raise DatasetError(
                     f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                     f"fix: add images or remove the folder '{class_dir.name}'"
                 )
+            for path, reason in unreadable:
+                if not skip_bad_images:
+                    raise DatasetError(
+                        f"unreadable image entry {path} ({reason}); fix: repoint or remove it, "
+                        "or pass skip_bad_images=true"
+                    )
+                bad.append((path, reason))
             for path in files:
                 reason = _check_image(path)
                 if reason is None:
@@ -428,7 +513,7 @@ class ImageFolderDataset(ImageDataset):
                     bad.append((path, reason))
                 else:
                     raise DatasetError(
-                        f"corrupt or unreadable image {path} ({reason}); fix: delete or replace it, "
+                        f"unusable image {path} ({reason}); fix: delete or replace it, "
                         "or pass skip_bad_images=true"
                     )
         if bad:
@@ -447,7 +532,11 @@ class ImageFolderDataset(ImageDataset):
         s = self.image_size
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                # checked again here: the file may have been replaced since the folder was indexed
+                too_large = _too_large(img.size)
+                if too_large:
+                    raise DatasetError(f"image {path} is too large ({too_large})")
+                img = to_rgb(img)
                 w, h = img.size
                 scale = s / min(w, h)
                 # Shorter side -> s; the longer side is rounded and never below s.
@@ -456,6 +545,13 @@ class ImageFolderDataset(ImageDataset):
                 left, top = (new_w - s) // 2, (new_h - s) // 2
                 img = img.crop((left, top, left + s, top + s))
                 arr = np.asarray(img, dtype=np.uint8)  # (s, s, 3)
+        except DatasetError:
+            raise
+        except FileNotFoundError as exc:
+            raise DatasetError(
+                f"image {path} was indexed but is gone now (deleted or moved while the run was starting); "
+                "fix: restore it or rerun to index the folder again"
+            ) from exc
         except Exception as exc:
             raise DatasetError(
                 f"cannot decode image {path} ({type(exc).__name__}: {exc}); fix: replace it"

@@ -109,12 +109,24 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 
 
 def try_resume(job: TrainJob) -> int:
-    """Load the run folder's last complete checkpoint; return the step to continue from."""
+    """Load the run folder's newest checkpoint that verifies; return the step to continue from.
+
+    A checkpoint whose files do not match their recorded checksums is skipped, with one line that
+    names it, and left on disk (the run writes that step again when it gets there).
+    """
     if not job.cfg.resume:
         return 0
-    last = ckpt.latest_checkpoint(job.run_dir)
+    last, damaged = ckpt.newest_sound_checkpoint(job.run_dir)
     if last is None:
+        if damaged:
+            raise RunError(f"no checkpoint in '{job.run_dir / 'checkpoints'}' verifies ({damaged[0][1]}); "
+                           "use resume=false to start over (the damaged checkpoints are set aside)")
         return 0
+    if damaged and dist.is_main():
+        names = ", ".join(bad.name for bad, _ in damaged)
+        why = damaged[0][1].split(";")[0]  # the file and what is wrong with it, without the advice
+        print(f"{job.stage}: newer checkpoint {names} failed verification ({why}); falling back to the "
+              f"newest one that verifies, {last.name}", file=sys.stderr, flush=True)
     meta = ckpt.read_meta(last)
     if meta.get("model_name") != job.meta.get("model_name") or meta.get("stage") != job.stage:
         raise RunError(

@@ -27,6 +27,7 @@ import torch
 
 from .. import config as C
 from .. import distributed as dist
+from .. import runlock
 from ..checkpoint import atomic_write_text
 
 
@@ -70,35 +71,51 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
     with ``resume=true`` that is an error; with ``resume=false`` the old config is kept as
     ``config.previous.yaml`` and the run starts over (the step loop then sets the old checkpoints
     aside, :func:`set_aside_previous_run`).
+
+    The folder is locked first (:mod:`simclrv2.runlock`, rank 0 only): a second run into a folder
+    that a live process writes stops here, before it has written anything, with one line naming
+    the holder. The lock is held until the command ends (``simclrv2.cli``) or the process exits.
     """
     run_dir = Path(cfg.run_dir)
-    values = dict(C.to_dict(cfg), stage=stage)
+    error = None
     if dist.is_main():
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise RunError(
-                f"run folder '{run_dir}' is not writable ({e.strerror}); choose another with run_dir=PATH"
-            ) from e
-        cfg_path = run_dir / "config.yaml"
-        if cfg_path.is_file():
-            changed = config_changes(cfg, stage)
-            if changed and cfg.resume:
-                raise RunError(
-                    f"run folder '{run_dir}' holds a run with a different config ({changed[0]}"
-                    + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
-                    + "); use a new run_dir, or resume=false to start over there"
-                )
-            with _writing(run_dir / "config.previous.yaml"):
-                if changed:
-                    atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
-        with _writing(cfg_path):
-            atomic_write_text(cfg_path, C.dump_yaml(values))
+            _open_run_dir(cfg, stage, run_dir)
+        except RunError as e:
+            error = str(e)
+    # every rank stops with rank 0's line instead of waiting at the barrier for a rank that left
+    error = dist.broadcast_from_main(error)
+    if error is not None:
+        raise RunError(error) if dist.is_main() else RunError(f"rank 0 stopped: {error}")
     dist.barrier()
     return run_dir
+
+
+def _open_run_dir(cfg: Any, stage: str, run_dir: Path) -> None:
+    """Rank 0's part of :func:`prepare_run_dir`: create, lock, check and write ``config.yaml``."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runlock.acquire(run_dir)  # before anything is written: a refused run leaves no trace
+    except OSError as e:
+        raise RunError(
+            f"run folder '{run_dir}' is not writable ({e.strerror}); choose another with run_dir=PATH"
+        ) from e
+    except runlock.RunFolderBusy as e:
+        raise RunError(str(e)) from e
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        changed = config_changes(cfg, stage)
+        if changed and cfg.resume:
+            raise RunError(
+                f"run folder '{run_dir}' holds a run with a different config ({changed[0]}"
+                + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                + "); use a new run_dir, or resume=false to start over there"
+            )
+        with _writing(run_dir / "config.previous.yaml"):
+            if changed:
+                atomic_write_text(run_dir / "config.previous.yaml", cfg_path.read_text())
+    with _writing(cfg_path):
+        atomic_write_text(cfg_path, C.dump_yaml(dict(C.to_dict(cfg), stage=stage)))
 
 
 @contextlib.contextmanager
