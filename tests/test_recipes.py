@@ -330,6 +330,7 @@ def test_report_warns(tmp_path):
     pc = C.build(PipelineConfig, {"plots": False})
     report = write_report(tmp_path / "r", out, pc).read_text()
     assert "## Warnings" in report and all(w in report for w in found)
+    assert "Pretraining: 2 epochs, 200 steps, kNN monitor 60.00% at the end." in report
     healthy = dict(out, results=out["results"][4:])
     assert warnings(healthy) == []
     assert "## Warnings" not in write_report(tmp_path / "r", healthy, pc).read_text()

@@ -304,8 +304,15 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
             lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
                          f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} |")
         lines.append("")
-    lines += ["## Stage timings", "", f"Machine: {out['machine']}", "",
-              "| Stage | Seconds |", "|---|---|"]
+    lines += ["## Stage timings", "", f"Machine: {out['machine']}", ""]
+    pre, budget = out.get("pretrain") or {}, out.get("budget")
+    if pre.get("epochs") is not None:
+        knn = f", kNN monitor {pre['knn_top1']:.2f}% at the end" if pre.get("knn_top1") is not None else ""
+        chosen = (f", chosen to fit a {budget['budget_minutes']:g}-minute budget (estimates on this machine: "
+                  f"{budget['epoch_seconds']:.1f} s an epoch, {budget['other_seconds']:.0f} s for the other "
+                  "stages)" if budget else "")
+        lines += [f"Pretraining: {pre['epochs']:g} epochs, {pre['steps']} steps{knn}{chosen}.", ""]
+    lines += ["| Stage | Seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in out["stages"].items()]
     lines += [f"| **total** | {out['total_seconds']:.1f} |", ""]
     if plots:
