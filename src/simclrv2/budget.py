@@ -27,9 +27,10 @@ from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
 
-# The estimate leaves this share of the budget unplanned: dataset opening, checkpoints, logging
-# and the run-to-run spread of step times are not measured.
-MARGIN = 0.12
+# The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
+# and the run-to-run spread of step times are not measured. On the 2-core VM of 2026-12-03 the
+# stages took 11% (pretraining) and 27% (the rest) longer than measured (docs/EXPERIMENTS.md).
+MARGIN = 0.2
 TIMED_STEPS = 2  # timed steps per measurement, after one warm-up step
 
 
@@ -87,13 +88,21 @@ class _Sizes:
     def __init__(self, cfg: Any) -> None:
         from .engine.setup import open_split, training_pool, validation_indices
 
-        ds, _ = open_split(cfg, cfg.train_split, torch.device("cpu"))
+        t0 = time.perf_counter()
+        ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
         self.train = ds
         self.pool = len(training_pool(cfg, ds))
         self.val = len(validation_indices(cfg, ds))
         test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
         self.test = len(test)
+        self.open = time.perf_counter() - t0  # every training run opens both splits
         self.channels = ds.channels
+        # reading images: nothing for datasets held in memory, decoding for image folders
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]
+        source.get(idx[:8])  # warm-up
+        t0 = time.perf_counter()
+        source.get(idx)
+        self.load = (time.perf_counter() - t0) / len(idx)  # seconds per image
 
     def labelled(self, cfg: Any) -> int:
         from .engine.setup import labelled_indices
@@ -135,13 +144,17 @@ class _StepTimer:
         """One optimizer step of ``cfg.model`` on ``views`` augmented views of ``batch`` images, with
         the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation."""
         from .data.augment import CropFlipAugment, SimCLRAugment
+        from .losses import nt_xent
         from .optim import build_optimizer
 
-        key = ("train", cfg.model, cfg.stem, batch, views, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem))
+        key = ("train", cfg.model, cfg.stem, batch, views, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
+               cfg.crop_min_scale, getattr(cfg, "blur", False))
         if key in self._cache:
             return self._cache[key]
         size = self._image_size_of(cfg, self.sizes.train)
-        aug = SimCLRAugment(size, blur=False) if views == 2 else CropFlipAugment(size)
+        crop = (cfg.crop_min_scale, 1.0)
+        aug = (SimCLRAugment(size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=crop) if views == 2
+               else CropFlipAugment(size, crop_scale=crop))
         model = self._model(cfg, ft_proj_selector=-1 if views == 2 else 0).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
         opt = build_optimizer("lars", model, 0.0, 0.0)
@@ -152,7 +165,10 @@ class _StepTimer:
             if teacher is not None:
                 with torch.no_grad():
                     teacher(view)
-            loss = model(view)["proj"].float().square().mean()
+            if views == 2:  # the contrastive loss over the whole head
+                loss = nt_xent(*model.contrastive(view)[1].float().chunk(2), cfg.temperature)[0]
+            else:
+                loss = model(view)["proj"].float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -160,10 +176,10 @@ class _StepTimer:
         return self._timed(key, step)
 
     def per_image(self, cfg: Any) -> float:
-        """Seconds per image of an evaluation forward pass (batches of 512)."""
+        """Seconds per image of an evaluation forward pass (batches of 512), reading included."""
         key = ("eval", cfg.model, cfg.stem)
         if key in self._cache:
-            return self._cache[key] / 512
+            return self._cache[key] / 512 + self.sizes.load
         model = self._model(cfg).eval()
         x = self._images(cfg, 512).float() / 255
 
@@ -171,12 +187,12 @@ class _StepTimer:
             with torch.no_grad():
                 model(x)
 
-        return self._timed(key, forward) / 512
+        return self._timed(key, forward) / 512 + self.sizes.load
 
     def pretrain_epoch(self, cfg: Any) -> float:
         batch = min(cfg.batch_size, self.sizes.pool)
         steps = max(1, self.sizes.pool // batch)
-        seconds = steps * self.train_step(cfg, batch, views=2)
+        seconds = steps * (self.train_step(cfg, batch, views=2) + batch * self.sizes.load)
         if cfg.knn_every > 0:  # the kNN monitor: a bank of training images and the validation split
             images = min(cfg.knn_train_size or self.sizes.pool, self.sizes.pool)
             images += min(cfg.knn_test_size or self.sizes.val, self.sizes.val or self.sizes.test)
@@ -188,7 +204,7 @@ class _StepTimer:
         pretraining config, whose model the fine-tuned teachers and the probes run."""
         cfg, s = plan.cfg, self.sizes
         if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
-            return (s.labelled(cfg) + s.test) * self.per_image(encoder)
+            return s.open + (s.labelled(cfg) + s.test) * self.per_image(encoder)
         if plan.stage == "knn-eval":
             return 0.0
         runs = [c.cfg for c in plan.candidates] or [cfg]
@@ -196,7 +212,8 @@ class _StepTimer:
         batch = min(cfg.batch_size, pool)
         steps = max(math.ceil(cfg.epochs * max(1, pool // batch)), cfg.min_steps)
         teacher = encoder if plan.stage == "distill" else None
-        seconds = len(runs) * (steps * self.train_step(cfg, batch, 1, teacher) + s.val * self.per_image(cfg))
+        step = self.train_step(cfg, batch, 1, teacher) + batch * s.load
+        seconds = len(runs) * (s.open + steps * step + s.val * self.per_image(cfg))
         seconds += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             seconds += s.test * self.per_image(teacher)
