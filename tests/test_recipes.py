@@ -268,6 +268,27 @@ def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
     assert budget.fit_pretraining(pc)["epochs"] == rec["epochs"]
 
 
+def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monkeypatch):
+    """When the stages after pretraining would take more than OTHER_SHARE of the budget, their
+    steps shrink by one factor (min_steps and epochs), so a slow machine still finishes."""
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.5 if views == 2 else 0.05)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    pc = _budget_config(data, tmp_path / "run", minutes=2)
+    rec = budget.fit_pretraining(pc)
+    scale = rec["other_scale"]
+    assert budget.MIN_SCALE < scale < 1
+    planned = 2 * 60 * (1 - budget.MARGIN)
+    assert rec["other_seconds"] == pytest.approx(budget.OTHER_SHARE * planned, rel=0.05)
+    scaled = budget.scale_stages(pc, scale)
+    plans = {p.name: p.cfg for p in plan_stages(dataclasses.replace(scaled, budget_minutes=0))}
+    for name, section in (("finetune_2pct", pc.finetune), ("supervised_2pct", pc.supervised),
+                          ("distill_self_2pct", pc.distill_self)):
+        assert plans[name].min_steps == round(section["min_steps"] * scale)
+        assert plans[name].epochs == pytest.approx(section["epochs"] * scale)
+    assert budget.scale_stages(pc, 1.0) is pc
+
+
 def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None: 0.5)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-3)
@@ -341,3 +362,23 @@ def test_chance_warning_uses_the_number_of_classes():
     assert "within 5 points of chance (50.0)" in warnings(out)[0]
     out["results"][0]["top1"] = 56.0
     assert warnings(out) == []
+
+
+# ------------------------------------------------------------------ image folders at their own size
+
+
+@pytest.mark.parametrize("sides, expected", [((28, 28), 28), ((300, 400), 224), ((40, 64), 40)])
+def test_image_folder_keeps_its_own_size(tmp_path, sides, expected):
+    """Without image_size, small images are not upscaled to 224 px (64x the pixels for 28 px
+    Fashion-MNIST PNGs); large ones still are stored at 224."""
+    from PIL import Image
+
+    from simclrv2.data.datasets import load_dataset
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("L", sides, color=40 * i).save(tmp_path / c / f"{i}.png")
+    ds = load_dataset("imagefolder", data_dir=str(tmp_path))
+    assert ds.image_size == expected and ds[0][0].shape == (3, expected, expected)
+    assert load_dataset("imagefolder", data_dir=str(tmp_path), image_size=32)[0][0].shape == (3, 32, 32)

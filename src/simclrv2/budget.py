@@ -30,7 +30,12 @@ from .checkpoint import atomic_write_text
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
 # and the run-to-run spread of step times are not measured. On the 2-core VM of 2026-12-03 the
 # stages took 11% (pretraining) and 27% (the rest) longer than measured (docs/EXPERIMENTS.md).
-MARGIN = 0.2
+MARGIN = 0.1
+# The stages after pretraining may take at most this share of the planned time; on a machine so
+# slow that they would take more, their steps (min_steps and epochs) shrink to fit, so the
+# pipeline still finishes and pretraining keeps the rest.
+OTHER_SHARE = 0.6
+MIN_SCALE = 0.1  # never shrink them below a tenth: then the budget is an error instead
 TIMED_STEPS = 2  # timed steps per measurement, after one warm-up step
 
 
@@ -67,18 +72,24 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     sizes = _Sizes(plans[0].cfg)
     timer = _StepTimer(sizes)
     epoch = timer.pretrain_epoch(plans[0].cfg)
-    stages = {plan.name: timer.stage(plan, plans[0].cfg) for plan in plans[1:]}
-    other = sum(stages.values())
+    parts = {plan.name: timer.stage(plan, plans[0].cfg) for plan in plans[1:]}  # (training, the rest)
+    train, fixed = sum(t for t, _ in parts.values()), sum(f for _, f in parts.values())
     measured = time.time() - t0
-    left = pc.budget_minutes * 60 * (1 - MARGIN) - other - measured
+    planned = pc.budget_minutes * 60 * (1 - MARGIN) - measured
+    scale = 1.0
+    if train + fixed > OTHER_SHARE * planned:
+        scale = max(MIN_SCALE, (OTHER_SHARE * planned - fixed) / train)
+    other = fixed + scale * train
+    stages = {name: t * scale + f for name, (t, f) in parts.items()}
+    left = planned - other
     epochs = math.floor(2 * left / epoch) / 2 if left > 0 else 0.0  # half epochs
     if epochs < 1:
         raise C.ConfigError(
             f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
             f"about {other / 60:.1f} min and one pretraining epoch {epoch / 60:.1f} min; raise budget_minutes "
             "or shorten the other stages (min_steps, epochs, lr_search)")
-    return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "epoch_seconds": round(epoch, 2),
-            "other_seconds": round(other, 1), "measure_seconds": round(measured, 1),
+    return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "epoch_seconds": round(epoch, 4),
+            "other_seconds": round(other, 3), "other_scale": round(scale, 4), "measure_seconds": round(measured, 3),
             "stage_estimates": {k: round(v, 1) for k, v in stages.items()}}
 
 
@@ -199,22 +210,54 @@ class _StepTimer:
             seconds += images * self.per_image(cfg) / cfg.knn_every
         return seconds
 
-    def stage(self, plan: Any, encoder: Any) -> float:
-        """Seconds of one stage after pretraining (all its search candidates); ``encoder`` is the
-        pretraining config, whose model the fine-tuned teachers and the probes run."""
+    def stage(self, plan: Any, encoder: Any) -> tuple[float, float]:
+        """Seconds of one stage after pretraining (all its search candidates): (its training steps,
+        the rest); ``encoder`` is the pretraining config, whose model the teachers and probes run."""
         cfg, s = plan.cfg, self.sizes
         if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
-            return s.open + (s.labelled(cfg) + s.test) * self.per_image(encoder)
+            return 0.0, s.open + (s.labelled(cfg) + s.test) * self.per_image(encoder)
         if plan.stage == "knn-eval":
-            return 0.0
+            return 0.0, 0.0
         runs = [c.cfg for c in plan.candidates] or [cfg]
         pool = s.pool if plan.stage == "distill" else s.labelled(cfg)
         batch = min(cfg.batch_size, pool)
         steps = max(math.ceil(cfg.epochs * max(1, pool // batch)), cfg.min_steps)
         teacher = encoder if plan.stage == "distill" else None
         step = self.train_step(cfg, batch, 1, teacher) + batch * s.load
-        seconds = len(runs) * (s.open + steps * step + s.val * self.per_image(cfg))
-        seconds += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
+        rest = len(runs) * (s.open + s.val * self.per_image(cfg))
+        rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
-            seconds += s.test * self.per_image(teacher)
-        return seconds
+            rest += s.test * self.per_image(teacher)
+        return len(runs) * steps * step, rest
+
+
+SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_self": "distill",
+                   "distill_small": "distill"}
+
+
+def scale_stages(pc: Any, scale: float) -> Any:
+    """``pc`` with the training length of every stage after pretraining times ``scale``: its
+    ``min_steps`` and ``epochs`` (section values, else ``common``, else the stage's default), and
+    those of ``by_fraction`` entries. ``scale`` 1 returns ``pc`` unchanged."""
+    if scale >= 1.0:
+        return pc
+
+    def scaled(section: str, values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(values)
+        for key, cast in (("min_steps", lambda v: max(1, round(v))), ("epochs", float)):
+            base = values.get(key, defaults.get(key))
+            if base is not None:
+                out[key] = cast(base * scale)
+        return out
+
+    changes: dict[str, Any] = {}
+    for section, stage in SCALED_SECTIONS.items():
+        cls = C.STAGE_CONFIGS[stage]
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults.update({k: v for k, v in pc.common.items() if k in ("min_steps", "epochs")})
+        changes[section] = scaled(section, getattr(pc, section), defaults)
+    by_fraction = {}
+    for frac, sections in pc.by_fraction.items():
+        by_fraction[frac] = {name: scaled(name, vals, {}) if name in SCALED_SECTIONS else vals
+                             for name, vals in sections.items()}
+    return dataclasses.replace(pc, by_fraction=by_fraction, **changes)

@@ -47,7 +47,7 @@ class CommonConfig:
     test_split: str = "test"  # split used for evaluation (reporting only)
     val_fraction: float = 0.0  # class-balanced share of train_split held out for validation; 0 = none
     val_seed: int = 0  # seed of the validation draw (same seed -> same images in every stage)
-    image_size: int = 0  # training resolution; 0 = the dataset's native size
+    image_size: int = 0  # training resolution; 0 = native (image folders: median shorter side, <= 224)
     stem: str = "auto"  # auto (CIFAR stem at <= 32 px, METHOD.md 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
     epochs: float = 10.0  # passes over the training set (fractional allowed)

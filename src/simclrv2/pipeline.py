@@ -314,10 +314,11 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
         runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
     budget = None
     if pc.budget_minutes > 0:
-        from .budget import fit_pretraining
+        from .budget import fit_pretraining, scale_stages
 
         budget = fit_pretraining(pc)
-        pc = dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
+        pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
+                                 pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
         plans = plan_stages(pc)
     if dist.is_main():  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))

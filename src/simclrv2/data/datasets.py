@@ -457,16 +457,16 @@ class ImageFolderDataset(ImageDataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], image_size: int = 224, skip_bad_images: bool = False
+        self, root: str | os.PathLike[str], image_size: int | None = 224, skip_bad_images: bool = False
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(
                 f"image folder {self.root} does not exist; fix: set data_dir to root/<class>/<image>"
             )
-        if image_size < 1:
+        if image_size is not None and image_size < 1:
             raise DatasetError(f"image_size must be positive, got {image_size}")
-        self.image_size = int(image_size)
+        self.image_size = int(image_size or 0)  # None: the images' own size, set once they are indexed
         self.channels = 3
         for p in sorted(self.root.iterdir()):
             if p.is_symlink() and not p.name.startswith(".") and not p.exists():
@@ -525,6 +525,8 @@ class ImageFolderDataset(ImageDataset):
         self.paths = paths
         self.filenames = [p.name for p in paths]
         self.labels = torch.tensor(labels, dtype=torch.int64)
+        if not self.image_size:
+            self.image_size = native_size(paths)
 
     def load_image(self, index: int) -> torch.Tensor:
         """Decode one image to ``uint8`` ``(3, image_size, image_size)``."""
@@ -590,6 +592,23 @@ class ImageFolderDataset(ImageDataset):
         return InMemoryDataset(images, self.labels.clone(), self.classes, self.filenames)
 
 
+def native_size(paths: list[Path], sample: int = 200, largest: int = 224) -> int:
+    """The stored size for images of their own size: the median shorter side of up to ``sample``
+    files spread over the folder (headers only), at most ``largest``.
+
+    28 px images stay at 28 px instead of being upscaled 8x to 224 px (64 times the pixels to
+    train on, for no information); photographs are stored at 224 px as before.
+    """
+    if not paths:
+        return largest
+    picked = paths[:: max(1, len(paths) // sample)][:sample]
+    sides = []
+    for p in picked:
+        with Image.open(p) as img:
+            sides.append(min(img.size))
+    return int(min(largest, max(1, int(np.median(sides)))))
+
+
 # --------------------------------------------------------------------------------------------------
 # Front door
 # --------------------------------------------------------------------------------------------------
@@ -613,7 +632,8 @@ def load_dataset(
     """Load a dataset by name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10`` or ``imagefolder``.
 
     ``imagefolder`` reads ``data_dir/<split>/<class>/<file>`` when that folder exists, else
-    ``data_dir/<class>/<file>``; ``image_size`` (default 224) is its stored size. The built-in datasets
+    ``data_dir/<class>/<file>``; ``image_size`` is its stored size (None: the images' median shorter
+    side, at most 224, see :func:`native_size`). The built-in datasets
     keep their native size (``image_size`` must be None or equal to it; augmentations resize).
     """
     if name not in DATASET_NAMES:
@@ -626,7 +646,7 @@ def load_dataset(
         root = Path(data_dir)
         if split and (root / split).is_dir():
             root = root / split
-        return ImageFolderDataset(root, image_size=image_size or 224, skip_bad_images=skip_bad_images)
+        return ImageFolderDataset(root, image_size=image_size or None, skip_bad_images=skip_bad_images)
 
     native = _INFO[name]["image_size"]
     if image_size is not None and image_size != native:
