@@ -47,7 +47,8 @@ def fmnist4k(root: Path, rng: np.random.Generator) -> None:
         labels = ds.labels.numpy()
         pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
                                        for c in range(10)]))
-        _write(root, split, ds.images[pick, 0].numpy(), labels[pick], list(ds.classes))
+        classes = [c.replace("/", "-") for c in ds.classes]  # "T-shirt/top" is no folder name
+        _write(root, split, ds.images[pick, 0].numpy(), labels[pick], classes)
 
 
 def digits(root: Path, rng: np.random.Generator) -> None:
