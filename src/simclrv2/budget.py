@@ -36,7 +36,10 @@ MARGIN = 0.1
 # pipeline still finishes and pretraining keeps the rest.
 OTHER_SHARE = 0.6
 MIN_SCALE = 0.1  # never shrink them below a tenth: then the budget is an error instead
-TIMED_STEPS = 2  # timed steps per measurement, after one warm-up step
+# Timed steps per measurement, after one warm-up step. The fastest counts: a step slowed by another
+# process for a moment (a measurement takes seconds, the run it sizes minutes) would otherwise size
+# the whole run for a slower machine.
+TIMED_STEPS = 3
 
 
 def fit_pretraining(pc: Any) -> dict[str, Any]:
@@ -141,10 +144,12 @@ class _StepTimer:
     def _timed(self, key: tuple[Any, ...], fn: Any) -> float:
         if key not in self._cache:
             fn()  # warm-up: first-call allocations and kernel selection
-            t0 = time.perf_counter()
+            times = []
             for _ in range(TIMED_STEPS):
+                t0 = time.perf_counter()
                 fn()
-            self._cache[key] = (time.perf_counter() - t0) / TIMED_STEPS
+                times.append(time.perf_counter() - t0)
+            self._cache[key] = min(times)
         return self._cache[key]
 
     def _images(self, cfg: Any, n: int) -> torch.Tensor:

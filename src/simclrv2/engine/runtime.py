@@ -273,7 +273,9 @@ class BatchSource:
     def __init__(self, dataset: Any, device: torch.device, num_workers: int = 4) -> None:
         self.dataset = dataset
         self.device = device
-        self.num_workers = num_workers
+        # no more workers than cores: torch warns on every loader, and they would only contend
+        self.num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                               else os.cpu_count() or 1)
         images = getattr(dataset, "images", None)
         self.images = images.to(device) if isinstance(images, torch.Tensor) else None
         self.labels = dataset.labels.to(device)
