@@ -263,6 +263,13 @@ def batch_indices(pool: torch.Tensor, plan: StepPlan, seed: int, step: int) -> t
     return pool[perm[start : start + plan.local_batch]]
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class BatchSource:
     """uint8 image batches on the training device.
 
@@ -274,8 +281,7 @@ class BatchSource:
         self.dataset = dataset
         self.device = device
         # no more workers than cores: torch warns on every loader, and they would only contend
-        self.num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                               else os.cpu_count() or 1)
+        self.num_workers = min(num_workers, usable_cores())
         images = getattr(dataset, "images", None)
         self.images = images.to(device) if isinstance(images, torch.Tensor) else None
         self.labels = dataset.labels.to(device)

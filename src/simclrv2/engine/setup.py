@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..data.datasets import ImageDataset, ImageFolderDataset, load_dataset
 from ..data.subsets import balanced_subset, subset_from_file_list, validation_split, write_subset
 from ..models import SimCLRModel, create_model
 from ..optim import build_optimizer, scaled_lr
-from .runtime import BatchSource, RunError, StepPlan
+from .runtime import BatchSource, RunError, StepPlan, usable_cores
 
 
 def open_split(cfg: Any, split: str, device: torch.device) -> tuple[ImageDataset, BatchSource]:
@@ -32,7 +31,7 @@ def open_split(cfg: Any, split: str, device: torch.device) -> tuple[ImageDataset
     if isinstance(ds, ImageFolderDataset) and len(ds) * 3 * ds.image_size**2 <= MEMORY_CACHE_BYTES:
         # a small folder is decoded once: every stage then indexes memory instead of decoding
         # each batch again (a few thousand 32 px PNGs: 12 MB)
-        ds = ds.to_memory(num_workers=min(cfg.num_workers, len(os.sched_getaffinity(0))))
+        ds = ds.to_memory(num_workers=min(cfg.num_workers, usable_cores()))
     return ds, BatchSource(ds, device, cfg.num_workers)
 
 
