@@ -17,9 +17,9 @@ import gzip
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -88,6 +88,9 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     "cifar100": ("train", "test"),
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
 }
+
+
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -562,6 +565,24 @@ class ImageFolderDataset(ImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         return self.load_image(index), int(self.labels[index]), int(index)
+
+    def read(self, index: int, view: Callable[[Image.Image], T]) -> tuple[T, int]:
+        """``view(img)`` of image ``index``, opened but not yet decoded (so ``view`` may ask for a
+        reduced-scale JPEG decode); returns it with the index read."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                if _too_large(img.size):
+                    raise DatasetError(f"image {path} is too large ({_too_large(img.size)})")
+                return view(img), index
+        except DatasetError:
+            raise
+        except FileNotFoundError as exc:
+            raise DatasetError(
+                f"image {path} was indexed but is gone now; fix: restore it or rerun to index the folder again"
+            ) from exc
+        except Exception as exc:
+            raise DatasetError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); fix: replace it") from exc
 
     def to_memory(self, num_workers: int = 0, max_bytes: int | None = None) -> InMemoryDataset:
         """Decode every image into one :class:`InMemoryDataset`.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import EvalTransform
+from ..data.augment import EvalTransform, to_float
 from .runtime import BatchSource, augment, autocast, write_json
 
 
@@ -36,9 +36,10 @@ def extract(
     outs, labels = [], []
     batches = list(torch.split(indices, batch_size))
     try:
-        for x, y in source.iterate(batches):
+        for x, y in source.eval_batches(batches, image_size):
             with autocast(source.device, precision):
-                v = augment(tf, x)  # fp32 crop and resize, outside autocast
+                # fp32 crop and resize, outside autocast; a streaming source has cut the view already
+                v = to_float(x) if source.streams else augment(tf, x)
                 out = model.features(v) if output == "features" else model(v)[output]
             outs.append(out.float().cpu())
             labels.append(y.cpu())

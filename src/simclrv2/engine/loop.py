@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from ..data.decode import CropSpec
 from ..optim import lr_at, set_lr
 from .progress import Progress
 from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices, set_aside_previous_run
@@ -40,6 +41,7 @@ class TrainJob:
     loss_fn: LossFn  # (uint8 images, labels, step) -> (loss, stats)
     pool: torch.Tensor  # dataset indices this stage trains on
     source: Any  # BatchSource
+    crop: CropSpec  # the view's random resized crop, cut in workers when the source streams
     plan: StepPlan
     peak_lr: float
     warmup_steps: int
@@ -48,6 +50,8 @@ class TrainJob:
     after_step: Callable[[int], None] | None = None  # e.g. the memory's EMA update
     on_epoch_end: Callable[[int, int], dict[str, float]] | None = None  # (epoch, step) -> metrics
     train_modules: list[nn.Module] = field(default_factory=list)  # set to train() each step
+    views: int = 1  # views of each image a streaming source cuts (2 for contrastive pairs)
+    targets: torch.Tensor | None = None  # labels the stage may see (-1: unlabeled); None = the dataset's
     # training seconds before this process: read from the checkpoint resumed from, and carried on
     # in each new checkpoint's meta.json as train_seconds, so a resumed run reports its whole time
     resumed_seconds: float = 0.0
@@ -195,13 +199,17 @@ def run(job: TrainJob) -> dict[str, Any]:
     count = 0
     last: dict[str, Any] = {}
     t0 = time.time()
-    for step in range(start, plan.total_steps):
+    steps = range(start, plan.total_steps)
+    batches = job.source.train_batches(
+        ((step, batch_indices(job.pool, plan, cfg.seed, step)) for step in steps),
+        job.crop, job.views, cfg.seed, job.targets,
+    )
+    for step, (x, y) in zip(steps, batches):
         for m in job.train_modules:
             m.train()
         # the schedule follows the planned length, so a max_steps cap does not reshape it
         lr = lr_at(step, plan.schedule_steps, job.warmup_steps, job.peak_lr)
         set_lr(job.optimizer, lr)
-        x, y = job.source.get(batch_indices(job.pool, plan, cfg.seed, step))
         with autocast(job.device, cfg.precision):
             loss, stats = job.loss_fn(x, y, step)
         job.optimizer.zero_grad(set_to_none=True)
@@ -242,6 +250,7 @@ def run(job: TrainJob) -> dict[str, Any]:
             if done == plan.total_steps or time.time() - last_save >= min_gap:
                 save(job, done, done / plan.steps_per_epoch)
                 last_save = time.time()
+    batches.close()  # stops the workers
     progress.close()
     logger.close()
     dist.barrier()

@@ -22,7 +22,7 @@ from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
-from .runtime import RunError, augment, autocast, prepare_run_dir, resolve_device, step_generator
+from .runtime import RunError, augment, autocast, crop_spec, prepare_run_dir, resolve_device, step_generator
 from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
 
 _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -118,12 +118,16 @@ def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch
     bs = min(cfg.batch_size, len(idx))
     steps_per_epoch = max(1, len(idx) // bs)
     total = epochs * steps_per_epoch
-    for step in range(total):
-        epoch, within = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        x, y = source.get(idx[perm[within * bs : (within + 1) * bs]])
+    def batches() -> Iterator[tuple[int, torch.Tensor]]:
+        for step in range(total):
+            epoch, within = divmod(step, steps_per_epoch)
+            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            yield step, idx[perm[within * bs : (within + 1) * bs]]
+
+    for step, (x, y) in enumerate(source.train_batches(batches(), crop_spec(aug), seed=cfg.seed)):
         with torch.no_grad(), autocast(device, cfg.precision):
-            v = augment(aug, x, step_generator(device, cfg.seed, step))  # fp32, outside autocast
+            # fp32, outside autocast; a streaming source has cut the crops in its workers
+            v = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
             f = model.features(v) if out == "features" else model(v)["proj"]
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
