@@ -140,7 +140,8 @@ def scan_folder(root: Path) -> FolderScan:
             name = e.name
             if name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            dot = name.rfind(".")
+            if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                 if e.is_dir():
                     subdirs.append(name)
                 continue
