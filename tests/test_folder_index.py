@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -235,8 +236,14 @@ def dist_worker(rank: int, port: int, root: str, broken: str, out_dir: str) -> N
     sdist.setup_distributed("cpu")
     calls: list[str] = []
     scan, build = index.scan_folder, index.build_index
+
+    def slow_build(*args, **kwargs):
+        calls.append("build")
+        time.sleep(1.0)  # rank 1 is surely waiting by now: the wait is what is tested
+        return build(*args, **kwargs)
+
     index.scan_folder = lambda *a: (calls.append("scan"), scan(*a))[1]  # type: ignore[assignment]
-    index.build_index = lambda *a: (calls.append("build"), build(*a))[1]  # type: ignore[assignment]
+    index.build_index = slow_build  # type: ignore[assignment]
     ds = ImageFolderDataset(root, S)
     try:
         ImageFolderDataset(broken, S)
@@ -263,8 +270,24 @@ def test_two_processes_rank0_builds_the_others_read(tmp_path: Path, cache: Path)
                        join=True, start_method=method)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert r0["calls"] == ["scan", "build", "scan"]  # the data folder, then the broken one
-    assert r1["calls"] == []  # neither listed nor read a header: rank 0's manifest was enough
+    assert r1["calls"] == ["scan", "scan"]  # listed the folders, read no header: it waited for rank 0
     assert r0["files"] == r1["files"] and r0["labels"] == r1["labels"] and r0["sizes"] == r1["sizes"]
-    assert len(r0["files"]) == 5
-    for r in (r0, r1):  # rank 0's error, raised on every rank
+    assert len(r0["files"]) == 5 and not list(cache.glob("*.building"))
+    for r in (r0, r1):  # each rank finds the wrong layout itself, with the same message
         assert str(broken / "empty") in r["error"] and "holds no images" in r["error"]
+
+
+def test_a_waiting_process_builds_when_no_builder_comes(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    root = make_folder(tmp_path / "data")
+    monkeypatch.setattr(sdist, "local_rank", lambda: 1)  # not the builder of its node
+    monkeypatch.setattr(index, "GRACE_SECONDS", 0.3)
+    marker = index.manifest_path(root).with_name(index.manifest_path(root).name + ".building")
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    old = time.time() - index.STALE_SECONDS - 1
+    os.utime(marker, (old, old))  # left by a builder that was killed
+    t0 = time.monotonic()
+    ds = ImageFolderDataset(root, S)
+    waited = time.monotonic() - t0
+    assert len(ds) == 5 and index.manifest_path(root).exists() and not marker.exists()
+    assert 0.3 <= waited < 5, waited
