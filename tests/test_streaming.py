@@ -6,6 +6,7 @@ stage decodes in workers as it would on an ImageNet-sized folder.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_views_come_from_the_original_image(tmp_path: Path) -> None:
     assert seen_white, "no view reached the left border: crops are not taken from the original image"
     # evaluation: the centre 87.5% of the shorter side, as EvalTransform takes it (whole below 64 px)
     assert eval_box(400, 100) == (156, 6, 88) and eval_box(160, 40) == (60, 0, 40)
-    x, used = ViewDataset(folder, 16, None)[(0, -1)]
+    x, used, _ = ViewDataset(folder, 16, None)[(0, -1)]
     assert used == 0 and x.shape == (1, 3, 16, 16) and x.float().mean() < 1  # centre: all black
 
 
@@ -146,3 +147,21 @@ def test_predict_sees_what_the_stage_evaluation_sees(tmp_path: Path, jpegs: Path
     cli("predict", "--checkpoint", str(run), "--images", str(jpegs / "test"), "--out", str(out), "--device", "cpu")
     served_pred = np.load(out.with_suffix(".npy")).argmax(1)
     assert served_pred.tolist() == np.load(run / "predictions.npy").tolist()
+
+
+def test_a_corrupt_jpeg_is_replaced_counted_and_training_goes_on(tmp_path: Path, capsys) -> None:
+    root = make_jpeg_folder(tmp_path / "data", per_class=6)
+    bad = root / "train" / "c0" / "002.jpg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a truncated body: the header still reads
+    run = tmp_path / "run"
+    # 12 images at batch 4 for 3 epochs: the bad file is asked for in every epoch
+    cli("pretrain", "model=r10_0.25x_sk0", *stream_args(root, 2), "batch_size=4", "epochs=3", "knn_every=0",
+        f"run_dir={run}")
+    err = capsys.readouterr().err
+    assert "pretrain: 1 unusable image(s) were replaced by the next one" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bad_images"] == 1 and summary["steps"] == 9
+    # the other policy stops at the file, naming it
+    assert main(["pretrain", "model=r10_0.25x_sk0", *stream_args(root, 0), "batch_size=4", "epochs=3",
+                 "knn_every=0", "skip_bad_images=false", f"run_dir={tmp_path / 'strict'}"]) != 0
+    assert str(bad) in capsys.readouterr().err

@@ -175,12 +175,13 @@ def decode_eval_view(path: str | Path, size: int, channels: int = 3) -> torch.Te
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Views of an image folder, cut in DataLoader workers; keys come from :class:`StepKeys`.
+    """Views of an image folder, cut in DataLoader workers (keys from ``BatchSource``).
 
-    Training (``crop`` given): ``dataset[(index, step)]`` -> (``uint8`` (views, 3, S, S), index used),
-    each view from :func:`train_view` with :func:`view_rng`. Evaluation (``crop=None``):
-    ``dataset[(index, -1)]`` -> (``uint8`` (1, 3, S, S) from :func:`eval_view`, index used). The index
-    used differs from the one asked for only when a bad file was replaced (``skip_bad_images``).
+    Training (``crop`` given): ``dataset[(index, step)]`` -> (``uint8`` (views, 3, S, S), index used,
+    index), each view from :func:`train_view` with :func:`view_rng`. Evaluation (``crop=None``):
+    ``dataset[(index, -1)]`` -> (``uint8`` (1, 3, S, S) from :func:`eval_view`, index used, index).
+    The index used differs from the one asked for only when a bad file was replaced
+    (``skip_bad_images``).
     """
 
     def __init__(self, folder: Any, size: int, crop: CropSpec | None, views: int = 1, seed: int = 0) -> None:
@@ -193,11 +194,11 @@ class ViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, step = key
         if self.crop is None:
             x, used = self.folder.read(index, lambda img: eval_view(img, self.size))
-            return x.unsqueeze(0), used
-
+            return x.unsqueeze(0), used, index
         rngs = [view_rng(self.seed, step, index, v) for v in range(self.views)]
-        return self.folder.read(index, lambda img: train_views(img, self.crop, rngs))
+        x, used = self.folder.read(index, lambda img: train_views(img, self.crop, rngs))
+        return x, used, index

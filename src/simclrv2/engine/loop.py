@@ -251,6 +251,11 @@ def run(job: TrainJob) -> dict[str, Any]:
                 save(job, done, done / plan.steps_per_epoch)
                 last_save = time.time()
     batches.close()  # stops the workers
+    if job.source.replaced:
+        last["bad_images"] = len(job.source.replaced)
+        if dist.is_main():
+            print(f"{job.stage}: {len(job.source.replaced)} unusable image(s) were replaced by the next one "
+                  "(skip_bad_images; the workers' warnings name them)", file=sys.stderr, flush=True)
     progress.close()
     logger.close()
     dist.barrier()

@@ -294,6 +294,9 @@ class BatchSource:
         images = getattr(dataset, "images", None)
         self.images = images.to(device) if isinstance(images, torch.Tensor) else None
         self.labels = dataset.labels.to(device)
+        # dataset indices whose file was unusable when a worker read it (skip_bad_images replaced it
+        # with the next image); each worker warns with the path, the loop reports the count
+        self.replaced: set[int] = set()
 
     @property
     def streams(self) -> bool:
@@ -305,11 +308,12 @@ class BatchSource:
         if self.images is not None:
             idx = idx.to(self.device)
             return self.images[idx], self.labels[idx]
-        items = [self.dataset[int(i)] for i in idx]
+        items = [self.dataset[int(i)] for i in idx]  # (image, label, index used: a bad file's replacement)
         x = torch.stack([it[0] for it in items])
+        used = torch.tensor([it[2] for it in items], dtype=torch.int64)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), self.labels[idx.to(self.device)]
+        return x.to(self.device), self.labels[used.to(self.device)]
 
     def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec, views: int = 1,
                       seed: int = 0, targets: torch.Tensor | None = None,
@@ -348,7 +352,9 @@ class BatchSource:
             data, batch_sampler=_Batches(keys), num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         )
-        for x, used in loader:  # x (N, views, C, S, S); used: the index read (a bad file's replacement)
+        for x, used, asked in loader:  # x (N, views, C, S, S); used: the index read (a bad file's replacement)
+            if not torch.equal(used, asked):
+                self.replaced.update(asked[used != asked].tolist())
             x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
             yield x.to(self.device, non_blocking=True), labels[used.to(self.device)]
 
