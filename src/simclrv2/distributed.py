@@ -105,6 +105,43 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: the bound GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous share of ``range(n)``: ranks in order, ``ceil(n / R)`` each, the last
+    ones shorter (or empty); the whole range in one process."""
+    per = -(-n // world_size())
+    return range(min(rank() * per, n), min((rank() + 1) * per, n))
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order, on the CPU; ``x`` itself in one process.
+
+    Ranks may hold different numbers of rows (``shard_range``'s last shares are shorter); the other
+    dimensions and the dtype must agree. Each collective moves at most ``chunk_rows`` rows per rank
+    (padded to equal length), so a large gather never holds the whole result on a GPU.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    device = _collective_device()
+    counts = all_gather(torch.tensor([len(x)], device=device)).tolist()  # rows per rank
+    parts: list[list[torch.Tensor]] = [[] for _ in counts]
+    for start in range(0, max(counts), chunk_rows):
+        rows = min(chunk_rows, max(counts) - start)
+        block = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=device)
+        mine = x[start : start + rows]
+        block[: len(mine)] = mine.to(device)
+        for r, got in enumerate(all_gather(block).split(rows)):
+            parts[r].append(got[: max(0, min(counts[r] - start, rows))].cpu())
+    return torch.cat([p for rank_parts in parts for p in rank_parts])
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums gradients over ranks and returns this rank's slice."""
 

@@ -3,6 +3,10 @@
 The encoder stays in eval mode throughout (BN statistics are not updated) and no gradient reaches
 it: the linear classifier is trained on cached features (``method=cached``) or on features of
 crop-and-flip views computed under ``torch.no_grad`` (``method=sgd``, SGD-Nesterov).
+
+Under torchrun, features are extracted sharded across ranks (:func:`evaluate.extract`); the head
+is trained on rank 0 alone and broadcast, so every rank reports rank 0's numbers, which equal a
+one-process run's.
 """
 
 from __future__ import annotations
@@ -86,15 +90,24 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     out = _output(cfg)
     test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size, out)
     epochs = max(1, math.ceil(cfg.epochs))
-    if cfg.method == "cached":
-        train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
-        lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
-        head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
-                                        cfg.batch_size, cfg.seed)
-    elif cfg.method == "sgd":
-        head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
-    else:
+    if cfg.method not in ("cached", "sgd"):
         raise RunError(f"linear-eval method must be cached or sgd, got '{cfg.method}'")
+    if cfg.method == "cached":  # every rank takes part in the sharded extraction
+        train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
+    # the head is trained once, on rank 0, and sent to the others, which wait: every rank would
+    # otherwise train the same head (method=sgd, a pass of the encoder per step, on each rank)
+    state = None
+    if dist.is_main():
+        if cfg.method == "cached":
+            lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+            head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
+                                            cfg.batch_size, cfg.seed)
+        else:
+            head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
+        state = head.state_dict()
+    state = dist.broadcast_object(state)
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
     with torch.no_grad():
         scores = head(test_x)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
