@@ -15,7 +15,9 @@ test set (21 images: shares of 11 and 10) and a frozen tiny model:
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,35 @@ def test_sharding_degrades_to_one_process():
     assert list(sdist.shard_range(5)) == [0, 1, 2, 3, 4]
     x = torch.randn(3, 2)
     assert sdist.gather_rows(x) is x
+
+
+def waiting_worker(rank: int, port: int, out: str) -> None:
+    # a default group with a 2-second timeout stands in for NCCL's 10 minutes
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD, timeout=datetime.timedelta(seconds=2))
+    res = {}
+    res["value"] = sdist.run_on_main(lambda: (time.sleep(3), {"w": torch.arange(3) * (sdist.rank() + 1)})[1])
+
+    def fail() -> None:
+        raise ValueError("no labelled images")
+
+    try:
+        sdist.run_on_main(fail)
+    except (ValueError, RuntimeError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    sdist.barrier()
+    sdist.cleanup_distributed()
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_run_on_main_waits_past_the_group_timeout_and_passes_errors_on(tmp_path):
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(waiting_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for res in ranks:  # rank 0's result everywhere, though it took longer than the group's timeout
+        assert torch.equal(res["value"]["w"], torch.arange(3))
+    assert ranks[0]["error"] == "ValueError: no labelled images"
+    assert ranks[1]["error"] == "RuntimeError: rank 0 stopped: ValueError: no labelled images"
+    assert sdist.run_on_main(lambda: 7) == 7  # one process: the work, here

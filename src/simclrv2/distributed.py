@@ -19,14 +19,20 @@ the incoming gradient over ranks in backward (see its docstring).
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+
 # Set by setup_distributed (the torchrun LOCAL_RANK); the process group does not know it.
 _LOCAL_RANK = 0
+# The gloo group that ranks wait in while rank 0 works alone (run_on_main), made on first use.
+_WAIT_GROUP: Any = None
 
 
 def is_dist() -> bool:
@@ -84,6 +90,35 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_main(work: Callable[[], T], wait: datetime.timedelta = datetime.timedelta(days=1)) -> T:
+    """``work()`` on rank 0 alone, its (picklable) result on every rank; ``work()`` in one process.
+
+    For work that is done once (training a linear-eval head) while the other ranks wait. They wait
+    in a gloo group of their own, for up to ``wait``: in the default group, NCCL's 10-minute timeout
+    would kill them during an hour-long evaluation. An exception on rank 0 is raised there and, as
+    a one-line RuntimeError, on the others.
+    """
+    global _WAIT_GROUP
+    if not is_dist() or world_size() == 1:
+        return work()
+    if _WAIT_GROUP is None:  # collective: every rank gets here, in the same order
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=wait)
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main():
+        try:
+            box = [("ok", work())]
+        except BaseException as e:  # sent on, then raised here too: the others must not wait on
+            error, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 stopped: {value}")
+    return value
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -216,6 +251,8 @@ def setup_distributed(device: str) -> torch.device:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group (and run_on_main's) if one exists."""
+    global _WAIT_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _WAIT_GROUP = None

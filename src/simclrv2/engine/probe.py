@@ -94,18 +94,23 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
         raise RunError(f"linear-eval method must be cached or sgd, got '{cfg.method}'")
     if cfg.method == "cached":  # every rank takes part in the sharded extraction
         train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
-    # the head is trained once, on rank 0, and sent to the others, which wait: every rank would
-    # otherwise train the same head (method=sgd, a pass of the encoder per step, on each rank)
-    state = None
-    if dist.is_main():
+    def train_head() -> dict[str, torch.Tensor]:
         if cfg.method == "cached":
             lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
             head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
                                             cfg.batch_size, cfg.seed)
         else:
             head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
-        state = head.state_dict()
-    state = dist.broadcast_object(state)
+        return head.state_dict()
+
+    # the head is trained once, on rank 0, and sent to the others, which wait: every rank would
+    # otherwise train the same head (method=sgd, a pass of the encoder per step, on each rank)
+    try:
+        state = dist.run_on_main(train_head)
+    except RuntimeError as e:
+        if dist.is_main():
+            raise
+        raise RunError(str(e).splitlines()[0]) from e
     head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
     head.load_state_dict(state)
     with torch.no_grad():
