@@ -56,15 +56,15 @@ PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
 
 
 class OnlineProbe:
-    """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file."""
+    """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file.
+
+    The step loop steps ``optimizer`` with the encoder's (``TrainJob.extra_optimizers``), so under
+    fp16 the probe's gradients are unscaled like every other.
+    """
 
     def __init__(self, probe: nn.Linear) -> None:
         self.probe = probe
         self.optimizer = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
         momentum = {}
@@ -136,8 +136,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return loss, stats
 
     def after_step(step: int) -> None:
-        if probe is not None:
-            probe.step()
         if memory is not None:
             memory.update_ema(model)
             memory.enqueue(pending_keys.pop())
@@ -176,6 +174,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         loss_fn=loss_fn, pool=pool, source=source, crop=crop_spec(aug), views=2, plan=plan, peak_lr=peak_lr,
         warmup_steps=warmup, meta=model_meta(model, ds, image_size=size), extra_state=extra_state,
         after_step=after_step, on_epoch_end=on_epoch_end, train_modules=[step_module],
+        extra_optimizers=[probe.optimizer] if probe is not None else [],
     )
     last = loop.run(job)
     summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": peak_lr,
