@@ -165,3 +165,16 @@ def test_a_corrupt_jpeg_is_replaced_counted_and_training_goes_on(tmp_path: Path,
     assert main(["pretrain", "model=r10_0.25x_sk0", *stream_args(root, 0), "batch_size=4", "epochs=3",
                  "knn_every=0", "skip_bad_images=false", f"run_dir={tmp_path / 'strict'}"]) != 0
     assert str(bad) in capsys.readouterr().err
+
+
+def test_fractional_epochs_end_with_a_knn_measurement(tmp_path: Path, jpegs: Path) -> None:
+    """The budget gives fractional epochs (470.5): the monitor must still measure the final weights."""
+    run = tmp_path / "pre"
+    # 24 images at batch 8: 3 steps an epoch; 1.6 epochs = 5 steps, the last one mid-epoch
+    cli("pretrain", "model=r10_0.25x_sk0", *stream_args(jpegs, 0), "batch_size=8", "epochs=1.6", "knn_every=1",
+        f"run_dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 5 and "knn_top1" in summary
+    knn_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if "knn_top1" in r]
+    assert knn_steps == [3, 5]

@@ -254,7 +254,7 @@ def run(job: TrainJob) -> dict[str, Any]:
             logger.log(rec)
             progress.metrics(done, last["loss"], lr, rec["images_per_s"])
             sums, count, t0 = {}, 0, time.time()
-        if done % plan.steps_per_epoch == 0 and job.on_epoch_end is not None:
+        if (done % plan.steps_per_epoch == 0 or done == plan.total_steps) and job.on_epoch_end is not None:
             extra = job.on_epoch_end(done // plan.steps_per_epoch, done)
             if extra:
                 logger.log(dict(step=done, epoch=done / plan.steps_per_epoch, **extra))
