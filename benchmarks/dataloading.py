@@ -1,0 +1,395 @@
+"""Data loading from a folder of JPEGs: index, per-worker decode, and a training run (issue 19).
+
+    python benchmarks/dataloading.py --root DIR                 # 50,000 JPEGs, then every report
+    python benchmarks/dataloading.py --root DIR --images 2000 --parts decode
+
+The first call writes ``DIR/train/<class>/<n>.jpg`` (later calls keep the files that exist): at least
+``--images`` JPEGs of 300-500 px per side with a random aspect ratio, quality 90, made from
+Fashion-MNIST (the IDX files): each garment upscaled, tinted and laid on a smooth random colour
+field with fine grain, so the files weigh about 20-70 KB like photographs of that size rather than
+the few KB of a flat picture. 10 classes, the Fashion-MNIST labels (70,000 images: train then
+test, repeated on new backgrounds past that). Every image comes from its own seed, so the folder is
+the same on every machine and for any number of generating processes.
+
+Then three reports, each a markdown table on stdout (progress goes to stderr):
+
+- ``open``: the first open of ``ImageFolderDataset(DIR/train)`` with an empty index cache (it scans
+  the folder and writes the manifest) and a re-open (it reads the manifest), each in a fresh process
+  with ``SIMCLRV2_CACHE_DIR`` pointing at a new temporary folder.
+- ``decode``: decode + random-resized crop + resize, images/s in one process with one torch thread
+  (= per DataLoader worker), ours (``simclrv2.data.decode.decode_train_view``: the crop is taken
+  from the original image, then resized, with JPEG draft decoding where the crop allows it) against
+  ``torchvision.datasets.ImageFolder`` with ``Compose([RandomResizedCrop(S), PILToTensor()])``, both
+  returning uint8 tensors, over the same ``--decode-files`` files whose bytes were read beforehand
+  (warm page cache: decoding is measured, not the disk). Interleaved over ``--rounds``; median.
+- ``train``: a pretraining run's images/s (``simclrv2.engine.pretrain.run`` on ``DIR/train``,
+  ``cache_images=False`` so the images stream through ``--workers`` DataLoader workers) against
+  the data path alone (``BatchSource.train_batches`` with the same workers, crop and batch size,
+  without a model) and the model step alone (the same ``pretrain.run`` on a small folder held in
+  memory: no decoding while it trains). Both runs read their rate from ``metrics.jsonl``, leaving
+  out the first log line (workers starting, allocator warming up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+MIN_SIDE, MAX_SIDE = 300, 500  # pixels per side of the generated JPEGs
+JPEG_QUALITY = 90
+
+# --------------------------------------------------------------------------------------------------
+# The folder of JPEGs
+# --------------------------------------------------------------------------------------------------
+
+_SOURCE: tuple[np.ndarray, np.ndarray] | None = None  # (N, 28, 28) uint8 garments, (N,) labels
+
+
+def _source() -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST train then test, read once per process (forked workers inherit it)."""
+    global _SOURCE
+    if _SOURCE is None:
+        from simclrv2.data.datasets import load_fashion_mnist
+
+        parts = [load_fashion_mnist(split) for split in ("train", "test")]
+        _SOURCE = (np.concatenate([p.images[:, 0].numpy() for p in parts]),
+                   np.concatenate([p.labels.numpy() for p in parts]))
+    return _SOURCE
+
+
+def class_names() -> list[str]:
+    from simclrv2.data.datasets import FASHION_MNIST_CLASSES
+
+    return [c.replace("/", "-") for c in FASHION_MNIST_CLASSES]  # "T-shirt/top" is no folder name
+
+
+def synthetic_photo(garment: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of 300-500 px per side: ``garment`` (28 x 28 grey) upscaled and tinted, on a
+    smooth random colour field with fine grain (without the grain a JPEG of it would be a few KB)."""
+    w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, 2))
+    grid = rng.integers(0, 256, (int(rng.integers(2, 7)), int(rng.integers(2, 7)), 3), dtype=np.uint8)
+    background = np.asarray(Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = np.asarray(Image.effect_noise((w, h), float(rng.uniform(3, 9))), dtype=np.float32) - 128.0
+    canvas = background + grain[..., None]  # (h, w, 3)
+    side = int(min(w, h) * rng.uniform(0.5, 0.95))
+    shade = np.asarray(Image.fromarray(garment).resize((side, side), Image.Resampling.BICUBIC),
+                       dtype=np.float32)[..., None] / 255.0  # (side, side, 1): garment brightness = opacity
+    tint = rng.integers(0, 256, 3).astype(np.float32)
+    x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    region = canvas[y0:y0 + side, x0:x0 + side]
+    canvas[y0:y0 + side, x0:x0 + side] = region * (1 - shade) + tint * (0.4 + 0.6 * shade) * shade
+    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+
+
+def image_path(train_dir: Path, i: int) -> Path:
+    """Where image ``i`` goes: its class is the label of the garment it is made from."""
+    garments, labels = _source()
+    return train_dir / class_names()[int(labels[i % len(labels)])] / f"{i:06d}.jpg"
+
+
+def _write_image(job: tuple[str, int, int]) -> int:
+    """Write image ``i`` unless it exists; returns its size in bytes (0 if it was kept)."""
+    train_dir, i, seed = Path(job[0]), job[1], job[2]
+    path = image_path(train_dir, i)
+    if path.exists():
+        return 0
+    garments, _ = _source()
+    photo = synthetic_photo(garments[i % len(garments)], np.random.default_rng([seed, i]))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=JPEG_QUALITY)
+    # write then rename: a generation stopped half-way leaves no truncated JPEG behind
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: no image folder reader lists it
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return len(buf.getvalue())
+
+
+def generate(root: Path, images: int, seed: int = 0, workers: int = 0, quiet: bool = False) -> Path:
+    """Write the missing images of ``root/train`` with a process pool; returns ``root/train``."""
+    train_dir = root / "train"
+    _source()  # read before forking: every worker shares the arrays
+    for name in class_names():
+        (train_dir / name).mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(images) if not image_path(train_dir, i).exists()]
+    if not todo:
+        if not quiet:
+            print(f"{train_dir}: all {images:,} images exist, kept", file=sys.stderr)
+        return train_dir
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    t0 = last = time.perf_counter()
+    written = total_bytes = 0
+    # fork: the workers inherit the garments instead of each reading the IDX files again
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(min(workers, len(todo))) as pool:
+        for n in pool.imap_unordered(_write_image, [(str(train_dir), i, seed) for i in todo], chunksize=32):
+            written += 1
+            total_bytes += n
+            now = time.perf_counter()
+            if not quiet and (now - last > 5 or written == len(todo)):
+                last = now
+                print(f"generated {written:,} / {len(todo):,} images ({100 * written / len(todo):.0f}%), "
+                      f"{written / (now - t0):.0f} images/s, {total_bytes / max(written, 1) / 1024:.0f} KB "
+                      "average", file=sys.stderr, flush=True)
+    return train_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+def _num(v: float) -> str:
+    """Three significant figures, no exponent: 1234, 123, 12.3, 1.23, 0.123."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.{2 - math.floor(math.log10(v))}f}" if v > 0 else "0"
+
+
+_OPEN_SNIPPET = """
+import sys, time
+t0 = time.perf_counter()
+from simclrv2.data.datasets import ImageFolderDataset
+t1 = time.perf_counter()
+ds = ImageFolderDataset(sys.argv[1])
+print(len(ds), time.perf_counter() - t1, t1 - t0)
+"""
+
+
+def time_open(train_dir: Path) -> list[tuple[str, int, float, float]]:
+    """(what, images found, seconds to open, seconds to import the package) for a first open with an
+    empty index cache and a re-open, each in a fresh process (no state of an earlier open in memory)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="simclrv2-index-") as cache:
+        env = dict(os.environ, SIMCLRV2_CACHE_DIR=cache)
+        for what in ("first open (scan, write the manifest)", "re-open (read the manifest)"):
+            out = subprocess.run([sys.executable, "-c", _OPEN_SNIPPET, str(train_dir)], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            rows.append((what, int(out[0]), float(out[1]), float(out[2])))
+    return rows
+
+
+def open_table(rows: Sequence[tuple[str, int, float, float]]) -> str:
+    lines = ["| open | images | seconds |", "|---|---:|---:|"]
+    lines += [f"| {what} | {n:,} | {_num(s)} |" for what, n, s, _ in rows]
+    return "\n".join(lines)
+
+
+def decode_sample(train_dir: Path, count: int) -> tuple[object, list[int]]:
+    """torchvision's ImageFolder over the folder, and ``count`` indices spread evenly over it."""
+    from torchvision.datasets import ImageFolder
+
+    tv = ImageFolder(str(train_dir))
+    step = max(1, len(tv) // count)
+    return tv, list(range(0, len(tv), step))[:count]
+
+
+def _time_loop(fn: Callable[[Any], Any], items: Sequence[Any]) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) over ``items``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for it in items:
+        fn(it)
+    return len(items) / (time.perf_counter() - t0), len(items) / (time.process_time() - c0)
+
+
+def decode_rates(train_dir: Path, count: int, sizes: Sequence[int], rounds: int, seed: int = 0
+                 ) -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """{(size, pipeline): [(images/s, images/CPU-s) per round]} for ``ours`` and ``torchvision``."""
+    from torchvision import transforms
+
+    from simclrv2.data.decode import CropSpec, decode_train_view
+
+    tv, idx = decode_sample(train_dir, count)
+    paths = [tv.samples[i][0] for i in idx]
+    for p in paths:  # warm the page cache: the table compares decoding, not the disk
+        Path(p).read_bytes()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker runs with one torch thread
+    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    try:
+        for rnd in range(rounds):
+            for size in sizes:
+                tv.transform = transforms.Compose([transforms.RandomResizedCrop(size), transforms.PILToTensor()])
+                spec = CropSpec(size)
+                rng = np.random.default_rng([seed, rnd, size])
+                torch.manual_seed(seed * 1000 + rnd)  # torchvision's RandomResizedCrop draws from torch
+                runs = {
+                    "ours": (lambda p, spec=spec, rng=rng: decode_train_view(p, spec, rng), paths),
+                    "torchvision": (lambda i: tv[i], idx),
+                }
+                for name, (fn, items) in runs.items():
+                    for it in items[:20]:  # untimed: first calls import and allocate
+                        fn(it)
+                    results.setdefault((size, name), []).append(_time_loop(fn, items))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def decode_table(results: dict[tuple[int, str], list[tuple[float, float]]]) -> str:
+    lines = ["| size | pipeline | images/s | range over rounds | images/CPU-s | ours / torchvision |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for (size, name), per in results.items():
+        rates = [r for r, _ in per]
+        med = statistics.median(rates)
+        tv = statistics.median(r for r, _ in results[(size, "torchvision")])
+        lines.append(f"| {size} | {name} | {_num(med)} | {_num(min(rates))}-{_num(max(rates))} | "
+                     f"{_num(statistics.median(c for _, c in per))} | {med / tv:.2f}x |")
+    return "\n".join(lines)
+
+
+def metrics_rate(run_dir: Path, batch: int) -> tuple[float, int]:
+    """(images/s, steps) over the log lines of ``metrics.jsonl`` after the first one.
+
+    Each line's ``images_per_s`` covers the steps since the previous line, so the rate over
+    several lines is their images over their summed seconds (not the mean of the rates).
+    """
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "images_per_s" in r]
+    if len(records) < 2:
+        raise SystemExit(f"{run_dir}/metrics.jsonl has {len(records)} metric line(s), need 2 or more; "
+                         "fix: raise --train-steps or lower --log-every")
+    images = seconds = 0.0
+    for prev, rec in zip(records, records[1:]):
+        steps = rec["step"] - prev["step"]
+        n = steps * batch
+        images += n
+        seconds += n / rec["images_per_s"]
+    return images / seconds, records[-1]["step"] - records[0]["step"]
+
+
+def pretrain_rate(data_dir: Path, size: int, model: str, batch: int, steps: int, log_every: int,
+                  workers: int, cache_images: bool, run_dir: Path) -> tuple[float, int]:
+    """images/s of ``simclrv2.engine.pretrain.run`` after its first log line."""
+    from simclrv2.config import PretrainConfig
+    from simclrv2.engine import pretrain
+
+    cfg = PretrainConfig(
+        model=model, dataset="imagefolder", data_dir=str(data_dir), image_size=size, stem="imagenet",
+        batch_size=batch, max_steps=steps, log_every=log_every, num_workers=workers,
+        cache_images=cache_images, online_probe=False, knn_every=0, run_dir=str(run_dir), device="cpu",
+        progress=False, resume=False, checkpoint_min_seconds=1e9,
+    )
+    pretrain.run(cfg)
+    return metrics_rate(run_dir, batch)
+
+
+def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: int, workers: int,
+                   seed: int = 0) -> float:
+    """images/s of ``BatchSource.train_batches`` alone: ``warmup`` untimed batches, ``steps`` timed."""
+    from simclrv2.data.datasets import ImageFolderDataset
+    from simclrv2.data.decode import CropSpec
+    from simclrv2.engine.runtime import BatchSource, StepPlan
+
+    ds = ImageFolderDataset(train_dir)
+    source = BatchSource(ds, torch.device("cpu"), num_workers=workers)
+    pool = torch.arange(len(ds))
+    plan = StepPlan.make(len(pool), batch, epochs=0, max_steps=warmup + steps)
+    batches = source.train_batches(pool, plan, seed, 0, crop=CropSpec(size), views=2)
+    t0 = time.perf_counter()
+    for i, _ in enumerate(batches):
+        if i + 1 == warmup:
+            t0 = time.perf_counter()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def train_table(rows: Sequence[tuple[int, str, int, float, float, float]]) -> str:
+    lines = ["| size | model | batch | pretraining run | data path alone | model step alone | run / slower |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for size, model, batch, run, data, step in rows:
+        lines.append(f"| {size} | {model} | {batch} | {_num(run)} | {_num(data)} | {_num(step)} | "
+                     f"{100 * run / min(data, step):.0f}% |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+PARTS = ("open", "decode", "train")
+
+
+def _cases(text: str) -> list[tuple[int, str, int]]:
+    """``224:r18_0.5x_sk0:32,96:r18_1x_sk0:32`` -> [(size, model, batch), ...]"""
+    cases = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        size, model, batch = item.split(":")
+        cases.append((int(size), model, int(batch)))
+    return cases
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, required=True, help="folder for train/<class>/<n>.jpg (created)")
+    p.add_argument("--images", type=int, default=50_000, help="JPEGs in the folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gen-workers", type=int, default=0, help="generating processes (0 = one per core)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated reports to run: {', '.join(PARTS)}")
+    p.add_argument("--decode-files", type=int, default=2000, help="files the decode report goes over")
+    p.add_argument("--decode-sizes", default="224,96", help="output sizes of the decode report")
+    p.add_argument("--rounds", type=int, default=2, help="decode report: interleaved repetitions")
+    p.add_argument("--cases", default="224:r18_0.5x_sk0:32,96:r18_1x_sk0:32",
+                   help="train report: size:model:batch, comma-separated")
+    p.add_argument("--workers", type=int, default=2, help="train report: DataLoader workers")
+    p.add_argument("--log-every", type=int, default=4, help="train report: steps per metric line (the first is warm-up)")
+    p.add_argument("--train-steps", type=int, default=12, help="train report: timed steps after the first log line")
+    a = p.parse_args(argv)
+    a.parts = [t.strip() for t in a.parts.split(",") if t.strip()]
+    unknown = sorted(set(a.parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(PARTS)}")
+    if a.images < 1 or a.decode_files < 1 or a.rounds < 1 or a.train_steps < 1 or a.log_every < 1:
+        p.error("--images, --decode-files, --rounds, --train-steps and --log-every must be positive")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse_args(argv)
+    from simclrv2.engine.runtime import machine_description
+
+    train_dir = generate(a.root, a.images, a.seed, a.gen_workers)
+    print(f"\n{machine_description()}; load average "
+          + " / ".join(f"{v:.1f}" for v in os.getloadavg()) + f"\nfolder: {train_dir}, {a.images:,} JPEGs\n")
+    if "open" in a.parts:
+        print(open_table(time_open(train_dir)) + "\n", flush=True)
+    if "decode" in a.parts:
+        sizes = [int(s) for s in a.decode_sizes.split(",") if s.strip()]
+        print(f"decode + random-resized crop + resize, one process, one torch thread, {a.decode_files} files "
+              f"(bytes read beforehand: warm page cache), median of {a.rounds} round(s):\n")
+        print(decode_table(decode_rates(train_dir, a.decode_files, sizes, a.rounds, a.seed)) + "\n", flush=True)
+    if "train" in a.parts:
+        # the model step alone: a small copy of the folder, held in memory decoded (no decoding while training)
+        small = a.root / "in_memory"
+        generate(small, 64 * len(class_names()), a.seed, a.gen_workers, quiet=True)
+        steps = a.log_every + a.train_steps
+        rows = []
+        for size, model, batch in _cases(a.cases):
+            with tempfile.TemporaryDirectory(prefix="simclrv2-bench-") as tmp:
+                run, _ = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers, False,
+                                       Path(tmp) / "stream")
+                step, _ = pretrain_rate(small, size, model, batch, steps, a.log_every, a.workers, True,
+                                        Path(tmp) / "memory")
+            data = data_path_rate(train_dir, size, batch, a.train_steps, a.log_every, a.workers, a.seed)
+            rows.append((size, model, batch, run, data, step))
+            print(f"{size} px {model} batch {batch}: run {run:.1f}, data path {data:.1f}, model step {step:.1f} "
+                  "images/s", file=sys.stderr, flush=True)
+        print(f"pretraining images/s, {a.workers} DataLoader workers, {torch.get_num_threads()} torch threads, "
+              f"ImageNet stem, fp32, mean over {a.train_steps} steps after {a.log_every} warm-up steps:\n")
+        print(train_table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
