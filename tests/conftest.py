@@ -19,3 +19,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Image folder indexes (and anything else cached) go to a folder of this session, not to the
+    user's ~/.cache; subprocesses inherit it. Tests that need their own set SIMCLRV2_CACHE again."""
+    before = os.environ.get("SIMCLRV2_CACHE")
+    os.environ["SIMCLRV2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("SIMCLRV2_CACHE", None)
+    else:
+        os.environ["SIMCLRV2_CACHE"] = before

@@ -123,18 +123,22 @@ def test_corrupt_image_fails_with_its_path(own_images: Path, tmp_path: Path, cap
     bad = own_images / "train" / "class1" / "bad.png"
     data = good.read_bytes()
     bad.write_bytes(b"this is not an image" if damage == "junk" else data[: len(data) // 2])
-    rc, err = cli(capsys, *pretrain_args(own_images, tmp_path / "run"))
+    rc, err = cli(capsys, *pretrain_args(own_images, tmp_path / "run", "skip_bad_images=false"))
     assert_error(rc, err, str(bad), "skip_bad_images=true")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_skip_bad_images_counts_them_and_trains(own_images: Path, tmp_path: Path, capsys) -> None:
-    (own_images / "train" / "class0" / "junk.png").write_bytes(b"junk")
-    (own_images / "train" / "class1" / "cut.png").write_bytes(
-        sorted((own_images / "train" / "class1").iterdir())[0].read_bytes()[:100])
-    with pytest.warns(UserWarning, match=r"skipped 2 corrupt image\(s\)"):
-        rc, err = cli(capsys, *pretrain_args(own_images, tmp_path / "run", "skip_bad_images=true"))
+    # skip_bad_images=true is the default: a corrupt file never stops a run
+    (own_images / "train" / "class0" / "junk.png").write_bytes(b"junk")  # no header: dropped at open
+    cut = own_images / "train" / "class1" / "cut.png"  # header intact, pixels cut: dropped when decoded
+    cut.write_bytes(sorted((own_images / "train" / "class1").iterdir())[0].read_bytes()[:100])
+    with pytest.warns(UserWarning) as caught:
+        rc, err = cli(capsys, *pretrain_args(own_images, tmp_path / "run"))
     assert rc == 0, err
+    messages = [str(w.message) for w in caught]
+    assert any("skipped 1 corrupt image(s)" in m and "junk.png" in m for m in messages), messages
+    assert any("skipped unusable image" in m and str(cut) in m for m in messages), messages
     assert steps(tmp_path / "run") == [1, 2]
 
 

@@ -220,8 +220,13 @@ def test_image_folder_bad_file_raises_with_path(tmp_path: Path, kind: str) -> No
         bad = tmp_path / "cat" / ("trunc.jpg" if kind == "truncated_jpeg" else "trunc.png")
         raw = good.read_bytes()
         bad.write_bytes(raw[: len(raw) * 2 // 3])
-    with pytest.raises(DatasetError) as info:
-        ImageFolderDataset(tmp_path, image_size=16)
+    if kind == "garbage":  # no image header: refused when the folder is opened
+        with pytest.raises(DatasetError) as info:
+            ImageFolderDataset(tmp_path, image_size=16)
+    else:  # the header is intact, the pixel data is cut: refused when it is decoded
+        ds = ImageFolderDataset(tmp_path, image_size=16)
+        with pytest.raises(DatasetError) as info:
+            ds[ds.filenames.index(bad.name)]
     assert str(bad) in str(info.value) and "skip_bad_images" in str(info.value)
 
 
@@ -229,10 +234,14 @@ def test_image_folder_skip_bad_images_warns_with_count(tmp_path: Path) -> None:
     _make_folder(tmp_path)
     (tmp_path / "cat" / "bad1.jpg").write_bytes(b"junk")
     raw = (tmp_path / "dog" / "dog_1.png").read_bytes()
-    (tmp_path / "dog" / "bad2.png").write_bytes(raw[:40])
-    with pytest.warns(UserWarning, match="skipped 2 corrupt image"):
+    (tmp_path / "dog" / "bad2.png").write_bytes(raw[: len(raw) // 2])  # the header survives, the pixels do not
+    with pytest.warns(UserWarning, match="skipped 1 corrupt image"):
         ds = load_dataset("imagefolder", data_dir=tmp_path, image_size=8, skip_bad_images=True)
-    assert len(ds) == 6 and "bad1.jpg" not in ds.filenames and len(ds.skipped) == 2
+    assert len(ds) == 7 and "bad1.jpg" not in ds.filenames and ds.skipped == [str(tmp_path / "cat" / "bad1.jpg")]
+    with pytest.warns(UserWarning, match="bad2.png"):
+        mem = ds.to_memory()
+    assert len(mem) == 6 and "bad2.png" not in mem.filenames
+    assert list(ds.bad_decodes) == [str(tmp_path / "dog" / "bad2.png")]
 
 
 def test_image_folder_empty_class_names_it(tmp_path: Path) -> None:

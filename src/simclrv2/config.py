@@ -59,7 +59,7 @@ class CommonConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader workers for data that is not held in memory
-    skip_bad_images: bool = False  # ImageFolder: skip undecodable files with a counted warning
+    skip_bad_images: bool = True  # ImageFolder: skip and count undecodable or changed files; false: stop
     resume: bool = True  # resume from the run folder's last complete checkpoint
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at epoch ends (see checkpoint_min_seconds)
     checkpoint_min_seconds: float = 30.0  # checkpoint_every=0: skip epoch ends < this after the last save

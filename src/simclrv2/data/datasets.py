@@ -11,7 +11,6 @@ augmentations turn ``uint8`` batches into ``float32`` in [0, 1] on the training 
 from __future__ import annotations
 
 import abc
-import errno
 import functools
 import gzip
 import os
@@ -367,39 +366,6 @@ def _too_large(size: tuple[int, int]) -> str | None:
     return None
 
 
-def _check_image(path: Path) -> str | None:
-    """Return why ``path`` is not a readable image, or ``None`` when it is.
-
-    ``Image.verify()`` reads the headers and chunk checksums without decoding pixels (cheap), but it
-    misses truncated JPEGs; those lack the end-of-image marker, and only for those (rare) files do we
-    pay for a full decode to tell a truncated file from one with harmless trailing bytes.
-    """
-    try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():  # PIL warns about large images that we refuse just below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            fmt = img.format
-            too_large = _too_large(img.size)
-            if too_large:
-                return too_large
-            img.verify()
-        if fmt == "JPEG":
-            with open(path, "rb") as f:
-                f.seek(-2, os.SEEK_END)
-                has_eoi = f.read(2) == b"\xff\xd9"
-            if not has_eoi:
-                with Image.open(path) as img:
-                    img.load()
-    except Image.DecompressionBombError as exc:  # PIL refuses twice its limit on its own
-        return f"over the limit of {MAX_IMAGE_PIXELS:,} pixels ({exc}); downscale it"
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB, upright.
 
@@ -417,31 +383,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _list_class_folder(class_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Image files of one class folder, and the entries with an image name that cannot be read.
+# Substitutes tried for one bad file before giving up: more bad files in a row than this means the
+# folder itself is gone (an unmounted disk), not a stray corrupt file.
+MAX_SUBSTITUTES = 16
 
-    Hidden files (``.DS_Store``, macOS's ``._photo.jpg`` companions) and files with other
-    extensions are ignored. A symlink is followed; a broken one or a loop is reported with the
-    reason rather than silently dropped.
-    """
-    files: list[Path] = []
-    bad: list[tuple[Path, str]] = []
-    for p in sorted(class_dir.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if p.is_symlink():
-            try:
-                p.resolve(strict=True)
-            except RuntimeError:  # pathlib's "Symlink loop from ..."
-                bad.append((p, "symlink loop"))
-                continue
-            except OSError as exc:
-                reason = "symlink loop" if exc.errno == errno.ELOOP else f"broken symlink to {os.readlink(p)}"
-                bad.append((p, reason))
-                continue
-        if p.is_file():
-            files.append(p)
-    return files, bad
+# Paths whose decode failure this process has already warned about (one warning per file, even
+# when every stage reopens the folder).
+_WARNED_BAD: set[str] = set()
 
 
 class ImageFolderDataset(ImageDataset):
@@ -449,16 +397,21 @@ class ImageFolderDataset(ImageDataset):
 
     Each image becomes RGB, its shorter side is resized (bicubic, PIL's antialiased resize) to
     ``image_size`` and the centre ``image_size`` square is kept, so batches stack. ``filenames`` are
-    the file base names (what official subset lists name, METHOD.md 6); ``paths`` the full paths.
+    the file base names (what official subset lists name, METHOD.md 6); ``paths`` the full paths;
+    ``sizes`` an int64 array ``(N, 2)``: each image's upright width and height, from its header.
 
-    Every file is checked at construction (header + checksum, see :func:`_check_image`). A bad file
-    raises :class:`DatasetError` naming it, or with ``skip_bad_images=True`` is dropped with one
-    warning that counts the dropped files. A class folder without images raises :class:`DatasetError`.
+    The folder is indexed once (:mod:`simclrv2.data.index`): later opens, and the other ranks, read
+    the manifest. A file whose header cannot be read raises :class:`DatasetError` naming it, or with
+    ``skip_bad_images=True`` is dropped with one warning that counts the dropped files (``skipped``).
+    A class folder without images raises :class:`DatasetError`. Pixel data is checked when an image is
+    decoded, by :meth:`open_image`.
     """
 
     def __init__(
         self, root: str | os.PathLike[str], image_size: int | None = 224, skip_bad_images: bool = False
     ) -> None:
+        from .index import open_index  # index builds on this module's errors and limits
+
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(
@@ -468,106 +421,118 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size or 0)  # None: the images' own size, set once they are indexed
         self.channels = 3
-        for p in sorted(self.root.iterdir()):
-            if p.is_symlink() and not p.name.startswith(".") and not p.exists():
-                raise DatasetError(
-                    f"{p} is a broken symlink or a symlink loop; fix: repoint it to a class folder or remove it"
-                )
-        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
+        self.skip_bad_images = skip_bad_images
+        index = open_index(self.root)
+        if index.dropped and not skip_bad_images:
+            rel, reason = index.dropped[0]
             raise DatasetError(
-                f"{self.root} has no class folders; fix: lay out images as root/<class>/<image>"
+                f"unusable image {self.root / rel} ({reason}); fix: delete, replace or repoint it, "
+                "or pass skip_bad_images=true"
             )
-        self.classes = [p.name for p in class_dirs]
-
-        paths: list[Path] = []
-        labels: list[int] = []
-        bad: list[tuple[Path, str]] = []
-        for label, class_dir in enumerate(class_dirs):
-            files, unreadable = _list_class_folder(class_dir)
-            if not files and not unreadable:
-                subdirs = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-                if subdirs:
-                    raise DatasetError(
-                        f"class folder {class_dir} holds only sub-folders ({', '.join(subdirs[:3])}"
-                        f"{', ...' if len(subdirs) > 3 else ''}), no images; fix: images go directly in "
-                        "root/<class>/, so set data_dir one level deeper or move the images up"
-                    )
-                raise DatasetError(
-                    f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                    f"fix: add images or remove the folder '{class_dir.name}'"
-                )
-            for path, reason in unreadable:
-                if not skip_bad_images:
-                    raise DatasetError(
-                        f"unreadable image entry {path} ({reason}); fix: repoint or remove it, "
-                        "or pass skip_bad_images=true"
-                    )
-                bad.append((path, reason))
-            for path in files:
-                reason = _check_image(path)
-                if reason is None:
-                    paths.append(path)
-                    labels.append(label)
-                elif skip_bad_images:
-                    bad.append((path, reason))
-                else:
-                    raise DatasetError(
-                        f"unusable image {path} ({reason}); fix: delete or replace it, "
-                        "or pass skip_bad_images=true"
-                    )
-        if bad:
+        if index.dropped:
             warnings.warn(
-                f"skipped {len(bad)} corrupt image(s) under {self.root} (first: {bad[0][0]}: {bad[0][1]})",
+                f"skipped {len(index.dropped)} corrupt image(s) under {self.root} "
+                f"(first: {self.root / index.dropped[0][0]}: {index.dropped[0][1]})",
                 stacklevel=2,
             )
-        self.skipped = [str(p) for p, _ in bad]
-        self.paths = paths
-        self.filenames = [p.name for p in paths]
-        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.classes = index.classes
+        self.skipped = [str(self.root / rel) for rel, _ in index.dropped]
+        root = str(self.root)
+        self.paths = [Path(f"{root}/{rel}") for rel in index.files]
+        self.filenames = [rel.rsplit("/", 1)[1] for rel in index.files]
+        self.labels = torch.from_numpy(index.labels)
+        self.sizes = index.sizes  # (N, 2) int64: width, height
+        self._stamps = index.stamps  # (N, 2) int64: st_size, st_mtime_ns when indexed
+        # path -> reason, for every file this process found unusable when decoding it (DataLoader
+        # workers keep their own: each holds a copy of the dataset)
+        self.bad_decodes: dict[str, str] = {}
         if not self.image_size:
-            self.image_size = native_size(paths)
+            self.image_size = native_size(self.sizes)
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """Decode one image to ``uint8`` ``(3, image_size, image_size)``."""
+    def _decode(self, index: int) -> tuple[Image.Image | None, str, str]:
+        """The image at ``index`` as loaded RGB, or ``None`` with the reason and the fix."""
         path = self.paths[index]
-        s = self.image_size
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None, "indexed but is gone now (deleted or moved)", "restore it or rerun to index the folder again"
+        except OSError as exc:
+            return None, f"{type(exc).__name__}: {exc}".splitlines()[0], "check the file's permissions"
+        size, mtime = (int(v) for v in self._stamps[index])
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            # never use bytes that were not indexed: its size, or even its class, may differ now
+            what = f"{size} -> {st.st_size} bytes" if st.st_size != size else "modified time"
+            return None, f"changed since the folder was indexed ({what})", "rerun to index the folder again"
         try:
             with Image.open(path) as img:
-                # checked again here: the file may have been replaced since the folder was indexed
+                # the header was checked when indexed, but the limit is a guard before any decode
                 too_large = _too_large(img.size)
                 if too_large:
-                    raise DatasetError(f"image {path} is too large ({too_large})")
-                img = to_rgb(img)
-                w, h = img.size
-                scale = s / min(w, h)
-                # Shorter side -> s; the longer side is rounded and never below s.
-                new_w, new_h = max(s, round(w * scale)), max(s, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                left, top = (new_w - s) // 2, (new_h - s) // 2
-                img = img.crop((left, top, left + s, top + s))
-                arr = np.asarray(img, dtype=np.uint8)  # (s, s, 3)
-        except DatasetError:
-            raise
-        except FileNotFoundError as exc:
-            raise DatasetError(
-                f"image {path} was indexed but is gone now (deleted or moved while the run was starting); "
-                "fix: restore it or rerun to index the folder again"
-            ) from exc
-        except Exception as exc:
-            raise DatasetError(
-                f"cannot decode image {path} ({type(exc).__name__}: {exc}); fix: replace it"
-            ) from exc
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+                    return None, too_large, "downscale or delete it"
+                return to_rgb(img), "", ""  # to_rgb returns a new, fully decoded image
+        except Exception as exc:  # PIL raises many types (OSError for truncated data, SyntaxError, ...)
+            return None, f"{type(exc).__name__}: {exc}".splitlines()[0], "delete or replace it"
+
+    def open_image(self, index: int) -> tuple[Image.Image, int]:
+        """Decode image ``index`` as an upright RGB PIL image; return it and the index actually used.
+
+        A bad file (it fails to decode, or it disappeared or changed since the folder was indexed)
+        raises :class:`DatasetError` naming it and the fix. With ``skip_bad_images=True`` it is
+        instead recorded in ``bad_decodes``, warned about once per file in this process, and the
+        next index takes its place (wrapping around; after :data:`MAX_SUBSTITUTES` bad files in a
+        row, :class:`DatasetError`).
+        """
+        n = len(self)
+        i = int(index)
+        for _ in range(min(MAX_SUBSTITUTES, n)):
+            img, reason, fix = self._decode(i)
+            if img is not None:
+                return img, i
+            path = str(self.paths[i])
+            if not self.skip_bad_images:
+                raise DatasetError(f"unusable image {path} ({reason}); fix: {fix}, or pass skip_bad_images=true")
+            self.bad_decodes[path] = reason
+            if path not in _WARNED_BAD:
+                _WARNED_BAD.add(path)
+                warnings.warn(f"skipped unusable image {path} ({reason}); the next image takes its place",
+                              stacklevel=2)
+            i = (i + 1) % n
+        raise DatasetError(
+            f"{min(MAX_SUBSTITUTES, n)} images in a row from {self.paths[index]} are unusable (last: {path}: "
+            f"{reason}); fix: check that the folder {self.root} is still there and readable, then rerun"
+        )
+
+    def _stored(self, index: int) -> tuple[torch.Tensor, int]:
+        """``(uint8 (3, image_size, image_size), index actually used)``."""
+        img, used = self.open_image(index)
+        s = self.image_size
+        w, h = img.size
+        scale = s / min(w, h)
+        # Shorter side -> s; the longer side is rounded and never below s.
+        new_w, new_h = max(s, round(w * scale)), max(s, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - s) // 2, (new_h - s) // 2
+        arr = np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.uint8)  # (s, s, 3)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), used
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Decode one image to ``uint8`` ``(3, image_size, image_size)`` (through :meth:`open_image`,
+        so a bad file may be replaced by the next one; ``__getitem__`` says which was used)."""
+        return self._stored(index)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.load_image(index), int(self.labels[index]), int(index)
+        """``(image, label, index used)``: the index used differs from ``index`` only when the file
+        at ``index`` was bad and ``skip_bad_images`` put the next one in its place; the label is
+        that image's own."""
+        x, used = self._stored(index)
+        return x, int(self.labels[used]), used
 
     def to_memory(self, num_workers: int = 0, max_bytes: int | None = None) -> InMemoryDataset:
         """Decode every image into one :class:`InMemoryDataset`.
 
-        ``max_bytes`` defaults to half the physical memory; a larger dataset raises
-        :class:`DatasetError` instead of swapping the machine to death.
+        Files found bad when decoded (``skip_bad_images=True``) are left out of it, with a warning,
+        rather than held twice under two labels. ``max_bytes`` defaults to half the physical
+        memory; a larger dataset raises :class:`DatasetError` instead of swapping the machine to death.
         """
         s = self.image_size
         need = len(self) * 3 * s * s
@@ -582,32 +547,42 @@ class ImageFolderDataset(ImageDataset):
                 f"{max_bytes / 2**30:.1f} GiB limit; fix: lower image_size or keep decoding in DataLoader workers"
             )
         images = torch.empty((len(self), 3, s, s), dtype=torch.uint8)
+        keep = torch.ones(len(self), dtype=torch.bool)
         if num_workers > 0:
-            loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=num_workers)
-            for batch, _, idx in loader:
-                images[idx] = batch
+            batch = 64
+            loader = torch.utils.data.DataLoader(self, batch_size=batch, num_workers=num_workers)
+            for k, (x, _, used) in enumerate(loader):  # in order: batch k asked for k*64, k*64+1, ...
+                asked = torch.arange(k * batch, k * batch + len(used))
+                images[asked] = x
+                keep[asked] = used == asked
         else:
             for i in range(len(self)):
-                images[i] = self.load_image(i)
-        return InMemoryDataset(images, self.labels.clone(), self.classes, self.filenames)
+                images[i], used = self._stored(i)
+                keep[i] = used == i
+        if keep.all():
+            return InMemoryDataset(images, self.labels.clone(), self.classes, self.filenames)
+        left_out = torch.nonzero(~keep).flatten().tolist()
+        for i in left_out:  # a worker found these; its own bad_decodes holds the reason
+            self.bad_decodes.setdefault(str(self.paths[i]), "unusable when decoded (see the warning)")
+        warnings.warn(
+            f"left {len(left_out)} unusable image(s) of {self.root} out of the decoded copy "
+            f"(first: {self.paths[left_out[0]]})",
+            stacklevel=2,
+        )
+        names = [self.filenames[i] for i in torch.nonzero(keep).flatten().tolist()]
+        return InMemoryDataset(images[keep], self.labels[keep], self.classes, names)
 
 
-def native_size(paths: list[Path], sample: int = 200, largest: int = 224) -> int:
-    """The stored size for images of their own size: the median shorter side of up to ``sample``
-    files spread over the folder (headers only), at most ``largest``.
+def native_size(sizes: np.ndarray, largest: int = 224) -> int:
+    """The stored size for images of their own size: the median shorter side of the images
+    (``sizes`` is ``(N, 2)`` width, height from the index), at most ``largest``.
 
     28 px images stay at 28 px instead of being upscaled 8x to 224 px (64 times the pixels to
     train on, for no information); photographs are stored at 224 px as before.
     """
-    if not paths:
+    if len(sizes) == 0:
         return largest
-    picked = paths[:: max(1, len(paths) // sample)][:sample]
-    sides = []
-    for p in picked:
-        with Image.open(p) as img:
-            sides.append(min(img.size))
-    return int(min(largest, max(1, int(np.median(sides)))))
-
+    return int(min(largest, max(1, int(np.median(np.asarray(sizes).min(axis=1))))))
 
 # --------------------------------------------------------------------------------------------------
 # Front door

@@ -1,0 +1,397 @@
+"""The index of an image folder, built once and kept on disk (issue 19, "An index built once").
+
+Opening ``root/<class>/<file>`` used to read and verify every file, in every stage, on every rank.
+Now an open lists the folder with ``os.scandir`` (names, byte sizes and modification times: no file
+is opened) and hashes that listing into a *fingerprint*. The first open with a given fingerprint
+reads each image's header (its size; nothing is decoded) in a thread pool and writes a *manifest*
+to ``$SIMCLRV2_CACHE/index/`` (default ``~/.cache/simclrv2/index/``): relative paths, labels, class
+names, image sizes, each file's byte size and mtime, and the files dropped with their reasons.
+Every later open with the same fingerprint reads the manifest; any added, deleted or rewritten file
+changes the fingerprint and the folder is indexed again.
+
+Under torchrun, rank 0 opens the index (building it if needed) and the other ranks wait for it,
+then read rank 0's manifest; a rank that cannot see it (a cache folder local to another node)
+builds its own copy of the same index.
+
+Pixel data is not checked here: a corrupt body is found when the image is decoded
+(:meth:`~simclrv2.data.datasets.ImageFolderDataset.open_image`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import distributed as dist
+from . import datasets as _datasets
+from .datasets import IMAGE_EXTENSIONS, DatasetError
+
+__all__ = ["FolderIndex", "FolderScan", "index_cache_dir", "manifest_path", "open_index", "scan_folder"]
+
+# Bumped whenever the manifest's content or the rules that fill it change: old manifests are rebuilt.
+INDEX_VERSION = 1
+
+# Folders with fewer files are indexed without a progress display (it would flash past).
+PROGRESS_MIN_FILES = 2000
+
+# EXIF orientations 5-8 turn the stored image by 90 degrees: its upright width is the stored height.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+# Cache folders already warned about in this process (one warning, not one per split and stage).
+_UNWRITABLE_WARNED: set[str] = set()
+
+
+@dataclass
+class FolderScan:
+    """What ``os.scandir`` tells about a folder, without opening any file.
+
+    ``files`` are paths relative to ``root`` (``class/name``), in class then name order; ``stamps``
+    holds each file's ``(st_size, st_mtime_ns)``; ``unreadable`` lists image-named entries that
+    cannot be opened at all (broken symlinks, loops) with the reason.
+    """
+
+    root: Path
+    classes: list[str]
+    files: list[str]
+    labels: list[int]
+    stamps: list[tuple[int, int]]
+    unreadable: list[tuple[str, str]]
+    fingerprint: str
+
+
+@dataclass
+class FolderIndex:
+    """The usable images of a folder and what was dropped.
+
+    ``files`` relative paths, ``labels`` int64 ``(N,)``, ``sizes`` int64 ``(N, 2)`` (width, height of
+    the upright image, from its header), ``stamps`` int64 ``(N, 2)`` (``st_size``, ``st_mtime_ns``
+    when indexed), ``dropped`` the ``(relative path, reason)`` of files that cannot be used.
+    """
+
+    classes: list[str]
+    files: list[str]
+    labels: np.ndarray
+    sizes: np.ndarray
+    stamps: np.ndarray
+    dropped: list[tuple[str, str]]
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------- the scan
+
+
+def _unreadable_reason(path: str) -> str:
+    """Why an entry whose ``stat`` failed cannot be read (it is a symlink: ``lstat`` worked)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        if os.path.islink(path):
+            return f"broken symlink to {os.readlink(path)}"
+        return f"{type(exc).__name__}: {exc}"
+    return "changed while the folder was listed"
+
+
+def _sorted_entries(folder: str | Path) -> list[os.DirEntry[str]]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """List ``root/<class>/<file>`` and fingerprint it; raise :class:`DatasetError` for a folder
+    whose layout is wrong (no class folders, a class folder without images, a broken link at the top).
+
+    Hidden entries (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``) and files with other
+    extensions are ignored; symlinks are followed. Images sit one level deep: sub-folders of a class
+    folder are never walked.
+    """
+    entries = [e for e in _sorted_entries(root) if not e.name.startswith(".")]
+    for e in entries:
+        if e.is_symlink() and not os.path.exists(e.path):
+            raise DatasetError(
+                f"{root / e.name} is a broken symlink or a symlink loop; fix: repoint it to a class folder or remove it"
+            )
+    class_entries = [e for e in entries if e.is_dir()]
+    if not class_entries:
+        raise DatasetError(f"{root} has no class folders; fix: lay out images as root/<class>/<image>")
+    classes = [e.name for e in class_entries]
+    files: list[str] = []
+    labels: list[int] = []
+    stamps: list[tuple[int, int]] = []
+    unreadable: list[tuple[str, str]] = []
+    for label, cls in enumerate(classes):
+        class_dir = root / cls
+        n_before, subdirs = len(files) + len(unreadable), []
+        for e in _sorted_entries(class_dir):
+            name = e.name
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                if e.is_dir():
+                    subdirs.append(name)
+                continue
+            try:
+                st = e.stat()  # follows symlinks; no file is opened
+            except OSError:
+                if e.is_symlink():
+                    unreadable.append((f"{cls}/{name}", _unreadable_reason(e.path)))
+                continue  # a plain file that vanished while the folder was listed
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            files.append(f"{cls}/{name}")
+            labels.append(label)
+            stamps.append((st.st_size, st.st_mtime_ns))
+        if len(files) + len(unreadable) == n_before:
+            if subdirs:
+                raise DatasetError(
+                    f"class folder {class_dir} holds only sub-folders ({', '.join(subdirs[:3])}"
+                    f"{', ...' if len(subdirs) > 3 else ''}), no images; fix: images go directly in "
+                    "root/<class>/, so set data_dir one level deeper or move the images up"
+                )
+            raise DatasetError(
+                f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                f"fix: add images or remove the folder '{cls}'"
+            )
+    h = hashlib.blake2b(digest_size=16)
+    # the pixel limit decides which files are dropped, so a new limit must mean a new index
+    h.update(f"v{INDEX_VERSION} max_pixels={_datasets.MAX_IMAGE_PIXELS}\n".encode())
+    h.update(("\n".join(classes) + "\n\n").encode())
+    h.update("".join(f"{f}\t{s}\t{m}\n" for f, (s, m) in zip(files, stamps, strict=True)).encode())
+    h.update("".join(f"!{f}\t{r}\n" for f, r in unreadable).encode())
+    return FolderScan(root, classes, files, labels, stamps, unreadable, h.hexdigest())
+
+
+# ---------------------------------------------------------------------------------- headers
+
+
+def read_header(path: str, nbytes: int) -> tuple[int, int] | str:
+    """``(width, height)`` of the upright image from its header, or why it cannot be used.
+
+    Only the header is parsed (``Image.open`` stops at the size); nothing is decoded, so a corrupt
+    body is found later, when the image is decoded.
+    """
+    if nbytes == 0:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():  # PIL warns about large images that we refuse just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            too_large = _datasets._too_large((w, h))
+            if too_large:
+                return too_large
+            # EXIF data that the header already holds (reading it for a PNG without it would decode)
+            if "exif" in img.info or img.format == "TIFF":
+                if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+                    w, h = h, w
+    except Image.DecompressionBombError as exc:  # PIL refuses twice its limit on its own
+        return f"over the limit of {_datasets.MAX_IMAGE_PIXELS:,} pixels ({exc}); downscale it"
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return int(w), int(h)
+
+
+def _header_threads() -> int:
+    # Header reads wait on the disk (or the network) and PIL releases the GIL while reading, so
+    # more threads than cores pay off; a local SSD saturates well before 32.
+    from ..engine.runtime import usable_cores  # engine imports data: import here, not at the top
+
+    return max(4, min(32, 2 * usable_cores()))
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a plain line every 10% (batch logs stay readable)."""
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.root, self.total, self.done, self.next_line = root, total, 0, total // 10
+        self.bar = None
+        self.shown = total >= PROGRESS_MIN_FILES
+        if self.shown and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"indexing {root}", unit="file", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.shown and (self.done >= self.next_line or self.done == self.total):
+            print(f"indexing {self.root}: {self.done}/{self.total} files", file=sys.stderr, flush=True)
+            self.next_line = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_index(scan: FolderScan, chunk: int = 256) -> FolderIndex:
+    """Read every file's header (in parallel, with a progress display) and keep the usable ones."""
+    n = len(scan.files)
+    results: list[tuple[int, int] | str] = [""] * n
+    progress = _Progress(scan.root, n)
+    root = str(scan.root)
+
+    def read(start: int) -> int:
+        for i in range(start, min(start + chunk, n)):
+            results[i] = read_header(f"{root}/{scan.files[i]}", scan.stamps[i][0])
+        return min(start + chunk, n) - start
+
+    try:
+        with ThreadPoolExecutor(max_workers=_header_threads()) as pool:
+            for done in as_completed([pool.submit(read, s) for s in range(0, n, chunk)]):
+                progress.update(done.result())
+    finally:
+        progress.close()
+    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    bad = {scan.files[i]: r for i, r in enumerate(results) if isinstance(r, str)}
+    bad.update(dict(scan.unreadable))
+    return FolderIndex(
+        classes=list(scan.classes),
+        files=[scan.files[i] for i in keep],
+        labels=np.asarray([scan.labels[i] for i in keep], dtype=np.int64),
+        sizes=np.asarray([results[i] for i in keep], dtype=np.int64).reshape(-1, 2),
+        stamps=np.asarray([scan.stamps[i] for i in keep], dtype=np.int64).reshape(-1, 2),
+        dropped=sorted(bad.items()),
+        fingerprint=scan.fingerprint,
+    )
+
+
+# ---------------------------------------------------------------------------------- the manifest
+
+
+def index_cache_dir() -> Path:
+    """``$SIMCLRV2_CACHE/index`` (default ``~/.cache/simclrv2/index``): one cache for the project."""
+    from ..released import cache_dir
+
+    return cache_dir() / "index"
+
+
+def manifest_path(root: Path) -> Path:
+    """The manifest file of a folder: named after its absolute path (a readable stem and a hash)."""
+    absolute = str(Path(root).resolve())
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(absolute).name)[:40] or "root"
+    digest = hashlib.blake2b(absolute.encode(), digest_size=10).hexdigest()
+    return index_cache_dir() / f"{stem}-{digest}.json"
+
+
+def _to_json(index: FolderIndex, root: Path) -> str:
+    # Columns rather than one record per file: 50,000 entries load in a few tens of milliseconds.
+    return json.dumps({
+        "version": INDEX_VERSION,
+        "root": str(Path(root).resolve()),
+        "fingerprint": index.fingerprint,
+        "classes": index.classes,
+        "files": index.files,
+        "labels": index.labels.tolist(),
+        "width": index.sizes[:, 0].tolist(),
+        "height": index.sizes[:, 1].tolist(),
+        "bytes": index.stamps[:, 0].tolist(),
+        "mtime_ns": index.stamps[:, 1].tolist(),
+        "dropped": [list(d) for d in index.dropped],
+    }, separators=(",", ":"))
+
+
+def load_manifest(path: Path, fingerprint: str) -> FolderIndex | None:
+    """The manifest at ``path`` when it was written for ``fingerprint``; None when it is missing,
+    stale, from another version or unreadable (then the folder is indexed again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("version") != INDEX_VERSION or m.get("fingerprint") != fingerprint:
+            return None
+        return FolderIndex(
+            classes=list(m["classes"]),
+            files=list(m["files"]),
+            labels=np.asarray(m["labels"], dtype=np.int64),
+            sizes=np.stack([np.asarray(m["width"], dtype=np.int64), np.asarray(m["height"], dtype=np.int64)], 1),
+            stamps=np.stack([np.asarray(m["bytes"], dtype=np.int64), np.asarray(m["mtime_ns"], dtype=np.int64)], 1),
+            dropped=[(str(a), str(b)) for a, b in m["dropped"]],
+            fingerprint=fingerprint,
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # missing, half-written by a killed writer, foreign
+        return None
+
+
+def write_manifest(index: FolderIndex, root: Path) -> bool:
+    """Write the manifest atomically; on failure warn once per cache folder and return False."""
+    from ..checkpoint import atomic_write_text
+
+    path = manifest_path(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, _to_json(index, root))
+    except OSError as exc:
+        if str(path.parent) not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add(str(path.parent))
+            warnings.warn(
+                f"cannot write the image folder index to {path.parent} ({exc.strerror or exc}); every open "
+                "reads the image headers again; fix: point SIMCLRV2_CACHE at a writable folder",
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- opening
+
+
+def _open_here(root: Path) -> tuple[FolderIndex, bool]:
+    """This process's index of ``root``: the manifest if it matches, else a new one (then saved).
+    Also whether the manifest on disk now holds it."""
+    scan = scan_folder(root)
+    path = manifest_path(root)
+    index = load_manifest(path, scan.fingerprint)
+    if index is not None:
+        return index, True
+    index = build_index(scan)
+    return index, write_manifest(index, root)
+
+
+def open_index(root: str | os.PathLike[str]) -> FolderIndex:
+    """The index of ``root/<class>/<file>``, from the manifest when the folder is unchanged.
+
+    Under torchrun rank 0 opens it (scanning and, when needed, building); the others wait on a
+    broadcast, then read its manifest. Structural errors are raised on every rank with rank 0's
+    message. One process: it opens the index itself.
+    """
+    root = Path(root)
+    if dist.world_size() == 1:
+        return _open_here(root)[0]
+    outcome: tuple[str, str, bool] | None = None
+    error: BaseException | None = None
+    if dist.is_main():
+        try:
+            index, saved = _open_here(root)
+            outcome = ("ok", index.fingerprint, saved)
+        except Exception as exc:  # the other ranks are waiting: tell them before raising
+            error = exc
+            outcome = ("error", f"rank 0 could not index {root}: {str(exc).splitlines()[0]}"
+                       if not isinstance(exc, DatasetError) else str(exc), False)
+    outcome = dist.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if dist.is_main():
+        return index
+    kind, detail, saved = outcome
+    if kind == "error":
+        raise DatasetError(detail)
+    if saved:
+        loaded = load_manifest(manifest_path(root), detail)
+        if loaded is not None:
+            return loaded
+    return _open_here(root)[0]  # rank 0's manifest is out of reach (another node's cache folder)
