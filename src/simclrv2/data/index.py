@@ -9,9 +9,8 @@ names, image sizes, each file's byte size and mtime, and the files dropped with 
 Every later open with the same fingerprint reads the manifest; any added, deleted or rewritten file
 changes the fingerprint and the folder is indexed again.
 
-Under torchrun, rank 0 opens the index (building it if needed) and the other ranks wait for it,
-then read rank 0's manifest; a rank that cannot see it (a cache folder local to another node)
-builds its own copy of the same index.
+Under torchrun, the process of local rank 0 builds a missing index and the other processes of
+its node wait for the manifest, then read it (see :func:`open_index`).
 
 Pixel data is not checked here: a corrupt body is found when the image is decoded
 (:meth:`~simclrv2.data.datasets.ImageFolderDataset.open_image`).
@@ -26,7 +25,9 @@ import os
 import re
 import stat
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ PROGRESS_MIN_FILES = 2000
 # EXIF orientations 5-8 turn the stored image by 90 degrees: its upright width is the stored height.
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = frozenset({5, 6, 7, 8})
+
+# The builder of an index refreshes its marker file this often; waiting processes give up on a
+# builder whose marker is older than STALE_SECONDS, and build the index themselves when no builder
+# shows up within GRACE_SECONDS (its own start may lag theirs by the time to list the folder).
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 60.0
+GRACE_SECONDS = 30.0
+POLL_SECONDS = 0.2
 
 # Cache folders already warned about in this process (one warning, not one per split and stage).
 _UNWRITABLE_WARNED: set[str] = set()
@@ -140,7 +149,8 @@ def scan_folder(root: Path) -> FolderScan:
             name = e.name
             if name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            dot = name.rfind(".")
+            if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                 if e.is_dir():
                     subdirs.append(name)
                 continue
@@ -239,9 +249,14 @@ class _Progress:
             self.bar.close()
 
 
-def build_index(scan: FolderScan, chunk: int = 256) -> FolderIndex:
-    """Read every file's header (in parallel, with a progress display) and keep the usable ones."""
+def build_index(scan: FolderScan, chunk: int = 256, heartbeat: Callable[[], object] | None = None) -> FolderIndex:
+    """Read every file's header (in parallel, with a progress display) and keep the usable ones.
+
+    ``heartbeat`` is called every few seconds while the headers are read (it tells processes
+    waiting for this index that its builder is alive).
+    """
     n = len(scan.files)
+    last_beat = time.monotonic()
     results: list[tuple[int, int] | str] = [""] * n
     progress = _Progress(scan.root, n)
     root = str(scan.root)
@@ -255,6 +270,9 @@ def build_index(scan: FolderScan, chunk: int = 256) -> FolderIndex:
         with ThreadPoolExecutor(max_workers=_header_threads()) as pool:
             for done in as_completed([pool.submit(read, s) for s in range(0, n, chunk)]):
                 progress.update(done.result())
+                if heartbeat is not None and time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+                    heartbeat()
+                    last_beat = time.monotonic()
     finally:
         progress.close()
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
@@ -350,48 +368,77 @@ def write_manifest(index: FolderIndex, root: Path) -> bool:
 # ---------------------------------------------------------------------------------- opening
 
 
-def _open_here(root: Path) -> tuple[FolderIndex, bool]:
-    """This process's index of ``root``: the manifest if it matches, else a new one (then saved).
-    Also whether the manifest on disk now holds it."""
-    scan = scan_folder(root)
-    path = manifest_path(root)
-    index = load_manifest(path, scan.fingerprint)
-    if index is not None:
-        return index, True
-    index = build_index(scan)
-    return index, write_manifest(index, root)
+def _mark(marker: Path) -> bool:
+    """Create or refresh the marker that says an index is being built; False if it cannot be written."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a"):
+            pass
+        os.utime(marker)
+    except OSError:
+        return False
+    return True
+
+
+def _build_and_save(scan: FolderScan, root: Path, path: Path) -> FolderIndex:
+    marker = path.with_name(path.name + ".building")
+    marked = _mark(marker)  # not writable: write_manifest below warns
+    try:
+        index = build_index(scan, heartbeat=(lambda: _mark(marker)) if marked else None)
+        write_manifest(index, root)
+    finally:
+        if marked:
+            marker.unlink(missing_ok=True)
+    return index
+
+
+def _wait_for_builder(path: Path, fingerprint: str) -> FolderIndex | None:
+    """The index another process of this node is building, once its manifest is written; None when
+    no builder shows up within :data:`GRACE_SECONDS` or its marker goes stale (it died)."""
+    marker = path.with_name(path.name + ".building")
+    deadline = time.monotonic() + GRACE_SECONDS
+    seen: tuple[int, int] | None = None
+    while True:
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp != seen:  # parse a manifest only when it is new
+            seen = stamp
+            index = load_manifest(path, fingerprint)
+            if index is not None:
+                return index
+        try:
+            building = time.time() - marker.stat().st_mtime < STALE_SECONDS
+        except OSError:
+            building = False
+        if building:
+            deadline = max(deadline, time.monotonic() + POLL_SECONDS)
+        elif time.monotonic() > deadline:
+            return None
+        time.sleep(POLL_SECONDS)
 
 
 def open_index(root: str | os.PathLike[str]) -> FolderIndex:
     """The index of ``root/<class>/<file>``, from the manifest when the folder is unchanged.
 
-    Under torchrun rank 0 opens it (scanning and, when needed, building); the others wait on a
-    broadcast, then read its manifest. Structural errors are raised on every rank with rank 0's
-    message. One process: it opens the index itself.
+    Every process lists the folder (cheap, and each raises the same error for a wrong layout).
+    Without a manifest for that listing, the process of local rank 0 (the only one without
+    torchrun) builds it; the other processes of its node wait for the manifest, then read it.
+    Waiting goes through the file system, not a collective, so a dataset that rank 0 opens
+    alone (the report under torchrun) cannot deadlock, and building for longer than NCCL's
+    timeout is harmless. A waiting process builds its own copy when no builder shows up (a cache
+    folder it cannot write) or the builder dies.
     """
     root = Path(root)
-    if dist.world_size() == 1:
-        return _open_here(root)[0]
-    outcome: tuple[str, str, bool] | None = None
-    error: BaseException | None = None
-    if dist.is_main():
-        try:
-            index, saved = _open_here(root)
-            outcome = ("ok", index.fingerprint, saved)
-        except Exception as exc:  # the other ranks are waiting: tell them before raising
-            error = exc
-            outcome = ("error", f"rank 0 could not index {root}: {str(exc).splitlines()[0]}"
-                       if not isinstance(exc, DatasetError) else str(exc), False)
-    outcome = dist.broadcast_object(outcome)
-    if error is not None:
-        raise error
-    if dist.is_main():
+    scan = scan_folder(root)
+    path = manifest_path(root)
+    index = load_manifest(path, scan.fingerprint)
+    if index is not None:
         return index
-    kind, detail, saved = outcome
-    if kind == "error":
-        raise DatasetError(detail)
-    if saved:
-        loaded = load_manifest(manifest_path(root), detail)
-        if loaded is not None:
-            return loaded
-    return _open_here(root)[0]  # rank 0's manifest is out of reach (another node's cache folder)
+    if dist.local_rank() != 0:
+        index = _wait_for_builder(path, scan.fingerprint)
+        if index is not None:
+            return index
+    return _build_and_save(scan, root, path)
