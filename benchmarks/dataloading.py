@@ -289,18 +289,24 @@ def pretrain_rate(data_dir: Path, size: int, model: str, batch: int, steps: int,
 
 def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: int, workers: int,
                    seed: int = 0) -> float:
-    """images/s of ``BatchSource.train_batches`` alone: ``warmup`` untimed batches, ``steps`` timed."""
+    """images/s of ``BatchSource.train_batches`` alone, as a pretraining run draws its batches (two
+    views of each image, cut in ``workers`` DataLoader workers): ``warmup`` untimed batches, then
+    ``steps`` timed ones."""
     from simclrv2.data.datasets import ImageFolderDataset
     from simclrv2.data.decode import CropSpec
-    from simclrv2.engine.runtime import BatchSource, StepPlan
+    from simclrv2.engine.runtime import BatchSource, StepPlan, batch_indices
 
     ds = ImageFolderDataset(train_dir)
     source = BatchSource(ds, torch.device("cpu"), num_workers=workers)
     pool = torch.arange(len(ds))
     plan = StepPlan.make(len(pool), batch, epochs=0, max_steps=warmup + steps)
-    batches = source.train_batches(pool, plan, seed, 0, crop=CropSpec(size), views=2)
+    keys = ((step, batch_indices(pool, plan, seed, step)) for step in range(plan.total_steps))
+    batches = source.train_batches(keys, CropSpec(size), views=2, seed=seed)
     t0 = time.perf_counter()
-    for i, _ in enumerate(batches):
+    for i, (x, _) in enumerate(batches):
+        if x.shape != (2 * batch, 3, size, size):
+            raise RuntimeError(f"the data path gave a batch of shape {tuple(x.shape)}, expected "
+                               f"{(2 * batch, 3, size, size)}")
         if i + 1 == warmup:
             t0 = time.perf_counter()
     return steps * batch / (time.perf_counter() - t0)
