@@ -133,6 +133,7 @@ def test_pipeline_under_torchrun_on_cpu(tmp_path):
 
     torch's SyncBatchNorm is CUDA-only: converting to it on CPUs failed every training stage
     ("SyncBatchNorm layers only work with GPU modules"). On CPUs BN stays per process, with a note.
+    stdout is a pipe, as in a batch job's log: rank 0 alone prints the metrics lines (issue 19).
     """
     import json
     import subprocess
@@ -148,7 +149,7 @@ def test_pipeline_under_torchrun_on_cpu(tmp_path):
         "run_dir": str(run), "label_fractions": [0.1], "self_distill": True, "small_student": "",
         "embedding_points": 0, "plots": False,
         "common": {"dataset": "fashion_mnist", "data_dir": str(data), "model": "r10_0.25x_sk0",
-                   "stem": "imagenet", "progress": False, "batch_size": 128, "global_bn": True},
+                   "stem": "imagenet", "progress": "auto", "log_every": 5, "batch_size": 128, "global_bn": True},
         "pretrain": {"epochs": 1, "knn_every": 1, "knn_train_size": 500, "knn_test_size": 200},
         "finetune": {"epochs": 1, "batch_size": 32, "min_steps": 0},
         "supervised": {"epochs": 1, "batch_size": 32, "min_steps": 0},
@@ -167,3 +168,9 @@ def test_pipeline_under_torchrun_on_cpu(tmp_path):
     assert {r["method"] for r in out["results"]} == {"finetune", "distill-self", "supervised", "linear-eval", "knn"}
     summary = json.loads((run / "pretrain" / "summary.json").read_text())
     assert summary["global_batch"] == 128 and summary["steps"] == 2000 // 128
+    # one metrics line per log_every steps, not one per rank; the stage lines once each too
+    steps = [ln.split(" step ")[1].split()[0] for ln in proc.stdout.splitlines()
+             if ln.startswith("[1/") and " step " in ln]
+    assert steps == ["5/15", "10/15", "15/15"], proc.stdout
+    progress_lines = [ln for ln in proc.stdout.splitlines() if " step " in ln or ln.startswith("[")]
+    assert len(progress_lines) == len(set(progress_lines)), proc.stdout

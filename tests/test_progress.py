@@ -91,3 +91,22 @@ def test_progress_setting() -> None:
     p.close()
     assert quiet.getvalue() == ""
     assert format_seconds(75.4) == "1:15" and format_seconds(3725) == "1:02:05"
+
+
+def test_a_terminal_also_gets_a_plain_line_every_log_every_steps() -> None:
+    """Above the bar (tqdm.write), so the scrollback keeps the history of the run."""
+    term = Terminal()
+    p = Progress("pretrain", "auto", total=50, start=0, log_every=20, stream=term)
+    assert p.mode == "bar"
+    for done in range(1, 51):
+        p.step()
+        if done % 10 == 0 or done == 50:  # the loop's metrics points: every log_every, boundaries, the end
+            p.metrics(done, 1.0 / done, 0.1, 200.0)
+    p.close()
+    # each line is written whole between bar redraws ("\r"): split the screen at those
+    pieces = [seg for chunk in term.getvalue().split("\r") for seg in chunk.split("\n")]
+    lines = [seg for seg in pieces if seg.startswith("pretrain step ")]
+    assert [ln.split()[2] for ln in lines] == ["20/50", "40/50", "50/50"], term.getvalue()
+    pattern = r"pretrain step \d+/50 loss \d+\.\d{4} lr 0\.1 200 img/s ETA \d+:\d\d"
+    assert all(re.fullmatch(pattern, ln) for ln in lines), lines
+    assert "loss 0.0500" in lines[0] and "loss 0.0200" in lines[-1]

@@ -59,6 +59,7 @@ class CommonConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader workers for data that is not held in memory
+    cache_images: bool = True  # decode an image folder once and hold it in memory when it fits in 2 GiB
     skip_bad_images: bool = True  # ImageFolder: skip and count undecodable or changed files; false: stop
     resume: bool = True  # resume from the run folder's last complete checkpoint
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at epoch ends (see checkpoint_min_seconds)

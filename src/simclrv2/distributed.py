@@ -19,14 +19,20 @@ the incoming gradient over ranks in backward (see its docstring).
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+
 # Set by setup_distributed (the torchrun LOCAL_RANK); the process group does not know it.
 _LOCAL_RANK = 0
+# The gloo group that ranks wait in while rank 0 works alone (run_on_main), made on first use.
+_WAIT_GROUP: Any = None
 
 
 def is_dist() -> bool:
@@ -86,6 +92,35 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def run_on_main(work: Callable[[], T], wait: datetime.timedelta = datetime.timedelta(days=1)) -> T:
+    """``work()`` on rank 0 alone, its (picklable) result on every rank; ``work()`` in one process.
+
+    For work that is done once (training a linear-eval head) while the other ranks wait. They wait
+    in a gloo group of their own, for up to ``wait``: in the default group, NCCL's 10-minute timeout
+    would kill them during an hour-long evaluation. An exception on rank 0 is raised there and, as
+    a one-line RuntimeError, on the others.
+    """
+    global _WAIT_GROUP
+    if not is_dist() or world_size() == 1:
+        return work()
+    if _WAIT_GROUP is None:  # collective: every rank gets here, in the same order
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=wait)
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main():
+        try:
+            box = [("ok", work())]
+        except BaseException as e:  # sent on, then raised here too: the others must not wait on
+            error, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 stopped: {value}")
+    return value
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over all processes, for metrics (not differentiable; ``t`` is not modified)."""
     out = t.detach().clone()
@@ -103,6 +138,43 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: the bound GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous share of ``range(n)``: ranks in order, ``ceil(n / R)`` each, the last
+    ones shorter (or empty); the whole range in one process."""
+    per = -(-n // world_size())
+    return range(min(rank() * per, n), min((rank() + 1) * per, n))
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order, on the CPU; ``x`` itself in one process.
+
+    Ranks may hold different numbers of rows (``shard_range``'s last shares are shorter); the other
+    dimensions and the dtype must agree. Each collective moves at most ``chunk_rows`` rows per rank
+    (padded to equal length), so a large gather never holds the whole result on a GPU.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    device = _collective_device()
+    counts = all_gather(torch.tensor([len(x)], device=device)).tolist()  # rows per rank
+    parts: list[list[torch.Tensor]] = [[] for _ in counts]
+    for start in range(0, max(counts), chunk_rows):
+        rows = min(chunk_rows, max(counts) - start)
+        block = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=device)
+        mine = x[start : start + rows]
+        block[: len(mine)] = mine.to(device)
+        for r, got in enumerate(all_gather(block).split(rows)):
+            parts[r].append(got[: max(0, min(counts[r] - start, rows))].cpu())
+    return torch.cat([p for rank_parts in parts for p in rank_parts])
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -179,6 +251,8 @@ def setup_distributed(device: str) -> torch.device:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group (and run_on_main's) if one exists."""
+    global _WAIT_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _WAIT_GROUP = None

@@ -253,7 +253,7 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
     if dist.launch_rank() == 0:  # the stage's folder is ours before its markers change
         run_dir.mkdir(parents=True, exist_ok=True)
         runlock.acquire(run_dir)
-    if dist.is_main():
+    if dist.launch_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
         atomic_write_text(started, json.dumps({"upstream": upstream}))
@@ -262,7 +262,7 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
     result = runner(cfg, test=test) if plan.stage in SEARCHABLE_STAGES + ("distill",) else runner(cfg)
     seconds = round(before + time.time() - t0, 2)
     keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
-    if dist.is_main():
+    if dist.launch_rank() == 0:
         atomic_write_text(done, json.dumps({"config_hash": h, "upstream": upstream, "seconds": seconds,
                                             "tested": test,
                                             **({"seconds_before_resume": before} if before else {}),
@@ -297,7 +297,7 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     seconds += sec - trained  # the chosen one's seconds include its training, counted above
     rates = [c.cfg.base_lr for c in plan.candidates]
     edge = len(rates) > 1 and chosen.cfg.base_lr in (min(rates), max(rates))
-    if dist.is_main():  # the stage folder stands for its choice: predict, export and friends read it
+    if dist.launch_rank() == 0:  # the stage folder stands for its choice: predict, export and friends read it
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": Path(chosen.cfg.run_dir).name, "base_lr": chosen.cfg.base_lr, "val_top1": scores}, indent=1))
     result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=edge)
@@ -320,7 +320,9 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
         pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
                                  pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
         plans = plan_stages(pc)
-    if dist.is_main():  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
+    # launch_rank throughout, not is_main: the first stage creates the process group, and until then
+    # every torchrun rank would take itself for rank 0 (and print each line, write each file, twice)
+    if dist.launch_rank() == 0:  # the resolved config: with a budget, the epochs it chose, so a rerun repeats them
         atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     results, stages, prints, chosen_dirs = [], {}, {}, {}
     pretrained: dict[str, Any] = {}
@@ -328,7 +330,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     probes = [i for i, p in enumerate(plans, 1) if p.stage in PROBE_STAGES]
     with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
         for i, plan in enumerate(plans, 1):
-            if dist.is_main():
+            if dist.launch_rank() == 0:
                 print(f"[{i}/{len(plans)}] {plan.name} ({plan.stage}) ...", flush=True)
             if probes and i == probes[0]:
                 from .engine.probe import shared_features
@@ -350,7 +352,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds
-            if dist.is_main():
+            if dist.launch_rank() == 0:
                 note = "skipped, done before" if skipped else f"{seconds:.0f} s"
                 top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
                 lr = f" (base_lr {result['base_lr']:g} chosen on validation)" if "base_lr" in result else ""
@@ -370,7 +372,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     }
     if budget is not None:
         out["budget"] = budget
-    if dist.is_main():
+    if dist.launch_rank() == 0:
         atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1))
         from .report import write_report
 
@@ -422,7 +424,7 @@ def main(argv: list[str]) -> int:
     values = C.apply_overrides(C.load_yaml(args.config), args.overrides)
     pc = C.build(PipelineConfig, values)
     out = run_pipeline(pc)
-    if dist.is_main():
+    if dist.launch_rank() == 0:
         print()
         print(summary_table(out))
         from .report import warnings

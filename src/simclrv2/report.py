@@ -237,7 +237,8 @@ def plot_embedding(pretrain_dir: Path, pc: Any, dest: Path) -> bool:
     ds, source = open_split(cfg, cfg.test_split, device)
     n = min(pc.embedding_points, len(ds))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    feats, labels = extract(model, source, idx, image_size_of(cfg, ds))
+    # the report is written on rank 0 alone: no sharding, whose gather would wait for the other ranks
+    feats, labels = extract(model, source, idx, image_size_of(cfg, ds), sharded=False)
     xy = TSNE(n_components=2, init="pca", perplexity=30, random_state=0).fit_transform(feats.numpy())
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=4)

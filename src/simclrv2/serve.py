@@ -1,8 +1,9 @@
 """Serving a trained model: ``simclrv2 predict``, ``simclrv2 embed`` and ``simclrv2 export``.
 
-Every entry point feeds the model what evaluation fed it (METHOD.md 5, 5.3): ``uint8`` images ->
-:class:`~simclrv2.data.augment.EvalTransform` (0.875 centre crop for images of 64 px and more,
-bicubic resize to the checkpoint's ``image_size``, clip) -> float32 in [0, 1], no mean/std.
+Every entry point feeds the model what evaluation fed it (METHOD.md 5, 5.3): the centre square of
+0.875 x the shorter side (the whole square below 64 px), bicubic resize to the checkpoint's
+``image_size`` -> float32 in [0, 1], no mean/std. Image files go through
+:func:`~simclrv2.data.decode.eval_view`, dataset splits through the stage evaluation's path.
 Exported models take that float input, ``(N, C, S, S)``, and leave the preprocessing to the caller.
 """
 
@@ -23,8 +24,8 @@ from torch import nn
 
 from .checkpoint import atomic_write_text
 from .cli import parse_tool_args
-from .data.augment import EvalTransform
 from .data.datasets import DATASET_NAMES, IMAGE_EXTENSIONS, load_dataset
+from .data.decode import decode_eval_view
 from .engine.evaluate import extract
 from .engine.runtime import BatchSource, RunError, resolve_device
 from .engine.setup import load_model
@@ -98,33 +99,24 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path, channels: int) -> torch.Tensor:
-    """One image file -> ``uint8`` ``(channels, H, W)`` at its own size (PIL mode L or RGB)."""
-    from PIL import Image
-
-    if channels not in _PIL_MODES:
-        raise RunError(f"models with {channels} input channels cannot read image files (only 1 or 3)")
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert(_PIL_MODES[channels]), dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for a bad file
-        raise RunError(f"cannot decode image '{path}' ({type(e).__name__}: {e}); replace or remove it") from e
-    if arr.ndim == 2:
-        arr = arr[:, :, None]  # (H, W) -> (H, W, 1)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
 def folder_batches(
     paths: Sequence[Path], channels: int, image_size: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
     """Preprocessed float batches ``(n, C, S, S)`` in [0, 1] of image files of any size (METHOD.md 5.3).
 
-    Each image goes through :class:`EvalTransform` on its own, since sizes differ between files.
+    Each file goes through :func:`~simclrv2.data.decode.eval_view`, the function a stage's
+    evaluation runs on a streamed image folder: the same pixels a model was tested on.
     """
-    tf = EvalTransform(image_size)
+    if channels not in _PIL_MODES:
+        raise RunError(f"models with {channels} input channels cannot read image files (only 1 or 3)")
     for start in range(0, len(paths), batch_size):
-        views = [tf(read_image(p, channels).unsqueeze(0)) for p in paths[start : start + batch_size]]
-        yield torch.cat(views)
+        views = []
+        for p in paths[start : start + batch_size]:
+            try:
+                views.append(decode_eval_view(p, image_size, channels))
+            except Exception as e:  # PIL raises many types for a bad file
+                raise RunError(f"cannot decode image '{p}' ({type(e).__name__}: {e}); replace or remove it") from e
+        yield torch.stack(views).float().div_(255.0)
 
 
 @torch.no_grad()

@@ -346,13 +346,25 @@ class SimCLRAugment(nn.Module):
             "sigma": sigma,
         }
 
-    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run the augmentation with given parameters. x: (N, C, H, W) -> float32 (N, C, S, S) in [0, 1]."""
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor], cropped: bool = False) -> torch.Tensor:
+        """Run the augmentation with given parameters. x: (N, C, H, W) -> float32 (N, C, S, S) in [0, 1].
+
+        ``cropped``: ``x`` holds views already cut and resized to ``image_size`` (in DataLoader
+        workers, from the original files, :mod:`simclrv2.data.decode`); only the flip is left of the
+        geometry.
+        """
         _check_batch(x)
         dev = x.device
-        out = _crop_resize_flip(
-            to_float(x), params["crop"], params["flip"], self.image_size, self.interpolation
-        )
+        if cropped:
+            if x.shape[2] != self.image_size or x.shape[3] != self.image_size:
+                raise ValueError(f"cropped views must be {self.image_size} px, got {tuple(x.shape[2:])}")
+            out = to_float(x)
+            flip = _per_sample(params["flip"].to(dev))
+            out = torch.where(flip, out.flip(3), out)
+        else:
+            out = _crop_resize_flip(
+                to_float(x), params["crop"], params["flip"], self.image_size, self.interpolation
+            )
 
         # Colour jitter in a per-image random order: at each of the 4 positions, every op runs once on
         # the images that have it there. Same total work as a fixed order; 16 small gathers/scatters.
@@ -385,11 +397,14 @@ class SimCLRAugment(nn.Module):
             out[b] = gaussian_blur(out[b], params["sigma"][blur_idx].to(dev), k)
         return out
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One augmented view of every image in ``x`` (N, C, H, W) -> float32 (N, C, S, S) in [0, 1]."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                cropped: bool = False) -> torch.Tensor:
+        """One augmented view of every image in ``x`` (N, C, H, W) -> float32 (N, C, S, S) in [0, 1].
+
+        ``cropped=True``: ``x`` are views already cropped and resized (see :meth:`apply`)."""
         _check_batch(x)
         params = self.sample_params(x.shape[0], x.shape[2], x.shape[3], generator)
-        return self.apply(x, params)
+        return self.apply(x, params, cropped=cropped)
 
     def two_views(
         self, x: torch.Tensor, generator: torch.Generator | None = None

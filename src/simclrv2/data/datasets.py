@@ -16,9 +16,9 @@ import gzip
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -88,6 +88,9 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     "cifar100": ("train", "test"),
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
 }
+
+
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -479,8 +482,8 @@ class ImageFolderDataset(ImageDataset):
         if not self.image_size:
             self.image_size = native_size(self.sizes)
 
-    def _decode(self, index: int) -> tuple[Image.Image | None, str, str]:
-        """The image at ``index`` as loaded RGB, or ``None`` with the reason and the fix."""
+    def _decode(self, index: int, view: Callable[[Image.Image], T]) -> tuple[T | None, str, str]:
+        """``view`` of the image at ``index``, or ``None`` with the reason and the fix."""
         path = self.paths[index]
         try:
             st = os.stat(path)
@@ -499,12 +502,18 @@ class ImageFolderDataset(ImageDataset):
                 too_large = _too_large(img.size)
                 if too_large:
                     return None, too_large, "downscale or delete it"
-                return to_rgb(img), "", ""  # to_rgb returns a new, fully decoded image
+                return view(img), "", ""
         except Exception as exc:  # PIL raises many types (OSError for truncated data, SyntaxError, ...)
             return None, f"{type(exc).__name__}: {exc}".splitlines()[0], "delete or replace it"
 
     def open_image(self, index: int) -> tuple[Image.Image, int]:
-        """Decode image ``index`` as an upright RGB PIL image; return it and the index actually used.
+        """Decode image ``index`` as an upright RGB PIL image; return it and the index actually used
+        (see :meth:`read`)."""
+        return self.read(index, to_rgb)  # to_rgb returns a new, fully decoded image
+
+    def read(self, index: int, view: Callable[[Image.Image], T]) -> tuple[T, int]:
+        """``view(img)`` of image ``index``, opened but not yet decoded (so ``view`` may ask for a
+        reduced-scale JPEG decode, :mod:`simclrv2.data.decode`); returns it and the index used.
 
         A bad file (it fails to decode, or it disappeared or changed since the folder was indexed)
         raises :class:`DatasetError` naming it and the fix. With ``skip_bad_images=True`` it is
@@ -515,9 +524,9 @@ class ImageFolderDataset(ImageDataset):
         n = len(self)
         i = int(index)
         for _ in range(min(MAX_SUBSTITUTES, n)):
-            img, reason, fix = self._decode(i)
-            if img is not None:
-                return img, i
+            out, reason, fix = self._decode(i, view)
+            if out is not None:
+                return out, i
             path = str(self.paths[i])
             if not self.skip_bad_images:
                 raise DatasetError(f"unusable image {path} ({reason}); fix: {fix}, or pass skip_bad_images=true")

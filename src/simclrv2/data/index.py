@@ -1,7 +1,7 @@
 """The index of an image folder, built once and kept on disk (issue 19, "An index built once").
 
-Opening ``root/<class>/<file>`` used to read and verify every file, in every stage, on every rank.
-Now an open lists the folder with ``os.scandir`` (names, byte sizes and modification times: no file
+Every stage opens both splits on every rank, so an open must not read the images: it lists the
+folder with ``os.scandir`` (names, byte sizes and modification times: no file
 is opened) and hashes that listing into a *fingerprint*. The first open with a given fingerprint
 reads each image's header (its size; nothing is decoded) in a thread pool and writes a *manifest*
 to ``$SIMCLRV2_CACHE/index/`` (default ``~/.cache/simclrv2/index/``): relative paths, labels, class

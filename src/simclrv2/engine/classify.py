@@ -27,6 +27,7 @@ from .runtime import (
     StepPlan,
     augment,
     autocast,
+    crop_spec,
     prepare_run_dir,
     resolve_device,
     step_generator,
@@ -117,27 +118,19 @@ def _train_and_evaluate(
     optimizer, peak_lr, warmup = make_optimizer(cfg, wrapper, plan)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
     loss_of = make_loss(model, train_module)
-    seen_targets = targets  # labels restricted to what this stage may use
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        views = augment(aug, x, step_generator(device, cfg.seed, step))  # fp32, outside autocast
+        # fp32, outside autocast; a streaming source has cut the crops in its workers
+        views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         return loss_of(views, y), {}
 
-    # the loop hands over dataset labels; swap in the stage's view of them (unlabeled = -1)
-    class _Source:
-        device = source.device
-
-        @staticmethod
-        def get(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x, _ = source.get(idx)
-            return x, seen_targets[idx.to(seen_targets.device)]
-
     job = loop.TrainJob(
         stage=stage, cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
-        loss_fn=loss_fn, pool=pool, source=_Source(), plan=plan, peak_lr=peak_lr, warmup_steps=warmup,
-        meta=model_meta(model, ds, image_size=size, **meta_extra), train_modules=[wrapper],
+        loss_fn=loss_fn, pool=pool, source=source, crop=crop_spec(aug), targets=targets, plan=plan,
+        peak_lr=peak_lr, warmup_steps=warmup, meta=model_meta(model, ds, image_size=size, **meta_extra),
+        train_modules=[wrapper],
     )
     loop.run(job)
     metrics: dict[str, Any] = dict(stage=stage, model=model.name, label_fraction=cfg.label_fraction,

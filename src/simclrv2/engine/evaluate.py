@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import EvalTransform
+from .. import distributed as dist
+from ..data.augment import EvalTransform, to_float
 from .runtime import BatchSource, augment, autocast, write_json
 
 
@@ -23,28 +24,42 @@ def extract(
     batch_size: int = 512,
     output: str = "features",
     precision: str = "fp32",
+    sharded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen model in eval mode over ``indices``.
 
     ``output`` is ``features`` (pooled backbone, (N, D)), ``proj`` (the head output picked by
     ``ft_proj_selector``) or ``logits``. Returns (outputs (N, D) float32 on CPU, labels (N,)).
     The model's train/eval mode is restored afterwards.
+
+    Under torchrun every rank must call this with the same ``indices``: each runs the model on its
+    contiguous share (:func:`distributed.shard_range`) and every rank gets all outputs back in the
+    order of ``indices``. In eval mode an image's output does not depend on its batch, so the result
+    is the one-process result, up to float noise. ``sharded=False`` runs all of ``indices`` here,
+    for a caller on one rank only (a collective would wait for the others forever).
     """
     was_training = model.training
     model.eval()
     tf = EvalTransform(image_size)
+    share = dist.shard_range(len(indices)) if sharded else range(len(indices))
+    # a rank with no share runs one image, not kept, so that it knows the outputs' width and dtype
+    mine = indices[share.start : share.stop] if len(share) or not len(indices) else indices[:1]
     outs, labels = [], []
-    batches = list(torch.split(indices, batch_size))
+    batches = list(torch.split(mine, batch_size))
     try:
-        for x, y in source.iterate(batches):
+        for x, y in source.eval_batches(batches, image_size):
             with autocast(source.device, precision):
-                v = augment(tf, x)  # fp32 crop and resize, outside autocast
+                # fp32 crop and resize, outside autocast; a streaming source has cut the view already
+                v = to_float(x) if source.streams else augment(tf, x)
                 out = model.features(v) if output == "features" else model(v)[output]
             outs.append(out.float().cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(outs), torch.cat(labels)
+    outs_t, labels_t = torch.cat(outs)[: len(share)], torch.cat(labels)[: len(share)]
+    if not sharded:
+        return outs_t, labels_t
+    return dist.gather_rows(outs_t), dist.gather_rows(labels_t)
 
 
 def knn_monitor_indices(

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from ..data.decode import CropSpec
 from ..optim import lr_at, set_lr
 from .progress import Progress
 from .runtime import MetricsLogger, RunError, StepPlan, autocast, batch_indices, set_aside_previous_run
@@ -36,10 +37,11 @@ class TrainJob:
     run_dir: Path
     device: torch.device
     model: nn.Module  # unwrapped model: its state_dict is the checkpoint's model.safetensors
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # the model's: the loop sets its learning rate each step
     loss_fn: LossFn  # (uint8 images, labels, step) -> (loss, stats)
     pool: torch.Tensor  # dataset indices this stage trains on
     source: Any  # BatchSource
+    crop: CropSpec  # the view's random resized crop, cut in workers when the source streams
     plan: StepPlan
     peak_lr: float
     warmup_steps: int
@@ -48,6 +50,13 @@ class TrainJob:
     after_step: Callable[[int], None] | None = None  # e.g. the memory's EMA update
     on_epoch_end: Callable[[int, int], dict[str, float]] | None = None  # (epoch, step) -> metrics
     train_modules: list[nn.Module] = field(default_factory=list)  # set to train() each step
+    views: int = 1  # views of each image a streaming source cuts (2 for contrastive pairs)
+    targets: torch.Tensor | None = None  # labels the stage may see (-1: unlabeled); None = the dataset's
+    # optimizers of other parameters that the same loss trains (the online probe's), each with its
+    # own learning rate; the loop steps them after ``optimizer``, through the gradient scaler under
+    # fp16, and ``extra_state`` saves their state
+    extra_optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None  # set by run() for precision=fp16
     # training seconds before this process: read from the checkpoint resumed from, and carried on
     # in each new checkpoint's meta.json as train_seconds, so a resumed run reports its whole time
     resumed_seconds: float = 0.0
@@ -93,7 +102,9 @@ def save(job: TrainJob, step: int, epoch: float) -> None:
     extra: dict[str, torch.Tensor] = {}
     for name, obj in job.extra_state.items():
         _flatten(name, obj.state_dict(), extra)
-    state = {"optimizer": job.optimizer.state_dict()}
+    state: dict[str, Any] = {"optimizer": job.optimizer.state_dict()}
+    if job.scaler is not None:  # its scale and growth tracker: a resumed fp16 run scales as an uninterrupted one
+        state["scaler"] = job.scaler.state_dict()
     ckpt.save_checkpoint(
         job.run_dir, step, job.model.state_dict(),
         meta=dict(job.meta, stage=job.stage, epoch=epoch, config=_cfg_dict(job.cfg),
@@ -142,6 +153,8 @@ def try_resume(job: TrainJob) -> int:
     try:
         if opt is not None:
             job.optimizer.load_state_dict(opt["optimizer"])
+            if job.scaler is not None and "scaler" in opt:
+                job.scaler.load_state_dict(opt["scaler"])
         extra_path = last / "state.safetensors"
         if extra_path.is_file():
             flat = ckpt.load_tensors(extra_path)
@@ -181,9 +194,12 @@ def run(job: TrainJob) -> dict[str, Any]:
     if not cfg.resume and dist.is_main():
         set_aside_previous_run(job.run_dir)  # starting over: keep, but never resume, the old run
     job.started = time.time()
+    # fp16: the loss is scaled before backward, so every gradient of the step is scaled, and every
+    # optimizer steps through the scaler, which unscales it (skipping the step on inf/NaN)
+    job.scaler = torch.amp.GradScaler(job.device.type) if cfg.precision == "fp16" else None
+    optimizers = [job.optimizer, *job.extra_optimizers]
     start = try_resume(job)
     logger = MetricsLogger(job.run_dir, resume_step=start)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     every = cfg.checkpoint_every or plan.steps_per_epoch
     # epoch-end checkpoints at most every checkpoint_min_seconds: with 60 labelled images an epoch
     # is one step, and a checkpoint per step cost a third of a short fine-tuning run
@@ -195,23 +211,30 @@ def run(job: TrainJob) -> dict[str, Any]:
     count = 0
     last: dict[str, Any] = {}
     t0 = time.time()
-    for step in range(start, plan.total_steps):
+    steps = range(start, plan.total_steps)
+    batches = job.source.train_batches(
+        ((step, batch_indices(job.pool, plan, cfg.seed, step)) for step in steps),
+        job.crop, job.views, cfg.seed, job.targets,
+    )
+    for step, (x, y) in zip(steps, batches):
         for m in job.train_modules:
             m.train()
         # the schedule follows the planned length, so a max_steps cap does not reshape it
         lr = lr_at(step, plan.schedule_steps, job.warmup_steps, job.peak_lr)
         set_lr(job.optimizer, lr)
-        x, y = job.source.get(batch_indices(job.pool, plan, cfg.seed, step))
         with autocast(job.device, cfg.precision):
             loss, stats = job.loss_fn(x, y, step)
-        job.optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(job.optimizer)
-            scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if job.scaler is not None:
+            job.scaler.scale(loss).backward()
+            for opt in optimizers:
+                job.scaler.step(opt)
+            job.scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
         else:
             loss.backward()
-            job.optimizer.step()
+            for opt in optimizers:
+                opt.step()
         if job.after_step is not None:
             job.after_step(step)
         # no host sync per step: flags and sums stay on the device until a log line
@@ -242,6 +265,12 @@ def run(job: TrainJob) -> dict[str, Any]:
             if done == plan.total_steps or time.time() - last_save >= min_gap:
                 save(job, done, done / plan.steps_per_epoch)
                 last_save = time.time()
+    batches.close()  # stops the workers
+    if job.source.replaced:
+        last["bad_images"] = len(job.source.replaced)
+        if dist.is_main():
+            print(f"{job.stage}: {len(job.source.replaced)} unusable image(s) were replaced by the next one "
+                  "(skip_bad_images; the workers' warnings name them)", file=sys.stderr, flush=True)
     progress.close()
     logger.close()
     dist.barrier()

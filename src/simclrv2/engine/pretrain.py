@@ -15,7 +15,7 @@ from ..losses import nt_xent
 from ..memory import MomentumMemory
 from . import loop
 from .evaluate import extract, knn_monitor_indices, knn_predict
-from .runtime import StepPlan, augment, prepare_run_dir, resolve_device, step_generator, write_json
+from .runtime import StepPlan, augment, crop_spec, prepare_run_dir, resolve_device, step_generator, write_json
 from .setup import (
     distribute,
     image_size_of,
@@ -56,15 +56,15 @@ PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
 
 
 class OnlineProbe:
-    """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file."""
+    """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file.
+
+    The step loop steps ``optimizer`` with the encoder's (``TrainJob.extra_optimizers``), so under
+    fp16 the probe's gradients are unscaled like every other.
+    """
 
     def __init__(self, probe: nn.Linear) -> None:
         self.probe = probe
         self.optimizer = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
         momentum = {}
@@ -113,7 +113,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         g = step_generator(device, cfg.seed, step)
-        views = torch.cat([augment(aug, x, g), augment(aug, x, g)])  # (2N, C, H, W), fp32 outside autocast
+        if source.streams:  # x: (2N, C, S, S) crops cut in the workers, view 1 then view 2
+            views = augment(aug, x, g, cropped=True)
+        else:  # x: (N, C, H, W) stored images; two independent views of each
+            views = torch.cat([augment(aug, x, g), augment(aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         _, z, logits = train_module(views)
@@ -133,8 +136,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return loss, stats
 
     def after_step(step: int) -> None:
-        if probe is not None:
-            probe.step()
         if memory is not None:
             memory.update_ema(model)
             memory.enqueue(pending_keys.pop())
@@ -170,9 +171,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         extra_state["probe"] = probe
     job = loop.TrainJob(
         stage="pretrain", cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
-        loss_fn=loss_fn, pool=pool, source=source, plan=plan, peak_lr=peak_lr,
+        loss_fn=loss_fn, pool=pool, source=source, crop=crop_spec(aug), views=2, plan=plan, peak_lr=peak_lr,
         warmup_steps=warmup, meta=model_meta(model, ds, image_size=size), extra_state=extra_state,
         after_step=after_step, on_epoch_end=on_epoch_end, train_modules=[step_module],
+        extra_optimizers=[probe.optimizer] if probe is not None else [],
     )
     last = loop.run(job)
     summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": peak_lr,

@@ -3,6 +3,10 @@
 The encoder stays in eval mode throughout (BN statistics are not updated) and no gradient reaches
 it: the linear classifier is trained on cached features (``method=cached``) or on features of
 crop-and-flip views computed under ``torch.no_grad`` (``method=sgd``, SGD-Nesterov).
+
+Under torchrun, features are extracted sharded across ranks (:func:`evaluate.extract`); the head
+is trained on rank 0 alone and broadcast, so every rank reports rank 0's numbers, which equal a
+one-process run's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
-from .runtime import RunError, augment, autocast, prepare_run_dir, resolve_device, step_generator
+from .runtime import RunError, augment, autocast, crop_spec, prepare_run_dir, resolve_device, step_generator
 from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
 
 _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -86,15 +90,29 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     out = _output(cfg)
     test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size, out)
     epochs = max(1, math.ceil(cfg.epochs))
-    if cfg.method == "cached":
-        train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
-        lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
-        head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
-                                        cfg.batch_size, cfg.seed)
-    elif cfg.method == "sgd":
-        head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
-    else:
+    if cfg.method not in ("cached", "sgd"):
         raise RunError(f"linear-eval method must be cached or sgd, got '{cfg.method}'")
+    if cfg.method == "cached":  # every rank takes part in the sharded extraction
+        train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
+    def train_head() -> dict[str, torch.Tensor]:
+        if cfg.method == "cached":
+            lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+            head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
+                                            cfg.batch_size, cfg.seed)
+        else:
+            head = _linear_sgd(cfg, model, source, train_idx, size, ds.num_classes, epochs, out, device)
+        return head.state_dict()
+
+    # the head is trained once, on rank 0, and sent to the others, which wait: every rank would
+    # otherwise train the same head (method=sgd, a pass of the encoder per step, on each rank)
+    try:
+        state = dist.run_on_main(train_head)
+    except RuntimeError as e:
+        if dist.is_main():
+            raise
+        raise RunError(str(e).splitlines()[0]) from e
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
     with torch.no_grad():
         scores = head(test_x)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
@@ -118,12 +136,17 @@ def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch
     bs = min(cfg.batch_size, len(idx))
     steps_per_epoch = max(1, len(idx) // bs)
     total = epochs * steps_per_epoch
-    for step in range(total):
-        epoch, within = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        x, y = source.get(idx[perm[within * bs : (within + 1) * bs]])
+
+    def batches() -> Iterator[tuple[int, torch.Tensor]]:
+        for step in range(total):
+            epoch, within = divmod(step, steps_per_epoch)
+            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            yield step, idx[perm[within * bs : (within + 1) * bs]]
+
+    for step, (x, y) in enumerate(source.train_batches(batches(), crop_spec(aug), seed=cfg.seed)):
         with torch.no_grad(), autocast(device, cfg.precision):
-            v = augment(aug, x, step_generator(device, cfg.seed, step))  # fp32, outside autocast
+            # fp32, outside autocast; a streaming source has cut the crops in its workers
+            v = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
             f = model.features(v) if out == "features" else model(v)["proj"]
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))

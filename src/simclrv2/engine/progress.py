@@ -1,9 +1,11 @@
 """What a person watching a run sees: a progress bar on a terminal, plain metric lines in a log.
 
 ``progress`` (a config key of every stage) chooses: ``auto`` shows a tqdm bar (steps, ETA, loss,
-learning rate) when stdout is a terminal and a plain line every ``log_every`` steps when it is not
-(a file, a pipe, CI); ``true`` always shows the bar, ``false`` shows neither. Both go to stdout,
-where the pipeline prints its ``[i/n] stage`` lines, so one redirect keeps them in order.
+learning rate) when stdout is a terminal and plain lines when it is not (a file, a pipe, CI);
+``true`` always shows the bar, ``false`` shows neither. Either way a plain metrics line goes out
+every ``log_every`` steps, above the bar on a terminal. Both go to stdout, where the pipeline
+prints its ``[i/n] stage`` lines, so one redirect keeps them in order. Under torchrun only rank 0
+shows progress.
 
 The pipeline names its position (``[3/15] finetune_1pct``) with :func:`position` around each stage;
 the bar or the lines of the stage then carry it.
@@ -76,14 +78,23 @@ class Progress:
             self.bar.update(1)
 
     def metrics(self, done: int, loss: float, lr: float, images_per_s: float) -> None:
-        """Called at each metrics point of the loop, with the mean loss since the last one."""
+        """Called at each metrics point of the loop, with the mean loss since the last one.
+
+        Every ``log_every`` steps (and at the last) a plain line goes out; on a terminal it is
+        written above the bar (``tqdm.write``), which stays at the bottom, so the scrollback keeps
+        the run's history as a log does.
+        """
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
-        elif self.mode == "lines" and (done % self.log_every == 0 or done == self.total):
-            per_step = (time.time() - self.t0) / max(done - self.start, 1)
-            eta = format_seconds(per_step * (self.total - done))
-            print(f"{self.label} step {done}/{self.total} loss {loss:.4f} lr {lr:.3g} "
-                  f"{images_per_s:.0f} img/s ETA {eta}", file=self.stream, flush=True)
+        if self.mode == "off" or not (done % self.log_every == 0 or done == self.total):
+            return
+        per_step = (time.time() - self.t0) / max(done - self.start, 1)
+        eta = format_seconds(per_step * (self.total - done))
+        line = f"{self.label} step {done}/{self.total} loss {loss:.4f} lr {lr:.3g} {images_per_s:.0f} img/s ETA {eta}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .. import config as C
 from .. import distributed as dist
 from .. import runlock
 from ..checkpoint import atomic_write_text
+from ..data.decode import CropSpec, ViewDataset
 
 
 class RunError(RuntimeError):
@@ -190,7 +191,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
     """``aug(x)`` computed in float32 even inside an autocast region.
 
     The step loop enters autocast around the whole ``loss_fn``, augmentation included. Under bf16
@@ -198,7 +199,13 @@ def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
     run) and the blur's bf16 output cannot be written back into the fp32 batch (an error).
     """
     with torch.autocast(x.device.type, enabled=False):
-        return aug(x) if generator is None else aug(x, generator=generator)
+        return aug(x, **kwargs) if generator is None else aug(x, generator=generator, **kwargs)
+
+
+def crop_spec(aug: Any) -> CropSpec:
+    """The random resized crop of a :class:`~simclrv2.data.augment.SimCLRAugment`, for workers to cut."""
+    return CropSpec(aug.image_size, aug.crop_scale, aug.ratio,
+                    "bicubic" if aug.interpolation == "bicubic" else "bilinear")
 
 
 def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -273,8 +280,10 @@ def usable_cores() -> int:
 class BatchSource:
     """uint8 image batches on the training device.
 
-    In-memory datasets are moved to the device once and indexed there; other datasets (ImageFolder)
-    decode in DataLoader workers and are augmented on the device afterwards.
+    In-memory datasets are moved to the device once and indexed there; the stage's augmentation
+    then crops and resizes on the device. File-backed datasets (image folders too large for memory)
+    *stream*: DataLoader workers decode each file and cut the view from the original image
+    (:mod:`simclrv2.data.decode`), so batches arrive already at the training size.
     """
 
     def __init__(self, dataset: Any, device: torch.device, num_workers: int = 4) -> None:
@@ -285,29 +294,79 @@ class BatchSource:
         images = getattr(dataset, "images", None)
         self.images = images.to(device) if isinstance(images, torch.Tensor) else None
         self.labels = dataset.labels.to(device)
+        # dataset indices whose file was unusable when a worker read it (skip_bad_images replaced it
+        # with the next image); each worker warns with the path, the loop reports the count
+        self.replaced: set[int] = set()
+
+    @property
+    def streams(self) -> bool:
+        """True when views are cut from the files in workers (``cropped`` views for the augmentation)."""
+        return self.images is None
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored images of ``idx`` (an image folder's: decoded at its stored size) and labels."""
         if self.images is not None:
             idx = idx.to(self.device)
             return self.images[idx], self.labels[idx]
-        items = [self.dataset[int(i)] for i in idx]
+        items = [self.dataset[int(i)] for i in idx]  # (image, label, index used: a bad file's replacement)
         x = torch.stack([it[0] for it in items])
+        used = torch.tensor([it[2] for it in items], dtype=torch.int64)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), self.labels[idx.to(self.device)]
+        return x.to(self.device), self.labels[used.to(self.device)]
 
-    def iterate(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in order; file-backed data is decoded ahead in worker processes."""
-        if self.images is not None or self.num_workers == 0:
+    def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec, views: int = 1,
+                      seed: int = 0, targets: torch.Tensor | None = None,
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` for each ``(step, indices)`` of ``batches``, in order.
+
+        In memory: ``x`` is the stored images (N, C, H, W), which the stage's augmentation crops.
+        Streaming: ``views`` random resized crops (``crop``) of each image, cut from the original
+        files in workers with randomness drawn from (seed, step, index, view): (views * N, C, S, S),
+        view 1 of every image, then view 2. ``targets`` replaces the dataset's labels (-1 for images
+        a stage may not see the label of).
+        """
+        labels = self.labels if targets is None else targets.to(self.device)
+        if not self.streams:
+            for _, idx in batches:
+                x, _ = self.get(idx)
+                yield x, labels[idx.to(self.device)]
+            return
+        data = ViewDataset(self.dataset, crop.size, crop, views, seed)
+        yield from self._stream(data, ([(int(i), step) for i in idx] for step, idx in batches), labels)
+
+    def eval_batches(self, batches: Iterable[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` for each index batch. In memory: the stored images, for EvalTransform on the
+        device; streaming: the evaluation view (:func:`~simclrv2.data.decode.eval_view`) at ``size``."""
+        if not self.streams:
             for idx in batches:
                 yield self.get(idx)
             return
+        data = ViewDataset(self.dataset, size, None)
+        yield from self._stream(data, ([(int(i), -1) for i in idx] for idx in batches), self.labels)
+
+    def _stream(self, data: ViewDataset, keys: Iterator[list[tuple[int, int]]],
+                labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        workers = self.num_workers
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            data, batch_sampler=_Batches(keys), num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         )
-        for x, _, index in loader:
-            yield x.to(self.device, non_blocking=True), self.labels[index.to(self.device)]
+        for x, used, asked in loader:  # x (N, views, C, S, S); used: the index read (a bad file's replacement)
+            if not torch.equal(used, asked):
+                self.replaced.update(asked[used != asked].tolist())
+            x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
+            yield x.to(self.device, non_blocking=True), labels[used.to(self.device)]
+
+
+class _Batches:
+    """A batch sampler over precomputed key lists, drawn lazily (a run's steps need not be listed)."""
+
+    def __init__(self, keys: Iterator[list[tuple[int, int]]]) -> None:
+        self.keys = keys
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.keys
 
 
 # ---------------------------------------------------------------- logging

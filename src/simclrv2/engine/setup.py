@@ -28,9 +28,11 @@ def open_split(cfg: Any, split: str, device: torch.device) -> tuple[ImageDataset
         cfg.dataset, split, data_dir=cfg.data_dir or None, download=cfg.download,
         image_size=stored, skip_bad_images=cfg.skip_bad_images,
     )
-    if isinstance(ds, ImageFolderDataset) and len(ds) * 3 * ds.image_size**2 <= MEMORY_CACHE_BYTES:
-        # a small folder is decoded once: every stage then indexes memory instead of decoding
-        # each batch again (a few thousand 32 px PNGs: 12 MB)
+    small = isinstance(ds, ImageFolderDataset) and len(ds) * 3 * ds.image_size**2 <= MEMORY_CACHE_BYTES
+    if small and cfg.cache_images:
+        # a small folder is decoded once (each image's centre square at the stored size): every
+        # stage then indexes memory instead of decoding each batch again (a few thousand 32 px PNGs:
+        # 12 MB). Larger folders stream, their views cut from the original files in workers.
         ds = ds.to_memory(num_workers=min(cfg.num_workers, usable_cores()))
     return ds, BatchSource(ds, device, cfg.num_workers)
 

@@ -1,0 +1,192 @@
+"""Two real gloo processes evaluate as one does (issue 19): sharded extraction, kNN, linear eval.
+
+Under torchrun each rank extracts its share of the images and the outputs are gathered back in
+order; linear eval trains its head on rank 0 alone and broadcasts it. Every check here runs the
+same thing in two processes (one fork) and in this process, on a tiny Fashion-MNIST with an odd
+test set (21 images: shares of 11 and 10) and a frozen tiny model:
+
+- ``extract`` gives the one-process outputs and labels, in order, also when a rank's share is empty,
+  and each rank runs the model on its share only;
+- only rank 0 trains linear heads;
+- knn-eval and linear-eval (both methods) give the one-process metrics;
+- a supervised run under two processes reports the test metrics that one process computes from its
+  final weights (the run itself trains differently on two ranks: per-rank BN and augmentation).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_distributed import free_port
+from test_eval_stages import FMNIST_DIR, _write_idx
+
+from simclrv2 import checkpoint as ckpt
+from simclrv2 import distributed as sdist
+from simclrv2.cli import main as cli_main
+from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
+from simclrv2.data.datasets import load_dataset, read_idx
+from simclrv2.engine import classify, probe
+from simclrv2.engine.evaluate import evaluate_classifier, extract
+from simclrv2.engine.runtime import BatchSource
+from simclrv2.engine.setup import load_model
+
+WORLD = 2
+N_TRAIN, N_TEST = 64, 21
+METRIC_KEYS = ("top1", "top5", "n", "per_class_accuracy", "confusion_matrix")
+
+
+def common(data_dir: Path, run_dir: Path) -> list[str]:
+    return ["model=r10_0.25x_sk0", "dataset=fashion_mnist", f"data_dir={data_dir}", "batch_size=16",
+            "progress=false", "device=cpu", "num_workers=0", "seed=0", f"run_dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fmnist")
+    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            _write_idx(root / f"{prefix}-{kind}", read_idx(FMNIST_DIR / f"{prefix}-{kind}.gz")[:n])
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    code = cli_main(["pretrain", *common(data_dir, run_dir), "max_steps=2", "warmup_epochs=0", "knn_every=0",
+                     "proj_out_dim=16"])
+    assert code == 0
+    return run_dir
+
+
+def evaluations(data_dir: Path, pretrained: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Everything compared between one and two processes; run on every rank."""
+    device = torch.device("cpu")
+    model, _ = load_model(str(pretrained), device)
+    test = BatchSource(load_dataset("fashion_mnist", "test", data_dir=str(data_dir)), device, num_workers=0)
+    seen = []  # images this process ran through the model
+    features = model.features
+    model.features = lambda x: (seen.append(len(x)), features(x))[1]
+    feats, labels = extract(model, test, torch.arange(N_TEST).flip(0), 28, batch_size=4)
+    res = {"feats": feats, "labels": labels, "images_run": sum(seen)}
+    one, one_label = extract(model, test, torch.tensor([5]), 28, batch_size=4)  # rank 1's share is empty
+    res.update(one=one, one_label=one_label)
+    heads = []  # linear heads this process trained
+    for name in ("_linear_sgd", "train_linear_on_features"):
+        real = getattr(probe, name)
+        monkeypatch.setattr(probe, name, lambda *a, real=real, **k: (heads.append(1), real(*a, **k))[1])
+    evals = {
+        "knn": (probe.run_knn_eval, KnnEvalConfig, ["k=5", "label_fraction=1.0"]),
+        "cached": (probe.run_linear_eval, LinearEvalConfig, ["method=cached", "epochs=3", "label_fraction=1.0"]),
+        "sgd": (probe.run_linear_eval, LinearEvalConfig, ["method=sgd", "epochs=2", "label_fraction=1.0"]),
+    }
+    for name, (run, cls, extra) in evals.items():
+        cfg = load_config(cls, None, [*common(data_dir, out / name), f"checkpoint={pretrained}", *extra])
+        metrics = run(cfg)
+        res[name] = {k: metrics[k] for k in METRIC_KEYS}
+    cfg = load_config(SupervisedConfig, None, [*common(data_dir, out / "supervised"), "label_fraction=1.0",
+                                               "max_steps=2", "epochs=1", "warmup_epochs=0"])
+    metrics = classify.run_supervised(cfg)
+    res["supervised"] = {k: metrics[k] for k in METRIC_KEYS}
+    res["heads_trained"] = len(heads)
+    return res
+
+
+def worker(rank: int, port: int, data_dir: str, pretrained: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sdist.setup_distributed("cpu")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        res = evaluations(Path(data_dir), Path(pretrained), Path(out), monkeypatch)
+    # uneven shares through several padded chunks: rank 0 has rows 0-4, rank 1 rows 5-6
+    rows = torch.arange(7 * 2, dtype=torch.float64).view(7, 2)
+    res["shares"] = [list(sdist.shard_range(n)) for n in (7, 1, 0)]
+    res["gathered"] = sdist.gather_rows(rows[[0, 1, 2, 3, 4]] if rank == 0 else rows[[5, 6]], chunk_rows=2)
+    sdist.barrier()
+    sdist.cleanup_distributed()
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypatch):
+    two = tmp_path / "two"
+    two.mkdir()
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(worker, args=(free_port(), str(data_dir), str(pretrained), str(two)), nprocs=WORLD,
+                       join=True, start_method=method)
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    single = evaluations(data_dir, pretrained, tmp_path / "one", monkeypatch)
+    # each rank ran the model on its share only, and only rank 0 trained linear heads
+    assert [res["images_run"] for res in ranks] == [11, 10] and single["images_run"] == N_TEST
+    assert [res["heads_trained"] for res in ranks] == [2, 0] and single["heads_trained"] == 2
+
+    # naive reference: each test image alone through the model, in the order asked for
+    model, _ = load_model(str(pretrained), torch.device("cpu"))
+    test = BatchSource(load_dataset("fashion_mnist", "test", data_dir=str(data_dir)), torch.device("cpu"), 0)
+    alone = torch.cat([extract(model, test, torch.tensor([i]), 28)[0] for i in range(N_TEST)]).flip(0)
+    torch.testing.assert_close(single["feats"], alone, atol=1e-5, rtol=1e-5)
+    for res in ranks:
+        torch.testing.assert_close(res["feats"], single["feats"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(res["labels"], single["labels"])
+        assert torch.equal(res["labels"], test.labels.flip(0))
+        torch.testing.assert_close(res["one"], alone[N_TEST - 1 - 5 :][:1], atol=1e-5, rtol=1e-5)
+        assert res["one_label"].tolist() == [int(test.labels[5])]
+        for name in ("knn", "cached", "sgd"):
+            assert res[name] == single[name], name
+    for name in ("knn", "cached", "sgd", "supervised"):
+        assert ranks[0][name] == ranks[1][name], name  # every rank reports the same numbers
+        assert (two / name / "metrics.json").is_file()
+    assert ranks[0]["cached"]["n"] == N_TEST
+    assert [res["shares"] for res in ranks] == [[[0, 1, 2, 3], [0], []], [[4, 5, 6], [], []]]
+    for res in ranks:
+        assert torch.equal(res["gathered"], torch.arange(14, dtype=torch.float64).view(7, 2))
+
+    # the two-process supervised run's test metrics are one process's on its final weights
+    sup_model, _ = load_model(str(two / "supervised"), torch.device("cpu"))
+    metrics, _ = evaluate_classifier(sup_model, test, torch.arange(N_TEST), 28, 10)
+    assert {k: metrics[k] for k in METRIC_KEYS} == ranks[0]["supervised"]
+    assert ckpt.read_meta(ckpt.latest_checkpoint(two / "supervised"))["step"] == 2
+
+
+def test_sharding_degrades_to_one_process():
+    assert list(sdist.shard_range(5)) == [0, 1, 2, 3, 4]
+    x = torch.randn(3, 2)
+    assert sdist.gather_rows(x) is x
+
+
+def waiting_worker(rank: int, port: int, out: str) -> None:
+    # a default group with a 2-second timeout stands in for NCCL's 10 minutes
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD, timeout=datetime.timedelta(seconds=2))
+    res = {}
+    res["value"] = sdist.run_on_main(lambda: (time.sleep(3), {"w": torch.arange(3) * (sdist.rank() + 1)})[1])
+
+    def fail() -> None:
+        raise ValueError("no labelled images")
+
+    try:
+        sdist.run_on_main(fail)
+    except (ValueError, RuntimeError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    sdist.barrier()
+    sdist.cleanup_distributed()
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_run_on_main_waits_past_the_group_timeout_and_passes_errors_on(tmp_path):
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(waiting_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for res in ranks:  # rank 0's result everywhere, though it took longer than the group's timeout
+        assert torch.equal(res["value"]["w"], torch.arange(3))
+    assert ranks[0]["error"] == "ValueError: no labelled images"
+    assert ranks[1]["error"] == "RuntimeError: rank 0 stopped: ValueError: no labelled images"
+    assert sdist.run_on_main(lambda: 7) == 7  # one process: the work, here
