@@ -197,17 +197,29 @@ def decode_sample(train_dir: Path, count: int) -> tuple[object, list[int]]:
     return tv, list(range(0, len(tv), step))[:count]
 
 
-def _time_loop(fn: Callable[[Any], Any], items: Sequence[Any]) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process) over ``items``."""
+def _time_loop(fn: Callable[[Any], torch.Tensor], items: Sequence[Any], batch: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) over ``items``.
+
+    ``batch`` 0: one call per item, nothing else. Otherwise every ``batch`` outputs are stacked into
+    one (batch, C, S, S) tensor, as a DataLoader worker's collate does before it hands a batch over.
+    """
     t0, c0 = time.perf_counter(), time.process_time()
-    for it in items:
-        fn(it)
+    if batch:
+        for k in range(0, len(items), batch):
+            torch.stack([fn(it) for it in items[k:k + batch]])
+    else:
+        for it in items:
+            fn(it)
     return len(items) / (time.perf_counter() - t0), len(items) / (time.process_time() - c0)
 
 
-def decode_rates(train_dir: Path, count: int, sizes: Sequence[int], rounds: int, seed: int = 0
-                 ) -> dict[tuple[int, str], list[tuple[float, float]]]:
-    """{(size, pipeline): [(images/s, images/CPU-s) per round]} for ``ours`` and ``torchvision``."""
+DecodeResults = dict[tuple[int, str, int], list[tuple[float, float]]]
+
+
+def decode_rates(train_dir: Path, count: int, sizes: Sequence[int], rounds: int, batch: int,
+                 seed: int = 0) -> DecodeResults:
+    """{(size, pipeline, batch): [(images/s, images/CPU-s) per round]} for ``ours`` and
+    ``torchvision``, per image (batch 0) and with ``batch`` outputs collated."""
     from torchvision import transforms
 
     from simclrv2.data.decode import CropSpec, decode_train_view
@@ -218,7 +230,7 @@ def decode_rates(train_dir: Path, count: int, sizes: Sequence[int], rounds: int,
         Path(p).read_bytes()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs with one torch thread
-    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    results: DecodeResults = {}
     try:
         for rnd in range(rounds):
             for size in sizes:
@@ -228,26 +240,32 @@ def decode_rates(train_dir: Path, count: int, sizes: Sequence[int], rounds: int,
                 torch.manual_seed(seed * 1000 + rnd)  # torchvision's RandomResizedCrop draws from torch
                 runs = {
                     "ours": (lambda p, spec=spec, rng=rng: decode_train_view(p, spec, rng), paths),
-                    "torchvision": (lambda i: tv[i], idx),
+                    "torchvision": (lambda i: tv[i][0], idx),
                 }
                 for name, (fn, items) in runs.items():
                     for it in items[:20]:  # untimed: first calls import and allocate
                         fn(it)
-                    results.setdefault((size, name), []).append(_time_loop(fn, items))
+                    for b in (0, batch):
+                        results.setdefault((size, name, b), []).append(_time_loop(fn, items, b))
     finally:
         torch.set_num_threads(threads)
     return results
 
 
-def decode_table(results: dict[tuple[int, str], list[tuple[float, float]]]) -> str:
-    lines = ["| size | pipeline | images/s | range over rounds | images/CPU-s | ours / torchvision |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for (size, name), per in results.items():
-        rates = [r for r, _ in per]
-        med = statistics.median(rates)
-        tv = statistics.median(r for r, _ in results[(size, "torchvision")])
-        lines.append(f"| {size} | {name} | {_num(med)} | {_num(min(rates))}-{_num(max(rates))} | "
-                     f"{_num(statistics.median(c for _, c in per))} | {med / tv:.2f}x |")
+def decode_table(results: DecodeResults) -> str:
+    batch = max(b for _, _, b in results)
+    lines = ["| size | pipeline | per image: images/s | range over rounds | ours / torchvision "
+             f"| batches of {batch}: images/s | range over rounds | ours / torchvision | images/CPU-s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, name in dict.fromkeys((s, n) for s, n, _ in results):
+        cells = []
+        for b in (0, batch):
+            rates = [r for r, _ in results[(size, name, b)]]
+            med = statistics.median(rates)
+            tv = statistics.median(r for r, _ in results[(size, "torchvision", b)])
+            cells.append(f"{_num(med)} | {_num(min(rates))}-{_num(max(rates))} | {med / tv:.2f}x")
+        cpu = statistics.median(c for _, c in results[(size, name, batch)])
+        lines.append(f"| {size} | {name} | {' | '.join(cells)} | {_num(cpu)} |")
     return "\n".join(lines)
 
 
@@ -346,7 +364,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated reports to run: {', '.join(PARTS)}")
     p.add_argument("--decode-files", type=int, default=2000, help="files the decode report goes over")
     p.add_argument("--decode-sizes", default="224,96", help="output sizes of the decode report")
-    p.add_argument("--rounds", type=int, default=2, help="decode report: interleaved repetitions")
+    p.add_argument("--decode-batch", type=int, default=32, help="decode report: images a collated batch holds")
+    p.add_argument("--rounds", type=int, default=3, help="decode report: interleaved repetitions")
     p.add_argument("--cases", default="224:r18_0.25x_sk0:32,96:r18_0.5x_sk0:64",
                    help="train report: size:model:batch, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="train report: DataLoader workers")
@@ -357,8 +376,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(a.parts) - set(PARTS))
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(PARTS)}")
-    if a.images < 1 or a.decode_files < 1 or a.rounds < 1 or a.train_steps < 1 or a.log_every < 1:
-        p.error("--images, --decode-files, --rounds, --train-steps and --log-every must be positive")
+    if min(a.images, a.decode_files, a.decode_batch, a.rounds, a.train_steps, a.log_every) < 1:
+        p.error("--images, --decode-files, --decode-batch, --rounds, --train-steps and --log-every must be positive")
     return a
 
 
@@ -373,9 +392,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(open_table(time_open(train_dir)) + "\n", flush=True)
     if "decode" in a.parts:
         sizes = [int(s) for s in a.decode_sizes.split(",") if s.strip()]
-        print(f"decode + random-resized crop + resize, one process, one torch thread, {a.decode_files} files "
-              f"(bytes read beforehand: warm page cache), median of {a.rounds} round(s):\n")
-        print(decode_table(decode_rates(train_dir, a.decode_files, sizes, a.rounds, a.seed)) + "\n", flush=True)
+        print(f"decode + random-resized crop + resize to uint8 (3, S, S), one process, one torch thread, "
+              f"{a.decode_files} files (bytes read beforehand: warm page cache), median of {a.rounds} round(s); "
+              f"per image, and with every {a.decode_batch} stacked as a worker's collate does:\n")
+        print(decode_table(decode_rates(train_dir, a.decode_files, sizes, a.rounds, a.decode_batch, a.seed)) + "\n",
+              flush=True)
     if "train" in a.parts:
         # the model step alone: a small copy of the folder, held in memory decoded (no decoding while training)
         small = a.root / "in_memory"
