@@ -25,9 +25,10 @@ Then three reports, each a markdown table on stdout (progress goes to stderr):
 - ``train``: a pretraining run's images/s (``simclrv2.engine.pretrain.run`` on ``DIR/train``,
   ``cache_images=False`` so the images stream through ``--workers`` DataLoader workers) against
   the data path alone (``BatchSource.train_batches`` with the same workers, crop and batch size,
-  without a model) and the model step alone (the same ``pretrain.run`` on a small folder held in
-  memory: no decoding while it trains). Both runs read their rate from ``metrics.jsonl``, leaving
-  out the first log line (workers starting, allocator warming up).
+  without a model) and the model step alone (the same ``pretrain.run`` with the batch source
+  replaying its first batch, already decoded, at every step: the same loop, device augmentation
+  (flip, colour, blur), model, loss and optimizer, with no decoding). Both runs read their rate
+  from ``metrics.jsonl``, leaving out the first log line (workers starting, allocator warming up).
 """
 
 from __future__ import annotations
@@ -290,19 +291,39 @@ def metrics_rate(run_dir: Path, batch: int) -> tuple[float, int]:
 
 
 def pretrain_rate(data_dir: Path, size: int, model: str, batch: int, steps: int, log_every: int,
-                  workers: int, cache_images: bool, run_dir: Path) -> tuple[float, int]:
-    """images/s of ``simclrv2.engine.pretrain.run`` after its first log line."""
+                  workers: int, run_dir: Path, decode: bool = True) -> float:
+    """images/s of ``simclrv2.engine.pretrain.run`` on the streamed folder, after its first log line.
+
+    ``decode=False`` times the model step alone: the batch source decodes the first batch and
+    replays it at every step, so the loop, the device augmentation, the model, the loss and the
+    optimizer are those of the streamed run and only the decoding is gone.
+    """
+    from unittest import mock
+
     from simclrv2.config import PretrainConfig
     from simclrv2.engine import pretrain
+    from simclrv2.engine.runtime import BatchSource
 
     cfg = PretrainConfig(
         model=model, dataset="imagefolder", data_dir=str(data_dir), image_size=size, stem="imagenet",
-        batch_size=batch, max_steps=steps, log_every=log_every, num_workers=workers,
-        cache_images=cache_images, online_probe=False, knn_every=0, run_dir=str(run_dir), device="cpu",
-        progress=False, resume=False, checkpoint_min_seconds=1e9,
+        batch_size=batch, max_steps=steps, log_every=log_every, num_workers=workers, cache_images=False,
+        online_probe=False, knn_every=0, run_dir=str(run_dir), device="cpu", progress=False, resume=False,
+        checkpoint_min_seconds=1e9,
     )
-    pretrain.run(cfg)
-    return metrics_rate(run_dir, batch)
+    streamed = BatchSource.train_batches
+
+    def replay(self: BatchSource, batches: Any, *args: Any, **kwargs: Any) -> Any:
+        first = None
+        for step, idx in batches:
+            if first is None:
+                decoded = streamed(self, iter([(step, idx)]), *args, **kwargs)
+                first = next(decoded)
+                decoded.close()  # stops its workers: nothing decodes while the model trains
+            yield first
+
+    with mock.patch.object(BatchSource, "train_batches", streamed if decode else replay):
+        pretrain.run(cfg)
+    return metrics_rate(run_dir, batch)[0]
 
 
 def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: int, workers: int,
@@ -330,11 +351,12 @@ def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: i
     return steps * batch / (time.perf_counter() - t0)
 
 
-def train_table(rows: Sequence[tuple[int, str, int, float, float, float]]) -> str:
-    lines = ["| size | model | batch | pretraining run | data path alone | model step alone | run / slower |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for size, model, batch, run, data, step in rows:
-        lines.append(f"| {size} | {model} | {batch} | {_num(run)} | {_num(data)} | {_num(step)} | "
+def train_table(rows: Sequence[tuple[int, str, int, int, float, float, float]]) -> str:
+    lines = ["| size | model | batch | torch threads | pretraining run | data path alone | model step alone "
+             "| run / slower |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for size, model, batch, threads, run, data, step in rows:
+        lines.append(f"| {size} | {model} | {batch} | {threads} | {_num(run)} | {_num(data)} | {_num(step)} | "
                      f"{100 * run / min(data, step):.0f}% |")
     return "\n".join(lines)
 
@@ -369,6 +391,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", default="224:r18_0.25x_sk0:32,96:r18_0.5x_sk0:64",
                    help="train report: size:model:batch, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="train report: DataLoader workers")
+    p.add_argument("--threads", default="", help="train report: torch threads of the training process, "
+                   "comma-separated (default: torch's, one per core)")
     p.add_argument("--log-every", type=int, default=4, help="train report: steps per metric line (the first is warm-up)")
     p.add_argument("--train-steps", type=int, default=12, help="train report: timed steps after the first log line")
     a = p.parse_args(argv)
@@ -398,25 +422,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(decode_table(decode_rates(train_dir, a.decode_files, sizes, a.rounds, a.decode_batch, a.seed)) + "\n",
               flush=True)
     if "train" in a.parts:
-        # the model step alone: a small copy of the folder, held in memory decoded (no decoding while training)
-        small = a.root / "in_memory"
-        generate(small, 64 * len(class_names()), a.seed, a.gen_workers, quiet=True)
         steps = a.log_every + a.train_steps
         rows = []
         cache = tempfile.TemporaryDirectory(prefix="simclrv2-index-")  # the runs' folder indexes, removed after
         os.environ["SIMCLRV2_CACHE"] = cache.name
+        default_threads = torch.get_num_threads()
         for size, model, batch in _cases(a.cases):
-            with tempfile.TemporaryDirectory(prefix="simclrv2-bench-") as tmp:
-                run, _ = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers, False,
-                                       Path(tmp) / "stream")
-                step, _ = pretrain_rate(small, size, model, batch, steps, a.log_every, a.workers, True,
-                                        Path(tmp) / "memory")
             data = data_path_rate(train_dir, size, batch, a.train_steps, a.log_every, a.workers, a.seed)
-            rows.append((size, model, batch, run, data, step))
-            print(f"{size} px {model} batch {batch}: run {run:.1f}, data path {data:.1f}, model step {step:.1f} "
-                  "images/s", file=sys.stderr, flush=True)
-        print(f"pretraining images/s, {a.workers} DataLoader workers, {torch.get_num_threads()} torch threads, "
-              f"ImageNet stem, fp32, mean over {a.train_steps} steps after {a.log_every} warm-up steps:\n")
+            for threads in [int(t) for t in a.threads.split(",") if t.strip()] or [default_threads]:
+                torch.set_num_threads(threads)  # the training process's; each worker runs with one
+                with tempfile.TemporaryDirectory(prefix="simclrv2-bench-") as tmp:
+                    run = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers,
+                                        Path(tmp) / "run")
+                    step = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers,
+                                         Path(tmp) / "model", decode=False)
+                rows.append((size, model, batch, threads, run, data, step))
+                print(f"{size} px {model} batch {batch}, {threads} torch threads: run {run:.1f}, data path "
+                      f"{data:.1f}, model step {step:.1f} images/s", file=sys.stderr, flush=True)
+        torch.set_num_threads(default_threads)
+        print(f"pretraining images/s, {a.workers} DataLoader workers, ImageNet stem, fp32, "
+              f"over {a.train_steps} steps after {a.log_every} warm-up steps:\n")
         print(train_table(rows), flush=True)
         cache.cleanup()
 
