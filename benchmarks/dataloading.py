@@ -21,7 +21,10 @@ Then three reports, each a markdown table on stdout (progress goes to stderr):
   from the original image, then resized, with JPEG draft decoding where the crop allows it) against
   ``torchvision.datasets.ImageFolder`` with ``Compose([RandomResizedCrop(S), PILToTensor()])``, both
   returning uint8 tensors, over the same ``--decode-files`` files whose bytes were read beforehand
-  (warm page cache: decoding is measured, not the disk). Interleaved over ``--rounds``; median.
+  (warm page cache: decoding is measured, not the disk). Timed per image, and with every
+  ``--decode-batch`` outputs stacked as a worker's collate stacks them (``PILToTensor`` returns an
+  HWC array seen as CHW, so torchvision pays the transposing copy there; ours pays it per image).
+  Interleaved over ``--rounds``; median.
 - ``train``: a pretraining run's images/s (``simclrv2.engine.pretrain.run`` on ``DIR/train``,
   ``cache_images=False`` so the images stream through ``--workers`` DataLoader workers) against
   the data path alone (``BatchSource.train_batches`` with the same workers, crop and batch size,
@@ -29,6 +32,7 @@ Then three reports, each a markdown table on stdout (progress goes to stderr):
   replaying its first batch, already decoded, at every step: the same loop, device augmentation
   (flip, colour, blur), model, loss and optimizer, with no decoding). Both runs read their rate
   from ``metrics.jsonl``, leaving out the first log line (workers starting, allocator warming up).
+  ``--threads 2,1`` repeats both runs with each number of torch threads in the training process.
 """
 
 from __future__ import annotations
