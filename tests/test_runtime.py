@@ -63,8 +63,9 @@ def test_classifier_stage_augments_outside_autocast(tmp_path: Path, monkeypatch)
     seen: list[tuple[bool, torch.dtype]] = []
 
     class Recording(CropFlipAugment):
-        def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-            out = super().forward(x, generator)
+        def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                    cropped: bool = False) -> torch.Tensor:
+            out = super().forward(x, generator, cropped)
             seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
             return out
 
