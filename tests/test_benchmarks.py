@@ -1,4 +1,4 @@
-"""Smoke tests of the issue-9 benchmarks (benchmarks/throughput.py, benchmarks/gpu_benchmark.py).
+"""Smoke tests of the benchmarks (issue 9: throughput.py, gpu_benchmark.py; issue 19: dataloading.py).
 
 Tiny models, batches and step counts: they check that the three pipelines still run and train, that
 the table is built from what was measured, and the batch-size search logic, not any speed.
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import dataloading as dl  # noqa: E402
 import gpu_benchmark as gb  # noqa: E402
 import knn_reference as kr  # noqa: E402
 import throughput as tp  # noqa: E402
@@ -195,3 +196,58 @@ def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_
     assert pixels == round(100.0 * float((m.predict(sc.transform(xt)) == yt).mean()), 2)
     assert f"(C {best:g})" in out
     assert pixels > 50.0  # 6 labels per class: pixels alone reach about 68% on the full test split
+
+
+def test_dataloading_generator_writes_a_class_folder_of_jpegs(tmp_path, capsys):
+    """benchmarks/dataloading.py's folder: valid 300-500 px RGB JPEGs of photo-like weight, one folder
+    per Fashion-MNIST class holding the images made from that class, the same bytes for any number of
+    generating processes, and files that exist are kept."""
+    import numpy as np
+    from PIL import Image
+
+    from simclrv2.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    dl.main(["--root", str(tmp_path / "a"), "--images", "20", "--parts", "", "--gen-workers", "2"])
+    assert "20 JPEGs" in capsys.readouterr().out
+    train = tmp_path / "a" / "train"
+    assert sorted(p.name for p in train.iterdir()) == sorted(c.replace("/", "-") for c in FASHION_MNIST_CLASSES)
+    files = sorted(train.rglob("*"))
+    jpegs = [p for p in files if p.is_file()]
+    assert len(jpegs) == 20 and all(p.suffix == ".jpg" for p in jpegs)  # no temporary file left behind
+    labels = load_fashion_mnist("train").labels.numpy()
+    for p in jpegs:
+        i = int(p.stem)
+        assert p.parent.name == FASHION_MNIST_CLASSES[labels[i]].replace("/", "-")
+        with Image.open(p) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert all(300 <= side <= 500 for side in img.size)
+            img.verify()
+        with Image.open(p) as img:
+            assert np.asarray(img).std() > 10  # a picture, not a flat colour
+        assert 10_000 < p.stat().st_size < 150_000
+    # one process writes the same bytes as two
+    dl.generate(tmp_path / "b", 20, workers=1, quiet=True)
+    for p in jpegs:
+        assert (tmp_path / "b" / "train" / p.relative_to(train)).read_bytes() == p.read_bytes()
+    # a second call keeps what exists and only adds what is missing
+    before = {p: p.stat().st_mtime_ns for p in jpegs}
+    jpegs[0].unlink()
+    dl.generate(tmp_path / "a", 22, quiet=True)
+    assert len(list(train.rglob("*.jpg"))) == 22
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p != jpegs[0])
+    assert jpegs[0].read_bytes() == (tmp_path / "b" / "train" / jpegs[0].relative_to(train)).read_bytes()
+
+
+def test_dataloading_rate_from_metrics_leaves_out_the_first_line(tmp_path):
+    """Each metric line's images/s covers the steps since the line before: the rate over lines is the
+    images over the summed seconds, and the first line (warm-up) does not count."""
+    import json
+
+    lines = [dict(step=4, loss=1.0, images_per_s=5.0), dict(step=5, knn_top1=10.0),
+             dict(step=8, loss=1.0, images_per_s=20.0), dict(step=12, loss=1.0, images_per_s=40.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rate, steps = dl.metrics_rate(tmp_path, batch=8)
+    assert steps == 8
+    assert rate == pytest.approx(64 / (32 / 20 + 32 / 40))
+    table = dl.train_table([(96, "r18_1x_sk0", 32, 2, 45.0, 100.0, 50.0)])
+    assert table.splitlines()[2] == "| 96 | r18_1x_sk0 | 32 | 2 | 45.0 | 100 | 50.0 | 90% |"
