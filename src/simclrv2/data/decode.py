@@ -105,13 +105,6 @@ def _draft(img: Image.Image, boxes: list[tuple[float, float, float, float]], siz
     return img.size[0] / width, img.size[1] / height
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3), or (S, S) for mode L
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
 _ORIENTATION = 0x0112  # EXIF tag; values 2-8 flip or rotate the stored pixels
 
 
@@ -126,21 +119,27 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
 def crop_resize(img: Image.Image, boxes: list[tuple[float, float, float, float]], size: int,
                 resample: Image.Resampling, channels: int = 3) -> torch.Tensor:
     """Decode the opened ``img`` once and cut every box ``(x0, y0, w, h)`` (pixels of the upright
-    full-size image), each resized to ``size`` -> ``uint8`` (len(boxes), channels, S, S)."""
+    full-size image), each resized to ``size`` -> ``uint8`` (len(boxes), channels, S, S).
+
+    The result is a channels-last array seen as (N, C, S, S), not a contiguous copy: the
+    DataLoader's collate, which stacks it into the batch anyway, does the transposing copy once.
+    """
     sx = sy = 1.0
-    if img.getexif().get(_ORIENTATION, 1) == 1:  # rotated images decode in full, then turn
+    upright = img.getexif().get(_ORIENTATION, 1) == 1
+    if upright:  # rotated images decode in full, then turn
         sx, sy = _draft(img, boxes, size)
-    rgb = to_rgb(img)
+    rgb = img if upright and img.mode == "RGB" else to_rgb(img)  # to_rgb would copy an RGB image twice
     if channels == 1:
         rgb = rgb.convert("L")
     width, height = rgb.size
-    out = []
-    for x0, y0, w, h in boxes:
+    out = np.empty((len(boxes), size, size, channels), np.uint8)
+    for k, (x0, y0, w, h) in enumerate(boxes):
         # in the decoded image's pixels; rounding of the reduced size may leave a box a hair outside
         left, top = max(0.0, x0 * sx), max(0.0, y0 * sy)
         right, bottom = min(float(width), (x0 + w) * sx), min(float(height), (y0 + h) * sy)
-        out.append(_to_tensor(rgb.resize((size, size), resample, box=(left, top, right, bottom))))
-    return torch.stack(out)
+        view = rgb.resize((size, size), resample, box=(left, top, right, bottom))
+        out[k] = np.asarray(view).reshape(size, size, channels)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 def train_views(img: Image.Image, spec: CropSpec, rngs: list[np.random.Generator]) -> torch.Tensor:
