@@ -294,7 +294,7 @@ def metrics_rate(run_dir: Path, batch: int) -> tuple[float, int]:
     return images / seconds, records[-1]["step"] - records[0]["step"]
 
 
-def pretrain_rate(data_dir: Path, size: int, model: str, batch: int, steps: int, log_every: int,
+def pretrain_rate(data_dir: Path, size: int, model: str, stem: str, batch: int, steps: int, log_every: int,
                   workers: int, run_dir: Path, decode: bool = True) -> float:
     """images/s of ``simclrv2.engine.pretrain.run`` on the streamed folder, after its first log line.
 
@@ -309,7 +309,7 @@ def pretrain_rate(data_dir: Path, size: int, model: str, batch: int, steps: int,
     from simclrv2.engine.runtime import BatchSource
 
     cfg = PretrainConfig(
-        model=model, dataset="imagefolder", data_dir=str(data_dir), image_size=size, stem="imagenet",
+        model=model, dataset="imagefolder", data_dir=str(data_dir), image_size=size, stem=stem,
         batch_size=batch, max_steps=steps, log_every=log_every, num_workers=workers, cache_images=False,
         online_probe=False, knn_every=0, run_dir=str(run_dir), device="cpu", progress=False, resume=False,
         checkpoint_min_seconds=1e9,
@@ -355,13 +355,21 @@ def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: i
     return steps * batch / (time.perf_counter() - t0)
 
 
+def shared_cpu_bound(data: float, step: float) -> float:
+    """images/s when the data path and the model step share the same cores with no overlap of their
+    work: each image costs the CPU time of both (1 / (1/data + 1/step)). Only meaningful where the
+    model step runs on the CPU too; on a GPU the model's time does not take the workers' cores."""
+    return 1.0 / (1.0 / data + 1.0 / step)
+
+
 def train_table(rows: Sequence[tuple[int, str, int, int, float, float, float]]) -> str:
     lines = ["| size | model | batch | torch threads | pretraining run | data path alone | model step alone "
-             "| run / slower |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| run / slower | shared-CPU bound | run / bound |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for size, model, batch, threads, run, data, step in rows:
+        bound = shared_cpu_bound(data, step)
         lines.append(f"| {size} | {model} | {batch} | {threads} | {_num(run)} | {_num(data)} | {_num(step)} | "
-                     f"{100 * run / min(data, step):.0f}% |")
+                     f"{100 * run / min(data, step):.0f}% | {_num(bound)} | {100 * run / bound:.0f}% |")
     return "\n".join(lines)
 
 
@@ -372,12 +380,13 @@ def train_table(rows: Sequence[tuple[int, str, int, int, float, float, float]]) 
 PARTS = ("open", "decode", "train")
 
 
-def _cases(text: str) -> list[tuple[int, str, int]]:
-    """``224:r18_0.25x_sk0:32,96:r18_0.5x_sk0:64`` -> [(size, model, batch), ...]"""
+def _cases(text: str) -> list[tuple[int, str, int, str]]:
+    """``224:r18_0.25x_sk0:32,224:r50_1x_sk1:8:auto`` -> [(size, model, batch, stem), ...]; the stem
+    (a config's ``stem`` key) is ``imagenet`` unless a fourth field names it."""
     cases = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        size, model, batch = item.split(":")
-        cases.append((int(size), model, int(batch)))
+        size, model, batch, *stem = item.split(":")
+        cases.append((int(size), model, int(batch), stem[0] if stem else "imagenet"))
     return cases
 
 
@@ -392,8 +401,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-sizes", default="224,96", help="output sizes of the decode report")
     p.add_argument("--decode-batch", type=int, default=32, help="decode report: images a collated batch holds")
     p.add_argument("--rounds", type=int, default=3, help="decode report: interleaved repetitions")
-    p.add_argument("--cases", default="224:r18_0.25x_sk0:32,96:r18_0.5x_sk0:64",
-                   help="train report: size:model:batch, comma-separated")
+    p.add_argument("--cases", default="224:r18_0.25x_sk0:32,224:r50_1x_sk1:8:auto,96:r18_0.5x_sk0:64,96:r50_1x_sk0:16:auto",
+                   help="train report: size:model:batch[:stem], comma-separated")
     p.add_argument("--workers", type=int, default=2, help="train report: DataLoader workers")
     p.add_argument("--threads", default="", help="train report: torch threads of the training process, "
                    "comma-separated (default: torch's, one per core)")
@@ -431,20 +440,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache = tempfile.TemporaryDirectory(prefix="simclrv2-index-")  # the runs' folder indexes, removed after
         os.environ["SIMCLRV2_CACHE"] = cache.name
         default_threads = torch.get_num_threads()
-        for size, model, batch in _cases(a.cases):
+        for size, model, batch, stem in _cases(a.cases):
             data = data_path_rate(train_dir, size, batch, a.train_steps, a.log_every, a.workers, a.seed)
             for threads in [int(t) for t in a.threads.split(",") if t.strip()] or [default_threads]:
                 torch.set_num_threads(threads)  # the training process's; each worker runs with one
                 with tempfile.TemporaryDirectory(prefix="simclrv2-bench-") as tmp:
-                    run = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers,
+                    run = pretrain_rate(a.root, size, model, stem, batch, steps, a.log_every, a.workers,
                                         Path(tmp) / "run")
-                    step = pretrain_rate(a.root, size, model, batch, steps, a.log_every, a.workers,
+                    step = pretrain_rate(a.root, size, model, stem, batch, steps, a.log_every, a.workers,
                                          Path(tmp) / "model", decode=False)
                 rows.append((size, model, batch, threads, run, data, step))
                 print(f"{size} px {model} batch {batch}, {threads} torch threads: run {run:.1f}, data path "
                       f"{data:.1f}, model step {step:.1f} images/s", file=sys.stderr, flush=True)
         torch.set_num_threads(default_threads)
-        print(f"pretraining images/s, {a.workers} DataLoader workers, ImageNet stem, fp32, "
+        print(f"pretraining images/s, {a.workers} DataLoader workers, fp32, "
               f"over {a.train_steps} steps after {a.log_every} warm-up steps:\n")
         print(train_table(rows), flush=True)
         cache.cleanup()

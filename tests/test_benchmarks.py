@@ -250,4 +250,5 @@ def test_dataloading_rate_from_metrics_leaves_out_the_first_line(tmp_path):
     assert steps == 8
     assert rate == pytest.approx(64 / (32 / 20 + 32 / 40))
     table = dl.train_table([(96, "r18_1x_sk0", 32, 2, 45.0, 100.0, 50.0)])
-    assert table.splitlines()[2] == "| 96 | r18_1x_sk0 | 32 | 2 | 45.0 | 100 | 50.0 | 90% |"
+    # shared-CPU bound: 1 / (1/100 + 1/50) = 33.3 images/s
+    assert table.splitlines()[2] == "| 96 | r18_1x_sk0 | 32 | 2 | 45.0 | 100 | 50.0 | 90% | 33.3 | 135% |"
