@@ -24,13 +24,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
-from test_eval_stages import FMNIST_DIR, _write_idx
+from test_eval_stages import write_small_fmnist
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2 import distributed as sdist
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
-from simclrv2.data.datasets import load_dataset, read_idx
+from simclrv2.data.datasets import load_dataset
 from simclrv2.engine import classify, probe
 from simclrv2.engine.evaluate import evaluate_classifier, extract
 from simclrv2.engine.runtime import BatchSource
@@ -48,11 +48,7 @@ def common(data_dir: Path, run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist")
-    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
-        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-            _write_idx(root / f"{prefix}-{kind}", read_idx(FMNIST_DIR / f"{prefix}-{kind}.gz")[:n])
-    return root
+    return write_small_fmnist(tmp_path_factory.mktemp("fmnist"), N_TRAIN, N_TEST)
 
 
 @pytest.fixture(scope="module")

@@ -48,14 +48,18 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small Fashion-MNIST: the first N_TRAIN / N_TEST images of the real IDX files."""
-    root = tmp_path_factory.mktemp("fmnist")
-    for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+def write_small_fmnist(root: Path, n_train: int, n_test: int) -> Path:
+    """A small Fashion-MNIST in ``root``: the first n_train / n_test images of the real IDX files."""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
             _write_idx(root / f"{prefix}-{kind}", read_idx(FMNIST_DIR / f"{prefix}-{kind}.gz")[:n])
     return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small Fashion-MNIST: the first N_TRAIN / N_TEST images of the real IDX files."""
+    return write_small_fmnist(tmp_path_factory.mktemp("fmnist"), N_TRAIN, N_TEST)
 
 
 @pytest.fixture(scope="module")

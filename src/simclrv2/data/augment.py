@@ -178,6 +178,17 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 # --------------------------------------------------------------------------------------------------
 
 
+def fallback_crop(width: int, height: int, ratio: tuple[float, float]) -> tuple[float, float]:
+    """(w, h) of a random resized crop when no draw fits (torchvision): the whole image, its aspect
+    ratio clamped into ``ratio``."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return float(width), width / ratio[0]
+    if in_ratio > ratio[1]:
+        return height * ratio[1], float(height)
+    return float(width), float(height)
+
+
 def _sample_boxes(
     n: int,
     height: int,
@@ -203,14 +214,7 @@ def _sample_boxes(
     ok = fits.any(dim=1)
     w = w.gather(1, first[:, None]).squeeze(1)
     h = h.gather(1, first[:, None]).squeeze(1)
-    # Fallback (torchvision): whole image, aspect ratio clamped into `ratio`.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = float(width), width / ratio[0]
-    elif in_ratio > ratio[1]:
-        fw, fh = height * ratio[1], float(height)
-    else:
-        fw, fh = float(width), float(height)
+    fw, fh = fallback_crop(width, height, ratio)
     w = torch.where(ok, w, torch.full_like(w, fw))
     h = torch.where(ok, h, torch.full_like(h, fh))
     pos = torch.rand(n, 2, generator=generator)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augment import fallback_crop
 from .datasets import to_rgb
 
 EVAL_CROP = 0.875  # METHOD.md 5.3: centre crop of 87.5% of the shorter side
@@ -75,13 +76,7 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
             x0 = rng.uniform(0.0, width - w)
             y0 = rng.uniform(0.0, height - h)
             return x0, y0, w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = float(width), width / ratio[0]
-    elif in_ratio > ratio[1]:
-        w, h = height * ratio[1], float(height)
-    else:
-        w, h = float(width), float(height)
+    w, h = fallback_crop(width, height, ratio)
     return (width - w) / 2, (height - h) / 2, w, h
 
 
