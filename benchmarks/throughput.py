@@ -399,13 +399,21 @@ class CeilingStep:
 
 
 def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
+    """This process's CPU seconds, all threads, at the clock's own resolution (nanoseconds on
+    Linux; ``os.times`` counts in 10 ms ticks, coarser than one step of a tiny model)."""
+    return time.process_time()
 
 
 def _children_cpu() -> float:
-    t = os.times()
-    return t.children_user + t.children_system
+    """CPU seconds of the waited-for child processes (DataLoader workers), in microseconds where
+    ``resource`` exists, else in ``os.times`` ticks."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        t = os.times()
+        return t.children_user + t.children_system
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def time_steps(
@@ -449,7 +457,10 @@ class Row:
         return statistics.median(self.images_per_s(batch))
 
     def images_per_cpu_s(self, batch: int) -> float:
-        return batch / statistics.median(self.cpu_per_step)
+        """Images per CPU-second; 0 when the CPU time measured nothing (a clock too coarse for the
+        step), which the table prints as 0 and its ratios as "-"."""
+        cpu = statistics.median(self.cpu_per_step)
+        return batch / cpu if cpu > 0 else 0.0
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -492,9 +503,10 @@ def format_table(rows: Sequence[Row], batch: int) -> str:
     cpu = {r.name: r.images_per_cpu_s(batch) for r in rows}
 
     def ratios(table: dict[str, float], name: str) -> tuple[str, str]:
-        ours = f"{table['ours'] / table[name]:.2f}x" if "ours" in table else "-"
-        ceil = f"{table['ceiling'] / table[name]:.2f}x" if "ceiling" in table else "-"
-        return ours, ceil
+        def ratio(top: str) -> str:
+            return f"{table[top] / table[name]:.2f}x" if table.get(top, 0) > 0 and table[name] > 0 else "-"
+
+        return ratio("ours"), ratio("ceiling")
 
     lines = [
         "| pipeline | images/s | range over rounds | ms/step | ours faster by | ceiling faster by "

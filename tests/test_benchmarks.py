@@ -252,3 +252,11 @@ def test_dataloading_rate_from_metrics_leaves_out_the_first_line(tmp_path):
     table = dl.train_table([(96, "r18_1x_sk0", 32, 2, 45.0, 100.0, 50.0)])
     # shared-CPU bound: 1 / (1/100 + 1/50) = 33.3 images/s
     assert table.splitlines()[2] == "| 96 | r18_1x_sk0 | 32 | 2 | 45.0 | 100 | 50.0 | 90% | 33.3 | 135% |"
+
+
+def test_table_survives_a_cpu_time_of_zero():
+    """A clock too coarse for the step gives 0 CPU seconds: the table prints "-", not a crash."""
+    rows = [tp.Row("ours", [0.01], [0.0]), tp.Row("ceiling", [0.005], [0.004])]
+    lines = tp.format_table(rows, 8).splitlines()
+    assert lines[2].startswith("| ours | 800 |") and lines[2].endswith("| 0 | - | - |")
+    assert "| 2000 | - | 1.00x |" in lines[3]
