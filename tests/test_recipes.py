@@ -289,6 +289,57 @@ def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monke
     assert budget.scale_stages(pc, 1.0) is pc
 
 
+def _big_images(root: Path, side: int = 64) -> Path:
+    """Fashion-MNIST images scaled up to ``side`` px, 60 training and 10 test images per class."""
+    from PIL import Image
+
+    ds = load_fashion_mnist("test")
+    labels = ds.labels.numpy()
+    for split, offset, n in (("train", 0, 60), ("test", 60, 10)):
+        for c in (0, 1):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(labels == c)[offset:offset + n]:
+                Image.fromarray(ds.images[i, 0].numpy()).resize((side, side)).save(folder / f"{i:05d}.png")
+    return root
+
+
+def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypatch, capsys):
+    """Where the images' own size would shrink the other stages' steps, the budget picks the size at
+    which they fit (not below 32 px) and pins it in pipeline.yaml; an image_size the user set is
+    kept, and the steps shrink instead."""
+    import simclrv2.pipeline as P
+
+    root = _big_images(tmp_path / "big")
+    # a step costs in proportion to its pixels: at 64 px about half the steps would fit
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        (0.2 if views == 2 else 0.06) * (self.image_size(cfg) / 32) ** 2)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    values = yaml.safe_load(DEMO.read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.1], budget_minutes=9, embedding_points=0,
+                  small_student="")
+    values["common"].update(dataset="imagefolder", data_dir=str(root), model=MODEL)
+    pc = C.build(PipelineConfig, values)
+    rec = budget.fit_pretraining(pc)
+    assert rec["native_image_size"] == 64 and budget.SMALLEST_AUTO_SIZE <= rec["image_size"] < 64
+    assert rec["other_scale"] == 1.0 and rec["epochs"] >= 1
+    assert "training at" in capsys.readouterr().out
+
+    class _Stop(Exception):
+        pass
+
+    monkeypatch.setattr(P, "run_stage", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    written = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
+    assert written["common"]["image_size"] == rec["image_size"]
+
+    values["common"]["image_size"] = 64  # the user's choice stands
+    values["run_dir"] = str(tmp_path / "kept")
+    kept = budget.fit_pretraining(C.build(PipelineConfig, values))
+    assert kept["image_size"] == 64 and "native_image_size" not in kept and kept["other_scale"] < 1
+
+
 def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None: 0.5)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-3)

@@ -41,6 +41,9 @@ MIN_SCALE = 0.1  # never shrink them below a tenth: then the budget is an error 
 # process for a moment (a measurement takes seconds, the run it sizes minutes) would otherwise size
 # the whole run for a slower machine.
 TIMED_STEPS = 3
+# With image_size 0 (the dataset's own), a budget too small for the images' size trains at a smaller
+# one, never below this: the small encoders' stems are made for 28-96 px (METHOD.md 1.4).
+SMALLEST_AUTO_SIZE = 32
 
 
 def fit_pretraining(pc: Any) -> dict[str, Any]:
@@ -60,6 +63,10 @@ def fit_pretraining(pc: Any) -> dict[str, Any]:
             rec = dict(_measure_and_fit(pc), config_hash=key)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(rec, indent=1))
+            if "native_image_size" in rec:
+                print(f"budget: {rec['native_image_size']} px images would leave too little of "
+                      f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "
+                      "to choose, or raise budget_minutes)", flush=True)
             print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
                   f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
                   f"pretraining {rec['epochs']:g} epochs", flush=True)
@@ -69,9 +76,46 @@ def fit_pretraining(pc: Any) -> dict[str, Any]:
 
 
 def _measure_and_fit(pc: Any) -> dict[str, Any]:
+    """Measure and fit at the images' own resolution; where that would shrink the other stages'
+    steps and the resolution is the dataset's (``image_size`` 0), measure and fit again at the
+    smaller resolution at which they would fit (cost grows about with pixels), down to
+    ``SMALLEST_AUTO_SIZE``. A run that cannot afford its images' size trains on smaller ones
+    rather than on a tenth of its steps."""
+    t0 = time.time()
+    fit = _fit(pc, t0)
+    native = fit["image_size"]
+    if fit["other_scale"] < 1.0 and _size_is_automatic(pc) and native > SMALLEST_AUTO_SIZE:
+        fit = dict(_fit_smaller(pc, fit, t0), native_image_size=native)
+    if fit["epochs"] < 1:
+        raise C.ConfigError(
+            f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
+            f"about {fit['other_seconds'] / 60:.1f} min and one pretraining epoch {fit['epoch_seconds'] / 60:.1f} "
+            "min; raise budget_minutes or shorten the other stages (min_steps, epochs, lr_search)")
+    return fit
+
+
+def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
+    for _ in range(2):  # step costs do not fall quite as fast as pixels at small sizes
+        target = fit["image_size"] * math.sqrt(fit["other_scale"])
+        size = max(SMALLEST_AUTO_SIZE, int(target) // 8 * 8)
+        if size >= fit["image_size"]:
+            break
+        fit = _fit(dataclasses.replace(pc, common=dict(pc.common, image_size=size)), t0)
+        if fit["other_scale"] >= 1.0 or size == SMALLEST_AUTO_SIZE:
+            break
+    return fit
+
+
+def _size_is_automatic(pc: Any) -> bool:
+    """No section of ``pc`` sets ``image_size``: every stage trains at the dataset's own size."""
+    sections = [pc.common, pc.pretrain, pc.finetune, pc.supervised, pc.distill_self, pc.distill_small,
+                pc.linear_eval, pc.knn_eval, *[v for f in pc.by_fraction.values() for v in f.values()]]
+    return not any(section.get("image_size") for section in sections)
+
+
+def _fit(pc: Any, t0: float) -> dict[str, Any]:
     from .pipeline import plan_stages
 
-    t0 = time.time()
     plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
     sizes = _Sizes(plans[0].cfg)
     timer = _StepTimer(sizes)
@@ -87,12 +131,8 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     stages = {name: t * scale + f for name, (t, f) in parts.items()}
     left = planned - other
     epochs = math.floor(2 * left / epoch) / 2 if left > 0 else 0.0  # half epochs
-    if epochs < 1:
-        raise C.ConfigError(
-            f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
-            f"about {other / 60:.1f} min and one pretraining epoch {epoch / 60:.1f} min; raise budget_minutes "
-            "or shorten the other stages (min_steps, epochs, lr_search)")
-    return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "epoch_seconds": round(epoch, 4),
+    return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "image_size": timer.image_size(plans[0].cfg),
+            "epoch_seconds": round(epoch, 4),
             "other_seconds": round(other, 3), "other_scale": round(scale, 4), "measure_seconds": round(measured, 3),
             "stage_estimates": {k: round(v, 1) for k, v in stages.items()}}
 
@@ -134,6 +174,9 @@ class _StepTimer:
         self.sizes = sizes
         self._image_size_of = image_size_of
         self._cache: dict[tuple[Any, ...], float] = {}
+
+    def image_size(self, cfg: Any) -> int:
+        return self._image_size_of(cfg, self.sizes.train)
 
     def _model(self, cfg: Any, **kw: Any) -> torch.nn.Module:
         from .engine.setup import new_model

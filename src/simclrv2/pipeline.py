@@ -319,6 +319,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
         budget = fit_pretraining(pc)
         pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
                                  pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
+        if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
+            pc = dataclasses.replace(pc, common=dict(pc.common, image_size=budget["image_size"]))
         plans = plan_stages(pc)
     # launch_rank throughout, not is_main: the first stage creates the process group, and until then
     # every torchrun rank would take itself for rank 0 (and print each line, write each file, twice)
