@@ -406,6 +406,10 @@ def test_report_warns(tmp_path):
     healthy = dict(out, results=out["results"][4:])
     assert warnings(healthy) == []
     assert "## Warnings" not in write_report(tmp_path / "r", healthy, pc).read_text()
+    shrunk = dict(healthy, budget={"budget_minutes": 15, "epoch_seconds": 1.9, "other_seconds": 443,
+                                   "image_size": 32, "native_image_size": 96})
+    assert ("every stage trained at 32 px, as the images' own 96 px would not fit"
+            in write_report(tmp_path / "r", shrunk, pc).read_text())
 
 
 def test_chance_warning_uses_the_number_of_classes():

@@ -312,6 +312,9 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         chosen = (f", chosen to fit a {budget['budget_minutes']:g}-minute budget (estimates on this machine: "
                   f"{budget['epoch_seconds']:.1f} s an epoch, {budget['other_seconds']:.0f} s for the other "
                   "stages)" if budget else "")
+        if budget and "native_image_size" in budget:
+            chosen += (f"; every stage trained at {budget['image_size']} px, as the images' own "
+                       f"{budget['native_image_size']} px would not fit")
         lines += [f"Pretraining: {pre['epochs']:g} epochs, {pre['steps']} steps{knn}{chosen}.", ""]
     lines += ["| Stage | Seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in out["stages"].items()]
