@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from test_pipeline import tiny_fashion_mnist
+from test_resume import make_image_folder
 from torch import nn
 
 from simclrv2 import budget
@@ -289,28 +290,13 @@ def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monke
     assert budget.scale_stages(pc, 1.0) is pc
 
 
-def _big_images(root: Path, side: int = 64) -> Path:
-    """Fashion-MNIST images scaled up to ``side`` px, 60 training and 10 test images per class."""
-    from PIL import Image
-
-    ds = load_fashion_mnist("test")
-    labels = ds.labels.numpy()
-    for split, offset, n in (("train", 0, 60), ("test", 60, 10)):
-        for c in (0, 1):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in np.flatnonzero(labels == c)[offset:offset + n]:
-                Image.fromarray(ds.images[i, 0].numpy()).resize((side, side)).save(folder / f"{i:05d}.png")
-    return root
-
-
 def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypatch, capsys):
     """Where the images' own size would shrink the other stages' steps, the budget picks the size at
     which they fit (not below 32 px) and pins it in pipeline.yaml; an image_size the user set is
     kept, and the steps shrink instead."""
     import simclrv2.pipeline as P
 
-    root = _big_images(tmp_path / "big")
+    root = make_image_folder(tmp_path / "big", n_train=60, n_test=10, side=64)
     # a step costs in proportion to its pixels: at 64 px about half the steps would fit
     monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
                         (0.2 if views == 2 else 0.06) * (self.image_size(cfg) / 32) ** 2)

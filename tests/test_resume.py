@@ -95,8 +95,10 @@ def test_pretrain_stop_and_resume_is_bitwise_identical(tmp_path: Path, memory: b
     assert [r["step"] for r in metric_lines(split)] == list(range(1, 9))
 
 
-def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: tuple[int, ...] = (0, 1)) -> Path:
-    """A small ImageNet-layout folder (root/<split>/<class>/<file>.png) of Fashion-MNIST images."""
+def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: tuple[int, ...] = (0, 1),
+                      side: int = 28) -> Path:
+    """A small ImageNet-layout folder (root/<split>/<class>/<file>.png) of Fashion-MNIST images,
+    scaled to ``side`` px."""
     ds = load_fashion_mnist("test")
     labels = ds.labels.numpy()
     for split, offset, n in (("train", 0, n_train), ("test", n_train, n_test)):
@@ -104,7 +106,8 @@ def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: t
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
             for i in np.flatnonzero(labels == c)[offset : offset + n]:
-                Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"img{i:05d}.png")
+                image = Image.fromarray(ds.images[i, 0].numpy())
+                (image if side == 28 else image.resize((side, side))).save(folder / f"img{i:05d}.png")
     return root
 
 

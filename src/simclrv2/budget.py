@@ -108,8 +108,8 @@ def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
 
 def _size_is_automatic(pc: Any) -> bool:
     """No section of ``pc`` sets ``image_size``: every stage trains at the dataset's own size."""
-    sections = [pc.common, pc.pretrain, pc.finetune, pc.supervised, pc.distill_self, pc.distill_small,
-                pc.linear_eval, pc.knn_eval, *[v for f in pc.by_fraction.values() for v in f.values()]]
+    sections = [v for k, v in vars(pc).items() if isinstance(v, dict) and k != "by_fraction"]
+    sections += [v for f in pc.by_fraction.values() for v in f.values()]
     return not any(section.get("image_size") for section in sections)
 
 
