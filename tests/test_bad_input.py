@@ -16,14 +16,13 @@ import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_resume import make_image_folder
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, load_fashion_mnist
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR
 
 MODEL = "model=r10_0.25x_sk0"
 TINY = ["num_workers=0", "progress=false", "batch_size=8", "image_size=16"]
@@ -36,19 +35,6 @@ def reseal(ckpt_dir: Path) -> None:
     """Record the checksums of a checkpoint's files as they are now, as whoever swapped a file in
     could: the tests below check what comes after the checksums (shapes, the safe loader)."""
     ckpt.write_meta(ckpt_dir, json.loads((ckpt_dir / "meta.json").read_text()))
-
-
-def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4) -> Path:
-    """root/<split>/<class>/<file>.png with two Fashion-MNIST classes; file names unique."""
-    ds = load_fashion_mnist("test")
-    labels = ds.labels.numpy()
-    for split, offset, n in (("train", 0, n_train), ("test", n_train, n_test)):
-        for c in (0, 1):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in np.flatnonzero(labels == c)[offset : offset + n]:
-                Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"img{i:05d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

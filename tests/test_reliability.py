@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+from test_resume import make_image_folder
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, load_fashion_mnist
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR
 
 MIN_KILLS = 10
 SEED = 20240611
@@ -225,19 +225,6 @@ def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ the pipeline command
-
-
-def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4) -> Path:
-    """root/<split>/<class>/<file>.png: two Fashion-MNIST classes, small enough for a whole pipeline."""
-    ds = load_fashion_mnist("test")
-    labels = ds.labels.numpy()
-    for split, offset, n in (("train", 0, n_train), ("test", n_train, n_test)):
-        for c in (0, 1):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in np.flatnonzero(labels == c)[offset : offset + n]:
-                Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"img{i:05d}.png")
-    return root
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
