@@ -106,8 +106,7 @@ def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: t
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
             for i in np.flatnonzero(labels == c)[offset : offset + n]:
-                image = Image.fromarray(ds.images[i, 0].numpy())
-                (image if side == 28 else image.resize((side, side))).save(folder / f"img{i:05d}.png")
+                Image.fromarray(ds.images[i, 0].numpy()).resize((side, side)).save(folder / f"img{i:05d}.png")
     return root
 
 
