@@ -306,7 +306,7 @@ def pretrain_rate(data_dir: Path, size: int, model: str, stem: str, batch: int, 
 
     from simclrv2.config import PretrainConfig
     from simclrv2.engine import pretrain
-    from simclrv2.engine.runtime import BatchSource
+    from simclrv2.engine.batches import BatchSource
 
     cfg = PretrainConfig(
         model=model, dataset="imagefolder", data_dir=str(data_dir), image_size=size, stem=stem,
@@ -337,7 +337,7 @@ def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: i
     ``steps`` timed ones."""
     from simclrv2.data.datasets import ImageFolderDataset
     from simclrv2.data.decode import CropSpec
-    from simclrv2.engine.runtime import BatchSource, StepPlan, batch_indices
+    from simclrv2.engine.batches import BatchSource, StepPlan, batch_indices
 
     ds = ImageFolderDataset(train_dir)
     source = BatchSource(ds, torch.device("cpu"), num_workers=workers)
@@ -420,7 +420,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
-    from simclrv2.engine.runtime import machine_description
+    from simclrv2.engine.runfolder import machine_description
 
     train_dir = generate(a.root, a.images, a.seed, a.gen_workers)
     print(f"\n{machine_description()}; load average "

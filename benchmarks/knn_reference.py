@@ -16,9 +16,9 @@ import argparse
 import torch
 
 from simclrv2.data.datasets import load_dataset
+from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.evaluate import extract, knn_monitor_indices, knn_predict
-from simclrv2.engine.runtime import BatchSource
-from simclrv2.engine.setup import new_model
+from simclrv2.engine.models import new_model
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,

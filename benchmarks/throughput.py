@@ -5,8 +5,8 @@
 
 Three pipelines run in the same process on the same machine, one after the other, ``--rounds`` times:
 
-- ``ours``: what ``simclrv2.engine.pretrain`` does per step (its ``loss_fn`` closure inside
-  ``engine/loop.py``): a uint8 batch gathered from an in-memory tensor on the device, two views from
+- ``ours``: what ``simclrv2.engine.pretrain`` does per step (``contrastive_loss`` inside its
+  step loop): a uint8 batch gathered from an in-memory tensor on the device, two views from
   the batched ``SimCLRAugment`` (METHOD.md 5.1), ``ContrastiveStep`` (encoder + 3-layer head + online
   probe on detached features) on the 2N batch, ``nt_xent`` (METHOD.md 3), backward, ``LARS`` over
   ``param_groups`` (METHOD.md 4.1) with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag
@@ -48,9 +48,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclrv2.data import SimCLRAugment
+from simclrv2.engine.device import autocast
+from simclrv2.engine.models import stem_overrides
 from simclrv2.engine.pretrain import ContrastiveStep
-from simclrv2.engine.runtime import autocast
-from simclrv2.engine.setup import stem_overrides
 from simclrv2.losses import nt_xent
 from simclrv2.models import create_model
 from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
@@ -107,7 +107,7 @@ def synthetic_images(n: int, channels: int, size: int, seed: int) -> torch.Tenso
 
 
 def make_model(cfg: BenchConfig, device: torch.device) -> nn.Module:
-    """The registry variant with the benchmark's input channels and stem (engine.setup.new_model)."""
+    """The registry variant with the benchmark's input channels and stem (engine.models.new_model)."""
     model = create_model(cfg.model, in_chans=cfg.channels, **stem_overrides(cfg.stem, cfg.image_size)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -124,7 +124,7 @@ def _maybe_compile(module: nn.Module, cfg: BenchConfig) -> nn.Module:
 
 
 class OursStep:
-    """Our pretraining step, as engine/pretrain.py's ``loss_fn`` runs inside engine/loop.py.
+    """Our pretraining step, as engine/pretrain.py's step loop runs it.
 
     ``views(step)`` is the data part (gather + two batched views), ``update(views, y, step)`` the
     model part (forward, NT-Xent, probe, backward, LARS); ``self(step)`` runs both. ``timer``, when
@@ -168,7 +168,7 @@ class OursStep:
         """
         t0 = time.perf_counter()
         n = batch or self.cfg.batch_size
-        # engine.runtime.batch_indices: a slice of a seeded permutation, gathered on the device
+        # engine.batches.batch_indices: a slice of a seeded permutation, gathered on the device
         perm = torch.randperm(self.cfg.pool_size, generator=torch.Generator().manual_seed(step))
         idx = perm.repeat(-(-n // self.cfg.pool_size))[:n].to(self.device)
         x, y = self.images[idx], self.labels[idx]
@@ -177,8 +177,8 @@ class OursStep:
         # sample_params rejects.)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7919)
         # fp32 augmentation even in a bf16 run: under autocast the blur's conv2d returns bf16 and
-        # the in-place `out[idx] = blurred` into the fp32 batch fails (engine/loop.py runs loss_fn,
-        # augmentation included, under autocast, so precision=bf16 pretraining hits that error).
+        # the in-place `out[idx] = blurred` into the fp32 batch fails (engine/pretrain.py computes
+        # the loss, augmentation included, under autocast, and so augments through device.augment).
         with torch.autocast(self.device.type, enabled=False):
             views = torch.cat([self.aug(x, generator=g), self.aug(x, generator=g)])  # (2N, C, S, S)
         if self.cfg.channels_last:
@@ -205,7 +205,7 @@ class OursStep:
         loss.backward()
         t0 = self._mark("backward", t0)
         self.optimizer.step()
-        # engine/loop.py: the finite flag and metric sums stay on the device between log lines
+        # engine/metrics.TrainLog: the finite flag and metric sums stay on the device between log lines
         self.finite &= torch.isfinite(loss.detach())
         for k, v in dict(stats, loss=loss.detach()).items():
             self.sums[k] = self.sums.get(k, 0) + v.float()

@@ -31,10 +31,10 @@ from simclrv2 import distributed as sdist
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import load_dataset
-from simclrv2.engine import classify, probe
+from simclrv2.engine import probe, supervised
+from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.evaluate import evaluate_classifier, extract
-from simclrv2.engine.runtime import BatchSource
-from simclrv2.engine.setup import load_model
+from simclrv2.engine.models import load_model
 
 WORLD = 2
 N_TRAIN, N_TEST = 64, 21
@@ -87,7 +87,7 @@ def evaluations(data_dir: Path, pretrained: Path, out: Path, monkeypatch: pytest
         res[name] = {k: metrics[k] for k in METRIC_KEYS}
     cfg = load_config(SupervisedConfig, None, [*common(data_dir, out / "supervised"), "label_fraction=1.0",
                                                "max_steps=2", "epochs=1", "warmup_epochs=0"])
-    metrics = classify.run_supervised(cfg)
+    metrics = supervised.run(cfg)
     res["supervised"] = {k: metrics[k] for k in METRIC_KEYS}
     res["heads_trained"] = len(heads)
     return res

@@ -23,7 +23,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import read_idx
-from simclrv2.engine import classify, probe
+from simclrv2.engine import distill, finetune, probe, supervised
 from simclrv2.models import create_model
 from simclrv2.serve import load_pretrained
 
@@ -187,11 +187,11 @@ def test_supervised_starts_from_random_init(pretrain_dir, data_dir, test_labels,
         initial.append(copy.deepcopy(model.state_dict()))
         return model
 
-    new_model = classify.new_model
-    monkeypatch.setattr(classify, "new_model", capture)
+    new_model = supervised.new_model
+    monkeypatch.setattr(supervised, "new_model", capture)
     cfg = load_config(SupervisedConfig, None, [*_common(data_dir, tmp_path / "sup"), "label_fraction=0.2",
                                                "max_steps=2", "warmup_epochs=0"])
-    classify.run_supervised(cfg)
+    supervised.run(cfg)
     (init,) = initial
     # the same draw as a fresh model under the run's seed ...
     torch.manual_seed(cfg.seed)
@@ -262,14 +262,14 @@ def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, 
     teacher_dir = tmp_path / "teacher"
     ft = load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
                                             "label_fraction=0.2", "max_steps=2"])
-    classify.run_finetune(ft)
-    loaded = capture_loaded_models(monkeypatch, classify)
+    finetune.run(ft)
+    loaded = capture_loaded_models(monkeypatch, distill)
     before = _state(teacher_dir)
     digest = _file_digest(teacher_dir)
     cfg = load_config(DistillConfig, None, [*_common(data_dir, tmp_path / "student"),
                                             f"teacher_checkpoint={teacher_dir}", "max_steps=3",
                                             "warmup_epochs=0", "tau=1.0"])
-    result = classify.run_distill(cfg)
+    result = distill.run(cfg)
     teacher = loaded[0]
     assert not teacher.training
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

@@ -6,9 +6,9 @@ the scaler unscaling its gradients moves 65536 times too far. Here a short pretr
 fp16 autocast must give the probe (and the encoder) the weights of the same run in fp32, up to
 fp16 rounding, and a stopped and resumed fp16 run must equal an uninterrupted one, scaler included.
 
-fp16 is refused on the CPU by ``runtime.autocast`` (it is slow there, and the GPU is its use); torch
+fp16 is refused on the CPU by ``engine.device.autocast`` (it is slow there, and the GPU is its use); torch
 itself supports fp16 autocast and ``GradScaler("cpu")``, so the tests lift that refusal by
-monkeypatching the step loop's ``autocast``. With the probe stepped outside the scaler, the fp16
+monkeypatching the pretraining loop's ``autocast``. With the probe stepped outside the scaler, the fp16
 run of the first test stops on a non-finite loss by step 4.
 """
 
@@ -23,7 +23,8 @@ from test_resume import assert_same_checkpoint, cli
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.data.datasets import read_idx
-from simclrv2.engine import loop, runtime
+from simclrv2.engine import device as engine_device
+from simclrv2.engine import pretrain as pretrain_stage
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -31,12 +32,12 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 def cpu_autocast(device: torch.device, precision: str):
     if precision == "fp16":
         return torch.autocast(device.type, dtype=torch.float16)
-    return runtime.autocast(device, precision)
+    return engine_device.autocast(device, precision)
 
 
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
-    monkeypatch.setattr(loop, "autocast", cpu_autocast)
+    monkeypatch.setattr(pretrain_stage, "autocast", cpu_autocast)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ Real stages on 2,000 real Fashion-MNIST training images (``test_pipeline.tiny_fa
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,8 +35,8 @@ from simclrv2 import config as C
 from simclrv2.cli import main
 from simclrv2.config import DistillConfig, FinetuneConfig, PretrainConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import load_fashion_mnist
-from simclrv2.engine import classify, loop, pretrain
-from simclrv2.engine.setup import labelled_indices, training_pool, validation_indices
+from simclrv2.engine import distill, finetune, pretrain, supervised
+from simclrv2.engine.splits import labelled_indices, training_pool, validation_indices
 from simclrv2.models.heads import SupervisedHead
 from simclrv2.pipeline import PipelineConfig, plan_stages
 from simclrv2.report import warnings, write_report
@@ -69,31 +71,39 @@ def teacher(data, encoder, tmp_path_factory) -> Path:
 
 
 class _Built(Exception):
-    """Raised by the patched step loop: the stage has built its job, nothing needs to train."""
+    """Raised by the patched step loop: the stage has built its parts, nothing needs to train."""
 
 
-def built_job(monkeypatch, stage_fn, cfg) -> loop.TrainJob:
-    """The job (model, optimizer, pool, step plan) that ``stage_fn(cfg)`` hands to the step loop."""
-    jobs: list[loop.TrainJob] = []
+def built_job(monkeypatch, stage, cfg) -> SimpleNamespace:
+    """What ``stage.run(cfg)`` hands to its step loop (``stage._train``): the model the
+    checkpoint holds, its optimizer, the pool of images, the step plan and the schedule."""
+    jobs: list[SimpleNamespace] = []
+    loop = getattr(stage._train, "__wrapped__", stage._train)  # the real loop, also when already patched
 
-    def capture(job: loop.TrainJob) -> None:
-        jobs.append(job)
+    def capture(*args, **kwargs) -> None:
+        a = inspect.signature(loop).bind(*args, **kwargs).arguments
+        if "p" in a:  # pretraining keeps its parts together
+            a.update(model=a["p"].model, optimizer=a["p"].optimizer)
+        model = a["trainable"].model if "trainable" in a else a["student"] if "student" in a else a["model"]
+        jobs.append(SimpleNamespace(model=model, optimizer=a["optimizer"], pool=a["pool"], plan=a["plan"],
+                                    schedule=a["schedule"]))
         raise _Built
 
-    monkeypatch.setattr(loop, "run", capture)
+    capture.__wrapped__ = loop
+    monkeypatch.setattr(stage, "_train", capture)
     with pytest.raises(_Built):
-        stage_fn(cfg)
+        stage.run(cfg)
     return jobs[0]
 
 
 def _stage_cfgs(data: Path, tmp: Path, encoder: Path, teacher: Path) -> dict[str, tuple]:
     return {
-        "pretrain": (pretrain.run, load_config(PretrainConfig, None, _common(data, tmp / "p"))),
-        "finetune": (classify.run_finetune, load_config(
+        "pretrain": (pretrain, load_config(PretrainConfig, None, _common(data, tmp / "p"))),
+        "finetune": (finetune, load_config(
             FinetuneConfig, None, _common(data, tmp / "f", f"init_checkpoint={encoder}", "label_fraction=0.02"))),
-        "supervised": (classify.run_supervised, load_config(
+        "supervised": (supervised, load_config(
             SupervisedConfig, None, _common(data, tmp / "s", "label_fraction=0.02"))),
-        "distill": (classify.run_distill, load_config(
+        "distill": (distill, load_config(
             DistillConfig, None, _common(data, tmp / "d", f"teacher_checkpoint={teacher}", "label_fraction=0.02"))),
     }
 
@@ -137,21 +147,21 @@ def test_small_data_gets_min_steps(data, encoder, teacher, tmp_path, monkeypatch
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.02], budget_minutes=0, lr_search=[])
     values["common"]["data_dir"] = str(data)
     plans = {p.name: p for p in plan_stages(C.build(PipelineConfig, values))}
-    runs = {"finetune_2pct": classify.run_finetune, "supervised_2pct": classify.run_supervised,
-            "distill_self_2pct": classify.run_distill, "distill_small_2pct": classify.run_distill}
+    runs = {"finetune_2pct": finetune, "supervised_2pct": supervised,
+            "distill_self_2pct": distill, "distill_small_2pct": distill}
     for name, stage_fn in runs.items():
         cfg = plans[name].cfg
-        if stage_fn is classify.run_finetune:
+        if stage_fn is finetune:
             cfg = dataclasses.replace(cfg, init_checkpoint=str(encoder))
-        if stage_fn is classify.run_distill:
+        if stage_fn is distill:
             cfg = dataclasses.replace(cfg, teacher_checkpoint=str(teacher))
         job = built_job(monkeypatch, stage_fn, cfg)
-        pool = 40 if stage_fn is not classify.run_distill else 1800
+        pool = 40 if stage_fn is not distill else 1800
         assert len(job.pool) == pool, name
         by_epochs = math.ceil(cfg.epochs * max(1, pool // min(cfg.batch_size, pool)))
         assert cfg.min_steps > by_epochs, f"{name}: the test should exercise min_steps"
         assert job.plan.total_steps == cfg.min_steps, name
-        assert job.warmup_steps <= job.plan.total_steps // 2
+        assert job.schedule.warmup_steps <= job.plan.total_steps // 2
 
 
 # ------------------------------------------------------------------ the validation split

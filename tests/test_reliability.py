@@ -108,7 +108,8 @@ def launcher():
     """A fork server with torch and simclrv2 imported; ``start(argv, err_path)`` forks one run."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "simclrv2.cli", "simclrv2.engine.pretrain",
-                                "simclrv2.engine.classify", "simclrv2.pipeline"])
+                                "simclrv2.engine.finetune", "simclrv2.engine.supervised", "simclrv2.engine.distill",
+                                "simclrv2.pipeline"])
 
     def start(argv: list[str], err_path: Path, slow_checkpoint: str = "") -> multiprocessing.Process:
         proc = ctx.Process(target=_child, args=(argv, str(err_path), slow_checkpoint), daemon=True)

@@ -144,11 +144,11 @@ def test_epoch_checkpoints_are_spaced_in_time(tmp_path, monkeypatch, min_seconds
     """checkpoint_every=0 saves at epoch ends, but not twice within checkpoint_min_seconds (30 s by
     default): 12 one-step epochs (20 labelled images, batch 16) take a few seconds, so only the last
     step is saved; checkpoint_min_seconds=0 saves at every epoch end."""
-    from simclrv2.engine import loop
+    from simclrv2.engine.checkpointer import Checkpointer
 
     saved = []
-    real = loop.save
-    monkeypatch.setattr(loop, "save", lambda job, step, epoch: (saved.append(step), real(job, step, epoch)))
+    real = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save", lambda self, step: (saved.append(step), real(self, step)))
     extra = [] if min_seconds is None else [f"checkpoint_min_seconds={min_seconds}"]
     cli("supervised", "model=r10_0.25x_sk0", "dataset=fashion_mnist", "label_fraction=0.0003",
         "batch_size=16", "epochs=12", "min_steps=0", "warmup_epochs=0", "progress=false", f"run_dir={tmp_path / 'run'}", *extra)

@@ -141,7 +141,8 @@ class _Sizes:
     """Image counts of the splits the stages use (the validation split taken out)."""
 
     def __init__(self, cfg: Any) -> None:
-        from .engine.setup import open_split, training_pool, validation_indices
+        from .engine.batches import open_split
+        from .engine.splits import training_pool, validation_indices
 
         t0 = time.perf_counter()
         ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
@@ -160,7 +161,7 @@ class _Sizes:
         self.load = (time.perf_counter() - t0) / len(idx)  # seconds per image
 
     def labelled(self, cfg: Any) -> int:
-        from .engine.setup import labelled_indices
+        from .engine.splits import labelled_indices
 
         return len(labelled_indices(cfg, self.train, None))
 
@@ -169,7 +170,7 @@ class _StepTimer:
     """Seconds per training step and per evaluated image, measured once per model and batch."""
 
     def __init__(self, sizes: _Sizes) -> None:
-        from .engine.setup import image_size_of
+        from .engine.batches import image_size_of
 
         self.sizes = sizes
         self._image_size_of = image_size_of
@@ -179,7 +180,7 @@ class _StepTimer:
         return self._image_size_of(cfg, self.sizes.train)
 
     def _model(self, cfg: Any, **kw: Any) -> torch.nn.Module:
-        from .engine.setup import new_model
+        from .engine.models import new_model
 
         size = self._image_size_of(cfg, self.sizes.train)
         model = new_model(cfg.model, self.sizes.train, size, cfg.stem, **kw)

@@ -14,9 +14,9 @@ from . import config as C
 STAGES: dict[str, tuple[str, str]] = {
     # stage: (module:function, one-line help)
     "pretrain": ("simclrv2.engine.pretrain:run", "contrastive pretraining (NT-Xent, LARS, optional memory queue)"),
-    "finetune": ("simclrv2.engine.classify:run_finetune", "fine-tune from a projection-head layer on a labelled subset"),
-    "supervised": ("simclrv2.engine.classify:run_supervised", "supervised baseline from random init on the same labels"),
-    "distill": ("simclrv2.engine.classify:run_distill", "distil a fine-tuned teacher into a student on unlabeled images"),
+    "finetune": ("simclrv2.engine.finetune:run", "fine-tune from a projection-head layer on a labelled subset"),
+    "supervised": ("simclrv2.engine.supervised:run", "supervised baseline from random init on the same labels"),
+    "distill": ("simclrv2.engine.distill:run", "distil a fine-tuned teacher into a student on unlabeled images"),
     "linear-eval": ("simclrv2.engine.probe:run_linear_eval", "linear classifier on frozen features"),
     "knn-eval": ("simclrv2.engine.probe:run_knn_eval", "weighted kNN on frozen features"),
 }
@@ -170,7 +170,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
 def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets import DatasetError
-    from .engine.runtime import RunError
+    from .engine.runfolder import RunError
     from .released import DownloadError
     from .runlock import RunFolderBusy
 

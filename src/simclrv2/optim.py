@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -219,6 +220,22 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A stage's learning rate: :func:`lr_at` with its peak, warmup and length fixed.
+
+    ``schedule(step)`` is the rate of ``step``; every stage and the linear probes use this one
+    schedule (the probes with ``warmup_steps=0``, plain cosine decay).
+    """
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

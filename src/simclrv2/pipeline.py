@@ -190,11 +190,11 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
 
 
 def _runner(stage: str):
-    from .engine import classify, pretrain, probe
+    from .engine import distill, finetune, pretrain, probe, supervised
 
     return {
-        "pretrain": pretrain.run, "finetune": classify.run_finetune, "supervised": classify.run_supervised,
-        "distill": classify.run_distill, "linear-eval": probe.run_linear_eval, "knn-eval": probe.run_knn_eval,
+        "pretrain": pretrain.run, "finetune": finetune.run, "supervised": supervised.run,
+        "distill": distill.run, "linear-eval": probe.run_linear_eval, "knn-eval": probe.run_knn_eval,
     }[stage]
 
 
@@ -229,7 +229,7 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
     is chosen later runs again with ``test=True``: it resumes at its last step, so only the test
     evaluation runs, and its seconds add to the training's.
     """
-    from .engine.runtime import config_changes
+    from .engine.runfolder import config_changes
 
     values = dict(C.to_dict(plan.cfg), stage=plan.stage)
     h = C.config_hash(values)
@@ -305,7 +305,7 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
 
 
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
-    from .engine.runtime import machine_description
+    from .engine.runfolder import machine_description
 
     plans = plan_stages(pc)  # checks every stage's config before anything is written
     run_dir = Path(pc.run_dir)

@@ -227,8 +227,9 @@ def plot_embedding(pretrain_dir: Path, pc: Any, dest: Path) -> bool:
     from sklearn.manifold import TSNE
 
     from .config import PretrainConfig, build
+    from .engine.batches import image_size_of, open_split
     from .engine.evaluate import extract
-    from .engine.setup import image_size_of, load_model, open_split
+    from .engine.models import load_model
 
     cfg = build(PretrainConfig, {k: v for k, v in {**pc.common, **pc.pretrain}.items()
                                  if k in PretrainConfig.__dataclass_fields__})

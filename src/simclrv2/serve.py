@@ -26,9 +26,11 @@ from .checkpoint import atomic_write_text
 from .cli import parse_tool_args
 from .data.datasets import DATASET_NAMES, IMAGE_EXTENSIONS, load_dataset
 from .data.decode import decode_eval_view
+from .engine.batches import BatchSource
+from .engine.device import resolve_device
 from .engine.evaluate import extract
-from .engine.runtime import BatchSource, RunError, resolve_device
-from .engine.setup import load_model
+from .engine.models import load_model
+from .engine.runfolder import RunError
 from .models import SimCLRModel
 
 _PIL_MODES = {1: "L", 3: "RGB"}

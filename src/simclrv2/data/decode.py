@@ -24,6 +24,7 @@ index, view), so the batch is the same with any number of workers and after a re
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,10 @@ class ViewDataset(torch.utils.data.Dataset):
         rngs = [view_rng(self.seed, step, index, v) for v in range(self.views)]
         x, used = self.folder.read(index, lambda img: train_views(img, self.crop, rngs))
         return x, used, index
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -219,7 +219,7 @@ def read_header(path: str, nbytes: int) -> tuple[int, int] | str:
 def _header_threads() -> int:
     # Header reads wait on the disk (or the network) and PIL releases the GIL while reading, so
     # more threads than cores pay off; a local SSD saturates well before 32.
-    from ..engine.runtime import usable_cores  # engine imports data: import here, not at the top
+    from .decode import usable_cores
 
     return max(4, min(32, 2 * usable_cores()))
 

@@ -12,7 +12,11 @@ from torch import nn
 
 from .. import distributed as dist
 from ..data.augment import EvalTransform, to_float
-from .runtime import BatchSource, augment, autocast, write_json
+from ..optim import Schedule, set_lr
+from .batches import BatchSource, open_split
+from .device import augment, autocast
+from .runfolder import write_json
+from .splits import validation_indices
 
 
 @torch.no_grad()
@@ -148,13 +152,12 @@ def train_linear_on_features(
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     n = len(xs)
     steps_per_epoch = max(1, (n + batch_size - 1) // batch_size)
-    total = epochs * steps_per_epoch
+    schedule = Schedule(lr, 0, epochs * steps_per_epoch)
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for idx in torch.split(perm, batch_size):
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / total))
+            set_lr(opt, schedule(step))
             loss = F.cross_entropy(layer(xs[idx]), train_y[idx])
             opt.zero_grad()
             loss.backward()
@@ -167,3 +170,36 @@ def train_linear_on_features(
         out.weight.copy_(w)
         out.bias.copy_(b)
     return out
+
+
+def evaluate_stage(cfg: Any, model: nn.Module, ds: Any, source: BatchSource, size: int, run_dir: Path,
+                   metrics: dict[str, Any], test: bool = True, teacher: nn.Module | None = None) -> dict[str, Any]:
+    """The end of a classifier stage: validation top-1, then the test split; writes ``metrics.json``.
+
+    The validation split is where choices are made (the pipeline's learning-rate search); the test
+    split is for reporting only, and ``test=False`` (a search candidate) skips it. With a
+    ``teacher`` (distillation), its test top-1 and the share of test images on which the two agree
+    are added.
+    """
+    val_idx = torch.from_numpy(validation_indices(cfg, ds))
+    if len(val_idx):
+        val, _ = evaluate_classifier(model, source, val_idx, size, ds.num_classes, precision=cfg.precision)
+        metrics.update(val_top1=val["top1"], val_images=len(val_idx))
+    if not test:
+        write_json(run_dir / "metrics.json", metrics)
+        dist.barrier()
+        return metrics
+    test_ds, test_source = open_split(cfg, cfg.test_split, source.device)
+    test_idx = torch.arange(len(test_ds))
+    tested, logits = evaluate_classifier(model, test_source, test_idx, size, test_ds.num_classes,
+                                         precision=cfg.precision)
+    metrics.update(tested)
+    if teacher is not None:
+        t_metrics, t_logits = evaluate_classifier(teacher, test_source, test_idx, size, logits.shape[1],
+                                                  precision=cfg.precision)
+        agree = (t_logits.argmax(1) == logits.argmax(1)).float().mean().item() * 100
+        metrics.update(teacher_top1=t_metrics["top1"], teacher_agreement=round(agree, 4))
+    if dist.is_main():
+        write_eval(run_dir, metrics, logits)
+    dist.barrier()
+    return metrics

@@ -1,7 +1,14 @@
-"""Contrastive pretraining (METHOD.md 3-5): two augmented views, NT-Xent over the global batch."""
+"""``simclrv2 pretrain``: contrastive pretraining (METHOD.md 3-5).
+
+Two augmented views of each image, NT-Xent over the global batch (plus the memory queue's
+negatives when it is on), LARS, warmup then cosine. An online linear probe on detached features
+and a kNN monitor on the validation split show progress without shaping the representation.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,22 +18,180 @@ from torch import nn
 from .. import distributed as dist
 from ..config import PretrainConfig
 from ..data.augment import SimCLRAugment
+from ..data.datasets import ImageDataset
 from ..losses import nt_xent
 from ..memory import MomentumMemory
-from . import loop
+from ..optim import Schedule, build_optimizer, set_lr
+from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
+from .checkpointer import Checkpointer
+from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import extract, knn_monitor_indices, knn_predict
-from .runtime import StepPlan, augment, crop_spec, prepare_run_dir, resolve_device, step_generator, write_json
-from .setup import (
-    distribute,
-    image_size_of,
-    make_optimizer,
-    model_meta,
-    new_model,
-    open_split,
-    seed_everything,
-    training_pool,
-    validation_indices,
-)
+from .metrics import TrainLog
+from .models import distribute, model_meta, new_model
+from .runfolder import prepare_run_dir, write_json
+from .splits import training_pool, validation_indices
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "pretrain")
+    ds, source = open_split(cfg, cfg.train_split, device)
+    size = image_size_of(cfg, ds)
+    model = new_model(
+        cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
+        proj_out_dim=cfg.proj_out_dim, ft_proj_selector=-1, num_classes=0,
+    ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    labelled = bool((ds.labels >= 0).any())
+    step_module = ContrastiveStep(model, max(ds.num_classes, 1), cfg.online_probe and labelled).to(device)
+    train_module = distribute(step_module, device, cfg.global_bn)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    pool = training_pool(cfg, ds)  # never the validation split
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
+    optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
+    probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
+    aug = SimCLRAugment(
+        size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
+    )
+    memory = (
+        MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
+        if cfg.memory.enabled else None
+    )
+    monitor = KnnMonitor.make(cfg, ds, source, pool, device) if cfg.knn_every > 0 and labelled else None
+    parts = _Parts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
+    meta = model_meta(model, ds, image_size=size)
+    last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
+    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
+               "global_batch": plan.global_batch, **last}
+    write_json(run_dir / "summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+@dataclass
+class _Parts:
+    """What one pretraining step touches, built by :func:`run`."""
+
+    model: nn.Module  # the encoder + head, unwrapped: the checkpoint's weights
+    step_module: ContrastiveStep  # model + online probe
+    train_module: nn.Module  # step_module, under DDP and torch.compile when asked for
+    optimizer: torch.optim.Optimizer  # the model's (LARS by default)
+    probe: OnlineProbe | None
+    memory: MomentumMemory | None
+    aug: SimCLRAugment
+    source: BatchSource
+    monitor: KnnMonitor | None
+    size: int  # training resolution
+
+
+def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
+           schedule: Schedule, meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``."""
+    # fp16: the loss is scaled before backward and each optimizer steps through the scaler, which
+    # unscales its gradients (skipping the step on inf/NaN); disabled, the scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
+    extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
+    checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
+    start = checkpointer.resume()
+    log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
+    batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
+    for step, (x, y) in zip(range(start, plan.total_steps), batches):
+        p.step_module.train()
+        lr = schedule(step)
+        set_lr(p.optimizer, lr)
+        with autocast(device, cfg.precision):
+            loss, stats, keys = contrastive_loss(cfg, p, x, y, step_generator(device, cfg.seed, step))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
+        if p.memory is not None:
+            p.memory.update_ema(p.model)
+            p.memory.enqueue(keys)
+        log.add(loss, stats)
+        done = step + 1
+        if log.due(done, checkpointer.due(done)):
+            log.write(done, lr)
+        if plan.is_epoch_end(done) and p.monitor is not None:
+            log.extra(done, p.monitor.measure(p.model, done // plan.steps_per_epoch, done == plan.total_steps))
+        checkpointer.save_if_due(done)
+    batches.close()  # stops the workers
+    last = log.close(p.source)
+    dist.barrier()
+    return last
+
+
+def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """(loss, statistics, the memory's keys of this batch) for one batch of images ``x``.
+
+    ``x`` is (N, C, H, W) stored images, of which two independent views are made here, or, from a
+    streaming source, (2N, C, S, S) crops already cut in the workers, view 1 then view 2.
+    """
+    if p.source.streams:
+        views = augment(p.aug, x, g, cropped=True)
+    else:
+        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
+    if cfg.channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    _, z, logits = p.train_module(views)
+    z1, z2 = z.float().chunk(2)
+    negatives = p.memory.negatives() if p.memory is not None else None
+    loss, stats = nt_xent(z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions)
+    keys = p.memory.keys(views) if p.memory is not None else None
+    if logits is not None:
+        targets = y.repeat(2)
+        probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+        stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(),
+                     probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
+        loss = loss + probe_loss
+    return loss, stats, keys
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 of the encoder's features every ``knn_every`` epochs and at the end.
+
+    The bank is labelled training images and the queries come from the validation split, so
+    choices made from the monitor never see the test split; without a validation split they come
+    from the test split.
+    """
+
+    def __init__(self, cfg: PretrainConfig, bank: tuple[BatchSource, torch.Tensor],
+                 queries: tuple[BatchSource, torch.Tensor], num_classes: int, size: int) -> None:
+        self.cfg, self.bank, self.queries, self.num_classes, self.size = cfg, bank, queries, num_classes, size
+
+    @classmethod
+    def make(cls, cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, pool: torch.Tensor,
+             device: torch.device) -> KnnMonitor:
+        size = image_size_of(cfg, ds)
+        val_idx = torch.from_numpy(validation_indices(cfg, ds))
+        if len(val_idx):
+            bank_labels = torch.full_like(ds.labels, -1)
+            bank_labels[pool] = ds.labels[pool]
+            bank_idx, pick = knn_monitor_indices(bank_labels, len(val_idx), cfg.knn_train_size,
+                                                 cfg.knn_test_size, cfg.seed)
+            return cls(cfg, (source, bank_idx), (source, val_idx[pick]), ds.num_classes, size)
+        test_ds, test_source = open_split(cfg, cfg.test_split, device)
+        bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
+                                                 cfg.knn_test_size, cfg.seed)
+        return cls(cfg, (source, bank_idx), (test_source, test_idx), test_ds.num_classes, size)
+
+    def measure(self, model: nn.Module, epoch: int, last: bool) -> dict[str, float]:
+        """``{"knn_top1": ...}`` at a monitored epoch or the last step, else ``{}``."""
+        if epoch % self.cfg.knn_every != 0 and not last:
+            return {}
+        cfg = self.cfg
+        train_f, train_y = extract(model, *self.bank, self.size, precision=cfg.precision)
+        test_f, test_y = extract(model, *self.queries, self.size, precision=cfg.precision)
+        scores = knn_predict(train_f, train_y, test_f, self.num_classes, cfg.knn_k, cfg.knn_temperature)
+        return {"knn_top1": round(100.0 * (scores.argmax(1) == test_y).float().mean().item(), 3)}
 
 
 class ContrastiveStep(nn.Module):
@@ -58,8 +223,8 @@ PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
 class OnlineProbe:
     """The probe's weights and optimizer; saved in the checkpoint's state file, not the model file.
 
-    The step loop steps ``optimizer`` with the encoder's (``TrainJob.extra_optimizers``), so under
-    fp16 the probe's gradients are unscaled like every other.
+    The step loop steps ``optimizer`` after the encoder's, through the same gradient scaler, so
+    under fp16 the probe's gradients are unscaled like every other.
     """
 
     def __init__(self, probe: nn.Linear) -> None:
@@ -79,106 +244,3 @@ class OnlineProbe:
         for i, p in enumerate(self.probe.parameters()):
             if "momentum" in state and str(i) in state["momentum"]:
                 self.optimizer.state[p]["momentum_buffer"] = state["momentum"][str(i)].clone()
-
-
-def run(cfg: PretrainConfig) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    run_dir = prepare_run_dir(cfg, "pretrain")
-    ds, source = open_split(cfg, cfg.train_split, device)
-    size = image_size_of(cfg, ds)
-    model = new_model(
-        cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
-        proj_out_dim=cfg.proj_out_dim, ft_proj_selector=-1, num_classes=0,
-    ).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    labelled = bool((ds.labels >= 0).any())
-    step_module = ContrastiveStep(model, max(ds.num_classes, 1), cfg.online_probe and labelled).to(device)
-    train_module = distribute(step_module, device, cfg.global_bn)
-    if cfg.compile:
-        train_module = torch.compile(train_module)
-    pool = training_pool(cfg, ds)  # never the validation split
-    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    optimizer, peak_lr, warmup = make_optimizer(cfg, model, plan)
-    probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
-    aug = SimCLRAugment(
-        size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
-    )
-    memory = (
-        MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
-        if cfg.memory.enabled else None
-    )
-    pending_keys: list[torch.Tensor] = []
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        g = step_generator(device, cfg.seed, step)
-        if source.streams:  # x: (2N, C, S, S) crops cut in the workers, view 1 then view 2
-            views = augment(aug, x, g, cropped=True)
-        else:  # x: (N, C, H, W) stored images; two independent views of each
-            views = torch.cat([augment(aug, x, g), augment(aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
-        if cfg.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        _, z, logits = train_module(views)
-        z1, z2 = z.float().chunk(2)
-        negatives = memory.negatives() if memory is not None else None
-        loss, stats = nt_xent(
-            z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions
-        )
-        if memory is not None:
-            pending_keys.append(memory.keys(views))
-        if logits is not None:
-            targets = y.repeat(2)
-            probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
-            stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(),
-                         probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
-            loss = loss + probe_loss
-        return loss, stats
-
-    def after_step(step: int) -> None:
-        if memory is not None:
-            memory.update_ema(model)
-            memory.enqueue(pending_keys.pop())
-
-    knn_bank = None
-    if cfg.knn_every > 0 and labelled:
-        val_idx = torch.from_numpy(validation_indices(cfg, ds))
-        if len(val_idx):  # monitor on the validation split: choices made from it never see the test split
-            bank_labels = torch.full_like(ds.labels, -1)
-            bank_labels[pool] = ds.labels[pool]
-            bank_idx, pick = knn_monitor_indices(bank_labels, len(val_idx), cfg.knn_train_size,
-                                                 cfg.knn_test_size, cfg.seed)
-            knn_bank = (bank_idx, val_idx[pick], source, ds.num_classes)
-        else:
-            test_ds, test_source = open_split(cfg, cfg.test_split, device)
-            bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
-                                                     cfg.knn_test_size, cfg.seed)
-            knn_bank = (bank_idx, test_idx, test_source, test_ds.num_classes)
-
-    def on_epoch_end(epoch: int, step: int) -> dict[str, float]:
-        if knn_bank is None or (epoch % cfg.knn_every != 0 and step != plan.total_steps):
-            return {}
-        bank_idx, test_idx, test_source, n_cls = knn_bank
-        train_f, train_y = extract(model, source, bank_idx, size, precision=cfg.precision)
-        test_f, test_y = extract(model, test_source, test_idx, size, precision=cfg.precision)
-        scores = knn_predict(train_f, train_y, test_f, n_cls, cfg.knn_k, cfg.knn_temperature)
-        return {"knn_top1": round(100.0 * (scores.argmax(1) == test_y).float().mean().item(), 3)}
-
-    extra_state: dict[str, Any] = {}
-    if memory is not None:
-        extra_state["memory"] = memory
-    if probe is not None:
-        extra_state["probe"] = probe
-    job = loop.TrainJob(
-        stage="pretrain", cfg=cfg, run_dir=run_dir, device=device, model=model, optimizer=optimizer,
-        loss_fn=loss_fn, pool=pool, source=source, crop=crop_spec(aug), views=2, plan=plan, peak_lr=peak_lr,
-        warmup_steps=warmup, meta=model_meta(model, ds, image_size=size), extra_state=extra_state,
-        after_step=after_step, on_epoch_end=on_epoch_end, train_modules=[step_module],
-        extra_optimizers=[probe.optimizer] if probe is not None else [],
-    )
-    last = loop.run(job)
-    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": peak_lr,
-               "global_batch": plan.global_batch, **last}
-    write_json(run_dir / "summary.json", summary)
-    dist.barrier()
-    return summary

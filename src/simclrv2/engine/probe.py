@@ -25,9 +25,13 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
+from ..optim import Schedule, scaled_lr, set_lr
+from .batches import crop_spec, image_size_of, open_split
+from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
-from .runtime import RunError, augment, autocast, crop_spec, prepare_run_dir, resolve_device, step_generator
-from .setup import image_size_of, labelled_indices, load_model, open_split, seed_everything
+from .models import load_model
+from .runfolder import RunError, prepare_run_dir
+from .splits import labelled_indices
 
 _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -96,7 +100,7 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
         train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, out)
     def train_head() -> dict[str, torch.Tensor]:
         if cfg.method == "cached":
-            lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+            lr = scaled_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
             head = train_linear_on_features(train_x, train_y, ds.num_classes, epochs, lr, cfg.weight_decay,
                                             cfg.batch_size, cfg.seed)
         else:
@@ -130,12 +134,13 @@ def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch
     head = nn.Linear(dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    lr = cfg.base_lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+    lr = scaled_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     aug = CropFlipAugment(size)
     bs = min(cfg.batch_size, len(idx))
     steps_per_epoch = max(1, len(idx) // bs)
     total = epochs * steps_per_epoch
+    schedule = Schedule(lr, 0, total)  # cosine decay, no warmup
 
     def batches() -> Iterator[tuple[int, torch.Tensor]]:
         for step in range(total):
@@ -148,8 +153,7 @@ def _linear_sgd(cfg: LinearEvalConfig, model: nn.Module, source: Any, idx: torch
             # fp32, outside autocast; a streaming source has cut the crops in its workers
             v = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
             f = model.features(v) if out == "features" else model(v)["proj"]
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        set_lr(opt, schedule(step))
         loss = F.cross_entropy(head(f.float()), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,4 @@
-"""engine/runtime.py helpers: the per-step augmentation generator and fp32 augmentation under autocast."""
+"""engine/device.py: the per-step augmentation generator and fp32 augmentation under autocast."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 
 from simclrv2.cli import main
 from simclrv2.data.augment import CropFlipAugment, EvalTransform, SimCLRAugment
-from simclrv2.engine import classify
-from simclrv2.engine.runtime import augment, step_generator
+from simclrv2.engine import supervised
+from simclrv2.engine.device import augment, step_generator
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
@@ -69,7 +69,7 @@ def test_classifier_stage_augments_outside_autocast(tmp_path: Path, monkeypatch)
             seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
             return out
 
-    monkeypatch.setattr(classify, "CropFlipAugment", Recording)
+    monkeypatch.setattr(supervised, "CropFlipAugment", Recording)
     data = _image_folder(tmp_path / "images")
     rc = main(["supervised", "model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={data}", "image_size=16",
                "num_workers=0", "progress=false", "batch_size=8", "label_fraction=1.0", "max_steps=1",

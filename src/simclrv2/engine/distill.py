@@ -1,0 +1,120 @@
+"""``simclrv2 distill``: distil a frozen fine-tuned teacher into a student (METHOD.md 7).
+
+The student learns the teacher's temperature-softened predictions on every training image but
+the validation split (labels unseen), plus, with ``alpha > 0``, cross-entropy on the labelled
+subset. The teacher runs in eval mode, without gradients, outside DDP, under autocast where the
+config asks for it. The student has no projection head and starts from random weights, or from
+``student_init``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..config import DistillConfig
+from ..data.augment import CropFlipAugment
+from ..losses import mixed_distillation_loss
+from ..models import SimCLRModel
+from ..optim import Schedule, build_optimizer, set_lr
+from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
+from .checkpointer import Checkpointer
+from .device import augment, autocast, resolve_device, seed_everything, step_generator
+from .evaluate import evaluate_stage
+from .metrics import TrainLog
+from .models import distribute, load_model, model_meta, new_model
+from .runfolder import RunError, prepare_run_dir
+from .splits import labelled_indices, training_pool
+
+
+def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
+    """Distil ``teacher_checkpoint`` into a student; evaluate as fine-tuning does, plus agreement.
+
+    ``test=False`` evaluates on the validation split only (a learning-rate search candidate)."""
+    if not cfg.teacher_checkpoint:
+        raise RunError("distill needs teacher_checkpoint=PATH (a fine-tuned run folder or model file)")
+    device = resolve_device(cfg.device)
+    teacher, teacher_meta = load_model(cfg.teacher_checkpoint, device)
+    if teacher.classifier is None:
+        raise RunError(f"teacher '{cfg.teacher_checkpoint}' has no classifier; fine-tune it first")
+    teacher.eval().requires_grad_(False)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "distill")
+    ds, source = open_split(cfg, cfg.train_split, device)
+    size = image_size_of(cfg, ds)
+    labelled = torch.from_numpy(labelled_indices(cfg, ds, run_dir)).to(source.labels.device)
+    student = _student(cfg, ds, size, device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    train_module = distribute(student, device, cfg.global_bn)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    pool = training_pool(cfg, ds)  # every training image but the validation split
+    targets = torch.full_like(source.labels, -1)  # labels only for the labelled subset
+    targets[labelled] = source.labels[labelled]
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
+    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
+    optimizer = build_optimizer(cfg.optimizer, student, schedule.peak_lr, cfg.weight_decay)
+    aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+    meta = model_meta(student, ds, image_size=size, teacher_checkpoint=cfg.teacher_checkpoint,
+                      teacher_model=teacher_meta.get("model_name"))
+    _train(cfg, teacher, student, train_module, optimizer, aug, source, pool, targets, plan, schedule, run_dir, meta)
+    metrics: dict[str, Any] = dict(stage="distill", model=student.name, label_fraction=cfg.label_fraction,
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr)
+    return evaluate_stage(cfg, student, ds, source, size, run_dir, metrics, test, teacher=teacher)
+
+
+def _student(cfg: DistillConfig, ds: Any, size: int, device: torch.device) -> SimCLRModel:
+    """A student with a zero-initialised classifier and no head: ``student_init``'s weights, or new ones."""
+    if cfg.student_init:
+        student, _ = load_model(cfg.student_init, device, ft_proj_selector=0, num_classes=ds.num_classes)
+        student.reset_classifier(ds.num_classes, zero_init=True)
+    else:
+        student = new_model(cfg.model, ds, size, cfg.stem, proj_head_mode="none", ft_proj_selector=0,
+                            num_classes=ds.num_classes)
+    return student.to(device)
+
+
+def _train(cfg: DistillConfig, teacher: nn.Module, student: nn.Module, train_module: nn.Module,
+           optimizer: torch.optim.Optimizer, aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor,
+           targets: torch.Tensor, plan: StepPlan, schedule: Schedule, run_dir: Path, meta: dict[str, Any]) -> None:
+    """The step loop: the teacher's soft labels (and the labelled subset's labels) on crop-and-flip views.
+
+    ``targets`` holds each training image's label, -1 where the student may not see it.
+    """
+    device = source.device
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a pass-through unless fp16
+    checkpointer = Checkpointer("distill", cfg, run_dir, plan, student, optimizer, scaler, meta)
+    start = checkpointer.resume()
+    log = TrainLog("distill", cfg, run_dir, plan, start, device)
+    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(aug), 1, cfg.seed, targets)
+    for step, (x, y) in zip(range(start, plan.total_steps), batches):
+        student.train()
+        lr = schedule(step)
+        set_lr(optimizer, lr)
+        with autocast(device, cfg.precision):
+            # fp32 views, outside autocast; a streaming source has cut the crops in its workers
+            views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
+            if cfg.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                t_logits = teacher(views)["logits"].float()
+            s_logits = train_module(views)["logits"].float()
+            loss = mixed_distillation_loss(s_logits, t_logits, y, cfg.tau, cfg.alpha,
+                                           scale_by_tau_sq=cfg.scale_by_tau_sq)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        log.add(loss)
+        done = step + 1
+        if log.due(done, checkpointer.due(done)):
+            log.write(done, lr)
+        checkpointer.save_if_due(done)
+    batches.close()  # stops the workers
+    log.close(source)
+    dist.barrier()

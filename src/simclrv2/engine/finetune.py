@@ -1,0 +1,156 @@
+"""``simclrv2 finetune``: fine-tune a pretrained model from a projection-head layer (METHOD.md 6).
+
+The classifier sits on head layer ``ft_proj_selector`` and the whole network below it trains on
+the labelled subset with crop-and-flip views; layers the classifier does not use are frozen.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..config import CommonConfig, FinetuneConfig
+from ..data.augment import CropFlipAugment
+from ..models import SimCLRModel
+from ..optim import Schedule, build_optimizer, set_lr
+from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
+from .checkpointer import Checkpointer
+from .device import augment, autocast, resolve_device, seed_everything, step_generator
+from .evaluate import evaluate_stage
+from .metrics import TrainLog
+from .models import distribute, load_model, model_meta
+from .runfolder import RunError, prepare_run_dir
+from .splits import labelled_indices
+
+
+def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
+    """Fine-tune ``init_checkpoint`` on the labelled subset; evaluate on the validation and test splits.
+
+    ``test=False`` evaluates on the validation split only (a learning-rate search candidate)."""
+    if not cfg.init_checkpoint:
+        raise RunError("finetune needs init_checkpoint=PATH (a pretraining run folder or a model file)")
+    device = resolve_device(cfg.device)  # joins the process group first, so that only rank 0 logs
+    check_finetune_model(cfg)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, "finetune")
+    ds, source = open_split(cfg, cfg.train_split, device)
+    size = image_size_of(cfg, ds)
+    labelled = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    model, _ = load_model(cfg.init_checkpoint, device, ft_proj_selector=cfg.ft_proj_selector,
+                          num_classes=ds.num_classes)
+    model.reset_classifier(ds.num_classes, zero_init=cfg.zero_init_classifier)
+    model.to(device)
+    frozen = freeze_for_finetune(model, cfg.fine_tune_after_block)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainable = FrozenInEval(model, frozen)
+    train_module = distribute(trainable, device, cfg.global_bn)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    plan = StepPlan.make(len(labelled), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
+    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
+    optimizer = build_optimizer(cfg.optimizer, trainable, schedule.peak_lr, cfg.weight_decay)
+    aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+    meta = model_meta(model, ds, image_size=size, init_checkpoint=cfg.init_checkpoint)
+    _train(cfg, trainable, train_module, optimizer, aug, source, labelled, plan, schedule, run_dir, meta)
+    metrics: dict[str, Any] = dict(stage="finetune", model=model.name, label_fraction=cfg.label_fraction,
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr)
+    return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
+
+
+def _train(cfg: FinetuneConfig, trainable: FrozenInEval, train_module: nn.Module, optimizer: torch.optim.Optimizer,
+           aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor, plan: StepPlan, schedule: Schedule,
+           run_dir: Path, meta: dict[str, Any]) -> None:
+    """The step loop: cross-entropy on crop-and-flip views of the labelled images."""
+    device = source.device
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a pass-through unless fp16
+    checkpointer = Checkpointer("finetune", cfg, run_dir, plan, trainable.model, optimizer, scaler, meta)
+    start = checkpointer.resume()
+    log = TrainLog("finetune", cfg, run_dir, plan, start, device)
+    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(aug), 1, cfg.seed)
+    for step, (x, y) in zip(range(start, plan.total_steps), batches):
+        trainable.train()  # the frozen layers stay in eval mode
+        lr = schedule(step)
+        set_lr(optimizer, lr)
+        with autocast(device, cfg.precision):
+            # fp32 views, outside autocast; a streaming source has cut the crops in its workers
+            views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
+            if cfg.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(train_module(views)["logits"].float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        log.add(loss)
+        done = step + 1
+        if log.due(done, checkpointer.due(done)):
+            log.write(done, lr)
+        checkpointer.save_if_due(done)
+    batches.close()  # stops the workers
+    log.close(source)
+    dist.barrier()
+
+
+def freeze_for_finetune(model: SimCLRModel, after_block: int) -> list[nn.Module]:
+    """Freeze what fine-tuning must not change; return the frozen modules.
+
+    Head layers after the one ``ft_proj_selector`` picks never run, so they get no gradient and are
+    excluded from the optimizer. ``after_block = k >= 0`` also freezes the stem and stages 1..k
+    (METHOD.md 6, ``fine_tune_after_block``; 4 freezes the whole backbone).
+    """
+    frozen: list[nn.Module] = []
+    used = model.proj_head.resolve_index(model.ft_proj_selector)
+    for j, layer in enumerate(getattr(model.proj_head, "layers", [])):
+        if j >= used:
+            frozen.append(layer)
+    if after_block >= 0:
+        frozen.append(model.backbone.stem)
+        frozen += [getattr(model.backbone, f"layer{i}") for i in range(1, min(after_block, 4) + 1)]
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen
+
+
+class FrozenInEval(nn.Module):
+    """Wraps a model so that frozen parts stay in eval mode (BN statistics fixed) during training."""
+
+    def __init__(self, model: SimCLRModel, frozen: list[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen = frozen
+
+    def train(self, mode: bool = True) -> FrozenInEval:
+        super().train(mode)
+        for m in self.frozen:
+            m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x)
+
+
+def check_finetune_model(cfg: FinetuneConfig) -> None:
+    """The architecture comes from ``init_checkpoint``; ``model=`` may only repeat it.
+
+    A ``model`` other than the checkpoint's is an error, unless it is the ``CommonConfig`` default,
+    which is taken as "not set" (a single-stage command without ``model=``): then one line says
+    which model is used. Runs before the run folder is written.
+    """
+    ckpt_model = ckpt.read_model_meta(cfg.init_checkpoint).get("model_name")
+    if ckpt_model is None or cfg.model == ckpt_model:
+        return
+    if cfg.model != CommonConfig.model:
+        raise RunError(
+            f"finetune: model={cfg.model} differs from the checkpoint's model {ckpt_model}; "
+            f"drop model= or set model={ckpt_model}"
+        )
+    if dist.is_main():
+        print(f"finetune: using the checkpoint's model {ckpt_model}", file=sys.stderr, flush=True)

@@ -1,0 +1,87 @@
+"""The model a stage trains: built for the data, read from a checkpoint, wrapped for DDP."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..data.datasets import ImageDataset
+from ..models import SimCLRModel, create_model
+from .runfolder import RunError
+
+
+def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", **overrides: Any) -> SimCLRModel:
+    """A registry model adapted to the data: input channels and stem.
+
+    ``stem="auto"`` keeps the registry's stem but uses the CIFAR stem at <= 32 px (METHOD.md 1.4);
+    ``cifar`` / ``imagenet`` force one (the ImageNet stem downsamples 4x first: far cheaper on a CPU);
+    ``small`` is the CIFAR stem with stride 2 (2x downsampling, no max-pool).
+    """
+    return create_model(name, in_chans=ds.channels, **stem_overrides(stem, image_size), **overrides)
+
+
+def stem_overrides(stem: str, image_size: int) -> dict[str, Any]:
+    """``create_model`` keyword arguments for a config's ``stem`` key ({} keeps the registry's)."""
+    if stem == "small":
+        return {"cifar_stem": True, "stem_stride": 2}
+    if stem == "cifar" or (stem == "auto" and image_size <= 32):
+        return {"cifar_stem": True}
+    if stem == "imagenet":
+        return {"cifar_stem": False}
+    return {}
+
+
+def load_model(path: str, device: torch.device, **overrides: Any) -> tuple[SimCLRModel, dict[str, Any]]:
+    """A model from a run folder, a checkpoint folder or a model file, with config overrides."""
+    state, meta = ckpt.read_model_file(path)
+    if "model_config" not in meta:
+        raise RunError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
+    config = dict(meta["model_config"], **overrides)
+    model = SimCLRModel(**config)
+    if "classifier.weight" not in state and model.classifier is not None:
+        # a pretraining checkpoint: the classifier is new (zero-initialised by the caller)
+        keep = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
+        state = dict(state, **keep)
+    if "classifier.weight" in state and model.classifier is None:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    if "classifier.weight" in state and model.classifier is not None and (
+        state["classifier.weight"].shape != model.classifier.weight.shape
+    ):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(
+            f"checkpoint '{path}' does not fit model {meta.get('model_name')} "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        ) from e
+    model.name = meta.get("model_name", getattr(model, "name", "model"))
+    return model.to(device), meta
+
+
+def model_meta(model: SimCLRModel, ds: ImageDataset | None = None, **extra: Any) -> dict[str, Any]:
+    meta = {"model_name": model.name, "model_config": model.config}
+    if ds is not None:
+        meta.update(classes=list(ds.classes), num_classes=ds.num_classes)
+    meta.update(extra)
+    return meta
+
+
+def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.Module:
+    """SyncBatchNorm (global BN, METHOD.md 1.6) and DDP when running under torchrun; else unchanged."""
+    if dist.world_size() == 1:
+        return module
+    if global_bn and device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    elif global_bn and dist.is_main():
+        # torch's SyncBatchNorm runs on CUDA only; gloo processes on CPUs keep per-process BN
+        print("note: global_bn needs GPUs (SyncBatchNorm is CUDA-only); on CPUs each process "
+              "normalises over its own share of the batch", file=sys.stderr, flush=True)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
