@@ -18,7 +18,7 @@ import torch
 from test_reliability import make_image_folder
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2 import serve
+from simclrv2 import load_pretrained
 from simclrv2.cli import main
 from simclrv2.models.registry import create_model
 
@@ -118,7 +118,7 @@ def test_load_paths_refuse_a_damaged_file_naming_it(images: Path, three_steps: P
         with pytest.raises(ckpt.CheckpointError, match=re.escape(f"'{weights}' does not match the sha256")):
             ckpt.read_model_file(path)
         with pytest.raises(ckpt.CheckpointError, match=re.escape(str(weights))):
-            serve.load_pretrained(path)
+            load_pretrained(path)
     for argv in (["predict", "--checkpoint", str(run), "--images", str(images / "test"), "--out", str(tmp_path / "p.csv")],
                  ["export", "--checkpoint", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]):
         assert main(argv) == 2
@@ -136,7 +136,7 @@ def test_standalone_model_file_is_verified(tmp_path: Path) -> None:
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     flip_bit(path)
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"model file '{path}' does not match")):
-        serve.load_pretrained(path)
+        load_pretrained(path)
 
 
 def test_checkpoints_without_checksums_still_load_and_resume(images: Path, three_steps: Path, tmp_path: Path,
@@ -147,7 +147,7 @@ def test_checkpoints_without_checksums_still_load_and_resume(images: Path, three
         meta = json.loads((c / "meta.json").read_text())
         del meta["files"], meta["meta_sha256"]
         (c / "meta.json").write_text(json.dumps(meta))
-    serve.load_pretrained(run)
+    load_pretrained(run)
     capsys.readouterr()
     assert main(pretrain(images, run, 4)) == 0
     err = capsys.readouterr().err

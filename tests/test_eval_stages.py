@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from simclrv2 import checkpoint as ckpt
+from simclrv2 import load_pretrained
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import read_idx
 from simclrv2.engine import distill, finetune, probe, supervised
 from simclrv2.models import create_model
-from simclrv2.serve import load_pretrained
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 300, 100  # first images of the real splits; 0.2 labels -> ~60 labelled images

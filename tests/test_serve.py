@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from simclrv2 import serve
+from simclrv2 import load_pretrained, serve
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main as cli_main
 from simclrv2.data.augment import EvalTransform
@@ -94,7 +94,7 @@ def image_folder(tmp_path_factory):
 
 
 def test_load_pretrained_eval_mode_and_weights(classifier_ckpt):
-    model = serve.load_pretrained(classifier_ckpt)
+    model = load_pretrained(classifier_ckpt)
     assert not model.training and model.classifier is not None
     ref = _classifier_model().state_dict()
     state = model.state_dict()
@@ -109,7 +109,7 @@ def test_onnx_matches_pytorch(classifier_ckpt, tmp_path):
     assert cli_main(["export", "--checkpoint", classifier_ckpt, "--format", "onnx", "--out", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["input"]["shape"] == ["batch", 1, 28, 28] and meta["output"]["name"] == "logits"
-    model = serve.load_pretrained(classifier_ckpt)
+    model = load_pretrained(classifier_ckpt)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for n in (1, 5):  # the batch axis is dynamic (exported with a batch of 2)
         x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
@@ -128,7 +128,7 @@ def test_torchscript_round_trip(classifier_ckpt, encoder_ckpt, tmp_path):
         out = tmp_path / f"{name}.pt"
         assert serve.export_main(["--checkpoint", ckpt, "--format", "torchscript", "--out", str(out)]) == 0
         loaded = torch.jit.load(str(out))
-        model = serve.load_pretrained(ckpt)
+        model = load_pretrained(ckpt)
         # no profiling-executor fusion: compiling fused kernels costs seconds and changes nothing here
         with torch.no_grad(), torch.jit.optimized_execution(False):
             ref = model(x)[name] if name == "logits" else model.features(x)
@@ -154,7 +154,7 @@ def test_predict_image_folder(classifier_ckpt, image_folder, tmp_path):
         np.testing.assert_allclose([float(r[f"p_{c}"]) for c in FASHION_MNIST_CLASSES], p, rtol=1e-6)
     # a reference for the 70 px RGB file with the geometry worked out by hand: grayscale, the centre
     # 61 px square (round(0.875 * 70) = 61, offset (70 - 61 + 1) // 2 = 5), one bicubic resize to 28
-    model = serve.load_pretrained(classifier_ckpt)
+    model = load_pretrained(classifier_ckpt)
     with Image.open(image_folder / "c.png") as img:
         small = img.convert("RGB").convert("L").resize((28, 28), Image.Resampling.BICUBIC, box=(5, 5, 66, 66))
     x = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy())[None, None].float() / 255
@@ -176,7 +176,7 @@ def test_predict_dataset_split(classifier_ckpt, tmp_path):
     test = load_dataset("fashion_mnist", "test", data_dir=FMNIST_DIR)
     assert len(rows) == 7
     assert [int(r["label"]) for r in rows] == test.labels[:7].tolist()
-    model = serve.load_pretrained(classifier_ckpt)
+    model = load_pretrained(classifier_ckpt)
     with torch.no_grad():
         ref = model(test.images[:7].float() / 255)["logits"].softmax(1).numpy()  # 28 px: no crop, no resize
     np.testing.assert_allclose(np.load(out.with_suffix(".npy")), ref, atol=1e-5)
@@ -196,7 +196,7 @@ def test_embed_dataset_split(encoder_ckpt, tmp_path, output, dim):
     feats, labels = np.load(out), np.load(tmp_path / "emb.labels.npy")
     assert feats.shape == (6, dim) and feats.dtype == np.float32
     assert labels.tolist() == load_dataset("fashion_mnist", "test", data_dir=FMNIST_DIR).labels[:6].tolist()
-    model = serve.load_pretrained(encoder_ckpt)
+    model = load_pretrained(encoder_ckpt)
     x = load_dataset("fashion_mnist", "test", data_dir=FMNIST_DIR).images[:6].float() / 255
     with torch.no_grad():
         ref = model.features(x) if output == "features" else model(x)["proj"]

@@ -326,14 +326,63 @@ def convert_checkpoint(
     moving_variance become weight/bias/running_mean/running_var (METHOD.md 8.3).
     """
     shapes = _shapes_of(tensors)
-    live = set(shapes)
+    layout = _read_layout(shapes, ema, allow_short_head)
+    ft_proj_selector, notes = _choose_selector(layout, ft_proj_selector)
+    options = dict(tf_padding=True, **_network_options(layout), ft_proj_selector=ft_proj_selector,
+                   num_classes=layout.num_classes)
+    with torch.device("meta"):  # no random init: every tensor is overwritten (see _load_converted)
+        model = create_model(layout.model_name, **options)
+    copier = _TensorCopier(tensors, shapes, model, ema)
+    copier.copy_backbone(layout.conv_names, layout.bn_names)
+    copier.copy_projection_head(layout.head_layers)
+    copier.copy_classifier()
+    ignored, unused = _classify_unmapped(shapes, copier.mapping, ema)
+    model, missing = _load_converted(model, copier.state, options, strict)
+    model.eval()
+    if layout.short_head:
+        notes.append(f"short head (--allow-short-head): {layout.head_layers[-1].rstrip('/')} was a middle layer "
+                     "in TF; its beta is unused and its output differs, so select an earlier output")
+    if layout.head_mode == "none":
+        notes.append("no head_contrastive variables (supervised checkpoint): projection head mode 'none'")
+    report = ConversionReport(
+        model_name=layout.model_name, architecture=layout.arch, ema=ema, proj_head_mode=layout.head_mode,
+        num_proj_layers=len(layout.head_layers), ft_proj_selector=ft_proj_selector,
+        num_classes=layout.num_classes, mapping=copier.mapping, ignored=ignored, unused=unused,
+        missing=missing, ema_fallback=copier.fallback, notes=notes,
+    )
+    return model, report
 
-    def source(name: str) -> str:
-        """The tensor to read for the live-model variable ``name`` (EMA copy when asked)."""
-        if ema and not name.startswith("head_supervised/") and EMA_SCOPE + name in live:
-            return EMA_SCOPE + name
-        return name
 
+@dataclass(frozen=True)
+class _CheckpointLayout:
+    """The network a checkpoint holds, with its variables named as in the live (non-EMA) model.
+
+    With ``ema`` the layout is read from the ``ema_model/`` copy, whose architecture is the one
+    converted; ``_source_name`` maps each live name back to the copy to read.
+    """
+
+    arch: TFArchitecture
+    model_name: str  # the registered variant
+    conv_names: list[str]  # backbone conv kernels, in TF creation order
+    bn_names: list[str]  # backbone BN scopes, in TF creation order
+    head_mode: str  # proj_head_mode: "nonlinear", "linear" or "none"
+    head_layers: list[str]  # projection-head layer scopes, in order
+    short_head: bool  # the head's final layer is missing (see _read_head)
+    proj_out_dim: int
+    num_classes: int  # 0 without a supervised head
+    classifier_inputs: int  # 0 without a supervised head
+
+
+def _source_name(name: str, shapes: Mapping[str, tuple[int, ...]], ema: bool) -> str:
+    """The checkpoint tensor to read for the live-model variable ``name``: its EMA copy when
+    ``ema`` asks for it and the checkpoint has one (the supervised head never does)."""
+    if ema and not name.startswith("head_supervised/") and EMA_SCOPE + name in shapes:
+        return EMA_SCOPE + name
+    return name
+
+
+def _read_layout(shapes: Mapping[str, tuple[int, ...]], ema: bool, allow_short_head: bool) -> _CheckpointLayout:
+    """Architecture, backbone variable order, projection head and classifier of the copy ``ema`` selects."""
     # The architecture must agree between the live and EMA copies; read it from the one used.
     backbone_scope = (EMA_SCOPE + BACKBONE_SCOPE) if ema else BACKBONE_SCOPE
     if ema and not any(n.startswith(backbone_scope) for n in shapes):
@@ -341,169 +390,226 @@ def convert_checkpoint(
     arch = infer_architecture(shapes, backbone_scope)
     conv_names, bn_names = _backbone_variables(shapes, backbone_scope)
     strip = len(EMA_SCOPE) if ema else 0
-    conv_names = [n[strip:] for n in conv_names]  # live-model names; source() picks the copy
-    bn_names = [n[strip:] for n in bn_names]
-    name = _registry_name(arch)
+    model_name = _registry_name(arch)
+    head_mode, head_layers, short_head = _read_head(shapes, ema, allow_short_head)
+    proj_out_dim = shapes[_source_name(head_layers[-1] + "dense/kernel", shapes, ema)][1] if head_layers else 128
+    classifier_inputs, num_classes = shapes[SUPERVISED_KERNEL] if SUPERVISED_KERNEL in shapes else (0, 0)
+    return _CheckpointLayout(
+        arch=arch, model_name=model_name, conv_names=[n[strip:] for n in conv_names],
+        bn_names=[n[strip:] for n in bn_names], head_mode=head_mode, head_layers=head_layers,
+        short_head=short_head, proj_out_dim=proj_out_dim, num_classes=num_classes,
+        classifier_inputs=classifier_inputs,
+    )
 
-    head_scope = (EMA_SCOPE + CONTRASTIVE_SCOPE) if ema and any(
-        n.startswith(EMA_SCOPE + CONTRASTIVE_SCOPE) for n in shapes) else CONTRASTIVE_SCOPE
-    mode, head_layers = _head_layout(shapes, head_scope)
-    head_layers = [p[len(EMA_SCOPE):] if p.startswith(EMA_SCOPE) else p for p in head_layers]
-    # TF builds every head layer but the last with a BN beta (center=True); a final layer that
-    # still has one means the real final layer was lost (a truncated copy or export).
-    short_head = bool(head_layers) and source(head_layers[-1] + "batch_normalization/beta") in live
-    if short_head and not allow_short_head:
+
+def _read_head(shapes: Mapping[str, tuple[int, ...]], ema: bool, allow_short_head: bool) -> tuple[str, list[str], bool]:
+    """(proj_head_mode, layer scopes in live-model names, short) of the projection head.
+
+    TF builds every head layer but the last with a BN beta (center=True); a final layer that
+    still has one means the real final layer was lost (a truncated copy or export), an error
+    unless ``allow_short_head``.
+    """
+    ema_scope = EMA_SCOPE + CONTRASTIVE_SCOPE
+    scope = ema_scope if ema and any(n.startswith(ema_scope) for n in shapes) else CONTRASTIVE_SCOPE
+    mode, layers = _head_layout(shapes, scope)
+    layers = [p.removeprefix(EMA_SCOPE) for p in layers]
+    short = bool(layers) and _source_name(layers[-1] + "batch_normalization/beta", shapes, ema) in shapes
+    if short and not allow_short_head:
         raise ConversionError(
-            f"the projection head stops at {head_layers[-1].rstrip('/')}, which has a BN beta, so its final "
+            f"the projection head stops at {layers[-1].rstrip('/')}, which has a BN beta, so its final "
             f"layer is missing; re-download the checkpoint, or pass allow_short_head=true to convert the "
-            f"{len(head_layers)} layers present")
-    proj_out_dim = shapes[source(head_layers[-1] + "dense/kernel")][1] if head_layers else 128
-    num_proj_layers = max(len(head_layers), 1)
+            f"{len(layers)} layers present")
+    return mode, layers, short
 
-    num_classes = 0
-    if SUPERVISED_KERNEL in live:
-        cls_in, num_classes = shapes[SUPERVISED_KERNEL]
-    notes: list[str] = []
+
+def _network_options(layout: _CheckpointLayout) -> dict[str, Any]:
+    """``create_model`` options that give the layout's stem, input channels and projection head."""
+    return dict(cifar_stem=layout.arch.cifar_stem, in_chans=layout.arch.in_chans, proj_head_mode=layout.head_mode,
+                num_proj_layers=max(len(layout.head_layers), 1), proj_out_dim=layout.proj_out_dim)
+
+
+def _choose_selector(layout: _CheckpointLayout, requested: int | None) -> tuple[int, list[str]]:
+    """``ft_proj_selector`` (``requested``, or inferred when ``None``) checked against the classifier
+    width, and the report note saying how an inferred one was chosen."""
     with torch.device("meta"):  # shapes only, to pick the selector before allocating weights
-        probe = create_model(name, proj_head_mode=mode, num_proj_layers=num_proj_layers,
-                             proj_out_dim=proj_out_dim, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans)
+        probe = create_model(layout.model_name, **_network_options(layout))
     dims = probe.proj_head.dims
-    if ft_proj_selector is None:
-        fits = [j for j, d in enumerate(dims) if d == cls_in] if num_classes else [0]
-        if not fits:
-            raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
-        if len(fits) > 1:
-            listed = ", ".join(map(str, fits[:-1])) + f" and {fits[-1]}"
-            raise ConversionError(
-                f"cannot tell which head output feeds the classifier: its {cls_in} inputs fit outputs {listed}, "
-                f"and the path names no release category; {SELECTOR_ADVICE}")
-        ft_proj_selector = fits[0]
-        if num_classes:
-            notes.append(f"ft_proj_selector={ft_proj_selector}: the only head output as wide as the classifier input")
+    cls_in = layout.classifier_inputs
+    notes: list[str] = []
+    selector = requested
+    if selector is None:
+        selector = _selector_from_widths(dims, cls_in) if layout.num_classes else 0
+        if layout.num_classes:
+            notes.append(f"ft_proj_selector={selector}: the only head output as wide as the classifier input")
     try:
-        selected = dims[probe.proj_head.resolve_index(ft_proj_selector)]
+        selected = dims[probe.proj_head.resolve_index(selector)]
     except ValueError as e:
         raise ConversionError(str(e)) from e
-    if num_classes and selected != cls_in:
-        raise ConversionError(f"ft_proj_selector={ft_proj_selector} selects a {selected}-wide head output, "
+    if layout.num_classes and selected != cls_in:
+        raise ConversionError(f"ft_proj_selector={selector} selects a {selected}-wide head output, "
                               f"but the classifier in the checkpoint takes {cls_in} inputs")
+    return selector, notes
 
-    options = dict(tf_padding=True, cifar_stem=arch.cifar_stem, in_chans=arch.in_chans, proj_head_mode=mode,
-                   num_proj_layers=num_proj_layers, proj_out_dim=proj_out_dim,
-                   ft_proj_selector=ft_proj_selector, num_classes=num_classes)
-    with torch.device("meta"):  # no random init: every tensor is overwritten (see below)
-        model = create_model(name, **options)
-    module_names = {m: n for n, m in model.named_modules()}
-    state: dict[str, torch.Tensor] = {}
-    mapping: dict[str, str] = {}
-    fallback: list[str] = []
 
-    def take(tf_name: str, key: str, expected: torch.Size, transform: str = "") -> None:
-        src = source(tf_name)
-        if src not in live:
-            return  # reported as missing
-        if ema and src == tf_name and not tf_name.startswith("head_supervised/"):
-            fallback.append(tf_name)
-        value = _to_torch(tensors[src])
+def _selector_from_widths(dims: Sequence[int], cls_in: int) -> int:
+    """The one head output (index into ``[h, out_1, ..., out_L]``) as wide as the classifier input."""
+    fits = [j for j, d in enumerate(dims) if d == cls_in]
+    if not fits:
+        raise ConversionError(f"the classifier takes {cls_in} inputs, which no head output has (widths {dims})")
+    if len(fits) > 1:
+        listed = ", ".join(map(str, fits[:-1])) + f" and {fits[-1]}"
+        raise ConversionError(
+            f"cannot tell which head output feeds the classifier: its {cls_in} inputs fit outputs {listed}, "
+            f"and the path names no release category; {SELECTOR_ADVICE}")
+    return fits[0]
+
+
+class _TensorCopier:
+    """Copies checkpoint tensors into a state dict for ``model``, checking every shape.
+
+    ``mapping``: checkpoint name -> state-dict key of each tensor copied. ``fallback``: with
+    ``ema``, the live-model variables read because they had no ``ema_model/`` copy.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+                 model: SimCLRModel, ema: bool) -> None:
+        self.tensors = tensors
+        self.shapes = shapes
+        self.model = model
+        self.ema = ema
+        self.module_names = {m: n for n, m in model.named_modules()}
+        self.state: dict[str, torch.Tensor] = {}
+        self.mapping: dict[str, str] = {}
+        self.fallback: list[str] = []
+
+    def take(self, tf_name: str, key: str, expected: torch.Size, transform: str = "") -> None:
+        """Copy live variable ``tf_name`` (or its EMA copy) to ``key``; ``transform`` is ``"hwio"``
+        for conv kernels, ``"dense"`` for dense kernels. An absent variable is left to ``missing``."""
+        src = _source_name(tf_name, self.shapes, self.ema)
+        if src not in self.shapes:
+            return
+        if self.ema and src == tf_name and not tf_name.startswith("head_supervised/"):
+            self.fallback.append(tf_name)
+        value = _to_torch(self.tensors[src])
         if transform == "hwio":
             value = value.permute(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
         elif transform == "dense":
             value = value.t()  # (in, out) -> (out, in)
         if value.shape != expected:
-            raise ConversionError(f"{src} has shape {tuple(shapes[src])}, which does not fit {key} "
-                                  f"{tuple(expected)} of {name}")
-        state[key] = value.contiguous()
-        mapping[src] = key
+            raise ConversionError(f"{src} has shape {tuple(self.shapes[src])}, which does not fit {key} "
+                                  f"{tuple(expected)} of {self.model.name}")
+        self.state[key] = value.contiguous()
+        self.mapping[src] = key
 
-    def take_bn(tf_base: str, bn: nn.Module) -> None:
-        # ``bn`` is a BatchNorm module or a composite one (the head's beta-less BN); find its
-        # gamma/beta parameters and running statistics by their last name component.
-        prefix = module_names[bn]
+    def take_bn(self, tf_base: str, bn: nn.Module) -> None:
+        """Copy the BN variables under ``tf_base`` into ``bn``, a BatchNorm module or a composite one
+        (the head's beta-less BN) whose gamma/beta and statistics are found by their last name."""
+        prefix = self.module_names[bn]
         found = {k.rsplit(".", 1)[-1]: (k, v) for k, v in [*bn.named_parameters(), *bn.named_buffers()]}
         for tf_field, torch_field in BN_TO_TORCH.items():
             if torch_field not in found or (torch_field == "bias" and not isinstance(found["bias"][1], nn.Parameter)):
                 continue  # BN without beta (TF center=False): a TF beta would show up as unused
             rel, tensor = found[torch_field]
-            take(f"{tf_base}/{tf_field}", f"{prefix}.{rel}", tensor.shape)
+            self.take(f"{tf_base}/{tf_field}", f"{prefix}.{rel}", tensor.shape)
 
-    # Backbone: the i-th TF conv / BN is the i-th Conv2d / BatchNorm2d (creation order, METHOD.md 8.2).
-    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
-    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-    if (len(convs), len(bns)) != (len(conv_names), len(bn_names)):
-        raise ConversionError(f"{name} has {len(convs)} convs / {len(bns)} BNs, the checkpoint "
-                              f"{len(conv_names)} / {len(bn_names)}")
-    for tf_name, conv in zip(conv_names, convs):
-        take(tf_name, f"{module_names[conv]}.weight", conv.weight.shape, "hwio")
-    for tf_base, bn in zip(bn_names, bns):
-        take_bn(tf_base, bn)
+    def copy_backbone(self, conv_names: Sequence[str], bn_names: Sequence[str]) -> None:
+        """The i-th TF conv / BN is the i-th Conv2d / BatchNorm2d (creation order, METHOD.md 8.2)."""
+        backbone = self.model.backbone
+        convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+        bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        if (len(convs), len(bns)) != (len(conv_names), len(bn_names)):
+            raise ConversionError(f"{self.model.name} has {len(convs)} convs / {len(bns)} BNs, the checkpoint "
+                                  f"{len(conv_names)} / {len(bn_names)}")
+        for tf_name, conv in zip(conv_names, convs):
+            self.take(tf_name, f"{self.module_names[conv]}.weight", conv.weight.shape, "hwio")
+        for tf_base, bn in zip(bn_names, bns):
+            self.take_bn(tf_base, bn)
 
-    # Projection head: nl_j -> layer j (Linear without bias, BN1d; the last BN has no beta).
-    for j, prefix in enumerate(head_layers):
-        layer = model.proj_head.layers[j]
-        linear = next(m for m in layer.children() if isinstance(m, nn.Linear))
-        norm = [m for m in layer.children() if m is not linear]  # the layer's BN unit
-        if len(norm) != 1:
-            raise ConversionError(f"projection layer {j} has {len(norm)} non-linear submodules (expected one BN)")
-        take(prefix + "dense/kernel", f"{module_names[linear]}.weight", linear.weight.shape, "dense")
-        take_bn(prefix + "batch_normalization", norm[0])
+    def copy_projection_head(self, head_layers: Sequence[str]) -> None:
+        """nl_j -> layer j: a Linear without bias and a BN1d (the last one without beta)."""
+        for j, prefix in enumerate(head_layers):
+            layer = self.model.proj_head.layers[j]
+            linear = next(m for m in layer.children() if isinstance(m, nn.Linear))
+            norm = [m for m in layer.children() if m is not linear]  # the layer's BN unit
+            if len(norm) != 1:
+                raise ConversionError(f"projection layer {j} has {len(norm)} non-linear submodules "
+                                      f"(expected one BN)")
+            self.take(prefix + "dense/kernel", f"{self.module_names[linear]}.weight", linear.weight.shape, "dense")
+            self.take_bn(prefix + "batch_normalization", norm[0])
 
-    # Supervised head.
-    if model.classifier is not None:
-        take(SUPERVISED_KERNEL, "classifier.weight", model.classifier.weight.shape, "dense")
-        take(SUPERVISED_BIAS, "classifier.bias", model.classifier.bias.shape)
+    def copy_classifier(self) -> None:
+        """The supervised head, when the model has one."""
+        classifier = self.model.classifier
+        if classifier is not None:
+            self.take(SUPERVISED_KERNEL, "classifier.weight", classifier.weight.shape, "dense")
+            self.take(SUPERVISED_BIAS, "classifier.bias", classifier.bias.shape)
 
-    # Bookkeeping: everything in the checkpoint is mapped, ignored (with a reason) or unused.
+
+def _ignore_reason(tf_name: str, mapping: Mapping[str, str], ema: bool) -> str | None:
+    """Why an uncopied checkpoint tensor is not part of the network; ``None`` for an unexpected one."""
+    if tf_name == "global_step":
+        return "global_step"
+    if _is_optimizer_slot(tf_name):
+        return "optimizer slot"
+    if any(p.startswith("memory") for p in tf_name.split("/")):
+        return "memory (negatives queue)"
+    if not ema and tf_name.startswith(EMA_SCOPE):
+        return "EMA copy (convert with --ema to use it)"
+    if ema and EMA_SCOPE + tf_name in mapping:
+        return "live copy (EMA weights used)"
+    return None
+
+
+def _classify_unmapped(shapes: Mapping[str, tuple[int, ...]], mapping: Mapping[str, str],
+                   ema: bool) -> tuple[dict[str, str], list[str]]:
+    """(ignored: name -> reason, sorted unused names): every checkpoint tensor is mapped, ignored
+    or unused."""
     ignored: dict[str, str] = {}
     unused: list[str] = []
     for tf_name in shapes:
         if tf_name in mapping:
             continue
-        parts = tf_name.split("/")
-        if tf_name == "global_step":
-            ignored[tf_name] = "global_step"
-        elif _is_optimizer_slot(tf_name):
-            ignored[tf_name] = "optimizer slot"
-        elif any(p.startswith("memory") for p in parts):
-            ignored[tf_name] = "memory (negatives queue)"
-        elif not ema and tf_name.startswith(EMA_SCOPE):
-            ignored[tf_name] = "EMA copy (convert with --ema to use it)"
-        elif ema and EMA_SCOPE + tf_name in mapping:
-            ignored[tf_name] = "live copy (EMA weights used)"
-        else:
+        reason = _ignore_reason(tf_name, mapping, ema)
+        if reason is None:
             unused.append(tf_name)
+        else:
+            ignored[tf_name] = reason
+    return ignored, sorted(unused)
 
-    skip = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
-    skip |= {f"{module_names[m]}.bias" for m in model.modules()
+
+def _zero_initialised_keys(model: SimCLRModel) -> set[str]:
+    """State entries no checkpoint holds that start at 0: BN batch counters and beta-less BN biases."""
+    keys = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    keys |= {f"{name}.bias" for name, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and "bias" in m._buffers}
-    missing = [k for k in model.state_dict() if k not in state and k not in skip]
+    return keys
+
+
+def _load_converted(model: SimCLRModel, state: dict[str, torch.Tensor], options: dict[str, Any],
+                    strict: bool) -> tuple[SimCLRModel, list[str]]:
+    """``model`` (built on the meta device) holding ``state``, and the entries ``state`` lacks.
+
+    Missing entries are an error when ``strict``; else the model is rebuilt with its normal
+    initialisation (``options`` as for ``create_model``), which the missing entries keep.
+    """
+    zeros = _zero_initialised_keys(model)
+    missing = [k for k in model.state_dict() if k not in state and k not in zeros]
     if missing and strict:
         raise ConversionError(f"{len(missing)} model tensors have no counterpart in the checkpoint, "
                               f"first {missing[0]}; pass strict=False to keep their fresh initialisation")
     if missing:
-        model = create_model(name, **options)  # initialised normally; the missing tensors keep that
+        model = create_model(model.name, **options)
         model.load_state_dict(state, strict=False)
-    else:
-        # Everything not in ``state`` is in ``skip``: BN batch counters and beta-less BN biases, 0.
-        model.load_state_dict(state, strict=False, assign=True)
-        for module_name, module in model.named_modules():
-            for buffer_name, buffer in list(module._buffers.items()):
-                if buffer is not None and f"{module_name}.{buffer_name}" in skip:
-                    module._buffers[buffer_name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
-        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if leftover:
-            raise ConversionError(f"internal error: {leftover[0]} was not filled")
-    model.eval()
-    report = ConversionReport(
-        model_name=name, architecture=arch, ema=ema, proj_head_mode=mode, num_proj_layers=len(head_layers),
-        ft_proj_selector=ft_proj_selector, num_classes=num_classes, mapping=mapping, ignored=ignored,
-        unused=sorted(unused), missing=missing, ema_fallback=fallback, notes=notes,
-    )
-    if short_head:
-        report.notes.append(f"short head (--allow-short-head): {head_layers[-1].rstrip('/')} was a middle layer in "
-                            "TF; its beta is unused and its output differs, so select an earlier output")
-    if mode == "none":
-        report.notes.append("no head_contrastive variables (supervised checkpoint): projection head mode 'none'")
-    return model, report
+        return model, missing
+    model.load_state_dict(state, strict=False, assign=True)
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in list(module._buffers.items()):
+            if buffer is not None and f"{module_name}.{buffer_name}" in zeros:
+                module._buffers[buffer_name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ConversionError(f"internal error: {leftover[0]} was not filled")
+    return model, missing
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,9 +38,8 @@ def nt_xent(
             the textbook normalisation; half the official value).
 
     Returns:
-        ``(loss, stats)``: scalar loss = mean over the N local anchors; ``stats`` holds detached
-        local ``contrastive_acc`` (argmax of the ab row is the positive) and ``entropy`` (mean
-        entropy of softmax(ab)), as logged by the official code. Average them over ranks with
+        ``(loss, stats)``: scalar loss = mean over the N local anchors; ``stats``: the local
+        ``contrastive_acc`` and ``entropy`` (``_contrastive_stats``), averaged over ranks with
         ``all_reduce_mean`` for logging.
 
     Distributed: the loss is NOT divided by the world size. TF divides each replica's loss by the
@@ -94,15 +93,18 @@ def nt_xent(
     per_anchor = loss_a + loss_b
     if directions == "mean":
         per_anchor = per_anchor / 2
-    loss = per_anchor.mean()
+    return per_anchor.mean(), _contrastive_stats(logits_ab, labels)
 
-    with torch.no_grad():
-        logp_ab = F.log_softmax(logits_ab, dim=1)
-        stats = {
-            "contrastive_acc": (logits_ab.argmax(dim=1) == labels).float().mean(),
-            "entropy": -(logp_ab.exp() * logp_ab).sum(dim=1).mean(),
-        }
-    return loss, stats
+
+@torch.no_grad()
+def _contrastive_stats(logits_ab: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the official code logs: the local ``contrastive_acc`` (the argmax of an ab row is the
+    positive) and ``entropy`` (mean entropy of softmax(ab)), detached."""
+    logp_ab = F.log_softmax(logits_ab, dim=1)
+    return {
+        "contrastive_acc": (logits_ab.argmax(dim=1) == labels).float().mean(),
+        "entropy": -(logp_ab.exp() * logp_ab).sum(dim=1).mean(),
+    }
 
 
 def distillation_loss(

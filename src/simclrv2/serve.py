@@ -75,16 +75,6 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu") -> tu
     return model, serving_info(model, meta)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> SimCLRModel:
-    """A model with its heads (and classifier when it has one), in eval mode.
-
-    ``path``: a run folder (its newest complete checkpoint), a ``step-*`` checkpoint folder, or a
-    standalone model ``.safetensors`` (metadata in the header or a sidecar ``.json``).
-    ``model(x)`` on float ``(N, C, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``.
-    """
-    return load_for_serving(path, device)[0]
-
-
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------

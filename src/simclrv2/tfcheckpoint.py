@@ -10,8 +10,8 @@ The released SimCLRv2 checkpoints (METHOD.md 8.1) are TF1 checkpoints: a prefix 
 - ``PREFIX.data-00000-of-0000N``: the raw little-endian tensor bytes, concatenated.
 
 Only the few protobuf fields we need are decoded, by hand, so neither TensorFlow nor protobuf is
-required. ``write_tf_checkpoint`` writes the same format (used by the tests as a fixture; the
-tests check that TensorFlow reads it when TensorFlow is installed).
+required. ``write_tf_checkpoint`` writes the same format, which ``tf.train.load_checkpoint`` reads,
+so that checkpoints laid out like the released ones can be built without TensorFlow.
 """
 
 from __future__ import annotations
