@@ -28,9 +28,8 @@ from . import distributed as dist
 from .checkpoint import atomic_write_text
 
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
-# and the run-to-run spread of step times are not measured. On the 2-core VM of 2026-12-03, once
-# the contrastive loss and the opening of the splits were measured too, pretraining took 3% and
-# the other stages 6% longer than estimated (docs/EXPERIMENTS.md, second demo).
+# and the run-to-run spread of step times are not measured (docs/EXPERIMENTS.md records how far
+# real runs went past the estimate).
 MARGIN = 0.12
 # The stages after pretraining may take at most this share of the planned time; on a machine so
 # slow that they would take more, their steps (min_steps and epochs) shrink to fit, so the

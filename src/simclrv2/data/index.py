@@ -1,4 +1,4 @@
-"""The index of an image folder, built once and kept on disk (issue 19, "An index built once").
+"""The index of an image folder, built once and kept on disk.
 
 Every stage opens both splits on every rank, so an open must not read the images: it lists the
 folder with ``os.scandir`` (names, byte sizes and modification times: no file
