@@ -228,6 +228,7 @@ def naive_knn_top1(bank_x: torch.Tensor, bank_y: torch.Tensor, test_x: torch.Ten
     return round(100.0 * correct / len(test_y), 2)
 
 
+@pytest.mark.fashion_mnist
 def test_knn_reference_rows_match_a_naive_knn(capsys):
     """Every row of benchmarks/knn_reference.py equals a naive kNN on features computed here: raw
     pixels, pixels minus the bank mean, and a random-init encoder whose BN statistics were
@@ -262,6 +263,7 @@ def test_knn_reference_rows_match_a_naive_knn(capsys):
                     "random-init r10_0.25x_sk0 (small stem)": random_init}
 
 
+@pytest.mark.fashion_mnist
 def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_path):
     """benchmarks/linear_reference.py: the 0.1% subset is the one ``finetune`` writes, C comes from 3-fold
     CV on those labelled images only (no test image), and the encoder row runs a real checkpoint."""
@@ -306,6 +308,7 @@ def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_
     assert pixels > 50.0  # 6 labels per class: pixels alone reach about 68% on the full test split
 
 
+@pytest.mark.fashion_mnist
 def test_dataloading_generator_writes_a_class_folder_of_jpegs(tmp_path, capsys):
     """benchmarks/dataloading.py's folder: valid 300-500 px RGB JPEGs of photo-like weight, one folder
     per Fashion-MNIST class holding the images made from that class, the same bytes for any number of

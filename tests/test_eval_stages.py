@@ -26,13 +26,13 @@ from PIL import Image
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
-from simclrv2.data.datasets import read_idx
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import classify, probe
 from simclrv2.engine.evaluate import knn_predict
 from simclrv2.models import create_model
 from simclrv2.serve import load_pretrained
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = FASHION_MNIST_SYSTEM_DIR
 N_TRAIN, N_TEST = 300, 100  # first images of the real splits; 0.2 labels -> ~60 labelled images
 MODEL = "r10_0.25x_sk0"
 
@@ -111,6 +111,7 @@ def check_eval_outputs(run_dir: Path, labels: np.ndarray) -> dict:
     return metrics
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("selector", [0, 1])
 def test_finetune_classifier_placement(pretrain_dir, data_dir, test_labels, tmp_path, selector):
     run_dir = tmp_path / f"ft{selector}"
@@ -164,6 +165,7 @@ def capture_loaded_models(monkeypatch, module) -> list:
     return loaded
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("method", ["cached", "sgd"])
 def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch, method):
     loaded = capture_loaded_models(monkeypatch, probe)
@@ -184,6 +186,7 @@ def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, t
     assert metrics["method"] == method
 
 
+@pytest.mark.fashion_mnist
 def test_supervised_starts_from_random_init(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch):
     initial = []
 
@@ -217,6 +220,7 @@ def test_supervised_starts_from_random_init(pretrain_dir, data_dir, test_labels,
     check_eval_outputs(tmp_path / "sup", test_labels)
 
 
+@pytest.mark.fashion_mnist
 def test_knn_eval_writes_metrics(pretrain_dir, data_dir, test_labels, tmp_path):
     code = cli_main(["knn-eval", *_common(data_dir, tmp_path / "knn"), f"checkpoint={pretrain_dir}", "k=20",
                      "label_fraction=0.2"])
@@ -302,6 +306,7 @@ def test_knn_eval_on_planted_separable_images(tmp_path):
     assert metrics["confusion_matrix"] == (4 * np.eye(3, dtype=int)).tolist()
 
 
+@pytest.mark.fashion_mnist
 def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_dir, data_dir, tmp_path,
                                                                       monkeypatch):
     """The pipeline's linear eval + kNN: inside ``shared_features`` the two stages run the encoder over
@@ -334,6 +339,7 @@ def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_
     assert sorted(calls) == [N_TEST, N_TRAIN]
 
 
+@pytest.mark.fashion_mnist
 def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, data_dir, test_labels, tmp_path,
                                                                   monkeypatch):
     """Issue 6: through the real distill stage, the teacher is never updated: no gradient reaches

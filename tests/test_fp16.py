@@ -22,10 +22,11 @@ from test_eval_stages import _write_idx
 from test_resume import assert_same_checkpoint, cli
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.data.datasets import read_idx
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import loop, runtime
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = FASHION_MNIST_SYSTEM_DIR
+pytestmark = pytest.mark.fashion_mnist
 
 
 def cpu_autocast(device: torch.device, precision: str):

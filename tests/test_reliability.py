@@ -33,6 +33,7 @@ from pathlib import Path
 
 import _slow_checkpoint
 import numpy as np
+import pytest
 import torch
 import yaml
 from test_resume import make_image_folder
@@ -186,6 +187,7 @@ def test_slow_checkpoint_pauses_inside_every_write_and_deletion_window(tmp_path:
         patches.undo()
 
 
+@pytest.mark.fashion_mnist
 def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
     args = [*ARGS, f"data_dir={fashion_mnist_subset(tmp_path / 'data', N_IMAGES)}"]
     # the uninterrupted reference, in this process with the subprocesses' thread count
@@ -283,6 +285,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "images")
     run = tmp_path / "pipeline"
@@ -343,6 +346,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
                           np.load(ft_dir / "predictions.npy"))
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_reruns_an_edited_stage_and_the_stages_that_read_it(tmp_path: Path, capsys) -> None:
     """Editing one stage's config reruns that stage from scratch and every stage built on its
     output (here the distillation of the fine-tuned teacher); the stages beside it are skipped."""
@@ -405,6 +409,7 @@ def _without_seconds(out: dict) -> dict:
     return out
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_killed_at_random_moments_across_all_stages(tmp_path: Path) -> None:
     """SIGKILL ``simclrv2 pipeline`` at least 10 times, aimed at random moments of every stage,
     then let it finish: results.json equals an uninterrupted run's apart from timings, and every
