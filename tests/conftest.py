@@ -3,6 +3,10 @@
 Tests run tiny models, where two intra-op threads only add synchronisation cost (and on a loaded
 machine OpenMP spin-waiting makes them many times slower). One thread keeps the suite fast and
 its timing stable; subprocesses inherit the same setting through OMP_NUM_THREADS.
+
+Tests marked ``fashion_mnist`` read the real Fashion-MNIST IDX files of the Debian package
+dataset-fashion-mnist; where they are absent those tests are skipped, with the reason, instead of
+failing (tests/_fashion_mnist.py).
 """
 
 import os
@@ -11,6 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# the fashion_mnist marker's hooks (tests/_fashion_mnist.py)
+from _fashion_mnist import pytest_collection_modifyitems, pytest_configure  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -103,6 +103,7 @@ def assert_loadable(c: Path) -> None:
 # ------------------------------------------------------------------ datasets
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("damage", ["junk", "truncated"])
 def test_corrupt_image_fails_with_its_path(own_images: Path, tmp_path: Path, capsys, damage: str) -> None:
     good = sorted((own_images / "train" / "class1").iterdir())[0]
@@ -114,6 +115,7 @@ def test_corrupt_image_fails_with_its_path(own_images: Path, tmp_path: Path, cap
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.fashion_mnist
 def test_skip_bad_images_counts_them_and_trains(own_images: Path, tmp_path: Path, capsys) -> None:
     # skip_bad_images=true is the default: a corrupt file never stops a run
     (own_images / "train" / "class0" / "junk.png").write_bytes(b"junk")  # no header: dropped at open
@@ -140,6 +142,7 @@ def fashion_subset(folder: Path, n: int = 256) -> Path:
     return folder
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("compressed", [False, True], ids=["raw", "gzip"])
 def test_truncated_idx_file(tmp_path: Path, capsys, compressed: bool) -> None:
     data = fashion_subset(tmp_path / "fmnist")
@@ -157,6 +160,7 @@ def test_truncated_idx_file(tmp_path: Path, capsys, compressed: bool) -> None:
     assert_error(rc, err, str(images), "truncated" if compressed else "the file holds", "fix:")
 
 
+@pytest.mark.fashion_mnist
 def test_label_list_naming_missing_images(images: Path, pretrained: Path, tmp_path: Path, capsys) -> None:
     listed = tmp_path / "1percent.txt"
     present = sorted((images / "train" / "class0").iterdir())[0].name
@@ -168,6 +172,7 @@ def test_label_list_naming_missing_images(images: Path, pretrained: Path, tmp_pa
                  "fix:")
 
 
+@pytest.mark.fashion_mnist
 def test_empty_class_folder(own_images: Path, tmp_path: Path, capsys) -> None:
     (own_images / "train" / "class2").mkdir()
     rc, err = cli(capsys, *pretrain_args(own_images, tmp_path / "run"))
@@ -177,6 +182,7 @@ def test_empty_class_folder(own_images: Path, tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------------ config
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("fraction", ["0", "-0.1", "1.5"])
 def test_label_fraction_out_of_range(images: Path, pretrained: Path, tmp_path: Path, capsys,
                                      fraction: str) -> None:
@@ -186,6 +192,7 @@ def test_label_fraction_out_of_range(images: Path, pretrained: Path, tmp_path: P
     assert not (tmp_path / "ft").exists()  # rejected before anything was written
 
 
+@pytest.mark.fashion_mnist
 def test_unknown_model_name(images: Path, pretrained: Path, tmp_path: Path, capsys) -> None:
     rc, err = cli(capsys, *pretrain_args(images, tmp_path / "run"), "model=r51_1x_sk0")
     assert_error(rc, err, "unknown model 'r51_1x_sk0'", "closest: r50_1x_sk0", "simclrv2 models")
@@ -229,6 +236,7 @@ def test_unknown_key_in_config_file(tmp_path: Path, capsys) -> None:
     assert_error(rc, err, "unknown config key 'learning_rate'", "base_lr")
 
 
+@pytest.mark.fashion_mnist
 def test_a_run_repeats_from_its_own_config_yaml(pretrained: Path, tmp_path: Path, capsys) -> None:
     """A run folder's config.yaml (which names its stage) is a valid --config for that stage only."""
     from simclrv2 import config as C
@@ -252,6 +260,7 @@ def other_arch(images: Path, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.fashion_mnist
 def test_resume_from_checkpoint_of_another_architecture(images: Path, pretrained: Path, other_arch: Path,
                                                         tmp_path: Path, capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))
@@ -263,6 +272,7 @@ def test_resume_from_checkpoint_of_another_architecture(images: Path, pretrained
     assert checkpoint_snapshot(run) == before
 
 
+@pytest.mark.fashion_mnist
 def test_resume_from_same_name_other_shapes(images: Path, pretrained: Path, other_arch: Path,
                                             tmp_path: Path, capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))
@@ -276,6 +286,7 @@ def test_resume_from_same_name_other_shapes(images: Path, pretrained: Path, othe
     assert checkpoint_snapshot(run) == before
 
 
+@pytest.mark.fashion_mnist
 def test_finetune_from_checkpoint_of_another_architecture(images: Path, pretrained: Path, other_arch: Path,
                                                           tmp_path: Path, capsys) -> None:
     init = Path(shutil.copytree(ckpt.latest_checkpoint(pretrained), tmp_path / "init"))
@@ -287,6 +298,7 @@ def test_finetune_from_checkpoint_of_another_architecture(images: Path, pretrain
     assert not (tmp_path / "ft" / "checkpoints").exists()
 
 
+@pytest.mark.fashion_mnist
 def test_finetune_model_other_than_the_checkpoints(images: Path, pretrained: Path, tmp_path: Path,
                                                    capsys) -> None:
     """The checkpoint's architecture wins: another explicit model= is refused before anything is
@@ -305,6 +317,7 @@ def test_finetune_model_other_than_the_checkpoints(images: Path, pretrained: Pat
     assert rc == 0 and "using the checkpoint's model" not in err, err
 
 
+@pytest.mark.fashion_mnist
 def test_checkpoint_from_a_newer_format_version(images: Path, pretrained: Path, tmp_path: Path,
                                                 capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))
@@ -333,6 +346,7 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
+@pytest.mark.fashion_mnist
 def test_malicious_pickle_in_checkpoint_is_refused(images: Path, pretrained: Path, tmp_path: Path,
                                                    capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))
@@ -354,6 +368,7 @@ def test_malicious_pickle_in_checkpoint_is_refused(images: Path, pretrained: Pat
 # ------------------------------------------------------------------ training failures
 
 
+@pytest.mark.fashion_mnist
 def test_non_finite_loss_from_a_huge_learning_rate(images: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     # PyYAML reads 1e30 as a string; 1.0e+30 is a YAML float
@@ -367,6 +382,7 @@ def test_non_finite_loss_from_a_huge_learning_rate(images: Path, tmp_path: Path,
         assert_loadable(c)
 
 
+@pytest.mark.fashion_mnist
 def test_non_finite_loss_keeps_the_previous_checkpoint(images: Path, pretrained: Path, tmp_path: Path,
                                                        capsys, monkeypatch) -> None:
     import simclrv2.engine.pretrain as pretrain
@@ -386,6 +402,7 @@ def test_non_finite_loss_keeps_the_previous_checkpoint(images: Path, pretrained:
     assert_loadable(ckpt.latest_checkpoint(run))
 
 
+@pytest.mark.fashion_mnist
 def test_run_folder_not_writable(images: Path, tmp_path: Path, capsys) -> None:
     afile = tmp_path / "afile"
     afile.write_text("a regular file, not a folder")
@@ -394,6 +411,7 @@ def test_run_folder_not_writable(images: Path, tmp_path: Path, capsys) -> None:
     assert afile.read_text() == "a regular file, not a folder"
 
 
+@pytest.mark.fashion_mnist
 def test_run_folder_without_write_permission(images: Path, tmp_path: Path, capsys) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -407,6 +425,7 @@ def test_run_folder_without_write_permission(images: Path, tmp_path: Path, capsy
         locked.chmod(0o755)
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.pt"])
 def test_disk_full_while_writing_a_checkpoint(images: Path, pretrained: Path, tmp_path: Path, capsys,
                                               monkeypatch, failing: str) -> None:
@@ -438,6 +457,7 @@ def test_disk_full_while_writing_a_checkpoint(images: Path, pretrained: Path, tm
     assert steps(run) == [3, 4]
 
 
+@pytest.mark.fashion_mnist
 def test_run_folder_with_an_incompatible_config(images: Path, pretrained: Path, tmp_path: Path,
                                                 capsys) -> None:
     run = Path(shutil.copytree(pretrained, tmp_path / "run"))
@@ -457,6 +477,7 @@ def test_run_folder_with_an_incompatible_config(images: Path, pretrained: Path, 
 # ------------------------------------------------------------------ reproducibility
 
 
+@pytest.mark.fashion_mnist
 def test_same_seed_gives_bitwise_identical_weights(images: Path, pretrained: Path, tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

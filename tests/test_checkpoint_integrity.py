@@ -58,6 +58,7 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.fashion_mnist
 def test_meta_records_the_sha256_of_every_file(three_steps: Path) -> None:
     for c in ckpt.list_checkpoints(three_steps):
         meta = json.loads((c / "meta.json").read_text())
@@ -68,6 +69,7 @@ def test_meta_records_the_sha256_of_every_file(three_steps: Path) -> None:
         assert ckpt.verify_checkpoint(c)["step"] == int(c.name[5:])
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "state.safetensors", "meta.json"])
 def test_bit_flip_in_newest_checkpoint_resumes_from_the_previous_one(images: Path, three_steps: Path,
                                                                      tmp_path: Path, capsys, damaged: str) -> None:
@@ -99,6 +101,7 @@ def test_bit_flip_in_newest_checkpoint_resumes_from_the_previous_one(images: Pat
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.fashion_mnist
 def test_no_checkpoint_verifies_is_an_error(images: Path, three_steps: Path, tmp_path: Path, capsys) -> None:
     run = Path(shutil.copytree(three_steps, tmp_path / "run"))
     for c in ckpt.list_checkpoints(run):
@@ -109,6 +112,7 @@ def test_no_checkpoint_verifies_is_an_error(images: Path, three_steps: Path, tmp
     assert ckpt.latest_checkpoint(run).name == "step-00000003"  # nothing was deleted
 
 
+@pytest.mark.fashion_mnist
 def test_load_paths_refuse_a_damaged_file_naming_it(images: Path, three_steps: Path, tmp_path: Path,
                                                    capsys) -> None:
     run = Path(shutil.copytree(three_steps, tmp_path / "run"))
@@ -139,6 +143,7 @@ def test_standalone_model_file_is_verified(tmp_path: Path) -> None:
         load_pretrained(path)
 
 
+@pytest.mark.fashion_mnist
 def test_checkpoints_without_checksums_still_load_and_resume(images: Path, three_steps: Path, tmp_path: Path,
                                                              capsys) -> None:
     """What a checkpoint written before checksums existed looks like: no files, no meta_sha256."""

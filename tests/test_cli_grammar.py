@@ -15,10 +15,10 @@ import yaml
 from simclrv2 import config as C
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main, parse_tool_args
-from simclrv2.data.datasets import FASHION_MNIST_CLASSES, load_dataset
+from simclrv2.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR, load_dataset
 from simclrv2.models import create_model
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_DIR = str(FASHION_MNIST_SYSTEM_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.fashion_mnist
 def test_predict_takes_key_value(classifier_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "p.csv"
     assert main(["predict", f"checkpoint={classifier_ckpt}", "dataset=fashion_mnist", f"data_dir={FMNIST_DIR}",
@@ -41,6 +42,7 @@ def test_predict_takes_key_value(classifier_ckpt: Path, tmp_path: Path, capsys: 
     assert np.load(out.with_suffix(".npy")).shape == (5, 10) and len(out.read_text().splitlines()) == 6
 
 
+@pytest.mark.fashion_mnist
 def test_embed_takes_key_value_and_config_file(classifier_ckpt: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     options = tmp_path / "embed.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,7 @@ from simclrv2.data import (
 )
 from simclrv2.data import datasets as ds_mod
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(
-    not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist not installed",
-)
+FMNIST_DIR = ds_mod.FASHION_MNIST_SYSTEM_DIR
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -47,7 +44,38 @@ def fmnist_train() -> InMemoryDataset:
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_fmnist
+def test_fashion_mnist_tests_skip_with_the_reason_where_the_files_are_absent(tmp_path: Path) -> None:
+    """The ``fashion_mnist`` marker (tests/_fashion_mnist.py), in a pytest run whose Fashion-MNIST
+    folder holds three of the four IDX files: the marked tests (one by decorator, one by a class
+    mark) are skipped, naming the folder and the package; the unmarked test runs."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (folder / f"{stem}.gz").write_bytes(b"")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "conftest.py").write_text(
+        "from pathlib import Path\n\nimport _fashion_mnist\n"
+        "from _fashion_mnist import pytest_collection_modifyitems, pytest_configure  # noqa: F401\n\n"
+        f"_fashion_mnist.FASHION_MNIST_DIR = Path({str(folder)!r})\n")
+    (run / "test_marked.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.fashion_mnist\ndef test_needs_it():\n    raise AssertionError('ran')\n\n"
+        "@pytest.mark.fashion_mnist\nclass TestNeedsIt:\n    def test_too(self):\n        raise AssertionError('ran')\n\n"
+        "def test_without():\n    pass\n")
+    (run / "pytest.ini").write_text("[pytest]\n")
+    tests_dir = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", "-c", str(run / "pytest.ini"),
+                          str(run / "test_marked.py")],
+                         capture_output=True, text=True, cwd=run,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, SRC])})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed, 2 skipped" in out.stdout, out.stdout
+    reason = f"Fashion-MNIST IDX files not found under {folder}; apt install dataset-fashion-mnist"
+    assert out.stdout.count(reason) == 2, out.stdout
+
+
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_train_from_system_idx(fmnist_train: InMemoryDataset) -> None:
     ds = fmnist_train
     assert len(ds) == 60000
@@ -60,7 +88,7 @@ def test_fashion_mnist_train_from_system_idx(fmnist_train: InMemoryDataset) -> N
     assert 0 < img.float().mean() < 255  # real pixels, not zeros
 
 
-@needs_fmnist
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_test_split_and_data_dir_search(tmp_path: Path) -> None:
     # Uncompressed copies under data_dir/fashion-mnist must be found before the system folder.
     local = tmp_path / "fashion-mnist"
@@ -80,7 +108,7 @@ def test_fashion_mnist_test_split_and_data_dir_search(tmp_path: Path) -> None:
     assert torch.equal(ds.images, load_dataset("fashion_mnist", "test").images)
 
 
-@needs_fmnist
+@pytest.mark.fashion_mnist
 def test_truncated_gzip_idx_raises_dataset_error(tmp_path: Path) -> None:
     raw = (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes()
     bad = tmp_path / "t10k-images-idx3-ubyte.gz"
@@ -256,7 +284,7 @@ def test_image_folder_empty_class_names_it(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_fmnist
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("fraction,per_class", [(0.01, 60), (0.001, 6), (0.1, 600)])
 def test_balanced_subset_fashion_mnist_counts(
     fmnist_train: InMemoryDataset, fraction: float, per_class: int
@@ -267,7 +295,7 @@ def test_balanced_subset_fashion_mnist_counts(
     assert counts.tolist() == [per_class] * 10
 
 
-@needs_fmnist
+@pytest.mark.fashion_mnist
 def test_balanced_subset_same_in_another_process(fmnist_train: InMemoryDataset) -> None:
     here = balanced_subset(fmnist_train.labels, 0.01, seed=7)
     code = (

@@ -109,6 +109,7 @@ def worker(rank: int, port: int, data_dir: str, pretrained: str, out: str) -> No
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypatch):
     two = tmp_path / "two"

@@ -4,7 +4,9 @@
   stay exactly as pretrained;
 - linear evaluation leaves every encoder tensor (weights and BN buffers) bitwise unchanged;
 - the supervised baseline starts from a fresh random initialisation, not from the pretrained one;
-- every evaluation writes ``metrics.json`` and ``predictions.npy`` that agree with each other.
+- every evaluation writes ``metrics.json`` and ``predictions.npy`` that agree with each other;
+- kNN evaluation classifies planted images (class = colour) all right, as a naive kNN over features
+  extracted in the test does, and ``knn_predict`` equals a naive loop.
 """
 
 from __future__ import annotations
@@ -12,22 +14,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2 import load_pretrained
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
-from simclrv2.data.datasets import read_idx
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import distill, finetune, probe, supervised
+from simclrv2.engine.evaluate import knn_predict
 from simclrv2.models import create_model
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = FASHION_MNIST_SYSTEM_DIR
 N_TRAIN, N_TEST = 300, 100  # first images of the real splits; 0.2 labels -> ~60 labelled images
 MODEL = "r10_0.25x_sk0"
 
@@ -106,6 +111,7 @@ def check_eval_outputs(run_dir: Path, labels: np.ndarray) -> dict:
     return metrics
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("selector", [0, 1])
 def test_finetune_classifier_placement(pretrain_dir, data_dir, test_labels, tmp_path, selector):
     run_dir = tmp_path / f"ft{selector}"
@@ -159,6 +165,7 @@ def capture_loaded_models(monkeypatch, module) -> list:
     return loaded
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("method", ["cached", "sgd"])
 def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch, method):
     loaded = capture_loaded_models(monkeypatch, probe)
@@ -179,6 +186,7 @@ def test_linear_eval_keeps_encoder_frozen(pretrain_dir, data_dir, test_labels, t
     assert metrics["method"] == method
 
 
+@pytest.mark.fashion_mnist
 def test_supervised_starts_from_random_init(pretrain_dir, data_dir, test_labels, tmp_path, monkeypatch):
     initial = []
 
@@ -212,6 +220,7 @@ def test_supervised_starts_from_random_init(pretrain_dir, data_dir, test_labels,
     check_eval_outputs(tmp_path / "sup", test_labels)
 
 
+@pytest.mark.fashion_mnist
 def test_knn_eval_writes_metrics(pretrain_dir, data_dir, test_labels, tmp_path):
     code = cli_main(["knn-eval", *_common(data_dir, tmp_path / "knn"), f"checkpoint={pretrain_dir}", "k=20",
                      "label_fraction=0.2"])
@@ -220,6 +229,84 @@ def test_knn_eval_writes_metrics(pretrain_dir, data_dir, test_labels, tmp_path):
     assert metrics["stage"] == "knn-eval" and metrics["k"] == 20
 
 
+def naive_knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                     k: int, temperature: float) -> torch.Tensor:
+    """Weighted kNN one query at a time, in float64: cosine similarity to every bank row, the ``k``
+    most similar, each voting exp(sim / temperature) for its class. Returns (N, C) scores."""
+    bank, queries = bank.double(), queries.double()
+    scores = torch.zeros(len(queries), num_classes, dtype=torch.float64)
+    for i, q in enumerate(queries):
+        sims = sorted(((float(q @ b) / float(q.norm() * b.norm()), int(y)) for b, y in zip(bank, bank_labels)),
+                      reverse=True)
+        for sim, y in sims[:k]:
+            scores[i, y] += math.exp(sim / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_knn_predict_matches_a_naive_loop(k):
+    """Chunked queries (chunk 4 of 10), k of 1, some and more than the 30 bank rows (all of them)."""
+    g = torch.Generator().manual_seed(k)
+    bank, queries = torch.randn(30, 6, generator=g), torch.randn(10, 6, generator=g)
+    labels = torch.randint(0, 4, (30,), generator=g)
+    scores = knn_predict(bank, labels, queries, 4, k=k, temperature=0.2, chunk=4)
+    torch.testing.assert_close(scores.double(), naive_knn_scores(bank, labels, queries, 4, k, 0.2), rtol=1e-5, atol=0)
+
+
+PLANTED_COLOURS = {"blue": (0, 0, 1), "green": (0, 1, 0), "red": (1, 0, 0)}  # class folders, in sorted order
+
+
+def make_planted_folder(root: Path, n_train: int = 8, n_test: int = 4, side: int = 16, seed: int = 0) -> Path:
+    """root/<split>/<colour>/*.png: every image one colour at a random brightness, plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, rgb in PLANTED_COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.array(rgb) * rng.uniform(120, 255) + rng.normal(0, 8, (side, side, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return root
+
+
+def read_planted(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(N, 3, S, S) floats in [0, 1], labels and file names, class folders and files in sorted order."""
+    images, labels, names = [], [], []
+    for label, name in enumerate(sorted(PLANTED_COLOURS)):
+        for path in sorted((split_dir / name).iterdir()):
+            images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
+            labels.append(label)
+            names.append(path.name)
+    return torch.stack(images).float() / 255, torch.tensor(labels), names
+
+
+def test_knn_eval_on_planted_separable_images(tmp_path):
+    """knn-eval through the CLI on images whose class is their colour: every test image is classified
+    right, and the predictions equal a naive kNN over features extracted here from the same checkpoint."""
+    data = make_planted_folder(tmp_path / "planted")
+    common = ["model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={data}", "image_size=16", "progress=false",
+              "device=cpu", "num_workers=0", "seed=0"]
+    pre = tmp_path / "pre"
+    assert cli_main(["pretrain", *common, "batch_size=8", "max_steps=1", "knn_every=0", f"run_dir={pre}"]) == 0
+    out = tmp_path / "knn"
+    assert cli_main(["knn-eval", *common, f"checkpoint={pre}", "k=5", "label_fraction=1.0", f"run_dir={out}"]) == 0
+
+    train_x, train_y, train_names = read_planted(data / "train")
+    test_x, test_y, _ = read_planted(data / "test")
+    subset = [line.split("\t") for line in (out / "labelled_subset.txt").read_text().splitlines()]
+    assert subset == [[str(i), name] for i, name in enumerate(train_names)]  # the bank: every training image
+    model = load_pretrained(pre)
+    with torch.no_grad():
+        train_f, test_f = model.features(train_x), model.features(test_x)
+    expected = naive_knn_scores(train_f, train_y, test_f, 3, k=5, temperature=0.1).argmax(1)
+    assert torch.equal(expected, test_y)  # planted: the answer is known
+    assert np.load(out / "predictions.npy").tolist() == expected.tolist()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["top1"] == 100.0 and metrics["per_class_accuracy"] == [100.0] * 3
+    assert metrics["confusion_matrix"] == (4 * np.eye(3, dtype=int)).tolist()
+
+
+@pytest.mark.fashion_mnist
 def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_dir, data_dir, tmp_path,
                                                                       monkeypatch):
     """The pipeline's linear eval + kNN: inside ``shared_features`` the two stages run the encoder over
@@ -252,6 +339,7 @@ def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_
     assert sorted(calls) == [N_TEST, N_TRAIN]
 
 
+@pytest.mark.fashion_mnist
 def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, data_dir, test_labels, tmp_path,
                                                                   monkeypatch):
     """Issue 6: through the real distill stage, the teacher is never updated: no gradient reaches

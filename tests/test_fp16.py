@@ -22,11 +22,12 @@ from test_eval_stages import _write_idx
 from test_resume import assert_same_checkpoint, cli
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.data.datasets import read_idx
+from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import device as engine_device
 from simclrv2.engine import pretrain as pretrain_stage
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = FASHION_MNIST_SYSTEM_DIR
+pytestmark = pytest.mark.fashion_mnist
 
 
 def cpu_autocast(device: torch.device, precision: str):

@@ -111,6 +111,7 @@ def _stage_cfgs(data: Path, tmp: Path, encoder: Path, teacher: Path) -> dict[str
 # ------------------------------------------------------------------ parameter groups (METHOD.md 4.1)
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "supervised", "distill"])
 def test_stage_optimizer_groups(stage, data, encoder, teacher, tmp_path, monkeypatch):
     """The optimizer a stage really builds: the classifier's weight has no trust ratio and an L2
@@ -139,6 +140,7 @@ def test_stage_optimizer_groups(stage, data, encoder, teacher, tmp_path, monkeyp
 # ------------------------------------------------------------------ lengths that follow the data
 
 
+@pytest.mark.fashion_mnist
 def test_small_data_gets_min_steps(data, encoder, teacher, tmp_path, monkeypatch):
     """The demo config's stages on a 2,000-image training split: a 40-image labelled subset and the
     1,800-image unlabeled pool (after the validation split) each get at least ``min_steps``,
@@ -167,6 +169,7 @@ def test_small_data_gets_min_steps(data, encoder, teacher, tmp_path, monkeypatch
 # ------------------------------------------------------------------ the validation split
 
 
+@pytest.mark.fashion_mnist
 def test_validation_split_is_disjoint(data, encoder, teacher, tmp_path, monkeypatch):
     """The validation split never trains anything: not in a labelled subset (any fraction), not in
     the unlabeled pool of pretraining or distillation; the label fractions keep their size."""
@@ -207,6 +210,7 @@ def searched(data, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.fashion_mnist
 def test_lr_search_chooses_on_validation(searched):
     """Each arm trains once per factor; the best validation top-1 is chosen and only it is
     evaluated on the test split; its students learn from the chosen teacher."""
@@ -234,6 +238,7 @@ def test_lr_search_chooses_on_validation(searched):
     assert "## Learning rates chosen on the validation split" in report
 
 
+@pytest.mark.fashion_mnist
 def test_lr_search_rerun_skips_everything(searched, capsys):
     config = searched.parent / "pipeline.yaml"
     before = json.loads((searched / "results.json").read_text())
@@ -261,6 +266,7 @@ def _budget_config(data: Path, run: Path, minutes: float) -> PipelineConfig:
     return C.build(PipelineConfig, values)
 
 
+@pytest.mark.fashion_mnist
 def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
     """With step times fixed, the epochs are the ones that fill the rest of the budget (in half
     epochs), rank 0's choice is stored, and a rerun reuses it without measuring again."""
@@ -279,6 +285,7 @@ def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
     assert budget.fit_pretraining(pc)["epochs"] == rec["epochs"]
 
 
+@pytest.mark.fashion_mnist
 def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monkeypatch):
     """When the stages after pretraining would take more than OTHER_SHARE of the budget, their
     steps shrink by one factor (min_steps and epochs), so a slow machine still finishes."""
@@ -300,6 +307,7 @@ def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monke
     assert budget.scale_stages(pc, 1.0) is pc
 
 
+@pytest.mark.fashion_mnist
 def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypatch, capsys):
     """Where the images' own size would shrink the other stages' steps, the budget picks the size at
     which they fit (not below 32 px) and pins it in pipeline.yaml; an image_size the user set is
@@ -336,6 +344,7 @@ def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypa
     assert kept["image_size"] == 64 and "native_image_size" not in kept and kept["other_scale"] < 1
 
 
+@pytest.mark.fashion_mnist
 def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None: 0.5)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-3)
@@ -344,6 +353,7 @@ def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
         budget.fit_pretraining(pc)
 
 
+@pytest.mark.fashion_mnist
 def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkeypatch):
     """The real measurement on tiny data; the run's pipeline.yaml then holds the chosen epochs
     and no budget, so running it again repeats them."""

@@ -4,9 +4,9 @@ The run is the real CLI (``simclrv2.cli.main``, what ``python -m simclrv2`` call
 process, writing a checkpoint every step. Children are forked from a multiprocessing fork server
 that has imported torch and simclrv2 once, so a restart costs no interpreter start-up (seconds on a
 loaded CI box) and ten kills fit in well under a minute; each child is still a separate process
-that is SIGKILLed with its files half written. ``SIMCLRV2_TEST_SLOW_CHECKPOINT`` (a test hook in
-``simclrv2.checkpoint``) sleeps between the files of a checkpoint so that kills land inside the
-write window on purpose. After every kill the test checks that each complete checkpoint on disk is
+that is SIGKILLed with its files half written. The child patches ``simclrv2.checkpoint`` to
+pause after each file of a checkpoint and before each deletion (``tests/_slow_checkpoint.py``), so
+that kills land inside those windows on purpose. After every kill the test checks that each complete checkpoint on disk is
 readable in full, and after every restart that the run resumed from the newest complete checkpoint
 (its "resuming from ... at step N" line). At the end the weights, optimizer state and metrics equal
 those of an uninterrupted run with the same seed, bit for bit.
@@ -31,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import _slow_checkpoint
 import numpy as np
+import pytest
 import torch
 import yaml
 from test_resume import make_image_folder
@@ -92,9 +94,11 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return out
 
 
-def _child(argv: list[str], err_path: str, slow_checkpoint: str) -> None:
-    """Body of a forked run: the CLI with stdout and stderr in a file, one thread like the reference."""
-    os.environ["SIMCLRV2_TEST_SLOW_CHECKPOINT"] = slow_checkpoint
+def _child(argv: list[str], err_path: str, slow_checkpoint: float) -> None:
+    """Body of a forked run: the CLI with stdout and stderr in a file, one thread like the reference,
+    with a pause of ``slow_checkpoint`` seconds at each checkpoint write and deletion window."""
+    if slow_checkpoint:
+        _slow_checkpoint.install(slow_checkpoint)
     torch.set_num_threads(1)
     fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
@@ -111,7 +115,7 @@ def launcher():
                                 "simclrv2.engine.finetune", "simclrv2.engine.supervised", "simclrv2.engine.distill",
                                 "simclrv2.pipeline"])
 
-    def start(argv: list[str], err_path: Path, slow_checkpoint: str = "") -> multiprocessing.Process:
+    def start(argv: list[str], err_path: Path, slow_checkpoint: float = 0.0) -> multiprocessing.Process:
         proc = ctx.Process(target=_child, args=(argv, str(err_path), slow_checkpoint), daemon=True)
         proc.start()
         return proc
@@ -137,6 +141,54 @@ def kill(proc: multiprocessing.Process) -> None:
     assert proc.exitcode == -signal.SIGKILL
 
 
+def test_slow_checkpoint_pauses_inside_every_write_and_deletion_window(tmp_path: Path) -> None:
+    """tests/_slow_checkpoint.py pauses after each file of a checkpoint lands in its temporary folder
+    and before an old checkpoint, already renamed aside, is removed: the windows the kill tests aim at."""
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    seen: list[dict[str, list[str]]] = []
+
+    def record() -> None:  # every checkpoint folder on disk and its files, at the pause
+        seen.append({d.name: sorted(p.name for p in d.iterdir()) for d in sorted(root.iterdir())})
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(run_dir, step, {"w": torch.full((3,), float(step))}, {"stage": "pretrain"},
+                             extra_tensors={"queue": torch.zeros(2)},
+                             optimizer_state={"state": {0: {"momentum_buffer": torch.ones(3)}}}, keep=1)
+
+    pid = os.getpid()
+    tmp1, tmp2 = f"step-00000001.tmp-{pid}", f"step-00000002.tmp-{pid}"
+    all_files = ["meta.json", "model.safetensors", "optimizer.pt", "state.safetensors"]
+    writing = [["model.safetensors"], ["model.safetensors", "state.safetensors"],
+               ["model.safetensors", "optimizer.pt", "state.safetensors"], all_files]
+    patches = _slow_checkpoint.install(0.0, record)
+    try:
+        save(1)
+        assert seen == [{tmp1: files} for files in writing]
+        seen.clear()
+        save(2)  # keep=1: step 1 is renamed aside, then removed
+        assert seen == [{"step-00000001": all_files, tmp2: files} for files in writing] + [
+            {f"step-00000001.del-{pid}": all_files, "step-00000002": all_files}]
+        seen.clear()
+        save(2)  # the same step again: the old step 2 is renamed aside and removed before the new one lands
+        assert seen == [{"step-00000002": all_files, tmp2: files} for files in writing] + [
+            {f"step-00000002.del-{pid}": all_files, tmp2: all_files}]
+    finally:
+        patches.undo()
+    seen.clear()
+    save(3)  # undone: no more pauses
+    assert seen == [] and [c.name for c in ckpt.list_checkpoints(run_dir)] == ["step-00000003"]
+    # the default pause sleeps: four files and one deletion take at least five pauses
+    patches = _slow_checkpoint.install(0.05)
+    try:
+        t0 = time.monotonic()
+        save(4)
+        assert time.monotonic() - t0 >= 5 * 0.05
+    finally:
+        patches.undo()
+
+
+@pytest.mark.fashion_mnist
 def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
     args = [*ARGS, f"data_dir={fashion_mnist_subset(tmp_path / 'data', N_IMAGES)}"]
     # the uninterrupted reference, in this process with the subprocesses' thread count
@@ -159,7 +211,7 @@ def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
         before = ckpt.list_checkpoints(run_dir)
         err_path = tmp_path / f"stderr-{attempt}.txt"
         err_path.write_text("")
-        proc = start([*args, f"run_dir={run_dir}"], err_path, slow_checkpoint="0.08")
+        proc = start([*args, f"run_dir={run_dir}"], err_path, slow_checkpoint=0.08)
         pid = proc.pid
 
         def resumed_line(err_path: Path = err_path) -> re.Match | None:
@@ -234,6 +286,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "images")
     run = tmp_path / "pipeline"
@@ -253,7 +306,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     start = launcher()
     rng = random.Random(SEED)
 
-    first = start(["pipeline", "--config", str(config)], tmp_path / "out-0.txt", slow_checkpoint="0.05")
+    first = start(["pipeline", "--config", str(config)], tmp_path / "out-0.txt", slow_checkpoint=0.05)
     # kill once fine-tuning has written its third checkpoint, at a random moment after it
     # (steps from folder names: the training process may prune a folder while we look)
     wait_for(lambda: any(int(c.name[5:]) >= 3 for c in ckpt.list_checkpoints(ft_dir)), first)
@@ -294,6 +347,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
                           np.load(ft_dir / "predictions.npy"))
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_reruns_an_edited_stage_and_the_stages_that_read_it(tmp_path: Path, capsys) -> None:
     """Editing one stage's config reruns that stage from scratch and every stage built on its
     output (here the distillation of the fine-tuned teacher); the stages beside it are skipped."""
@@ -356,6 +410,7 @@ def _without_seconds(out: dict) -> dict:
     return out
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_killed_at_random_moments_across_all_stages(tmp_path: Path) -> None:
     """SIGKILL ``simclrv2 pipeline`` at least 10 times, aimed at random moments of every stage,
     then let it finish: results.json equals an uninterrupted run's apart from timings, and every

@@ -21,6 +21,8 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
 from simclrv2.data.datasets import load_fashion_mnist
 
+pytestmark = pytest.mark.fashion_mnist
+
 # Fashion-MNIST train at batch 16: 3750 steps per epoch, so epochs=0.002 plans 8 steps; a warmup of
 # 0.0008 epochs is 3 steps, so steps 3-4 of the first part run on the cosine decay, which depends
 # on the planned length (8 steps, not the cap of 5).

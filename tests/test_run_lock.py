@@ -51,6 +51,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.fashion_mnist
 def test_second_run_into_a_held_folder_exits_2_and_the_first_finishes_clean(images: Path, tmp_path: Path,
                                                                            capsys) -> None:
     run = tmp_path / "run"
@@ -82,6 +83,7 @@ def test_second_run_into_a_held_folder_exits_2_and_the_first_finishes_clean(imag
     assert main(pretrain(images, run)) == 0  # free again: resumes from the finished run, nothing to do
 
 
+@pytest.mark.fashion_mnist
 def test_two_runs_started_together_exactly_one_writes(images: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     start = launcher()
@@ -100,6 +102,7 @@ def test_two_runs_started_together_exactly_one_writes(images: Path, tmp_path: Pa
     assert steps == list(range(1, STEPS + 1))
 
 
+@pytest.mark.fashion_mnist
 def test_stale_lock_of_a_dead_process_is_taken_over(images: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -173,6 +176,7 @@ def test_stale_lock_takeover_cannot_race(tmp_path: Path) -> None:
     assert not (tmp_path / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.fashion_mnist
 def test_pipeline_refuses_a_held_folder_before_writing(images: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "pipeline"
     run.mkdir()

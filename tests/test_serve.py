@@ -15,10 +15,10 @@ from simclrv2 import load_pretrained, serve
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main as cli_main
 from simclrv2.data.augment import EvalTransform
-from simclrv2.data.datasets import FASHION_MNIST_CLASSES, load_dataset
+from simclrv2.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR, load_dataset
 from simclrv2.models import create_model
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_DIR = str(FASHION_MNIST_SYSTEM_DIR)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,6 +167,7 @@ def test_predict_image_folder(classifier_ckpt, image_folder, tmp_path):
     np.testing.assert_allclose(probs[2], ref, atol=1e-5)
 
 
+@pytest.mark.fashion_mnist
 def test_predict_dataset_split(classifier_ckpt, tmp_path):
     out = tmp_path / "fm.csv"
     assert serve.predict_main(["--checkpoint", classifier_ckpt, "--dataset", "fashion_mnist", "--split", "test",
@@ -188,6 +189,7 @@ def test_predict_needs_a_classifier(encoder_ckpt, image_folder, tmp_path, capsys
     assert code == 2 and "no classifier" in capsys.readouterr().err
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("output, dim", [("features", 128), ("proj", 16)])
 def test_embed_dataset_split(encoder_ckpt, tmp_path, output, dim):
     out = tmp_path / "emb.npy"

@@ -25,11 +25,6 @@ leftovers are ignored and removed by the next save. A failed write (a full disk)
 temporary folder and raises :class:`CheckpointError`; the earlier checkpoints stay as they were.
 Nothing here unpickles arbitrary objects: tensors come from safetensors, metadata from JSON, and
 the optimizer state through ``torch.load(weights_only=True)``.
-
-Test hook: ``SIMCLRV2_TEST_SLOW_CHECKPOINT=<seconds>`` in the environment sleeps that long after
-each file of a checkpoint is written and before an old checkpoint is removed, which widens those
-windows so that the fault-injection test (tests/test_reliability.py) can land kills inside them
-on purpose. It changes no result.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +86,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             tmp.unlink()
 
 
-def _test_pause() -> None:
-    """The fault-injection hook described in the module docstring (a no-op unless the env var is set)."""
-    delay = os.environ.get("SIMCLRV2_TEST_SLOW_CHECKPOINT")
-    if delay:
-        time.sleep(float(delay))
-
-
 def _remove_dir(path: Path) -> None:
     """Delete a checkpoint folder so that no kill can leave it half deleted under its own name."""
     doomed = path.with_name(f"{path.name}.del-{os.getpid()}")
@@ -106,7 +93,6 @@ def _remove_dir(path: Path) -> None:
         os.replace(path, doomed)
     except FileNotFoundError:
         return
-    _test_pause()
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -134,16 +120,12 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
-        _test_pause()
         if extra_tensors:
             save_file(_contiguous(extra_tensors), str(tmp / "state.safetensors"))
-            _test_pause()
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
-            _test_pause()
         meta = dict(meta, format="simclrv2-checkpoint", format_version=FORMAT_VERSION, step=step)
         write_meta(tmp, meta)
-        _test_pause()
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
