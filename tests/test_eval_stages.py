@@ -28,7 +28,7 @@ from simclrv2 import load_pretrained
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
 from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
-from simclrv2.engine import distill, finetune, probe, supervised
+from simclrv2.engine import distill, evaluate, finetune, probe, supervised
 from simclrv2.engine.evaluate import knn_predict
 from simclrv2.models import create_model
 
@@ -163,6 +163,29 @@ def capture_loaded_models(monkeypatch, module) -> list:
 
     monkeypatch.setattr(module, "load_model", capture)
     return loaded
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.parametrize("method", ["cached", "sgd"])
+@pytest.mark.parametrize("scaling", ["linear", "sqrt", "none"])
+def test_linear_eval_peak_lr_is_scaled_lr(pretrain_dir, data_dir, tmp_path, monkeypatch, method, scaling):
+    """Both linear probes peak at ``scaled_lr(base_lr, batch_size, lr_scaling)`` and decay along
+    ``optim.Schedule``: the first step's rate, read off the head's optimizer, is the scaled rate."""
+    first_lrs: list[float] = []
+    real_set_lr = probe.set_lr if method == "sgd" else evaluate.set_lr
+
+    def record(optimizer, lr):
+        if not first_lrs:
+            first_lrs.append(lr)
+        real_set_lr(optimizer, lr)
+
+    monkeypatch.setattr(probe if method == "sgd" else evaluate, "set_lr", record)
+    cfg = load_config(LinearEvalConfig, None, [*_common(data_dir, tmp_path / "run"), f"checkpoint={pretrain_dir}",
+                                               f"method={method}", "epochs=1", "label_fraction=0.2",
+                                               "base_lr=0.3", f"lr_scaling={scaling}"])
+    probe.run_linear_eval(cfg)
+    expected = {"linear": 0.3 * 32 / 256, "sqrt": 0.3 * math.sqrt(32), "none": 0.3}[scaling]
+    assert first_lrs == [pytest.approx(expected, rel=1e-12)]
 
 
 @pytest.mark.fashion_mnist
