@@ -41,7 +41,7 @@ def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
             generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
     """``aug(x)`` computed in float32 even inside an autocast region.
 
-    The step loop enters autocast around the whole ``loss_fn``, augmentation included. Under bf16
+    The step loops compute the loss under autocast, augmentation included. Under bf16
     autocast the resize and blur run in bf16: crops lose precision (the views differ from an fp32
     run) and the blur's bf16 output cannot be written back into the fp32 batch (an error).
     """
