@@ -25,10 +25,11 @@ from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import evaluate_stage
+from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
 from .models import distribute, load_model, model_meta, new_model
 from .runfolder import RunError, prepare_run_dir
-from .splits import labelled_indices, training_pool
+from .splits import training_pool
 
 
 def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "distill")
     ds, source = open_split(cfg, cfg.train_split, device)
     size = image_size_of(cfg, ds)
-    labelled = torch.from_numpy(labelled_indices(cfg, ds, run_dir)).to(source.labels.device)
+    labelled = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir)).to(source.labels.device)
     student = _student(cfg, ds, size, device)
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -64,7 +65,8 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
                       teacher_model=teacher_meta.get("model_name"))
     _train(cfg, teacher, student, train_module, optimizer, aug, source, pool, targets, plan, schedule, run_dir, meta)
     metrics: dict[str, Any] = dict(stage="distill", model=student.name, label_fraction=cfg.label_fraction,
-                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr)
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
+                                   **selection_metrics(cfg, ds, labelled.cpu()))
     return evaluate_stage(cfg, student, ds, source, size, run_dir, metrics, test, teacher=teacher)
 
 

@@ -24,10 +24,10 @@ from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import evaluate_stage
+from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
 from .models import distribute, load_model, model_meta
 from .runfolder import RunError, prepare_run_dir
-from .splits import labelled_indices
 
 
 def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "finetune")
     ds, source = open_split(cfg, cfg.train_split, device)
     size = image_size_of(cfg, ds)
-    labelled = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    labelled = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     model, _ = load_model(cfg.init_checkpoint, device, ft_proj_selector=cfg.ft_proj_selector,
                           num_classes=ds.num_classes)
     model.reset_classifier(ds.num_classes, zero_init=cfg.zero_init_classifier)
@@ -61,7 +61,8 @@ def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
     meta = model_meta(model, ds, image_size=size, init_checkpoint=cfg.init_checkpoint)
     _train(cfg, trainable, train_module, optimizer, aug, source, labelled, plan, schedule, run_dir, meta)
     metrics: dict[str, Any] = dict(stage="finetune", model=model.name, label_fraction=cfg.label_fraction,
-                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr)
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
+                                   **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
 
 

@@ -29,9 +29,9 @@ from ..optim import Schedule, scaled_lr, set_lr
 from .batches import crop_spec, image_size_of, open_split
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
+from .labels import labelled_subset, selection_metrics
 from .models import load_model
 from .runfolder import RunError, prepare_run_dir
-from .splits import labelled_indices
 
 _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -90,7 +90,7 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     ds, source = open_split(cfg, cfg.train_split, device)
     test_ds, test_source = open_split(cfg, cfg.test_split, device)
     size = image_size_of(cfg, ds)
-    train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    train_idx = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     out = _output(cfg)
     test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size, out)
     epochs = max(1, math.ceil(cfg.epochs))
@@ -121,7 +121,7 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
         scores = head(test_x)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="linear-eval", model=model.name, method=cfg.method, label_fraction=cfg.label_fraction,
-                   labelled_images=len(train_idx), features=out)
+                   labelled_images=len(train_idx), features=out, **selection_metrics(cfg, ds, train_idx))
     if dist.is_main():
         write_eval(run_dir, metrics, scores)
     return metrics
@@ -169,14 +169,15 @@ def run_knn_eval(cfg: KnnEvalConfig) -> dict[str, Any]:
     ds, source = open_split(cfg, cfg.train_split, device)
     test_ds, test_source = open_split(cfg, cfg.test_split, device)
     size = image_size_of(cfg, ds)
-    train_idx = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    train_idx = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, "features")
     test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size,
                                "features")
     scores = knn_predict(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="knn-eval", model=model.name, k=cfg.k, temperature=cfg.temperature,
-                   label_fraction=cfg.label_fraction, labelled_images=len(train_idx))
+                   label_fraction=cfg.label_fraction, labelled_images=len(train_idx),
+                   **selection_metrics(cfg, ds, train_idx))
     if dist.is_main():
         write_eval(run_dir, metrics, scores)
     return metrics

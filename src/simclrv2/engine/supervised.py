@@ -21,10 +21,10 @@ from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
 from .evaluate import evaluate_stage
+from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir
-from .splits import labelled_indices
 
 
 def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "supervised")
     ds, source = open_split(cfg, cfg.train_split, device)
     size = image_size_of(cfg, ds)
-    labelled = torch.from_numpy(labelled_indices(cfg, ds, run_dir))
+    labelled = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     model = new_model(cfg.model, ds, size, cfg.stem, proj_head_mode="none", ft_proj_selector=0,
                       num_classes=ds.num_classes).to(device)
     if cfg.channels_last:
@@ -51,7 +51,8 @@ def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
     meta = model_meta(model, ds, image_size=size)
     _train(cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule, run_dir, meta)
     metrics: dict[str, Any] = dict(stage="supervised", model=model.name, label_fraction=cfg.label_fraction,
-                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr)
+                                   labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
+                                   **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
 
 
