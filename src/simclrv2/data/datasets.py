@@ -34,7 +34,11 @@ __all__ = [
     "FolderPaths",
     "ImageFolderDataset",
     "InMemoryDataset",
+    "UNLABELED_DIR",
+    "UnlabeledFolderDataset",
     "dataset_info",
+    "has_unlabeled",
+    "load_few_labels",
     "load_cifar",
     "load_dataset",
     "load_fashion_mnist",
@@ -446,17 +450,26 @@ class ImageFolderDataset(ImageDataset):
     ) -> None:
         from .index import open_index  # index builds on this module's errors and limits
 
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(
-                f"image folder {self.root} does not exist; fix: set data_dir to root/<class>/<image>"
-            )
+        root = _image_folder(root, "image folder", "set data_dir to root/<class>/<image>")
+        self._setup(root, open_index(root), image_size, skip_bad_images)
+
+    @classmethod
+    def from_index(cls, root: Path, index: Any, image_size: int | None = 224, skip_bad_images: bool = False,
+                   filenames: list[str] | None = None) -> ImageFolderDataset:
+        """A dataset over an index already opened (:class:`~simclrv2.data.index.FolderIndex`, paths
+        relative to ``root``); ``filenames`` default to the files' base names."""
+        ds = cls.__new__(cls)
+        ds._setup(Path(root), index, image_size, skip_bad_images, filenames)
+        return ds
+
+    def _setup(self, root: Path, index: Any, image_size: int | None, skip_bad_images: bool,
+               filenames: list[str] | None = None) -> None:
+        self.root = root
         if image_size is not None and image_size < 1:
             raise DatasetError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size or 0)  # None: the images' own size, set once they are indexed
         self.channels = 3
         self.skip_bad_images = skip_bad_images
-        index = open_index(self.root)
         if index.dropped and not skip_bad_images:
             rel, reason = index.dropped[0]
             raise DatasetError(
@@ -467,12 +480,13 @@ class ImageFolderDataset(ImageDataset):
             warnings.warn(
                 f"skipped {len(index.dropped)} corrupt image(s) under {self.root} "
                 f"(first: {self.root / index.dropped[0][0]}: {index.dropped[0][1]})",
-                stacklevel=2,
+                stacklevel=3,
             )
         self.classes = index.classes
         self.skipped = [str(self.root / rel) for rel, _ in index.dropped]
+        self.files = index.files  # paths relative to root, in index order
         self.paths = FolderPaths(self.root, index.files)
-        self.filenames = [rel.rsplit("/", 1)[1] for rel in index.files]
+        self.filenames = filenames if filenames is not None else [rel.rsplit("/", 1)[-1] for rel in index.files]
         self.labels = torch.from_numpy(index.labels)
         self.sizes = index.sizes  # (N, 2) int64: width, height
         self._stamps = index.stamps  # (N, 2) int64: st_size, st_mtime_ns when indexed
@@ -623,6 +637,72 @@ def native_size(sizes: np.ndarray, largest: int = 224) -> int:
         return largest
     return int(min(largest, max(1, int(np.median(np.asarray(sizes).min(axis=1))))))
 
+def _image_folder(root: str | os.PathLike[str], what: str, fix: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{what} {root} does not exist; fix: {fix}")
+    return root
+
+
+class UnlabeledFolderDataset(ImageFolderDataset):
+    """Images without classes: every image under ``root``, in any sub-folders, with label -1.
+
+    Indexed by :func:`~simclrv2.data.index.open_unlabeled_index` (hidden entries ignored, symlink
+    loops named and not walked, a manifest of its own); decoded, streamed, held in memory
+    (:meth:`to_memory`) and bad files handled exactly as :class:`ImageFolderDataset`. ``classes``
+    are the names its predictions will use (a labelled folder's), empty by default. ``filenames``
+    are the paths relative to ``root`` (``a/b/x.png``), not base names: two sub-folders may each
+    hold an ``x.png``, and a prediction must name the one it is for.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], image_size: int | None = 224, skip_bad_images: bool = False,
+                 classes: Sequence[str] = ()) -> None:
+        from .index import open_unlabeled_index
+
+        root = _image_folder(root, "unlabeled folder", "point it at a folder of images (any sub-folders)")
+        index = open_unlabeled_index(root)
+        index.classes = list(classes)
+        self._setup(root, index, image_size, skip_bad_images, list(index.files))
+
+
+# The few-labels layout: data_dir/unlabeled/ (any images, no classes), data_dir/train/<class>/ (the
+# labelled images), data_dir/test/<class>/ (optional).
+UNLABELED_DIR = "unlabeled"
+
+
+def has_unlabeled(data_dir: str | os.PathLike[str] | None) -> bool:
+    """True when ``data_dir`` is in the few-labels layout (it holds an ``unlabeled/`` folder)."""
+    return data_dir is not None and (Path(data_dir) / UNLABELED_DIR).is_dir()
+
+
+def load_few_labels(data_dir: str | os.PathLike[str], image_size: int | None = 224,
+                    skip_bad_images: bool = False) -> ImageFolderDataset:
+    """``data_dir/train/<class>/`` then ``data_dir/unlabeled/**`` as one dataset rooted at ``data_dir``.
+
+    The labelled images come first, in the order (and with the indices) they have alone, so the
+    validation split and the labelled subsets are drawn from them exactly as from ``train/``; the
+    unlabeled images follow with label -1. ``filenames``: base names for the labelled images (what
+    subset lists name), ``unlabeled/<path>`` for the others.
+    """
+    from .index import FolderIndex, open_index, open_unlabeled_index
+
+    root = Path(data_dir)
+    train = _image_folder(root / "train", "labelled folder",
+                          f"put the labelled images in {root / 'train'}/<class>/ next to {root / UNLABELED_DIR}")
+    lab, unl = open_index(train), open_unlabeled_index(root / UNLABELED_DIR)
+    joined = FolderIndex(
+        classes=lab.classes,
+        files=[f"train/{f}" for f in lab.files] + [f"{UNLABELED_DIR}/{f}" for f in unl.files],
+        labels=np.concatenate([lab.labels, unl.labels]),
+        sizes=np.concatenate([lab.sizes, unl.sizes]).reshape(-1, 2),
+        stamps=np.concatenate([lab.stamps, unl.stamps]).reshape(-1, 2),
+        dropped=[(f"train/{f}", r) for f, r in lab.dropped] + [(f"{UNLABELED_DIR}/{f}", r) for f, r in unl.dropped],
+        fingerprint=f"{lab.fingerprint}+{unl.fingerprint}",
+    )
+    names = [f.rsplit("/", 1)[-1] for f in lab.files] + [f"{UNLABELED_DIR}/{f}" for f in unl.files]
+    return ImageFolderDataset.from_index(root, joined, image_size, skip_bad_images, names)
+
+
 # --------------------------------------------------------------------------------------------------
 # Front door
 # --------------------------------------------------------------------------------------------------
@@ -633,6 +713,22 @@ def dataset_info(name: str) -> dict[str, int | None]:
     if name not in _INFO:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return dict(_INFO[name])
+
+
+def _few_labels_split(root: Path, split: str, image_size: int | None, skip_bad_images: bool) -> ImageFolderDataset:
+    """A split of the few-labels layout: ``train`` (or ``train+unlabeled``) is ``train/`` followed by
+    ``unlabeled/`` (:func:`load_few_labels`); ``unlabeled`` is ``unlabeled/`` alone, named with
+    ``train/``'s classes; any other split is ``root/<split>/<class>/``, as outside this layout."""
+    if split in ("train", "train+unlabeled"):
+        return load_few_labels(root, image_size, skip_bad_images)
+    if split == UNLABELED_DIR:
+        from .index import open_index
+
+        classes = open_index(root / "train").classes if (root / "train").is_dir() else []
+        return UnlabeledFolderDataset(root / UNLABELED_DIR, image_size, skip_bad_images, classes)
+    folder = _image_folder(root / split, f"split folder {split!r}:",
+                           f"create {root / split}/<class>/ or choose another split")
+    return ImageFolderDataset(folder, image_size=image_size, skip_bad_images=skip_bad_images)
 
 
 def load_dataset(
@@ -646,7 +742,8 @@ def load_dataset(
     """Load a dataset by name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10`` or ``imagefolder``.
 
     ``imagefolder`` reads ``data_dir/<split>/<class>/<file>`` when that folder exists, else
-    ``data_dir/<class>/<file>``; ``image_size`` is its stored size (None: the images' median shorter
+    ``data_dir/<class>/<file>``. A ``data_dir`` holding ``unlabeled/`` is in the few-labels layout
+    (:func:`_few_labels_split`): ``train`` is then the labelled and the unlabeled images together; ``image_size`` is its stored size (None: the images' median shorter
     side, at most 224, see :func:`native_size`). The built-in datasets
     keep their native size (``image_size`` must be None or equal to it; augmentations resize).
     """
@@ -658,6 +755,8 @@ def load_dataset(
                 "dataset 'imagefolder' needs data_dir (root/<class>/<image>); fix: set data_dir"
             )
         root = Path(data_dir)
+        if has_unlabeled(root):
+            return _few_labels_split(root, split, image_size or None, skip_bad_images)
         if split and (root / split).is_dir():
             root = root / split
         return ImageFolderDataset(root, image_size=image_size or None, skip_bad_images=skip_bad_images)

@@ -12,6 +12,11 @@ changes the fingerprint and the folder is indexed again.
 Under torchrun, the process of local rank 0 builds a missing index and the other processes of
 its node wait for the manifest, then read it (see :func:`open_index`).
 
+A class-less folder (the ``unlabeled/`` folder of the few-labels layout, or any folder of images
+to label) is indexed the same way by :func:`open_unlabeled_index`: its images may sit in any
+sub-folders, every label is -1, and its manifest is keyed apart from a labelled index of the same
+folder (:func:`manifest_path` with ``kind="unlabeled"``).
+
 Pixel data is not checked here: a corrupt body is found when the image is decoded
 (:meth:`~simclrv2.data.datasets.ImageFolderDataset.open_image`).
 """
@@ -39,7 +44,10 @@ from .. import distributed as dist
 from . import datasets as _datasets
 from .datasets import IMAGE_EXTENSIONS, DatasetError
 
-__all__ = ["FolderIndex", "FolderScan", "index_cache_dir", "manifest_path", "open_index", "scan_folder"]
+__all__ = [
+    "FolderIndex", "FolderScan", "index_cache_dir", "manifest_path", "open_index", "open_unlabeled_index",
+    "scan_folder", "scan_unlabeled_folder",
+]
 
 # Bumped whenever the manifest's content or the rules that fill it change: old manifests are rebuilt.
 INDEX_VERSION = 1
@@ -176,13 +184,83 @@ def scan_folder(root: Path) -> FolderScan:
                 f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 f"fix: add images or remove the folder '{cls}'"
             )
+    return FolderScan(root, classes, files, labels, stamps, unreadable,
+                      _fingerprint("", classes, files, stamps, unreadable))
+
+
+def _fingerprint(kind: str, classes: list[str], files: list[str], stamps: list[tuple[int, int]],
+                 unreadable: list[tuple[str, str]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     # the pixel limit decides which files are dropped, so a new limit must mean a new index
-    h.update(f"v{INDEX_VERSION} max_pixels={_datasets.MAX_IMAGE_PIXELS}\n".encode())
+    h.update(f"v{INDEX_VERSION}{kind} max_pixels={_datasets.MAX_IMAGE_PIXELS}\n".encode())
     h.update(("\n".join(classes) + "\n\n").encode())
     h.update("".join(f"{f}\t{s}\t{m}\n" for f, (s, m) in zip(files, stamps, strict=True)).encode())
     h.update("".join(f"!{f}\t{r}\n" for f, r in unreadable).encode())
-    return FolderScan(root, classes, files, labels, stamps, unreadable, h.hexdigest())
+    return h.hexdigest()
+
+
+def _image_entry(e: os.DirEntry[str]) -> tuple[int, int] | str | None:
+    """``(st_size, st_mtime_ns)`` of an image file, why an image-named entry cannot be read (a
+    broken symlink, a loop), or None for an entry that is no image file (another extension, a folder)."""
+    dot = e.name.rfind(".")
+    if dot <= 0 or e.name[dot:].lower() not in IMAGE_EXTENSIONS:
+        return None
+    try:
+        st = e.stat()  # follows symlinks; no file is opened
+    except OSError:
+        return _unreadable_reason(e.path) if e.is_symlink() else None  # else: vanished while listed
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def scan_unlabeled_folder(root: Path) -> FolderScan:
+    """List every image under ``root``, in any sub-folders, and fingerprint the listing; labels are -1.
+
+    ``files`` are paths relative to ``root`` (``a/b/x.png``), in depth-first name order. Hidden
+    entries are ignored at every level, as are files with other extensions. Symlinks are followed,
+    but a folder is listed once: a link back to a folder already listed (a loop, or a second way
+    into the same folder) is named in ``unreadable`` and not walked. A folder without any image
+    raises :class:`DatasetError`.
+    """
+    root = Path(root)
+    try:
+        top = root.stat()
+    except OSError as exc:
+        raise DatasetError(f"unlabeled folder {root} cannot be read ({exc.strerror or exc}); fix: "
+                           "point data_dir at the folder that holds unlabeled/") from exc
+    listed: dict[tuple[int, int], str] = {(top.st_dev, top.st_ino): "."}
+    files: list[str] = []
+    stamps: list[tuple[int, int]] = []
+    unreadable: list[tuple[str, str]] = []
+    stack: list[str] = [""]  # folders to list, relative to root ("" = root itself)
+    while stack:
+        folder = stack.pop()
+        subfolders: list[str] = []
+        for e in _sorted_entries(root / folder if folder else root):
+            if e.name.startswith("."):
+                continue
+            rel = f"{folder}/{e.name}" if folder else e.name
+            found = _image_entry(e)
+            if isinstance(found, tuple):
+                files.append(rel)
+                stamps.append(found)
+            elif isinstance(found, str):
+                unreadable.append((rel, found))
+            elif e.is_dir():  # follows symlinks
+                st = e.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in listed:
+                    unreadable.append((rel, f"symlink loop: the folder is already listed as {listed[key]}"))
+                    continue
+                listed[key] = rel
+                subfolders.append(rel)
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    if not files and not unreadable:
+        raise DatasetError(
+            f"unlabeled folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in any "
+            "sub-folder; fix: put the images to label there, or remove the folder"
+        )
+    return FolderScan(root, [], files, [-1] * len(files), stamps, unreadable,
+                      _fingerprint(" unlabeled", [], files, stamps, unreadable))
 
 
 # ---------------------------------------------------------------------------------- headers
@@ -299,12 +377,17 @@ def index_cache_dir() -> Path:
     return cache_dir() / "index"
 
 
-def manifest_path(root: Path) -> Path:
-    """The manifest file of a folder: named after its absolute path (a readable stem and a hash)."""
+def manifest_path(root: Path, kind: str = "classes") -> Path:
+    """The manifest file of a folder: named after its absolute path (a readable stem and a hash).
+
+    ``kind`` is ``"classes"`` (``root/<class>/<file>``) or ``"unlabeled"`` (any images, no
+    classes): the two indexes of one folder never share a manifest.
+    """
     absolute = str(Path(root).resolve())
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(absolute).name)[:40] or "root"
-    digest = hashlib.blake2b(absolute.encode(), digest_size=10).hexdigest()
-    return index_cache_dir() / f"{stem}-{digest}.json"
+    key = absolute if kind == "classes" else f"{absolute}\0{kind}"  # the labelled name is as it always was
+    digest = hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+    return index_cache_dir() / f"{stem}-{digest}{'' if kind == 'classes' else '-' + kind}.json"
 
 
 def _to_json(index: FolderIndex, root: Path) -> str:
@@ -345,11 +428,12 @@ def load_manifest(path: Path, fingerprint: str) -> FolderIndex | None:
         return None
 
 
-def write_manifest(index: FolderIndex, root: Path) -> bool:
-    """Write the manifest atomically; on failure warn once per cache folder and return False."""
+def write_manifest(index: FolderIndex, root: Path, path: Path | None = None) -> bool:
+    """Write the manifest atomically (to ``path``, default :func:`manifest_path` of ``root``); on
+    failure warn once per cache folder and return False."""
     from ..checkpoint import atomic_write_text
 
-    path = manifest_path(root)
+    path = path or manifest_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _to_json(index, root))
@@ -385,7 +469,7 @@ def _build_and_save(scan: FolderScan, root: Path, path: Path) -> FolderIndex:
     marked = _mark(marker)  # not writable: write_manifest below warns
     try:
         index = build_index(scan, heartbeat=(lambda: _mark(marker)) if marked else None)
-        write_manifest(index, root)
+        write_manifest(index, root, path)
     finally:
         if marked:
             marker.unlink(missing_ok=True)
@@ -432,8 +516,22 @@ def open_index(root: str | os.PathLike[str]) -> FolderIndex:
     folder it cannot write) or the builder dies.
     """
     root = Path(root)
-    scan = scan_folder(root)
-    path = manifest_path(root)
+    return _open(root, scan_folder(root), manifest_path(root))
+
+
+def open_unlabeled_index(root: str | os.PathLike[str]) -> FolderIndex:
+    """The index of every image under ``root``, in any sub-folders, with no classes (labels -1).
+
+    Listed by :func:`scan_unlabeled_folder`; built, cached, shared between torchrun processes and
+    rebuilt on any change exactly as :func:`open_index`, in a manifest of its own. Files whose
+    header cannot be read are in ``dropped`` with the reason, as are links back into a folder
+    already listed.
+    """
+    root = Path(root)
+    return _open(root, scan_unlabeled_folder(root), manifest_path(root, "unlabeled"))
+
+
+def _open(root: Path, scan: FolderScan, path: Path) -> FolderIndex:
     index = load_manifest(path, scan.fingerprint)
     if index is not None:
         return index
