@@ -26,6 +26,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "convert": ("simclrv2.convert:convert_main", "convert a released SimCLRv2 TF1 checkpoint"),
     "predict": ("simclrv2.serve:predict_main", "classes and probabilities for images or a dataset split"),
     "embed": ("simclrv2.serve:embed_main", "write features of a split to .npy"),
+    "select": ("simclrv2.select:select_main", "choose the images of an unlabeled folder to label first"),
     "export": ("simclrv2.serve:export_main", "export encoder + classifier to ONNX or TorchScript"),
 }
 

@@ -92,12 +92,13 @@ def least_certain(features: torch.Tensor | np.ndarray, labelled: np.ndarray, cla
     """
     x = _normalised(features)
     cand = x[torch.from_numpy(candidates)]
-    names = np.unique(classes)
+    known = np.array([c is not None and c != "" for c in classes], dtype=bool)  # "": seen, not labelled
+    names = np.unique(classes[known]) if known.any() else []
     if len(names) < 2:
         nearest = torch.cdist(cand, x[torch.from_numpy(labelled)]).min(1).values.double()
         score = nearest / (nearest.max() + 1e-12)
     else:
-        means = torch.stack([x[torch.from_numpy(labelled[classes == c])].mean(0) for c in names])
+        means = torch.stack([x[torch.from_numpy(labelled[known & (classes == c)])].mean(0) for c in names])
         probs = (cand @ F.normalize(means, dim=1).T / 0.1).softmax(1)
         top2 = probs.topk(2, dim=1).values.double()
         score = 1.0 - (top2[:, 0] - top2[:, 1])
@@ -144,12 +145,13 @@ def typical_picks(features: torch.Tensor | np.ndarray, budget: int, seed: int = 
     if not usable.any():
         usable[:] = True
     typical: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (members, typicality)
+    has_classes = labelled_classes is not None and any(c is not None and c != "" for c in labelled_classes)
     picks: list[tuple[int, int, float, str]] = []
     while len(picks) < budget:
         free = sizes - counts > 0  # every labelled image and pick is counted in its cluster
         open_ = usable & free
         uncovered = open_ & (counts == 0)
-        if not uncovered.any() and labelled_classes is not None and len(lab):
+        if not uncovered.any() and has_classes:
             break  # the rest go to the least certain images
         if not open_.any():
             open_ = free  # only clusters too small to be used are left
@@ -176,5 +178,5 @@ def typical_picks(features: torch.Tensor | np.ndarray, budget: int, seed: int = 
 
 def _classes_of(labelled: np.ndarray | None, classes: np.ndarray | None, unique_lab: np.ndarray) -> np.ndarray:
     """The class of each of ``unique_lab`` from the caller's (maybe repeated, unsorted) pairs."""
-    table = dict(zip(np.asarray(labelled, dtype=np.int64).tolist(), np.asarray(classes).tolist()))
-    return np.array([table[i] for i in unique_lab.tolist()])
+    table = dict(zip(np.asarray(labelled, dtype=np.int64).tolist(), list(classes)))
+    return np.array([table[i] for i in unique_lab.tolist()], dtype=object)

@@ -1,0 +1,173 @@
+"""Choosing what to label (issue 31): TypiClust picks, the second round, `simclrv2 select`, label_selection."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclrv2.checkpoint import write_model_file
+from simclrv2.cli import main as cli_main
+from simclrv2.config import ConfigError, FinetuneConfig, validate
+from simclrv2.data.datasets import InMemoryDataset
+from simclrv2.engine.batches import BatchSource
+from simclrv2.engine.labels import labelled_subset
+from simclrv2.engine.splits import labelled_indices
+from simclrv2.models import create_model
+from simclrv2.selection import SelectionError, random_picks, typical_picks, typicality
+
+COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 220), (240, 230, 40)]  # four planted "classes"
+
+
+def _planted(k: int = 8, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k well-separated Gaussian clusters of unequal sizes (20..80 points) and each point's cluster."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[:k] * 10.0
+    sizes = rng.integers(20, 81, size=k)
+    x = np.concatenate([c + rng.normal(scale=0.5, size=(s, dim)) for c, s in zip(centres, sizes)])
+    return x.astype(np.float32), np.repeat(np.arange(k), sizes)
+
+
+def test_planted_clusters_get_one_pick_each_and_random_misses_some():
+    x, y = _planted()
+    picks = typical_picks(x, 8, seed=0)
+    assert sorted(y[picks.indices].tolist()) == list(range(8))  # every cluster exactly once
+    assert picks.reason == ["uncovered"] * 8
+    covered = [len(set(y[random_picks(len(x), 8, seed)].tolist())) for seed in range(10)]
+    assert min(covered) < 8 and np.mean(covered) < 7.5  # random picks miss clusters on the same data
+
+
+def test_typical_pick_is_the_densest_point_of_its_cluster():
+    """Typicality against a naive double loop; the pick of a one-cluster set is its argmax."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    naive = np.array([1.0 / np.sort(row)[1:21].mean() for row in d])  # 20 nearest others
+    got = typicality(torch.from_numpy(x), k=20, chunk=7).numpy()
+    np.testing.assert_allclose(got, naive, rtol=1e-5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # the picks work on normalised features
+    dn = np.sqrt(((xn[:, None] - xn[None]) ** 2).sum(-1))
+    densest = int(np.argmax([1.0 / np.sort(row)[1:21].mean() for row in dn]))
+    assert typical_picks(x, 1, max_clusters=1).indices.tolist() == [densest]
+
+
+def test_same_seed_same_picks_and_second_round_never_repeats():
+    x, y = _planted(k=6, seed=2)
+    first = typical_picks(x, 6, seed=3)
+    np.testing.assert_array_equal(first.indices, typical_picks(x, 6, seed=3).indices)
+    # the second round: the first picks labelled; few clusters, so the uncertain images are reached
+    second = typical_picks(x, 40, seed=3, labelled=first.indices, labelled_classes=y[first.indices], max_clusters=10)
+    assert not set(second.indices.tolist()) & set(first.indices.tolist())
+    assert len(set(second.indices.tolist())) == 40
+    assert second.reason[0] == "uncovered" and second.reason[-1] == "uncertain"
+    with pytest.raises(SelectionError, match="budget=300 is more than the 278 of 284"):
+        typical_picks(x, 300, labelled=first.indices)
+
+
+# --------------------------------------------------------------------------------- simclrv2 select
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """36 small PNGs of four colours with noise, in nested sub-folders, no classes."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    rng = np.random.default_rng(0)
+    for i in range(36):
+        colour = np.array(COLOURS[i % 4], dtype=np.float64)
+        img = np.clip(colour + rng.normal(scale=25, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+        sub = root / f"batch{i % 3}" / ("deep" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(sub / f"img{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = create_model("r10_0.25x_sk0", in_chans=3, cifar_stem=True, num_classes=0, proj_out_dim=16)
+    path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"
+    write_model_file(path, model.eval().state_dict(), {"model_name": model.name, "model_config": model.config,
+                                                        "image_size": 16})
+    return str(path)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _select(encoder: str, folder: Path, out: Path, *extra: str) -> int:
+    return cli_main(["select", f"checkpoint={encoder}", f"images={folder}", f"out={out}", "num_workers=0",
+                     *extra])
+
+
+def test_select_writes_n_distinct_files_from_the_folder_with_links(encoder, folder, tmp_path):
+    out = tmp_path / "to_label.csv"
+    assert _select(encoder, folder, out, "budget=4", f"links={tmp_path / 'links'}") == 0
+    rows = _rows(out)
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")}
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert len({r["file"] for r in rows}) == 4 and {r["file"] for r in rows} <= files
+    links = sorted((tmp_path / "links").iterdir())
+    assert [p.resolve() for p in links] == [(folder / r["file"]).resolve() for r in rows]
+    assert _select(encoder, folder, tmp_path / "again.csv", "budget=4") == 0
+    assert _rows(tmp_path / "again.csv") == rows  # the same seed gives the same selection
+
+
+def test_select_second_round_takes_the_labels_and_never_repeats(encoder, folder, tmp_path):
+    first = tmp_path / "round1.csv"
+    assert _select(encoder, folder, first, "budget=5") == 0
+    rows = _rows(first)
+    for i, r in enumerate(rows):
+        r["label"] = "" if i == 4 else f"class{i % 2}"  # the last one seen but left unlabeled
+    with open(first, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    second = tmp_path / "round2.csv"
+    assert _select(encoder, folder, second, "budget=31", f"labels={first}", "max_clusters=4") == 0
+    picked = [r["file"] for r in _rows(second)]
+    assert len(set(picked)) == 31 and not set(picked) & {r["file"] for r in rows}
+    assert "uncertain" in {r["reason"] for r in _rows(second)}
+
+
+def test_select_budget_larger_than_the_folder_is_one_line(encoder, folder, tmp_path, capsys):
+    out = tmp_path / "to_label.csv"
+    assert _select(encoder, folder, out, "budget=37") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "budget=37 is more than the 36" in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- label_selection
+
+
+def _colour_dataset() -> InMemoryDataset:
+    """120 noisy 16 px images of four colours, class = colour; 30 of each."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(120) % 4
+    imgs = np.stack([np.clip(np.array(COLOURS[c])[:, None, None] + rng.normal(scale=25, size=(3, 16, 16)), 0, 255)
+                     for c in labels]).astype(np.uint8)
+    return InMemoryDataset(torch.from_numpy(imgs), torch.from_numpy(labels), [str(c) for c in range(4)])
+
+
+def test_label_selection_balanced_unchanged_random_blind_typical_covers(encoder, tmp_path):
+    ds = _colour_dataset()
+    source = BatchSource(ds, torch.device("cpu"), 0)
+    base = FinetuneConfig(label_fraction=0.034, val_fraction=0.1, init_checkpoint=encoder, run_dir=str(tmp_path))
+    balanced = labelled_subset(base, ds, source, 16, None)
+    np.testing.assert_array_equal(balanced, labelled_indices(base, ds, None))  # bitwise the old draw
+    val = set(labelled_indices(dataclasses.replace(base, label_fraction=1.0), ds, None).tolist()) ^ set(range(120))
+    random = labelled_subset(dataclasses.replace(base, label_selection="random"), ds, source, 16, None)
+    typical = labelled_subset(dataclasses.replace(base, label_selection="typical"), ds, source, 16, tmp_path)
+    for idx in (random, typical):
+        assert len(idx) == len(balanced) == 4 and not set(idx.tolist()) & val
+    assert len(set(ds.labels[torch.from_numpy(typical)].tolist())) == 4  # one of each colour
+    assert (tmp_path / "labelled_subset.txt").read_text().split() == [str(i) for i in typical]
+    with pytest.raises(ConfigError, match="label_selection must be balanced, random or typical"):
+        validate(dataclasses.replace(base, label_selection="clever"))
