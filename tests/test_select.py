@@ -171,3 +171,22 @@ def test_label_selection_balanced_unchanged_random_blind_typical_covers(encoder,
     assert (tmp_path / "labelled_subset.txt").read_text().split() == [str(i) for i in typical]
     with pytest.raises(ConfigError, match="label_selection must be balanced, random or typical"):
         validate(dataclasses.replace(base, label_selection="clever"))
+
+
+def test_pipeline_label_selection_reaches_every_labelled_stage_and_the_report(tmp_path):
+    from simclrv2 import config as C
+    from simclrv2 import pipeline as P
+    from simclrv2.report import labels_section
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_demo.yaml"
+    pc = C.build(P.PipelineConfig, C.apply_overrides(C.load_yaml(demo), [
+        "common.label_selection=typical", f"run_dir={tmp_path}"]))
+    plans = {p.name: p.cfg for p in P.plan_stages(pc)}
+    pre = plans["pretrain"].run_dir
+    for name in ("finetune_0.1pct", "supervised_0.1pct", "distill_self_1pct", "distill_small_10pct"):
+        assert plans[name].label_selection == "typical" and plans[name].label_encoder == pre
+    plain = C.build(P.PipelineConfig, C.apply_overrides(C.load_yaml(demo), [f"run_dir={tmp_path}"]))
+    assert all(getattr(p.cfg, "label_encoder", "") == "" for p in P.plan_stages(plain))  # balanced: as before
+    row = {"method": "finetune", "label_fraction": 0.001, "label_selection": "random", "labelled_images": 60,
+           "labelled_classes": 9, "num_classes": 10}
+    assert labels_section({"results": [row]})[4] == "| finetune | 0.1% | random | 60 | 9 of 10 |"

@@ -143,6 +143,14 @@ def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers
     return cfg
 
 
+def _typical_from(cfg: Any, pre_dir: str) -> Any:
+    """``label_selection=typical`` embeds with the pipeline's pretrained encoder, whatever the stage
+    starts from (the supervised baseline and the distillation students start from random weights)."""
+    if cfg.label_selection == "typical" and not cfg.label_encoder:
+        return dataclasses.replace(cfg, label_encoder=pre_dir)
+    return cfg
+
+
 def _fraction_layer(pc: PipelineConfig, f: float, section: str) -> dict:
     for key, val in pc.by_fraction.items():
         if abs(float(key) - f) < 1e-12:
@@ -162,17 +170,20 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         lab = {"label_fraction": f}
         ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
                         _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model})
+        ft = _typical_from(ft, pre_dir)
         ft_name = f"finetune_{tag}"
         plans.append(_with_search(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"), pc.lr_search))
         if pc.self_distill:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
                             _fraction_layer(pc, f, "distill_self"), lab,
                             {"teacher_checkpoint": ft.run_dir, "model": model})
+            ds = _typical_from(ds, pre_dir)
             plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
                              _fraction_layer(pc, f, "distill_small"), lab,
                              {"teacher_checkpoint": ft.run_dir, "model": pc.small_student})
+            dsm = _typical_from(dsm, pre_dir)
             plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name))
     le = _stage_cfg("linear-eval", pc, run_dir, "linear_eval", pc.linear_eval, {"checkpoint": pre_dir})
     plans.append(StagePlan("linear_eval", "linear-eval", le, "linear-eval", le.label_fraction, "pretrain"))
@@ -182,6 +193,7 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         tag = fraction_tag(f)
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
                          _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model})
+        sup = _typical_from(sup, pre_dir)
         plans.append(_with_search(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), pc.lr_search))
     if pc.lr_search and not pre.val_fraction > 0:
         raise C.ConfigError("lr_search needs a validation split to choose on; set common.val_fraction "
@@ -392,7 +404,8 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
         "num_classes": len(result.get("per_class_accuracy", [])) or None,
         "steps": result.get("steps"),
     }
-    for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement"):
+    for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement",
+                "label_selection", "labelled_images", "labelled_classes"):
         if key in result:
             row[key] = result[key]
     return row

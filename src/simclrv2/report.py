@@ -255,6 +255,20 @@ def plot_embedding(pretrain_dir: Path, pc: Any, dest: Path) -> bool:
     return True
 
 
+def labels_section(out: dict[str, Any]) -> list[str]:
+    """How each stage's labelled images were chosen (``label_selection``) and how many classes they
+    cover: a selection that ignores classes (random, typical) can leave some out."""
+    rows = [r for r in out["results"] if "labelled_classes" in r and r["method"] not in ("knn", "linear-eval")]
+    if not rows:
+        return []
+    lines = ["## Labelled images", "", "| Method | Labels | Chosen by | Images | Classes covered |", "|---|---|---|---|---|"]
+    for r in rows:
+        of = f" of {r['num_classes']}" if r.get("num_classes") else ""
+        lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['label_selection']} | "
+                     f"{r.get('labelled_images', '')} | {r['labelled_classes']}{of} |")
+    return lines + [""]
+
+
 def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
     plots: list[tuple[str, str]] = []
     if pc.plots:
@@ -287,6 +301,7 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         gains_table(out),
         "",
     ]
+    lines += labels_section(out)
     warned = warnings(out)
     if warned:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warned] + [""]
