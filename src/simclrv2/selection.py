@@ -63,7 +63,7 @@ def cluster_features(features: torch.Tensor | np.ndarray, n_clusters: int, seed:
     if len(x) * n_clusters <= _FULL_KMEANS_MAX_WORK:
         km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed)
     else:
-        km = MiniBatchKMeans(n_clusters=n_clusters, n_init=3, batch_size=4096, random_state=seed)
+        km = MiniBatchKMeans(n_clusters=n_clusters, n_init=1, batch_size=4096, random_state=seed)
     return km.fit_predict(x).astype(np.int64)
 
 
