@@ -190,3 +190,22 @@ def test_pipeline_label_selection_reaches_every_labelled_stage_and_the_report(tm
     row = {"method": "finetune", "label_fraction": 0.001, "label_selection": "random", "labelled_images": 60,
            "labelled_classes": 9, "num_classes": 10}
     assert labels_section({"results": [row]})[4] == "| finetune | 0.1% | random | 60 | 9 of 10 |"
+
+
+def test_propose_for_folder_picks_only_unlabeled_images_in_the_few_labels_layout(encoder, tmp_path):
+    """The pipeline's last step in the real-use layout: train/<class>/ is labelled, unlabeled/ is not."""
+    from simclrv2.select import propose_for_folder
+
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        colour = np.array(COLOURS[i % 4], dtype=np.float64)
+        img = np.clip(colour + rng.normal(scale=25, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+        where = tmp_path / "data" / ("train" / Path(f"c{i % 4}") if i < 4 else Path("unlabeled") / f"s{i % 2}")
+        where.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(where / f"x{i:02d}.png")
+    out = tmp_path / "to_label.csv"
+    picks = propose_for_folder(encoder, tmp_path / "data", 6, out, device="cpu", num_workers=0)
+    files = [r["file"] for r in _rows(out)]
+    unlabeled = {p.relative_to(tmp_path / "data" / "unlabeled").as_posix()
+                 for p in (tmp_path / "data" / "unlabeled").rglob("*.png")}
+    assert len(set(files)) == 6 and set(files) <= unlabeled and len(picks.indices) == 6

@@ -74,6 +74,27 @@ def select_to_label(encoder: nn.Module, dataset: ImageDataset, budget: int, seed
                          max_clusters=max_clusters, device=device)
 
 
+def propose_for_folder(checkpoint: str, data_dir: str | Path, budget: int, out: str | Path, seed: int = 0,
+                       device: str = "auto", num_workers: int = 2) -> Selection:
+    """The next ``budget`` images of ``data_dir/unlabeled/`` to label, in the few-labels layout
+    (``data_dir/train/<class>/`` labelled, ``data_dir/unlabeled/**`` not): the labelled images
+    cover their clusters and their classes name the least certain images. Writes ``out`` as
+    ``simclrv2 select`` does, file names relative to ``data_dir/unlabeled`` (a pipeline's last step)."""
+    from .data.datasets import UNLABELED_DIR, load_few_labels
+    from .serve import load_for_serving
+
+    torch_device = resolve_device(device)
+    model, info = load_for_serving(checkpoint, torch_device)
+    ds = load_few_labels(data_dir, image_size=info.image_size, skip_bad_images=True)
+    labels = ds.labels.numpy()
+    labelled = np.flatnonzero(labels >= 0)
+    picks = select_to_label(model, ds, budget, seed, labelled, labels[labelled], info.image_size, torch_device,
+                            num_workers=num_workers)
+    prefix = f"{UNLABELED_DIR}/"
+    write_to_label(Path(out), [f.removeprefix(prefix) for f in ds.files], picks)
+    return picks
+
+
 def read_labels(path: str | Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(indices into files, their labels)`` from a CSV with ``file`` and ``label`` columns.
 
