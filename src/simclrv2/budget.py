@@ -141,15 +141,17 @@ class _Sizes:
 
     def __init__(self, cfg: Any) -> None:
         from .engine.batches import open_split
-        from .engine.splits import training_pool, validation_indices
+        from .engine.splits import has_test_split, training_pool, validation_indices
 
         t0 = time.perf_counter()
         ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
         self.train = ds
         self.pool = len(training_pool(cfg, ds))
         self.val = len(validation_indices(cfg, ds))
-        test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
-        self.test = len(test)
+        self.test = 0  # the few-labels layout may have no test split: nothing to evaluate there
+        if has_test_split(cfg):
+            test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
+            self.test = len(test)
         self.open = time.perf_counter() - t0  # every training run opens both splits
         self.channels = ds.channels
         # reading images: nothing for datasets held in memory, decoding for image folders
@@ -163,6 +165,12 @@ class _Sizes:
         from .engine.splits import labelled_indices
 
         return len(labelled_indices(cfg, self.train, None))
+
+    def validation(self, cfg: Any) -> int:
+        """Validation images of one run: the held-out split, or its fold (``val_folds``)."""
+        from .engine.splits import validation_indices
+
+        return len(validation_indices(cfg, self.train)) if cfg.val_folds else self.val
 
 
 class _StepTimer:
@@ -264,20 +272,26 @@ class _StepTimer:
         the rest); ``encoder`` is the pretraining config, whose model the teachers and probes run."""
         cfg, s = plan.cfg, self.sizes
         if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
+            if plan.fold_plans:  # scored by folds (no test split): each fold extracts its own features
+                return 0.0, sum(s.open + (s.labelled(f.cfg) + s.validation(f.cfg)) * self.per_image(encoder)
+                                for f in plan.fold_plans)
             return 0.0, s.open + (s.labelled(cfg) + s.test) * self.per_image(encoder)
         if plan.stage == "knn-eval":
             return 0.0, 0.0
-        runs = [c.cfg for c in plan.candidates] or [cfg]
-        pool = s.pool if plan.stage == "distill" else s.labelled(cfg)
-        batch = min(cfg.batch_size, pool)
-        steps = max(math.ceil(cfg.epochs * max(1, pool // batch)), cfg.min_steps)
+        # a search's candidates (cross-validated: rates x folds, then the chosen rate on every label)
+        runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
         teacher = encoder if plan.stage == "distill" else None
-        step = self.train_step(cfg, batch, 1, teacher) + batch * s.load
-        rest = len(runs) * (s.open + s.val * self.per_image(cfg))
+        train, rest = 0.0, 0.0
+        for run in runs:
+            pool = s.pool if plan.stage == "distill" else s.labelled(run)
+            batch = min(run.batch_size, pool)
+            steps = max(math.ceil(run.epochs * max(1, pool // batch)), run.min_steps)
+            train += steps * (self.train_step(run, batch, 1, teacher) + batch * s.load)
+            rest += s.open + s.validation(run) * self.per_image(run)
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             rest += s.test * self.per_image(teacher)
-        return len(runs) * steps * step, rest
+        return train, rest
 
 
 SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_self": "distill",
