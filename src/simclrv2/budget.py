@@ -271,6 +271,8 @@ class _StepTimer:
         """Seconds of one stage after pretraining (all its search candidates): (its training steps,
         the rest); ``encoder`` is the pretraining config, whose model the teachers and probes run."""
         cfg, s = plan.cfg, self.sizes
+        if plan.unscored:  # not run: nothing to score it on
+            return 0.0, 0.0
         if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
             if plan.fold_plans:  # scored by folds (no test split): each fold extracts its own features
                 return 0.0, sum(s.open + (s.labelled(f.cfg) + s.validation(f.cfg)) * self.per_image(encoder)

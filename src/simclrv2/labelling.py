@@ -48,7 +48,7 @@ def choose_model(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, 
         scores = ", ".join(f"{r['method']} {r['estimate']['top1']:.2f}" for r in rows)
         return best, f"the best {best['estimate']['kind']} top-1 of the models trained on every label ({scores})"
     missing = ", ".join(r["method"] for r in rows if not r.get("estimate"))
-    how = (rows[0].get("rate_choice") or {}).get("how", "")
+    how = next((r["rate_choice"]["how"] for r in rows if r.get("rate_choice")), "")
     why = ("with one label in a class nothing can be held out" if how == "centre rate" else
            "a student learns from a teacher that trained on every label, so no held-out label is unseen by it")
     fallback = next((r for r in rows if r["method"] == "distill-self"), rows[0])
@@ -79,6 +79,8 @@ def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, An
     the file, and each row's confidence (``confidence``, for :func:`calibration`).
     """
     from .checkpoint import atomic_write_text
+    from .data.datasets import UNLABELED_DIR
+    from .data.index import open_unlabeled_index
     from .engine.batches import open_split
     from .engine.device import resolve_device
     from .engine.evaluate import extract
@@ -93,12 +95,14 @@ def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, An
     logits, _ = extract(model, source, torch.arange(len(ds)), size, 256, "logits", cfg.precision)
     replaced = _gathered(sorted(source.replaced))  # streamed files found bad: another image took their place
     keep = np.setdiff1d(np.arange(len(ds)), np.asarray(replaced, dtype=np.int64))
-    root = Path(cfg.data_dir) / "unlabeled"
-    skipped = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p)
-               for p in getattr(ds, "skipped", [])]
-    skipped += [ds.filenames[i] for i in replaced]
-    skipped += [str(Path(p).relative_to(root)) for p in getattr(ds, "bad_decodes", {}) if Path(p).is_relative_to(root)
-                and str(Path(p).relative_to(root)) not in ds.filenames]
+    names = [ds.filenames[i] for i in keep.tolist()]
+    # every file the folder holds and got no row, with why: dropped when indexed, or when decoded
+    # (an in-memory copy leaves those out; a stream replaces them)
+    index_root = Path(cfg.data_dir) / UNLABELED_DIR
+    index = open_unlabeled_index(index_root)
+    reasons = dict(index.dropped)
+    written = set(names)
+    skipped = {f: reasons.get(f, "unusable when decoded") for f in [*index.files, *reasons] if f not in written}
     probs = torch.softmax(logits[torch.from_numpy(keep)].float(), 1)
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     confidence = top2[:, 0]
@@ -108,14 +112,14 @@ def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, An
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["file", "class", "confidence", "margin"])
-        for i, k, c, m in zip(keep.tolist(), probs.argmax(1).tolist(), confidence.tolist(), margin.tolist(), strict=True):
-            w.writerow([ds.filenames[i], classes[k], f"{c:.6f}", f"{m:.6f}"])
+        for name, k, c, m in zip(names, probs.argmax(1).tolist(), confidence.tolist(), margin.tolist(), strict=True):
+            w.writerow([name, classes[k], f"{c:.6f}", f"{m:.6f}"])
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_csv, buf.getvalue())
-        for name in skipped:
-            print(f"predictions: skipped unusable image {root / name}", flush=True)
+        for name, why in sorted(skipped.items()):
+            print(f"predictions: skipped unusable image {index_root / name} ({why})", flush=True)
     dist.barrier()
-    return {"file": str(out_csv), "rows": len(keep), "skipped": sorted(set(skipped)),
+    return {"file": str(out_csv), "rows": len(keep), "skipped": sorted(skipped),
             "confidence": [round(float(c), 6) for c in confidence.tolist()]}
 
 

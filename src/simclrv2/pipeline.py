@@ -88,6 +88,9 @@ class StagePlan:
     # a stage without a search, estimated by folds where no test split exists: one run per fold
     fold_plans: list[StagePlan] = field(default_factory=list)
     rate_choice: dict = field(default_factory=dict)  # search.SearchMode.record(): how the rate was chosen
+    # why the stage is not run: a probe with no test split and no label to hold out has nothing to be
+    # scored on; its row says so instead
+    unscored: str = ""
 
 
 def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
@@ -231,6 +234,8 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         probe_mode = search_modes(dataclasses.replace(pc, label_fractions=[cfg.label_fraction]))[cfg.label_fraction]
         if not tested and split and probe_mode.how == CROSS_VALIDATION:  # scored on folds: there is no test split
             plan = _fold_runs(plan, probe_mode.folds)
+        elif not tested and split:
+            plan.unscored = "no test split, and one label in a class leaves none to hold out"
         plans.append(plan)
     for f in pc.label_fractions:
         tag = fraction_tag(f)
@@ -421,6 +426,8 @@ def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
         return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir
     if plan.fold_plans:
         return run_folds(plan, upstream)
+    if plan.unscored:
+        return {"unscored": plan.unscored, "model": plan.cfg.model}, 0.0, True, ""
     result, seconds, skipped = run_stage(plan, upstream)
     if plan.rate_choice:
         result = dict(result, rate_choice=plan.rate_choice)
@@ -476,7 +483,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 result, seconds, skipped, out_dir = _run_plan(plan, upstream)
             if plan.candidates:
                 chosen_dirs[plan.name] = out_dir
-            prints[plan.name] = fingerprint(out_dir)
+            prints[plan.name] = fingerprint(out_dir) if out_dir else ""  # "": not run (unscored)
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds
@@ -548,7 +555,7 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
         "steps": result.get("steps"),
     }
     for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement",
-                "rate_choice", "folds", "fold_dirs"):
+                "rate_choice", "folds", "fold_dirs", "unscored"):
         if key in result:
             row[key] = result[key]
     if "val_top1" in result:

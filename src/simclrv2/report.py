@@ -91,6 +91,8 @@ def gains_table(out: dict[str, Any]) -> str:
             cells.append(f"{score(r) - score(base):+.2f}" if ok else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return "No gain can be given: neither a test split nor a held-out label measured the models."
     return "\n".join(lines)
 
 
