@@ -327,13 +327,15 @@ def _search_section(out: dict[str, Any]) -> list[str]:
     if notes:
         lines += ["## How the learning rates were chosen", ""] + [f"- {n[0].upper()}{n[1:]}." for n in notes] + [""]
     searched = [r for r in out["results"] if "lr_search" in r]
-    if searched:
-        lines += ["## Learning rates chosen on held-out labels", "",
-                  "| Method | Labels | Chosen by | Top-1 per base_lr | Chosen |", "|---|---|---|---|---|"]
-        for r in searched:
+    for folds in sorted({r.get("folds", 0) for r in searched}):
+        rows = [r for r in searched if r.get("folds", 0) == folds]
+        heading, column = (("the validation split", "Validation top-1") if not folds else
+                           (f"{folds}-fold cross-validation", "Mean top-1 of the folds"))
+        lines += [f"## Learning rates chosen on {heading}", "",
+                  f"| Method | Labels | {column} per base_lr | Chosen |", "|---|---|---|---|"]
+        for r in rows:
             tried = ", ".join(f"{lr}: {v:.2f}" for lr, v in r["lr_search"].items())
-            how = (r.get("estimate") or {}).get("kind", "validation split")
-            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {how} | {tried} | {r['base_lr']:g} |")
+            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {tried} | {r['base_lr']:g} |")
         lines.append("")
     return lines
 
