@@ -370,3 +370,68 @@ def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[P
         assert a["file"] == b["file"] == c["file"] and a["class"] == b["class"] == c["class"]
         for key in ("confidence", "margin"):  # eval mode: an image's output does not depend on its batch
             assert abs(float(a[key]) - float(b[key])) <= 2e-6 and abs(float(a[key]) - float(c[key])) <= 2e-6
+
+
+def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 labels a class and 3 rates: 3 x 4 fold runs and the chosen rate on every label, 13 runs of
+    min_steps each, are what the budget plans for the search (not the 3 runs of a held-out search)."""
+    import dataclasses
+
+    import yaml
+
+    from simclrv2 import budget
+    from simclrv2 import config as C
+    from simclrv2.pipeline import PipelineConfig
+
+    data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
+    step = 0.05
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.2 if views == 2 else step)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], budget_minutes=60, embedding_points=0,
+                  small_student="")
+    values["common"].update(dataset="imagefolder", data_dir=str(data), image_size=16, model="r10_0.25x_sk0")
+    pc = C.build(PipelineConfig, values)
+    rec = budget.fit_pretraining(pc)
+    runs = len(pc.lr_search) * 4 + 1
+    for stage, section in (("finetune_100pct", pc.finetune), ("supervised_100pct", pc.supervised)):
+        train = runs * section["min_steps"] * step
+        assert train <= rec["stage_estimates"][stage] < train + runs * 0.5, rec["stage_estimates"]  # + opening
+    # and the plan the pipeline runs is that search
+    from simclrv2.pipeline import plan_stages
+
+    plan = next(p for p in plan_stages(dataclasses.replace(pc, budget_minutes=0)) if p.name == "finetune_100pct")
+    assert len(plan.candidates) == runs - 1 and plan.folds == 4
+    assert {c.cfg.val_fold for c in plan.candidates} == {0, 1, 2, 3} and plan.cfg.val_fraction == 0.0
+
+
+def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where 4 folds would leave pretraining no epoch even with the other stages shrunk to
+    MIN_SCALE, the budget tries fewer folds and pins the number that fits in pipeline.yaml."""
+    import yaml
+
+    from simclrv2 import budget
+    from simclrv2 import config as C
+    from simclrv2.pipeline import PipelineConfig, _fit_budget
+
+    data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.5 if views == 2 else 0.1)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], embedding_points=0, small_student="",
+                  self_distill=False)
+    values["common"].update(dataset="imagefolder", data_dir=str(data), image_size=16, model="r10_0.25x_sk0")
+    # 3 rates at MIN_SCALE (30 steps of 0.1 s): 4 folds train 2 x 13 runs = 78 s, 3 folds 60 s, 2 folds 42 s,
+    # plus opening the data each run; 1.15 min leave about 60 s
+    values["budget_minutes"] = 1.15
+    pc = C.build(PipelineConfig, values)
+    rec = budget.fit_pretraining(pc)
+    assert rec["cv_folds"] == 2 and rec["cv_folds_wanted"] == 4 and rec["epochs"] >= 1
+    fitted, _ = _fit_budget(pc)
+    assert fitted.cv_folds == 2
+    with pytest.raises(C.ConfigError, match="too small"):  # nothing fits: still the one-line error
+        budget.fit_pretraining(C.build(PipelineConfig, dict(values, budget_minutes=0.6,
+                                                            run_dir=str(tmp_path / "small"))))

@@ -66,6 +66,10 @@ def fit_pretraining(pc: Any) -> dict[str, Any]:
                 print(f"budget: {rec['native_image_size']} px images would leave too little of "
                       f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "
                       "to choose, or raise budget_minutes)", flush=True)
+            if "cv_folds" in rec:
+                print(f"budget: {rec['cv_folds_wanted']} cross-validation folds would leave pretraining no epoch "
+                      f"of {pc.budget_minutes:g} min; searching with {rec['cv_folds']} folds (raise budget_minutes "
+                      "for more)", flush=True)
             print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
                   f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
                   f"pretraining {rec['epochs']:g} epochs", flush=True)
@@ -86,6 +90,8 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     if fit["other_scale"] < 1.0 and _size_is_automatic(pc) and native > SMALLEST_AUTO_SIZE:
         fit = dict(_fit_smaller(pc, fit, t0), native_image_size=native)
     if fit["epochs"] < 1:
+        fit = _fit_fewer_folds(pc, fit, t0)
+    if fit["epochs"] < 1:
         raise C.ConfigError(
             f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
             f"about {fit['other_seconds'] / 60:.1f} min and one pretraining epoch {fit['epoch_seconds'] / 60:.1f} "
@@ -102,6 +108,25 @@ def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
         fit = _fit(dataclasses.replace(pc, common=dict(pc.common, image_size=size)), t0)
         if fit["other_scale"] >= 1.0 or size == SMALLEST_AUTO_SIZE:
             break
+    return fit
+
+
+def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
+    """A cross-validated search (few labels) trains every rate once per fold, and the chosen rate
+    again on every label. Where that leaves pretraining no epoch even with the other stages at
+    ``MIN_SCALE``, fewer folds (down to 2) are tried before the budget is called too small; the
+    number that fits is pinned in ``pipeline.yaml`` as ``cv_folds``, like the epochs."""
+    from .search import search_modes
+
+    folds = max((m.folds for m in search_modes(pc).values()), default=0)
+    for k in range(folds - 1, 1, -1):
+        fewer = dataclasses.replace(pc, cv_folds=k)
+        if "native_image_size" in fit:
+            fewer = dataclasses.replace(fewer, common=dict(fewer.common, image_size=fit["image_size"]))
+        candidate = _fit(fewer, t0)
+        if candidate["epochs"] >= 1 or k == 2:
+            kept = {key: fit[key] for key in ("native_image_size",) if key in fit}
+            return dict(candidate, cv_folds=k, cv_folds_wanted=folds, **kept)
     return fit
 
 

@@ -445,6 +445,8 @@ def _fit_budget(pc: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any] | No
                              pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
     if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
         pc = dataclasses.replace(pc, common=dict(pc.common, image_size=budget["image_size"]))
+    if "cv_folds" in budget:  # the search's folds did not fit; fewer, pinned like the epochs
+        pc = dataclasses.replace(pc, cv_folds=budget["cv_folds"])
     return pc, budget
 
 

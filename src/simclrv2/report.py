@@ -410,6 +410,9 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         chosen = (f", chosen to fit a {budget['budget_minutes']:g}-minute budget (estimates on this machine: "
                   f"{budget['epoch_seconds']:.1f} s an epoch, {budget['other_seconds']:.0f} s for the other "
                   "stages)" if budget else "")
+        if budget and "cv_folds" in budget:
+            chosen += (f"; the search cross-validated over {budget['cv_folds']} folds, as "
+                       f"{budget['cv_folds_wanted']} would not fit")
         if budget and "native_image_size" in budget:
             chosen += (f"; every stage trained at {budget['image_size']} px, as the images' own "
                        f"{budget['native_image_size']} px would not fit")
