@@ -435,3 +435,23 @@ def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: 
     with pytest.raises(C.ConfigError, match="too small"):  # nothing fits: still the one-line error
         budget.fit_pretraining(C.build(PipelineConfig, dict(values, budget_minutes=0.6,
                                                             run_dir=str(tmp_path / "small"))))
+
+
+def test_streamed_unlabeled_folder_gives_the_same_rows_and_names_the_bad_files(
+        two_labels: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without the in-memory copy the unlabeled images stream through DataLoader workers' decode; a
+    file that fails there is replaced in its batch, and must still get no row and be named."""
+    import csv
+    import dataclasses
+
+    from simclrv2.labelling import label_folder, stage_config
+
+    data, run = two_labels
+    stage = run / "distill_self_100pct"
+    cfg = dataclasses.replace(stage_config(stage), cache_images=False, num_workers=0)
+    out = tmp_path / "streamed.csv"
+    summary = label_folder(cfg, stage, out)
+    assert summary["skipped"] == ["part0/junk.png", "part1/cut.png"] and summary["rows"] == 24
+    streamed = list(csv.DictReader(open(out, newline="")))
+    held = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    assert [r["file"] for r in streamed] == [r["file"] for r in held]
