@@ -267,6 +267,10 @@ def results(run: Path) -> dict:
 def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels: tuple[Path, Path]) -> None:
     data, run = two_labels
     rows = {r["method"]: r for r in results(run)["results"]}
+    # results.json says how every rate was chosen: searched by folds, or the config's
+    assert {m: r["rate_choice"]["how"] for m, r in rows.items()} == {
+        "finetune": "cross-validation", "supervised": "cross-validation", "distill-self": "config",
+        "linear-eval": "config", "knn": "config"}
     for method, stage in (("finetune", "finetune_100pct"), ("supervised", "supervised_100pct")):
         row = rows[method]
         assert row["rate_choice"]["how"] == "cross-validation" and row["folds"] == 2, row

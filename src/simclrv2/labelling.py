@@ -48,7 +48,8 @@ def choose_model(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, 
         scores = ", ".join(f"{r['method']} {r['estimate']['top1']:.2f}" for r in rows)
         return best, f"the best {best['estimate']['kind']} top-1 of the models trained on every label ({scores})"
     missing = ", ".join(r["method"] for r in rows if not r.get("estimate"))
-    how = next((r["rate_choice"]["how"] for r in rows if r.get("rate_choice")), "")
+    how = next((r["rate_choice"]["how"] for r in rows if r["method"] in ("finetune", "supervised")
+                and r.get("rate_choice")), "")
     why = ("with one label in a class nothing can be held out" if how == "centre rate" else
            "a student learns from a teacher that trained on every label, so no held-out label is unseen by it")
     fallback = next((r for r in rows if r["method"] == "distill-self"), rows[0])

@@ -187,7 +187,7 @@ def _fraction_layer(pc: PipelineConfig, f: float, section: str) -> dict:
 
 
 def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
-    from .search import CENTRE, CROSS_VALIDATION, HELD_OUT, few_labels_dir, search_modes
+    from .search import CENTRE, CONFIG, CROSS_VALIDATION, HELD_OUT, few_labels_dir, search_modes
 
     check_sections(pc)
     if pc.cv_folds < 2:
@@ -202,6 +202,8 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
     pre_dir = pre.run_dir
     plans = [StagePlan("pretrain", "pretrain", pre, None, None)]
     model = pre.model
+
+    fixed = {"how": CONFIG}  # no search: the stage's base_lr as configured
 
     def searched(plan: StagePlan, f: float) -> StagePlan:
         mode = modes[f]
@@ -221,16 +223,18 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
                             _fraction_layer(pc, f, "distill_self"), lab,
                             {"teacher_checkpoint": ft.run_dir, "model": model}, split)
-            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name))
+            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name,
+                                   rate_choice=fixed))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
                              _fraction_layer(pc, f, "distill_small"), lab,
                              {"teacher_checkpoint": ft.run_dir, "model": pc.small_student}, split)
-            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name))
+            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name,
+                                   rate_choice=fixed))
     for name, stage, section, method in (("linear_eval", "linear-eval", pc.linear_eval, "linear-eval"),
                                          ("knn", "knn-eval", pc.knn_eval, "knn")):
         cfg = _stage_cfg(stage, pc, run_dir, name, section, {"checkpoint": pre_dir}, split)
-        plan = StagePlan(name, stage, cfg, method, cfg.label_fraction, "pretrain")
+        plan = StagePlan(name, stage, cfg, method, cfg.label_fraction, "pretrain", rate_choice=fixed)
         probe_mode = search_modes(dataclasses.replace(pc, label_fractions=[cfg.label_fraction]))[cfg.label_fraction]
         if not tested and split and probe_mode.how == CROSS_VALIDATION:  # scored on folds: there is no test split
             plan = _fold_runs(plan, probe_mode.folds)
@@ -425,7 +429,8 @@ def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
         chosen, result, seconds, skipped = (run_cv_search if plan.folds else run_search)(plan, upstream)
         return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir
     if plan.fold_plans:
-        return run_folds(plan, upstream)
+        result, seconds, skipped, out_dir = run_folds(plan, upstream)
+        return dict(result, rate_choice=plan.rate_choice), seconds, skipped, out_dir
     if plan.unscored:
         return {"unscored": plan.unscored, "model": plan.cfg.model}, 0.0, True, ""
     result, seconds, skipped = run_stage(plan, upstream)
