@@ -85,12 +85,13 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     ``SMALLEST_AUTO_SIZE``. A run that cannot afford its images' size trains on smaller ones
     rather than on a tenth of its steps."""
     t0 = time.time()
-    fit = _fit(pc, t0)
+    measured: dict[str, Any] = {}  # the timer of the first fit, for fitting again with fewer folds
+    fit = _fit(pc, t0, measured)
     native = fit["image_size"]
     if fit["other_scale"] < 1.0 and _size_is_automatic(pc) and native > SMALLEST_AUTO_SIZE:
         fit = dict(_fit_smaller(pc, fit, t0), native_image_size=native)
     if fit["epochs"] < 1:
-        fit = _fit_fewer_folds(pc, fit, t0)
+        fit = _fit_fewer_folds(pc, fit, t0, None if "native_image_size" in fit else measured)
     if fit["epochs"] < 1:
         raise C.ConfigError(
             f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
@@ -111,7 +112,7 @@ def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
     return fit
 
 
-def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
+def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, measured: dict[str, Any] | None) -> dict[str, Any]:
     """A cross-validated search (few labels) trains every rate once per fold, and the chosen rate
     again on every label. Where that leaves pretraining no epoch even with the other stages at
     ``MIN_SCALE``, fewer folds (down to 2) are tried before the budget is called too small; the
@@ -123,7 +124,7 @@ def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
         fewer = dataclasses.replace(pc, cv_folds=k)
         if "native_image_size" in fit:
             fewer = dataclasses.replace(fewer, common=dict(fewer.common, image_size=fit["image_size"]))
-        candidate = _fit(fewer, t0)
+        candidate = _fit(fewer, t0, measured)
         if candidate["epochs"] >= 1 or k == 2:
             kept = {key: fit[key] for key in ("native_image_size",) if key in fit}
             return dict(candidate, cv_folds=k, cv_folds_wanted=folds, **kept)
@@ -137,12 +138,15 @@ def _size_is_automatic(pc: Any) -> bool:
     return not any(section.get("image_size") for section in sections)
 
 
-def _fit(pc: Any, t0: float) -> dict[str, Any]:
+def _fit(pc: Any, t0: float, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure (or, with ``reuse`` holding the timer of an earlier fit at the same resolution, reuse
+    what was measured: fitting again with fewer folds must not spend the budget measuring) and fit."""
     from .pipeline import plan_stages
 
     plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
-    sizes = _Sizes(plans[0].cfg)
-    timer = _StepTimer(sizes)
+    timer = (reuse or {}).get("timer") or _StepTimer(_Sizes(plans[0].cfg))
+    if reuse is not None:
+        reuse["timer"] = timer
     epoch = timer.pretrain_epoch(plans[0].cfg)
     parts = {plan.name: timer.stage(plan, plans[0].cfg) for plan in plans[1:]}  # (training, the rest)
     train, fixed = sum(t for t, _ in parts.values()), sum(f for _, f in parts.values())
