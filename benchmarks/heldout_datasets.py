@@ -18,12 +18,26 @@ Then run the demo recipe on one of them as a user would::
     simclrv2 pipeline --config configs/fashion_mnist_demo.yaml common.dataset=imagefolder \\
         common.data_dir=OUT_DIR/shapes run_dir=runs/heldout_shapes
 
+With ``--layout fewlabels`` each dataset is also written in the few-labels layout a user has
+(issue 29), as ``OUT_DIR/<name>_fewlabels/``: ``train/<class>/`` holds ``--labels-per-class``
+training images a class (4 by default), ``unlabeled/<group>/`` every other training image with its
+class hidden (the file names carry no class), ``test/<class>/`` the test images. The hidden classes
+go to ``OUT_DIR/<name>_fewlabels_truth.csv``, outside the data folder, for
+``benchmarks/score_predictions.py``; ``OUT_DIR/<name>_fewlabels_notest/`` is the same folder
+without ``test/``::
+
+    simclrv2 pipeline --config configs/fashion_mnist_demo.yaml common.dataset=imagefolder \
+        common.data_dir=OUT_DIR/fmnist4k_fewlabels common.image_size=28 'label_fractions=[1.0]' \
+        run_dir=runs/fewlabels_fmnist
+
 Every draw uses a fixed seed, so the folders are the same on every machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,18 +115,64 @@ def shapes(root: Path, rng: np.random.Generator) -> None:
         _write(root, split, images, labels, list(SHAPES))
 
 
+UNLABELED_GROUP = 1000  # unlabeled images a sub-folder: the layout allows any sub-folders
+
+
+def few_labels(source: Path, target: Path, truth: Path, per_class: int, rng: np.random.Generator) -> None:
+    """``source`` (``train/`` and ``test/`` by class) in the few-labels layout: ``per_class`` labelled
+    images a class in ``train/``, the others in ``unlabeled/`` with their classes written to ``truth``."""
+    rows = []
+    for class_dir in sorted(p for p in (source / "train").iterdir() if p.is_dir()):
+        files = sorted(class_dir.glob("*.png"))
+        keep = set(rng.choice(len(files), per_class, replace=False).tolist())
+        (target / "train" / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(files):
+            if i in keep:
+                shutil.copy2(f, target / "train" / class_dir.name / f.name)
+            else:
+                rows.append((f, class_dir.name))
+    rows.sort(key=lambda r: r[0].name)  # the file names hold an index, not the class
+    with open(truth, "w", newline="") as out:
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["file", "class"])
+        for j, (f, cls) in enumerate(rows):
+            rel = f"{j // UNLABELED_GROUP:02d}/{f.name}"
+            (target / "unlabeled" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target / "unlabeled" / rel)
+            w.writerow([rel, cls])
+    shutil.copytree(source / "test", target / "test")
+    notest = target.with_name(target.name + "_notest")
+    shutil.copytree(target, notest, ignore=lambda folder, names: ["test"] if Path(folder) == target else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the datasets into")
+    parser.add_argument("--layout", choices=("benchmark", "fewlabels"), default="benchmark",
+                        help="fewlabels: also write <name>_fewlabels/ (train/ with a few labels, unlabeled/, test/)")
+    parser.add_argument("--labels-per-class", type=int, default=4, help="labelled images a class (fewlabels)")
+    parser.add_argument("--only", nargs="*", default=None, help="names of the datasets to write (default: all)")
     args = parser.parse_args()
     for name, make in (("fmnist4k", fmnist4k), ("digits", digits), ("shapes", shapes)):
+        if args.only and name not in args.only:
+            continue
         target = args.out / name
         if target.exists():
             print(f"{target}: exists, kept")
-            continue
-        make(target, np.random.default_rng(0))
-        counts = {s: sum(1 for _ in (target / s).rglob("*.png")) for s in ("train", "test")}
-        print(f"{target}: {counts['train']} training and {counts['test']} test images")
+        else:
+            make(target, np.random.default_rng(0))
+            counts = {s: sum(1 for _ in (target / s).rglob("*.png")) for s in ("train", "test")}
+            print(f"{target}: {counts['train']} training and {counts['test']} test images")
+        if args.layout == "fewlabels":
+            few = args.out / f"{name}_fewlabels"
+            if few.exists():
+                print(f"{few}: exists, kept")
+                continue
+            truth = args.out / f"{name}_fewlabels_truth.csv"
+            few_labels(target, few, truth, args.labels_per_class, np.random.default_rng(1))
+            n = sum(1 for _ in (few / "unlabeled").rglob("*.png"))
+            print(f"{few}: {args.labels_per_class} labels a class in train/, {n} images in unlabeled/ (their classes "
+                  f"in {truth}), test/; and {few}_notest without test/")
 
 
 if __name__ == "__main__":

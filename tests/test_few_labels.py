@@ -156,3 +156,306 @@ def test_layout_without_unlabeled_is_unchanged(tmp_path: Path) -> None:
     assert train.root == root / "train" and train.labels.tolist() == [0, 0, 1, 1]
     with pytest.raises(DatasetError, match="train"):
         load_dataset("imagefolder", "train", data_dir=make_layout(tmp_path / "nolab", per_class=0, test=False))
+
+
+# ----------------------------------------------------------------------------- the splits
+
+
+def few_cfg(root: Path, **values):
+    from simclrv2 import config as C
+
+    return C.build(C.FinetuneConfig, dict({"dataset": "imagefolder", "data_dir": str(root), "image_size": S,
+                                           "label_fraction": 1.0}, **values))
+
+
+def test_unlabeled_image_is_never_labelled_validated_or_tested(tmp_path: Path) -> None:
+    from simclrv2.engine.splits import labelled_indices, validation_indices
+
+    root = make_layout(tmp_path / "data", per_class=6, unlabeled=10)
+    train = load_dataset("imagefolder", "train", data_dir=root, image_size=S)
+    unlabeled = set(np.flatnonzero(train.labels.numpy() < 0).tolist())
+    assert len(unlabeled) == 10
+    unlabeled_names = {train.filenames[i] for i in unlabeled}
+    for values in ({"val_fraction": 0.5}, {"val_fraction": 0.0}, {"label_fraction": 0.5, "val_fraction": 0.2},
+                   *({"val_folds": 3, "val_fold": k} for k in range(3))):
+        cfg = few_cfg(root, **values)
+        lab, val = labelled_indices(cfg, train, None), validation_indices(cfg, train)
+        assert len(lab) and not unlabeled & set(lab.tolist()), values
+        assert not unlabeled & set(val.tolist()), values
+        assert not set(lab.tolist()) & set(val.tolist()), values
+    test = load_dataset("imagefolder", "test", data_dir=root, image_size=S)
+    assert not unlabeled_names & {f"unlabeled/{p}" for p in test.files} and (test.labels >= 0).all()
+    assert all(str(p).startswith(str(root / "test")) for p in test.paths)
+
+
+def test_folds_cover_the_labels_once_and_never_score_a_training_image(tmp_path: Path) -> None:
+    from simclrv2.engine.splits import labelled_indices, validation_indices
+
+    root = make_layout(tmp_path / "data", per_class=5, unlabeled=4)
+    train = load_dataset("imagefolder", "train", data_dir=root, image_size=S)
+    folds = [few_cfg(root, val_folds=3, val_fold=k) for k in range(3)]
+    vals = [set(validation_indices(c, train).tolist()) for c in folds]
+    for cfg, val in zip(folds, vals, strict=True):
+        trained = set(labelled_indices(cfg, train, None).tolist())
+        assert trained and val and not trained & val
+        assert trained | val == set(range(10))  # the other folds are the training labels
+        assert {int(train.labels[i]) for i in val} == {0, 1}  # every class in every fold
+    assert sorted(i for v in vals for i in v) == list(range(10))  # each label scored exactly once
+
+
+def test_a_fraction_that_leaves_a_class_without_labels_is_a_one_line_error(tmp_path: Path) -> None:
+    from simclrv2.engine.runfolder import RunError
+    from simclrv2.engine.splits import labelled_indices
+
+    root = make_layout(tmp_path / "data", per_class=2, unlabeled=2)
+    train = load_dataset("imagefolder", "train", data_dir=root, image_size=S)
+    with pytest.raises(RunError, match="leaves class 'c0'") as err:
+        labelled_indices(few_cfg(root, label_fraction=0.2), train, None)
+    assert "\n" not in str(err.value)
+    assert len(labelled_indices(few_cfg(root, label_fraction=0.5), train, None)) == 2  # one a class
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def plant_bad_files(root: Path) -> None:
+    """Two unusable unlabeled files: a header PIL cannot read, and a PNG cut after its header."""
+    (root / "unlabeled" / "part0" / "junk.png").write_bytes(b"this is no image")
+    whole = root / "unlabeled" / "part1" / "u1.png"
+    (root / "unlabeled" / "part1" / "cut.png").write_bytes(whole.read_bytes()[:60])
+
+
+def run_pipeline(tmp: Path, data: Path, name: str, **over) -> Path:
+    """A tiny pipeline on ``data``: 16 px images, one pretraining epoch, a few steps a stage."""
+    import yaml
+
+    from simclrv2.cli import main
+
+    run = tmp / name
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(dict({
+        "run_dir": str(run), "label_fractions": [1.0], "self_distill": True, "small_student": "",
+        "embedding_points": 0, "plots": False, "lr_search": [0.5, 2.0],
+        "common": {"dataset": "imagefolder", "data_dir": str(data), "model": "r10_0.25x_sk0", "stem": "cifar",
+                   "image_size": 16, "batch_size": 16, "val_fraction": 0.1, "num_workers": 0, "progress": False,
+                   "log_every": 50},
+        "pretrain": {"epochs": 1, "base_lr": 0.075, "lr_scaling": "sqrt", "blur": False, "knn_every": 1},
+        "finetune": {"epochs": 1, "batch_size": 8, "min_steps": 2},
+        "supervised": {"epochs": 1, "batch_size": 8, "min_steps": 2},
+        "distill_self": {"epochs": 1, "min_steps": 0},
+        "linear_eval": {"epochs": 2},
+    }, **over)))
+    assert main(["pipeline", "--config", str(config)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_labels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2 labels a class, 24 unlabeled images (two of them unusable), a test split."""
+    tmp = tmp_path_factory.mktemp("two_labels")
+    data = make_layout(tmp / "data", per_class=2, unlabeled=24)
+    plant_bad_files(data)
+    return data, run_pipeline(tmp, data, "run")
+
+
+def results(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "results.json").read_text())
+
+
+def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels: tuple[Path, Path]) -> None:
+    data, run = two_labels
+    rows = {r["method"]: r for r in results(run)["results"]}
+    # results.json says how every rate was chosen: searched by folds, or the config's
+    assert {m: r["rate_choice"]["how"] for m, r in rows.items()} == {
+        "finetune": "cross-validation", "supervised": "cross-validation", "distill-self": "config",
+        "linear-eval": "config", "knn": "config"}
+    for method, stage in (("finetune", "finetune_100pct"), ("supervised", "supervised_100pct")):
+        row = rows[method]
+        assert row["rate_choice"]["how"] == "cross-validation" and row["folds"] == 2, row
+        assert f"{row['base_lr']:.4g}" in row["lr_search"] and len(row["lr_search"]) == 2
+        folds = sorted((run / stage).glob("lr_*_fold*"))
+        assert len(folds) == 2 * 2  # two rates, two folds
+        for fold in folds:
+            trained = set((fold / "labelled_subset.txt").read_text().split())
+            scored = set((fold / "validation_subset.txt").read_text().split())
+            assert trained and scored and not trained & scored, fold
+            assert not any("unlabeled" in line for line in (fold / "validation_subset.txt").read_text().splitlines())
+        final = run / stage / f"lr_{row['base_lr']:.4g}"  # the chosen rate, on every label
+        assert len((final / "labelled_subset.txt").read_text().splitlines()) == 4
+        assert not (final / "validation_subset.txt").exists()
+
+
+def test_predictions_have_one_row_per_unlabeled_file_and_name_the_bad_ones(two_labels: tuple[Path, Path]) -> None:
+    import csv
+
+    data, run = two_labels
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    usable = [f for f in walk_reference(data / "unlabeled") if f not in ("part0/junk.png", "part1/cut.png")]
+    assert sorted(r["file"] for r in rows) == usable and len(rows) == 24
+    assert {r["class"] for r in rows} <= {"c0", "c1"}
+    for r in rows:
+        assert 0.5 <= float(r["confidence"]) <= 1.0 and 0.0 <= float(r["margin"]) <= float(r["confidence"])
+    pred = results(run)["predictions"]
+    assert pred["skipped"] == ["part0/junk.png", "part1/cut.png"] and pred["rows"] == 24
+    report = (run / "report.md").read_text()
+    assert "`part0/junk.png`" in report and "`part1/cut.png`" in report
+    # chosen without the test split: no student has a held-out estimate here, so the self-distilled one
+    assert pred["method"] == "distill-self" and "no honest comparison" in pred["reason"]
+    assert sum(b["held_out"] for b in pred["calibration"]) == 4  # the out-of-fold predictions of 4 labels
+    assert sum(b["unlabeled"] for b in pred["calibration"]) == 24
+
+
+def table(report: str, heading: str) -> list[list[str]]:
+    """The rows of the first table under ``heading`` (cells stripped, header and rule left out)."""
+    blocks = report.split(heading, 1)[1].split("\n\n")
+    lines = next(b for b in blocks if b.startswith("|")).splitlines()
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def test_a_run_without_test_writes_a_complete_report(tmp_path: Path) -> None:
+    data = make_layout(tmp_path / "data", per_class=2, unlabeled=12, test=False)
+    run = run_pipeline(tmp_path, data, "run")
+    out = results(run)
+    assert all(r["top1"] is None for r in out["results"])
+    report = (run / "report.md").read_text()
+    assert "## Estimated top-1 accuracy (%): no test split" in report and "## Test top-1" not in report
+    rows = table(report, "## Estimated top-1 accuracy (%): no test split")
+    assert len(rows) == 5  # supervised, fine-tuned, self-distilled, linear eval, kNN
+    by_title = {r[0].split(" (")[0].split(",")[0]: r[2] for r in rows}
+    for title in ("Supervised baseline", "SimCLRv2 fine-tuned", "Linear eval", "kNN"):
+        est = next(r for m, r in ((x["method"], x) for x in out["results"])
+                   if m == {"Supervised baseline": "supervised", "SimCLRv2 fine-tuned": "finetune",
+                            "Linear eval": "linear-eval", "kNN": "knn"}[title])["estimate"]
+        assert est["kind"] == "2-fold cross-validation"
+        assert by_title[title] == f"{est['top1']:.2f} ± {est['spread']:.2f} (CV estimate)", by_title
+    # the student cannot be scored honestly here: said so, not left blank or made up
+    assert by_title["SimCLRv2 self-distilled"] == "no estimate (nothing held out)"
+    gains = table(report, "## Gain over the supervised baseline (points)")
+    assert gains[0][0].startswith("SimCLRv2 fine-tuned") and gains[0][1] != "-"
+    assert "## Labels for the unlabeled images" in report and (run / "predictions.csv").is_file()
+    assert "-fold cross-validation over the labelled images" in report
+
+
+def test_one_label_a_class_runs_no_search_and_says_so(tmp_path: Path) -> None:
+    data = make_layout(tmp_path / "data", per_class=1, unlabeled=12, test=False)
+    run = run_pipeline(tmp_path, data, "run")
+    rows = {r["method"]: r for r in results(run)["results"]}
+    for method in ("finetune", "supervised"):
+        assert rows[method]["rate_choice"]["how"] == "centre rate" and "lr_search" not in rows[method]
+    assert not list((run / "finetune_100pct").glob("lr_*"))  # no candidate was trained
+    report = (run / "report.md").read_text()
+    assert "no search was run" in report and "base_lr" in report
+    assert "no estimate (nothing held out)" in report
+    assert "No labelled image was held out" in report
+
+
+def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[Path, Path], tmp_path: Path) -> None:
+    import csv
+    import subprocess
+    import sys
+
+    _, run = two_labels
+    stage = run / "distill_self_100pct"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    single = subprocess.run([sys.executable, "-m", "simclrv2", "predict", f"checkpoint={stage}", f"out={one}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "simclrv2", "predict", f"checkpoint={stage}", f"out={two}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert pair.returncode == 0, pair.stderr[-2000:]
+    read = [list(csv.DictReader(open(p, newline=""))) for p in (one, two, run / "predictions.csv")]
+    assert len(read[0]) == 24
+    for a, b, c in zip(*read, strict=True):
+        assert a["file"] == b["file"] == c["file"] and a["class"] == b["class"] == c["class"]
+        for key in ("confidence", "margin"):  # eval mode: an image's output does not depend on its batch
+            assert abs(float(a[key]) - float(b[key])) <= 2e-6 and abs(float(a[key]) - float(c[key])) <= 2e-6
+
+
+def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 labels a class and 3 rates: 3 x 4 fold runs and the chosen rate on every label, 13 runs of
+    min_steps each, are what the budget plans for the search (not the 3 runs of a held-out search)."""
+    import dataclasses
+
+    import yaml
+
+    from simclrv2 import budget
+    from simclrv2 import config as C
+    from simclrv2.pipeline import PipelineConfig
+
+    data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
+    step = 0.05
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.2 if views == 2 else step)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], budget_minutes=60, embedding_points=0,
+                  small_student="")
+    values["common"].update(dataset="imagefolder", data_dir=str(data), image_size=16, model="r10_0.25x_sk0")
+    pc = C.build(PipelineConfig, values)
+    rec = budget.fit_pretraining(pc)
+    runs = len(pc.lr_search) * 4 + 1
+    for stage, section in (("finetune_100pct", pc.finetune), ("supervised_100pct", pc.supervised)):
+        train = runs * section["min_steps"] * step
+        assert train <= rec["stage_estimates"][stage] < train + runs * 0.5, rec["stage_estimates"]  # + opening
+    # and the plan the pipeline runs is that search
+    from simclrv2.pipeline import plan_stages
+
+    plan = next(p for p in plan_stages(dataclasses.replace(pc, budget_minutes=0)) if p.name == "finetune_100pct")
+    assert len(plan.candidates) == runs - 1 and plan.folds == 4
+    assert {c.cfg.val_fold for c in plan.candidates} == {0, 1, 2, 3} and plan.cfg.val_fraction == 0.0
+
+
+def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where 4 folds would leave pretraining no epoch even with the other stages shrunk to
+    MIN_SCALE, the budget tries fewer folds and pins the number that fits in pipeline.yaml."""
+    import yaml
+
+    from simclrv2 import budget
+    from simclrv2 import config as C
+    from simclrv2.pipeline import PipelineConfig, _fit_budget
+
+    data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
+    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
+                        0.5 if views == 2 else 0.1)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], embedding_points=0, small_student="",
+                  self_distill=False)
+    values["common"].update(dataset="imagefolder", data_dir=str(data), image_size=16, model="r10_0.25x_sk0")
+    # 3 rates at MIN_SCALE (30 steps of 0.1 s): 4 folds train 2 x 13 runs = 78 s, 3 folds 60 s, 2 folds 42 s,
+    # plus opening the data each run; 1.15 min leave about 60 s
+    values["budget_minutes"] = 1.15
+    pc = C.build(PipelineConfig, values)
+    rec = budget.fit_pretraining(pc)
+    assert rec["cv_folds"] == 2 and rec["cv_folds_wanted"] == 4 and rec["epochs"] >= 1
+    fitted, _ = _fit_budget(pc)
+    assert fitted.cv_folds == 2
+    with pytest.raises(C.ConfigError, match="too small"):  # nothing fits: still the one-line error
+        budget.fit_pretraining(C.build(PipelineConfig, dict(values, budget_minutes=0.6,
+                                                            run_dir=str(tmp_path / "small"))))
+
+
+def test_streamed_unlabeled_folder_gives_the_same_rows_and_names_the_bad_files(
+        two_labels: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without the in-memory copy the unlabeled images stream through DataLoader workers' decode; a
+    file that fails there is replaced in its batch, and must still get no row and be named."""
+    import csv
+    import dataclasses
+
+    from simclrv2.labelling import label_folder, stage_config
+
+    data, run = two_labels
+    stage = run / "distill_self_100pct"
+    cfg = dataclasses.replace(stage_config(stage), cache_images=False, num_workers=0)
+    out = tmp_path / "streamed.csv"
+    summary = label_folder(cfg, stage, out)
+    assert summary["skipped"] == ["part0/junk.png", "part1/cut.png"] and summary["rows"] == 24
+    streamed = list(csv.DictReader(open(out, newline="")))
+    held = list(csv.DictReader(open(run / "predictions.csv", newline="")))
+    assert [r["file"] for r in streamed] == [r["file"] for r in held]

@@ -66,6 +66,10 @@ def fit_pretraining(pc: Any) -> dict[str, Any]:
                 print(f"budget: {rec['native_image_size']} px images would leave too little of "
                       f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "
                       "to choose, or raise budget_minutes)", flush=True)
+            if "cv_folds" in rec:
+                print(f"budget: {rec['cv_folds_wanted']} cross-validation folds would leave pretraining no epoch "
+                      f"of {pc.budget_minutes:g} min; searching with {rec['cv_folds']} folds (raise budget_minutes "
+                      "for more)", flush=True)
             print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
                   f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
                   f"pretraining {rec['epochs']:g} epochs", flush=True)
@@ -81,10 +85,13 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     ``SMALLEST_AUTO_SIZE``. A run that cannot afford its images' size trains on smaller ones
     rather than on a tenth of its steps."""
     t0 = time.time()
-    fit = _fit(pc, t0)
+    measured: dict[str, Any] = {}  # the timer of the first fit, for fitting again with fewer folds
+    fit = _fit(pc, t0, measured)
     native = fit["image_size"]
     if fit["other_scale"] < 1.0 and _size_is_automatic(pc) and native > SMALLEST_AUTO_SIZE:
         fit = dict(_fit_smaller(pc, fit, t0), native_image_size=native)
+    if fit["epochs"] < 1:
+        fit = _fit_fewer_folds(pc, fit, t0, None if "native_image_size" in fit else measured)
     if fit["epochs"] < 1:
         raise C.ConfigError(
             f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
@@ -105,6 +112,25 @@ def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
     return fit
 
 
+def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, measured: dict[str, Any] | None) -> dict[str, Any]:
+    """A cross-validated search (few labels) trains every rate once per fold, and the chosen rate
+    again on every label. Where that leaves pretraining no epoch even with the other stages at
+    ``MIN_SCALE``, fewer folds (down to 2) are tried before the budget is called too small; the
+    number that fits is pinned in ``pipeline.yaml`` as ``cv_folds``, like the epochs."""
+    from .search import search_modes
+
+    folds = max((m.folds for m in search_modes(pc).values()), default=0)
+    for k in range(folds - 1, 1, -1):
+        fewer = dataclasses.replace(pc, cv_folds=k)
+        if "native_image_size" in fit:
+            fewer = dataclasses.replace(fewer, common=dict(fewer.common, image_size=fit["image_size"]))
+        candidate = _fit(fewer, t0, measured)
+        if candidate["epochs"] >= 1 or k == 2:
+            kept = {key: fit[key] for key in ("native_image_size",) if key in fit}
+            return dict(candidate, cv_folds=k, cv_folds_wanted=folds, **kept)
+    return fit
+
+
 def _size_is_automatic(pc: Any) -> bool:
     """No section of ``pc`` sets ``image_size``: every stage trains at the dataset's own size."""
     sections = [v for k, v in vars(pc).items() if isinstance(v, dict) and k != "by_fraction"]
@@ -112,12 +138,15 @@ def _size_is_automatic(pc: Any) -> bool:
     return not any(section.get("image_size") for section in sections)
 
 
-def _fit(pc: Any, t0: float) -> dict[str, Any]:
+def _fit(pc: Any, t0: float, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure (or, with ``reuse`` holding the timer of an earlier fit at the same resolution, reuse
+    what was measured: fitting again with fewer folds must not spend the budget measuring) and fit."""
     from .pipeline import plan_stages
 
     plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
-    sizes = _Sizes(plans[0].cfg)
-    timer = _StepTimer(sizes)
+    timer = (reuse or {}).get("timer") or _StepTimer(_Sizes(plans[0].cfg))
+    if reuse is not None:
+        reuse["timer"] = timer
     epoch = timer.pretrain_epoch(plans[0].cfg)
     parts = {plan.name: timer.stage(plan, plans[0].cfg) for plan in plans[1:]}  # (training, the rest)
     train, fixed = sum(t for t, _ in parts.values()), sum(f for _, f in parts.values())
@@ -141,15 +170,17 @@ class _Sizes:
 
     def __init__(self, cfg: Any) -> None:
         from .engine.batches import open_split
-        from .engine.splits import training_pool, validation_indices
+        from .engine.splits import has_test_split, training_pool, validation_indices
 
         t0 = time.perf_counter()
         ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
         self.train = ds
         self.pool = len(training_pool(cfg, ds))
         self.val = len(validation_indices(cfg, ds))
-        test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
-        self.test = len(test)
+        self.test = 0  # the few-labels layout may have no test split: nothing to evaluate there
+        if has_test_split(cfg):
+            test, _ = open_split(cfg, cfg.test_split, torch.device("cpu"))
+            self.test = len(test)
         self.open = time.perf_counter() - t0  # every training run opens both splits
         self.channels = ds.channels
         # reading images: nothing for datasets held in memory, decoding for image folders
@@ -163,6 +194,12 @@ class _Sizes:
         from .engine.splits import labelled_indices
 
         return len(labelled_indices(cfg, self.train, None))
+
+    def validation(self, cfg: Any) -> int:
+        """Validation images of one run: the held-out split, or its fold (``val_folds``)."""
+        from .engine.splits import validation_indices
+
+        return len(validation_indices(cfg, self.train)) if cfg.val_folds else self.val
 
 
 class _StepTimer:
@@ -263,21 +300,29 @@ class _StepTimer:
         """Seconds of one stage after pretraining (all its search candidates): (its training steps,
         the rest); ``encoder`` is the pretraining config, whose model the teachers and probes run."""
         cfg, s = plan.cfg, self.sizes
+        if plan.unscored:  # not run: nothing to score it on
+            return 0.0, 0.0
         if plan.stage == "linear-eval":  # features of the labelled and test images (kNN reuses them)
+            if plan.fold_plans:  # scored by folds (no test split): each fold extracts its own features
+                return 0.0, sum(s.open + (s.labelled(f.cfg) + s.validation(f.cfg)) * self.per_image(encoder)
+                                for f in plan.fold_plans)
             return 0.0, s.open + (s.labelled(cfg) + s.test) * self.per_image(encoder)
         if plan.stage == "knn-eval":
             return 0.0, 0.0
-        runs = [c.cfg for c in plan.candidates] or [cfg]
-        pool = s.pool if plan.stage == "distill" else s.labelled(cfg)
-        batch = min(cfg.batch_size, pool)
-        steps = max(math.ceil(cfg.epochs * max(1, pool // batch)), cfg.min_steps)
+        # a search's candidates (cross-validated: rates x folds, then the chosen rate on every label)
+        runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
         teacher = encoder if plan.stage == "distill" else None
-        step = self.train_step(cfg, batch, 1, teacher) + batch * s.load
-        rest = len(runs) * (s.open + s.val * self.per_image(cfg))
+        train, rest = 0.0, 0.0
+        for run in runs:
+            pool = s.pool if plan.stage == "distill" else s.labelled(run)
+            batch = min(run.batch_size, pool)
+            steps = max(math.ceil(run.epochs * max(1, pool // batch)), run.min_steps)
+            train += steps * (self.train_step(run, batch, 1, teacher) + batch * s.load)
+            rest += s.open + s.validation(run) * self.per_image(run)
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             rest += s.test * self.per_image(teacher)
-        return len(runs) * steps * step, rest
+        return train, rest
 
 
 SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_self": "distill",

@@ -47,6 +47,10 @@ class CommonConfig:
     test_split: str = "test"  # split used for evaluation (reporting only)
     val_fraction: float = 0.0  # class-balanced share of train_split held out for validation; 0 = none
     val_seed: int = 0  # seed of the validation draw (same seed -> same images in every stage)
+    # k-fold cross-validation over the labelled subset (the pipeline's search with few labels): the
+    # validation split is fold val_fold of val_folds, drawn class by class from val_seed; 0 = off
+    val_folds: int = 0
+    val_fold: int = 0
     image_size: int = 0  # training resolution; 0 = native (image folders: median shorter side, <= 224)
     stem: str = "auto"  # auto (CIFAR stem at <= 32 px, METHOD.md 1.4) | cifar | small (CIFAR stem, stride 2) | imagenet
     batch_size: int = 256  # global batch size (split across processes)
@@ -408,6 +412,11 @@ def validate(cfg: Any) -> None:
     need(getattr(cfg, "min_steps", 0) >= 0, f"min_steps must be >= 0, got {getattr(cfg, 'min_steps', 0)}")
     need(0.0 <= cfg.val_fraction < 1.0,
          f"val_fraction must be in [0, 1), got {cfg.val_fraction}; e.g. val_fraction=0.1 holds out 10%")
+    need(cfg.val_folds >= 0 and (cfg.val_folds == 0 or 0 <= cfg.val_fold < cfg.val_folds),
+         f"val_fold must be in [0, val_folds), got val_fold={cfg.val_fold} with val_folds={cfg.val_folds}")
+    need(cfg.val_folds == 0 or cfg.val_fraction == 0,
+         "val_folds and val_fraction both choose the validation split; set one of them to 0")
+    need(cfg.val_folds != 1, "val_folds=1 would hold out every label; use 2 or more folds, or 0")
     need(cfg.checkpoint_min_seconds >= 0,
          f"checkpoint_min_seconds must be >= 0 (0 = every epoch), got {cfg.checkpoint_min_seconds}")
     need(cfg.stem in ("auto", "cifar", "small", "imagenet"),

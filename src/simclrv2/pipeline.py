@@ -61,6 +61,9 @@ class PipelineConfig:
     # Wall-clock budget of the whole pipeline in minutes: pretraining gets the epochs that fill what
     # the other stages, measured on this machine, leave (simclrv2.budget). 0 = pretrain.epochs as given.
     budget_minutes: float = 0.0
+    # The few-labels layout (data_dir/unlabeled/ + train/<class>/): with too few labels a class for a
+    # held-out validation split, the search cross-validates over at most this many folds (simclrv2.search)
+    cv_folds: int = 5
 
 
 def fraction_tag(f: float) -> str:
@@ -79,6 +82,15 @@ class StagePlan:
     # learning-rate search: one run per candidate rate, in sub-folders; the best on the validation
     # split is this stage's result (and the teacher of the stages that read it)
     candidates: list[StagePlan] = field(default_factory=list)
+    # cross-validation (search.CROSS_VALIDATION): the candidates are rate x fold runs, and the chosen
+    # rate trains once more on every label; folds > 0 says how many folds a rate has
+    folds: int = 0
+    # a stage without a search, estimated by folds where no test split exists: one run per fold
+    fold_plans: list[StagePlan] = field(default_factory=list)
+    rate_choice: dict = field(default_factory=dict)  # search.SearchMode.record(): how the rate was chosen
+    # why the stage is not run: a probe with no test split and no label to hold out has nothing to be
+    # scored on; its row says so instead
+    unscored: str = ""
 
 
 def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
@@ -87,6 +99,30 @@ def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
         lr = plan.cfg.base_lr * factor
         cfg = dataclasses.replace(plan.cfg, base_lr=lr, run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}"))
         plan.candidates.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}", cfg=cfg, candidates=[]))
+    return plan
+
+
+def _with_folds(plan: StagePlan, factors: list[float], folds: int) -> StagePlan:
+    """``plan`` with one candidate per factor and fold: base_lr * factor trained on the other folds
+    and scored on fold i, run folder ``<stage>/lr_<rate>_fold<i>``; the chosen rate's run on every
+    label is made once it is known (:func:`run_cv_search`)."""
+    for factor in factors:
+        lr = plan.cfg.base_lr * factor
+        for i in range(folds):
+            cfg = dataclasses.replace(plan.cfg, base_lr=lr, val_folds=folds, val_fold=i,
+                                      run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}_fold{i}"))
+            plan.candidates.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}_fold{i}", cfg=cfg,
+                                                       candidates=[]))
+    plan.folds = folds
+    return plan
+
+
+def _fold_runs(plan: StagePlan, folds: int) -> StagePlan:
+    """``plan`` with one run per fold (``<stage>/fold<i>``), scored on its fold: the estimate of a
+    stage without a search where there is no test split."""
+    for i in range(folds):
+        cfg = dataclasses.replace(plan.cfg, val_folds=folds, val_fold=i, run_dir=str(Path(plan.cfg.run_dir) / f"fold{i}"))
+        plan.fold_plans.append(dataclasses.replace(plan, name=f"{plan.name}/fold{i}", cfg=cfg))
     return plan
 
 
@@ -159,43 +195,70 @@ def _fraction_layer(pc: PipelineConfig, f: float, section: str) -> dict:
 
 
 def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
+    from .search import CENTRE, CONFIG, CROSS_VALIDATION, HELD_OUT, few_labels_dir, search_modes
+
     check_sections(pc)
+    if pc.cv_folds < 2:
+        raise C.ConfigError(f"cv_folds must be 2 or more, got {pc.cv_folds}")
+    modes = search_modes(pc)  # how each fraction's rates are chosen (simclrv2.search)
+    few = few_labels_dir(pc.common)
+    # folds or no search at all: no image is held out of the labels, and pretraining sees every image
+    split = {"val_fraction": 0.0} if few and any(m.how in (CROSS_VALIDATION, CENTRE) for m in modes.values()) else {}
+    tested = few is None or (few / str(pc.common.get("test_split", "test"))).is_dir()
     run_dir = Path(pc.run_dir)
-    pre = _stage_cfg("pretrain", pc, run_dir, "pretrain", pc.pretrain)
+    pre = _stage_cfg("pretrain", pc, run_dir, "pretrain", pc.pretrain, split)
     pre_dir = pre.run_dir
     plans = [StagePlan("pretrain", "pretrain", pre, None, None)]
     model = pre.model
+
+    fixed = {"how": CONFIG}  # no search: the stage's base_lr as configured
+
+    def searched(plan: StagePlan, f: float) -> StagePlan:
+        mode = modes[f]
+        plan.rate_choice = mode.record()
+        if mode.how == CROSS_VALIDATION:
+            return _with_folds(plan, pc.lr_search or [1.0], mode.folds)
+        return _with_search(plan, pc.lr_search) if mode.how == HELD_OUT else plan
+
     for f in pc.label_fractions:
         tag = fraction_tag(f)
         lab = {"label_fraction": f}
         ft = _stage_cfg("finetune", pc, run_dir, f"finetune_{tag}", pc.finetune,
-                        _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model})
+                        _fraction_layer(pc, f, "finetune"), lab, {"init_checkpoint": pre_dir, "model": model}, split)
         ft = _typical_from(ft, pre_dir)
         ft_name = f"finetune_{tag}"
-        plans.append(_with_search(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"), pc.lr_search))
+        plans.append(searched(StagePlan(ft_name, "finetune", ft, "finetune", f, "pretrain"), f))
         if pc.self_distill:
             ds = _stage_cfg("distill", pc, run_dir, f"distill_self_{tag}", pc.distill_self,
                             _fraction_layer(pc, f, "distill_self"), lab,
-                            {"teacher_checkpoint": ft.run_dir, "model": model})
+                            {"teacher_checkpoint": ft.run_dir, "model": model}, split)
             ds = _typical_from(ds, pre_dir)
-            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name))
+            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name,
+                                   rate_choice=fixed))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
                              _fraction_layer(pc, f, "distill_small"), lab,
-                             {"teacher_checkpoint": ft.run_dir, "model": pc.small_student})
+                             {"teacher_checkpoint": ft.run_dir, "model": pc.small_student}, split)
             dsm = _typical_from(dsm, pre_dir)
-            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name))
-    le = _stage_cfg("linear-eval", pc, run_dir, "linear_eval", pc.linear_eval, {"checkpoint": pre_dir})
-    plans.append(StagePlan("linear_eval", "linear-eval", le, "linear-eval", le.label_fraction, "pretrain"))
-    kn = _stage_cfg("knn-eval", pc, run_dir, "knn", pc.knn_eval, {"checkpoint": pre_dir})
-    plans.append(StagePlan("knn", "knn-eval", kn, "knn", kn.label_fraction, "pretrain"))
+            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name,
+                                   rate_choice=fixed))
+    for name, stage, section, method in (("linear_eval", "linear-eval", pc.linear_eval, "linear-eval"),
+                                         ("knn", "knn-eval", pc.knn_eval, "knn")):
+        cfg = _stage_cfg(stage, pc, run_dir, name, section, {"checkpoint": pre_dir}, split)
+        plan = StagePlan(name, stage, cfg, method, cfg.label_fraction, "pretrain", rate_choice=fixed)
+        probe_mode = search_modes(dataclasses.replace(pc, label_fractions=[cfg.label_fraction]))[cfg.label_fraction]
+        if not tested and split and probe_mode.how == CROSS_VALIDATION:  # scored on folds: there is no test split
+            plan = _fold_runs(plan, probe_mode.folds)
+        elif not tested and split:
+            plan.unscored = "no test split, and one label in a class leaves none to hold out"
+        plans.append(plan)
     for f in pc.label_fractions:
         tag = fraction_tag(f)
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
-                         _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model})
+                         _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model}, split)
         sup = _typical_from(sup, pre_dir)
-        plans.append(_with_search(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), pc.lr_search))
-    if pc.lr_search and not pre.val_fraction > 0:
+        plans.append(searched(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), f))
+    if pc.lr_search and not pre.val_fraction > 0 and not few:
         raise C.ConfigError("lr_search needs a validation split to choose on; set common.val_fraction "
                             "(e.g. 0.1), or lr_search=[] to train each stage at its base_lr")
     return plans
@@ -316,6 +379,94 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     return chosen, result, round(seconds, 2), all_skipped and skipped
 
 
+def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[str, Any], float, bool]:
+    """Cross-validated search: every rate trains once per fold on the other folds and is scored on
+    its fold; the rate with the best mean fold top-1 then trains on every label (and is tested).
+
+    No fold's score comes from an image it trained on (``val_folds``: the fold is the validation
+    split, the other folds the labelled subset). Returns what :func:`run_search` returns; the
+    result's ``val_top1`` is the chosen rate's mean over folds, ``val_spread`` their standard deviation.
+    """
+    from .search import spread
+
+    folds: dict[float, list[float]] = {}
+    dirs: dict[float, list[str]] = {}
+    seconds, all_skipped, images = 0.0, True, 0
+    for cand in plan.candidates:
+        res, sec, skipped = run_stage(cand, upstream, test=False)
+        seconds += sec
+        all_skipped &= skipped
+        folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
+        dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
+        images += res.get("val_images", 0)
+    means = {lr: sum(v) / len(v) for lr, v in folds.items()}
+    best = next(lr for lr in means if means[lr] == max(means.values()))  # ties: the first (smaller) rate
+    name = f"lr_{best:.4g}"
+    final = dataclasses.replace(plan, name=f"{plan.name}/{name}", candidates=[], folds=0,
+                                cfg=dataclasses.replace(plan.cfg, base_lr=best, run_dir=str(Path(plan.cfg.run_dir) / name)))
+    result, sec, skipped = run_stage(final, upstream, test=True)
+    seconds += sec
+    rates = list(means)
+    scores = {f"{lr:.4g}": round(m, 4) for lr, m in means.items()}
+    if dist.launch_rank() == 0:  # the stage folder stands for the run on every label
+        atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
+            "chosen": name, "base_lr": best, "val_top1": scores,
+            "folds": {f"{lr:.4g}": v for lr, v in folds.items()}}, indent=1))
+    result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=len(rates) > 1 and best in (min(rates), max(rates)),
+                  val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
+                  val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
+    return final, result, round(seconds, 2), all_skipped and skipped
+
+
+def run_folds(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:
+    """A probe scored by folds (no test split): one run per fold, the mean and spread of their
+    top-1; returns (result, seconds, skipped, the last fold's folder)."""
+    from .search import spread
+
+    scores, seconds, all_skipped, images, res = [], 0.0, True, 0, {}
+    for fold in plan.fold_plans:
+        res, sec, skipped = run_stage(fold, upstream)
+        scores.append(res["val_top1"])
+        seconds += sec
+        all_skipped &= skipped
+        images += res.get("val_images", 0)
+    result = dict(res, val_top1=round(sum(scores) / len(scores), 4), val_spread=round(spread(scores), 4),
+                  val_images=images, folds=len(scores), fold_dirs=[f.cfg.run_dir for f in plan.fold_plans])
+    return result, round(seconds, 2), all_skipped, plan.fold_plans[-1].cfg.run_dir
+
+
+def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:
+    """One planned stage, its search or its folds; (result, seconds, skipped, the folder that stands for it)."""
+    if plan.candidates:
+        chosen, result, seconds, skipped = (run_cv_search if plan.folds else run_search)(plan, upstream)
+        return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir
+    if plan.fold_plans:
+        result, seconds, skipped, out_dir = run_folds(plan, upstream)
+        return dict(result, rate_choice=plan.rate_choice), seconds, skipped, out_dir
+    if plan.unscored:
+        return {"unscored": plan.unscored, "model": plan.cfg.model}, 0.0, True, ""
+    result, seconds, skipped = run_stage(plan, upstream)
+    if plan.rate_choice:
+        result = dict(result, rate_choice=plan.rate_choice)
+    return result, seconds, skipped, plan.cfg.run_dir
+
+
+def _fit_budget(pc: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any] | None]:
+    """``pc`` with pretraining sized to ``budget_minutes`` (and the other stages scaled to fit)."""
+    if pc.budget_minutes <= 0:
+        return pc, None
+    from .budget import fit_pretraining, scale_stages
+
+    budget = fit_pretraining(pc)
+    pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
+                             pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
+    if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
+        pc = dataclasses.replace(pc, common=dict(pc.common, image_size=budget["image_size"]))
+    if "cv_folds" in budget:  # the search's folds did not fit; fewer, pinned like the epochs
+        pc = dataclasses.replace(pc, cv_folds=budget["cv_folds"])
+    return pc, budget
+
+
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     from .engine.runfolder import machine_description
 
@@ -324,15 +475,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
         runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
-    budget = None
-    if pc.budget_minutes > 0:
-        from .budget import fit_pretraining, scale_stages
-
-        budget = fit_pretraining(pc)
-        pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
-                                 pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
-        if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
-            pc = dataclasses.replace(pc, common=dict(pc.common, image_size=budget["image_size"]))
+    pc, budget = _fit_budget(pc)
+    if budget is not None:
         plans = plan_stages(pc)
     # launch_rank throughout, not is_main: the first stage creates the process group, and until then
     # every torchrun rank would take itself for rank 0 (and print each line, write each file, twice)
@@ -355,22 +499,15 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                     plan.cfg, teacher_checkpoint=chosen_dirs[plan.upstream]))
             upstream = prints[plan.upstream] if plan.upstream else None
             with position(f"[{i}/{len(plans)}] {plan.name}"):  # the stage's progress bar or lines say where it is
-                if plan.candidates:
-                    chosen, result, seconds, skipped = run_search(plan, upstream)
-                    chosen_dirs[plan.name] = chosen.cfg.run_dir
-                    out_dir = chosen.cfg.run_dir
-                else:
-                    result, seconds, skipped = run_stage(plan, upstream)
-                    out_dir = plan.cfg.run_dir
-            prints[plan.name] = fingerprint(out_dir)
+                result, seconds, skipped, out_dir = _run_plan(plan, upstream)
+            if plan.candidates:
+                chosen_dirs[plan.name] = out_dir
+            prints[plan.name] = fingerprint(out_dir) if out_dir else ""  # "": not run (unscored)
             if probes and i == probes[-1]:
                 shared.close()
             stages[plan.name] = seconds
             if dist.launch_rank() == 0:
-                note = "skipped, done before" if skipped else f"{seconds:.0f} s"
-                top1 = f" top1={result['top1']:.2f}" if "top1" in result else ""
-                lr = f" (base_lr {result['base_lr']:g} chosen on validation)" if "base_lr" in result else ""
-                print(f"[{i}/{len(plans)}] {plan.name}: {note}{top1}{lr}", flush=True)
+                print(f"[{i}/{len(plans)}] {plan.name}: {_stage_line(result, seconds, skipped)}", flush=True)
             if plan.method is not None:
                 results.append(_result_row(plan, plans[0], result, seconds, out_dir))
             elif plan.stage == "pretrain":
@@ -386,6 +523,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     }
     if budget is not None:
         out["budget"] = budget
+    _label_unlabeled(pc, plans, out)
     if dist.launch_rank() == 0:
         atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1))
         from .report import write_report
@@ -394,21 +532,73 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     return out
 
 
+def _stage_line(result: dict[str, Any], seconds: float, skipped: bool) -> str:
+    note = "skipped, done before" if skipped else f"{seconds:.0f} s"
+    top1 = f" top1={result['top1']:.2f}" if result.get("top1") is not None else ""
+    if result.get("top1") is None and "val_top1" in result:
+        top1 = f" validation top1={result['val_top1']:.2f} (no test split)"
+    how = (result.get("rate_choice") or {}).get("how", "validation split")
+    lr = f" (base_lr {result['base_lr']:g} chosen by {how})" if "base_lr" in result else ""
+    return f"{note}{top1}{lr}"
+
+
+def _label_unlabeled(pc: PipelineConfig, plans: list[StagePlan], out: dict[str, Any]) -> None:
+    """The few-labels layout ends with ``predictions.csv``: a class for every unlabeled image, from
+    the model chosen by :func:`simclrv2.labelling.choose_model` (recorded in ``out["predictions"]``)."""
+    from .search import few_labels_dir
+
+    if few_labels_dir(pc.common) is None:
+        return
+    from .labelling import calibration, choose_model, held_out_predictions, label_folder
+
+    row, reason = choose_model(out["results"])
+    if row is None:
+        return
+    stage_cfg = next(p.cfg for p in plans if p.method == row["method"] and p.label_fraction == row["label_fraction"])
+    summary = label_folder(stage_cfg, row["run_dir"], Path(pc.run_dir) / "predictions.csv")
+    probs, labels, whose = held_out_predictions(row, out["results"])
+    out["predictions"] = dict(summary, method=row["method"], label_fraction=row["label_fraction"],
+                              model_dir=row["run_dir"], reason=reason, calibration_from=whose,
+                              calibration=calibration(probs, labels, summary.pop("confidence")))
+
+
 def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], seconds: float,
                 out_dir: str) -> dict[str, Any]:
-    """One ``results.json`` row: the test top-1, and what was chosen on the validation split."""
+    """One ``results.json`` row: the test top-1 (None without a test split), what was chosen on the
+    validation split or folds, and the estimate those give (``estimate``: kind, top-1, spread, images)."""
     row = {
         "method": plan.method, "label_fraction": plan.label_fraction,
         "model": plan.cfg.model if plan.stage not in PROBE_STAGES else pretrain.cfg.model,
-        "top1": result["top1"], "top5": result.get("top5"), "seconds": seconds, "run_dir": out_dir,
-        "num_classes": len(result.get("per_class_accuracy", [])) or None,
+        "top1": result.get("top1"), "top5": result.get("top5"), "seconds": seconds, "run_dir": out_dir,
+        "num_classes": len(result.get("per_class_accuracy", [])) or _num_classes(result, plan) or None,
         "steps": result.get("steps"),
     }
     for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement",
-                "label_selection", "labelled_images", "labelled_classes"):
+                "rate_choice", "folds", "fold_dirs", "unscored"):
         if key in result:
             row[key] = result[key]
+    if "val_top1" in result:
+        from .search import binomial_spread
+
+        folds = result.get("folds")
+        row["estimate"] = {
+            "kind": f"{folds}-fold cross-validation" if folds else "validation split",
+            "top1": result["val_top1"], "images": result.get("val_images"),
+            # folds: the standard deviation of the fold scores; a split: the binomial standard error
+            "spread": result.get("val_spread") if folds else round(
+                binomial_spread(result["val_top1"], result.get("val_images") or 1), 4),
+        }
     return row
+
+
+def _num_classes(result: dict[str, Any], plan: StagePlan) -> int | None:
+    """Classes of a stage that was not tested (no per-class accuracies): from its config's data."""
+    if result.get("top1") is not None:
+        return None
+    from .search import few_labels_dir, label_counts
+
+    data_dir = few_labels_dir({"dataset": plan.cfg.dataset, "data_dir": plan.cfg.data_dir})
+    return len(label_counts(data_dir)[0]) if data_dir is not None else None
 
 
 def summary_table(out: dict[str, Any]) -> str:

@@ -32,8 +32,33 @@ def _lookup(out: dict[str, Any], method: str, f: float | None = None) -> dict[st
     return None
 
 
+def tested(out: dict[str, Any]) -> bool:
+    """True when the run had a test split (the few-labels layout may have none)."""
+    return any(r.get("top1") is not None for r in out["results"])
+
+
+def score(r: dict[str, Any]) -> float | None:
+    """A row's test top-1, or without a test split its validation or cross-validation estimate."""
+    if r.get("top1") is not None:
+        return r["top1"]
+    return (r.get("estimate") or {}).get("top1")
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    if r.get("top1") is not None:
+        return f"{r['top1']:.2f}"
+    est = r.get("estimate")
+    if est is None:
+        return "no estimate (nothing held out)"
+    kind = "CV" if "cross-validation" in est["kind"] else "val"
+    return f"{est['top1']:.2f} ± {est['spread']:.2f} ({kind} estimate)"
+
+
 def results_table(out: dict[str, Any]) -> str:
-    """The paper-shaped table: rows are methods, columns are label fractions (top-1 %)."""
+    """The paper-shaped table: rows are methods, columns are label fractions (top-1 %). Without a
+    test split each cell is the validation or cross-validation estimate, marked, with its spread."""
     fr = _fractions(out)
     head = "| Method | Model | " + " | ".join(f"{_tag(f)} labels" for f in fr) + " |"
     lines = [head, "|" + "---|" * (len(fr) + 2)]
@@ -42,7 +67,7 @@ def results_table(out: dict[str, Any]) -> str:
         model = ""
         for f in fr:
             r = _lookup(out, method, f)
-            cells.append(f"{r['top1']:.2f}" if r else "-")
+            cells.append(_cell(r))
             model = model or (r["model"] if r else "")
         if any(c != "-" for c in cells):
             lines.append(f"| {title} | {model} | " + " | ".join(cells) + " |")
@@ -50,7 +75,7 @@ def results_table(out: dict[str, Any]) -> str:
         r = _lookup(out, method)
         if r:
             lines.append(f"| {title}, {_tag(r['label_fraction'])} labels | {r['model']} | "
-                         + " | ".join(f"{r['top1']:.2f}" for _ in fr) + " |")
+                         + " | ".join(_cell(r) for _ in fr) + " |")
     return "\n".join(lines)
 
 
@@ -62,9 +87,12 @@ def gains_table(out: dict[str, Any]) -> str:
         cells = []
         for f in fr:
             r, base = _lookup(out, method, f), _lookup(out, "supervised", f)
-            cells.append(f"{r['top1'] - base['top1']:+.2f}" if r and base else "-")
+            ok = r and base and score(r) is not None and score(base) is not None
+            cells.append(f"{score(r) - score(base):+.2f}" if ok else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return "No gain can be given: neither a test split nor a held-out label measured the models."
     return "\n".join(lines)
 
 
@@ -101,19 +129,22 @@ def warnings(out: dict[str, Any]) -> list[str]:
     lines = []
     for r in out["results"]:
         where = f"{r['method']} at {_tag(r['label_fraction'])} labels"
+        top1 = score(r)
+        if top1 is None:
+            continue
         if r.get("num_classes"):
             chance = 100.0 / r["num_classes"]
-            if r["top1"] < chance + CHANCE_MARGIN:
-                lines.append(f"{where}: top-1 {r['top1']:.2f} is within {CHANCE_MARGIN:g} points of chance "
+            if top1 < chance + CHANCE_MARGIN:
+                lines.append(f"{where}: top-1 {top1:.2f} is within {CHANCE_MARGIN:g} points of chance "
                              f"({chance:.1f}); " + "; ".join(_causes(r, out)))
                 continue
-        if "teacher_top1" in r and r["top1"] < r["teacher_top1"] - 1.0:
-            lines.append(f"{where}: the student ({r['top1']:.2f}) ends {r['teacher_top1'] - r['top1']:.2f} points "
+        if "teacher_top1" in r and top1 < r["teacher_top1"] - 1.0:
+            lines.append(f"{where}: the student ({top1:.2f}) ends {r['teacher_top1'] - top1:.2f} points "
                          f"below its teacher ({r['teacher_top1']:.2f}); " + "; ".join(_causes(r, out)))
         base = _lookup(out, "supervised", r["label_fraction"]) if r["method"] == "finetune" else None
-        if base is not None and r["top1"] < base["top1"]:
-            lines.append(f"{where}: fine-tuned ({r['top1']:.2f}) is below the supervised baseline "
-                         f"({base['top1']:.2f}); " + "; ".join(_causes(r, out)))
+        if base is not None and score(base) is not None and top1 < score(base):
+            lines.append(f"{where}: fine-tuned ({top1:.2f}) is below the supervised baseline "
+                         f"({score(base):.2f}); " + "; ".join(_causes(r, out)))
     return lines
 
 
@@ -168,15 +199,15 @@ def plot_fractions(out: dict[str, Any], dest: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method, title in METHOD_ROWS:
-        pts = [(f * 100, r["top1"]) for f in fr if (r := _lookup(out, method, f))]
+        pts = [(f * 100, score(r)) for f in fr if (r := _lookup(out, method, f)) and score(r) is not None]
         if pts:
             ax.plot(*zip(*pts), "o-", label=title)
     le = _lookup(out, "linear-eval")
-    if le:
-        ax.axhline(le["top1"], color="gray", ls="--", label=f"linear eval ({_tag(le['label_fraction'])} labels)")
+    if le and score(le) is not None:
+        ax.axhline(score(le), color="gray", ls="--", label=f"linear eval ({_tag(le['label_fraction'])} labels)")
     ax.set_xscale("log")
     ax.set_xlabel("labelled fraction of the training set (%)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel("test top-1 (%)" if tested(out) else "estimated top-1 (%), no test split")
     ax.set_title("Accuracy against label fraction")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -269,31 +300,110 @@ def labels_section(out: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
+def _plots(run_dir: Path, out: dict[str, Any], pc: Any) -> list[tuple[str, str]]:
     plots: list[tuple[str, str]] = []
-    if pc.plots:
-        if plot_pretraining(run_dir, run_dir / "pretraining.png"):
-            plots.append(("Pretraining loss and kNN accuracy", "pretraining.png"))
-        if plot_fractions(out, run_dir / "accuracy_vs_labels.png"):
-            plots.append(("Accuracy against label fraction", "accuracy_vs_labels.png"))
-        if pc.embedding_points > 0 and plot_embedding(run_dir / "pretrain", pc, run_dir / "embedding_tsne.png"):
-            plots.append(("t-SNE of pretrained test features", "embedding_tsne.png"))
-        candidates = [r for r in out["results"] if r["method"] not in ("knn", "linear-eval")]
-        if candidates:
-            best = max(candidates, key=lambda r: r["top1"])
-            meta_classes = _classes(Path(best["run_dir"]))
-            title = f"Confusion matrix: {best['method']} {_tag(best['label_fraction'])} ({best['top1']:.2f}%)"
-            if plot_confusion(Path(best["run_dir"]) / "metrics.json", meta_classes, title,
-                              run_dir / "confusion_best.png"):
-                plots.append((title, "confusion_best.png"))
+    if not pc.plots:
+        return plots
+    if plot_pretraining(run_dir, run_dir / "pretraining.png"):
+        plots.append(("Pretraining loss and kNN accuracy", "pretraining.png"))
+    if plot_fractions(out, run_dir / "accuracy_vs_labels.png"):
+        plots.append(("Accuracy against label fraction", "accuracy_vs_labels.png"))
+    if not tested(out):  # the embedding and the confusion matrix are of the test split
+        return plots
+    if pc.embedding_points > 0 and plot_embedding(run_dir / "pretrain", pc, run_dir / "embedding_tsne.png"):
+        plots.append(("t-SNE of pretrained test features", "embedding_tsne.png"))
+    candidates = [r for r in out["results"] if r["method"] not in ("knn", "linear-eval")]
+    if candidates:
+        best = max(candidates, key=lambda r: r["top1"])
+        meta_classes = _classes(Path(best["run_dir"]))
+        title = f"Confusion matrix: {best['method']} {_tag(best['label_fraction'])} ({best['top1']:.2f}%)"
+        if plot_confusion(Path(best["run_dir"]) / "metrics.json", meta_classes, title,
+                          run_dir / "confusion_best.png"):
+            plots.append((title, "confusion_best.png"))
+    return plots
+
+
+def _accuracy_heading(out: dict[str, Any]) -> list[str]:
+    if tested(out):
+        return ["## Test top-1 accuracy (%)", ""]
+    kinds = sorted({r["estimate"]["kind"] for r in out["results"] if r.get("estimate")})
+    return ["## Estimated top-1 accuracy (%): no test split", "",
+            "There is no `test/` folder, so every number below is an estimate from labelled images the model "
+            f"did not train on ({', '.join(kinds) or 'none could be held out'}), marked as such, ± its spread "
+            "(over folds: their standard deviation; on a validation split: the binomial standard error). "
+            "Rates chosen on the same images make the fine-tuned and supervised estimates somewhat optimistic.", ""]
+
+
+def _search_section(out: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    choices = {(r["method"], r["label_fraction"]): r["rate_choice"] for r in out["results"] if r.get("rate_choice")}
+    notes = sorted({c["reason"] for c in choices.values() if c.get("reason")})
+    if notes:
+        lines += ["## How the learning rates were chosen", ""] + [f"- {n[0].upper()}{n[1:]}." for n in notes] + [""]
+    searched = [r for r in out["results"] if "lr_search" in r]
+    for folds in sorted({r.get("folds", 0) for r in searched}):
+        rows = [r for r in searched if r.get("folds", 0) == folds]
+        heading, column = (("the validation split", "Validation top-1") if not folds else
+                           (f"{folds}-fold cross-validation", "Mean top-1 of the folds"))
+        lines += [f"## Learning rates chosen on {heading}", "",
+                  f"| Method | Labels | {column} per base_lr | Chosen |", "|---|---|---|---|"]
+        for r in rows:
+            tried = ", ".join(f"{lr}: {v:.2f}" for lr, v in r["lr_search"].items())
+            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {tried} | {r['base_lr']:g} |")
+        lines.append("")
+    return lines
+
+
+def _distill_section(out: dict[str, Any]) -> list[str]:
+    distilled = [r for r in out["results"] if "teacher_top1" in r]
+    if not distilled:
+        return []
+    lines = ["## Distillation: student against teacher", "",
+             "| Method | Labels | Student | Teacher top-1 | Student top-1 | Agreement |", "|---|---|---|---|---|---|"]
+    for r in distilled:
+        lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
+                     f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} |")
+    return lines + [""]
+
+
+def predictions_section(out: dict[str, Any]) -> list[str]:
+    """Which model labelled ``unlabeled/``, why, and accuracy per confidence bin with the unlabeled
+    images that clear each threshold."""
+    pred = out.get("predictions")
+    if not pred:
+        return []
+    lines = ["## Labels for the unlabeled images", "",
+             f"`predictions.csv` holds {pred['rows']} rows (file, class, confidence, margin to the second class), "
+             f"written by the {pred['method']} model in `{pred['model_dir']}`: {pred['reason']}.", ""]
+    if pred["skipped"]:
+        lines += [f"Skipped {len(pred['skipped'])} unusable file(s), with no row: "
+                  + ", ".join(f"`{f}`" for f in pred["skipped"][:20]) + ("..." if len(pred["skipped"]) > 20 else ""), ""]
+    if pred.get("calibration_from"):
+        lines += [f"Accuracy per confidence bin, measured on {pred['calibration_from']} predictions for labelled "
+                  "images it did not train on (never the test split); pick a threshold, and the last column says how "
+                  "many unlabeled images clear it.", ""]
+    else:
+        lines += ["No labelled image was held out (one label a class), so the accuracy of a confidence cannot be "
+                  "measured; the counts of unlabeled images per confidence are below.", ""]
+    lines += ["| Confidence | Held-out images | Their accuracy | Accuracy at or above | Unlabeled images | "
+              "Unlabeled at or above |", "|---|---|---|---|---|---|"]
+    for b in pred["calibration"]:
+        acc = f"{b['accuracy']:.1f}" if b["accuracy"] is not None else "-"
+        above = f"{b['accuracy_at_least']:.1f}" if b["accuracy_at_least"] is not None else "-"
+        lines.append(f"| {b['from']:.2f}-{b['to']:.2f} | {b['held_out']} | {acc} | {above} | {b['unlabeled']} | "
+                     f"{b['unlabeled_at_least']} |")
+    return lines + [""]
+
+
+def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
+    plots = _plots(run_dir, out, pc)
     lines = [
         "# SimCLRv2 pipeline report",
         "",
         f"Run folder: `{run_dir}`. Config hash `{out['config_hash']}`. Every number below is read from "
         "`results.json`, which this report was generated from.",
         "",
-        "## Test top-1 accuracy (%)",
-        "",
+        *_accuracy_heading(out),
         results_table(out),
         "",
         "## Gain over the supervised baseline (points)",
@@ -305,22 +415,9 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
     warned = warnings(out)
     if warned:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warned] + [""]
-    searched = [r for r in out["results"] if "lr_search" in r]
-    if searched:
-        lines += ["## Learning rates chosen on the validation split", "",
-                  "| Method | Labels | Validation top-1 per base_lr | Chosen |", "|---|---|---|---|"]
-        for r in searched:
-            tried = ", ".join(f"{lr}: {v:.2f}" for lr, v in r["lr_search"].items())
-            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {tried} | {r['base_lr']:g} |")
-        lines.append("")
-    distilled = [r for r in out["results"] if "teacher_top1" in r]
-    if distilled:
-        lines += ["## Distillation: student against teacher", "",
-                  "| Method | Labels | Student | Teacher top-1 | Student top-1 | Agreement |", "|---|---|---|---|---|---|"]
-        for r in distilled:
-            lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
-                         f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} |")
-        lines.append("")
+    lines += predictions_section(out) + _search_section(out)
+    if tested(out):
+        lines += _distill_section(out)
     lines += ["## Stage timings", "", f"Machine: {out['machine']}", ""]
     pre, budget = out.get("pretrain") or {}, out.get("budget")
     if pre.get("epochs") is not None:
@@ -328,6 +425,9 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         chosen = (f", chosen to fit a {budget['budget_minutes']:g}-minute budget (estimates on this machine: "
                   f"{budget['epoch_seconds']:.1f} s an epoch, {budget['other_seconds']:.0f} s for the other "
                   "stages)" if budget else "")
+        if budget and "cv_folds" in budget:
+            chosen += (f"; the search cross-validated over {budget['cv_folds']} folds, as "
+                       f"{budget['cv_folds_wanted']} would not fit")
         if budget and "native_image_size" in budget:
             chosen += (f"; every stage trained at {budget['image_size']} px, as the images' own "
                        f"{budget['native_image_size']} px would not fit")

@@ -170,10 +170,10 @@ def write_predictions_csv(path: Path, names: Sequence[str], probs: torch.Tensor,
         csv.writer(f).writerows(rows)
 
 
-def _add_source_args(parser: argparse.ArgumentParser) -> None:
+def _add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="run folder, checkpoint folder (step-*) or model .safetensors file")
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group(required=required)
     src.add_argument("--images", help="folder of image files (sub-folders included)")
     src.add_argument("--dataset", choices=DATASET_NAMES, help="a dataset split instead of image files")
     parser.add_argument("--split", default="test", help="dataset split (default: test)")
@@ -194,9 +194,14 @@ def predict_main(argv: list[str]) -> int:
         "evaluation one (METHOD.md 5.3): centre crop 0.875 for images of 64 px and more, bicubic resize to "
         "the checkpoint's image size, inputs in [0, 1].",
     )
-    _add_source_args(parser)
-    parser.add_argument("--out", required=True, help="output CSV file")
+    _add_source_args(parser, required=False)
+    parser.add_argument("--out", help="output CSV file (default with a stage folder alone: "
+                        "predictions.csv in that folder)")
     args = parse_tool_args(parser, argv)
+    if not args.images and not args.dataset:
+        return _label_stage_folder(args)
+    if not args.out:
+        raise RunError("--out is required with --images or --dataset; pass e.g. --out predictions.csv")
     out = Path(args.out)
     if out.suffix == ".npy":
         raise RunError(f"out='{out}' is the probabilities file name; give a .csv name")
@@ -217,6 +222,31 @@ def predict_main(argv: list[str]) -> int:
     if labels is not None and bool((labels >= 0).all()):
         msg += f"; top-1 {100.0 * (probs.argmax(1) == labels).float().mean().item():.2f}%"
     print(msg)
+    return 0
+
+
+def _label_stage_folder(args: argparse.Namespace) -> int:
+    """``simclrv2 predict --checkpoint STAGE_FOLDER``: what the pipeline ends with, from any stage of
+    a run on the few-labels layout: ``predictions.csv`` (file, class, confidence, margin) for every
+    image of the stage's ``data_dir/unlabeled/``."""
+    from .engine.splits import few_labels_layout
+    from .labelling import label_folder, stage_config
+
+    folder = Path(args.checkpoint)
+    if not folder.is_dir() or not ((folder / "config.yaml").is_file() or (folder / "chosen.json").is_file()):
+        raise RunError(f"'{args.checkpoint}' is no stage folder; pass --images FOLDER or --dataset NAME, or a "
+                       "stage folder of a run whose data_dir holds unlabeled/")
+    cfg = stage_config(folder)
+    if not few_labels_layout(cfg):
+        raise RunError(f"the data of '{folder}' ({cfg.data_dir or cfg.dataset}) has no unlabeled/ folder to label; "
+                       "pass --images FOLDER or --dataset NAME")
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, device=args.device)
+    out = Path(args.out) if args.out else folder / "predictions.csv"
+    summary = label_folder(cfg, folder, out)
+    print(f"wrote {summary['rows']} predictions to {out}"
+          + (f"; skipped {len(summary['skipped'])} unusable file(s)" if summary["skipped"] else ""))
     return 0
 
 

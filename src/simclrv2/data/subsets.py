@@ -19,7 +19,7 @@ import torch
 from .datasets import DatasetError
 
 __all__ = [
-    "balanced_subset", "read_subset", "subset_from_file_list", "unlabeled_indices", "validation_split", "write_subset",
+    "balanced_subset", "kfold_split", "read_subset", "subset_from_file_list", "unlabeled_indices", "validation_split", "write_subset",
 ]
 
 
@@ -60,6 +60,28 @@ def validation_split(labels: torch.Tensor | np.ndarray | Sequence[int], fraction
     :func:`balanced_subset` as ``exclude`` to keep the two disjoint.
     """
     return _balanced(labels, fraction, [seed], None, stream=1)
+
+
+def kfold_split(labels: torch.Tensor | np.ndarray | Sequence[int], indices: np.ndarray, folds: int, fold: int,
+                seed: int = 0) -> np.ndarray:
+    """Sorted indices of fold ``fold`` of a class-stratified ``folds``-fold split of ``indices``.
+
+    Each class's members among ``indices`` are permuted (``SeedSequence([seed, c, 2])``, a stream
+    of its own) and dealt round-robin: position j goes to fold ``j % folds``. So the folds are
+    disjoint, cover ``indices``, and every fold holds a member of every class with at least
+    ``folds`` members.
+    """
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
+    y = _as_numpy_labels(labels)
+    idx = np.asarray(indices, dtype=np.int64)
+    picked: list[np.ndarray] = []
+    for c in np.unique(y[idx][y[idx] >= 0]):
+        members = np.sort(idx[y[idx] == c])
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(c), 2]))
+        members = members[rng.permutation(members.size)]
+        picked.append(members[fold::folds])
+    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
 
 
 def _balanced(labels, fraction, seed: list[int], exclude, stream: int | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from ..optim import Schedule, set_lr
 from .batches import BatchSource, open_split
 from .device import augment, autocast
 from .runfolder import write_json
-from .splits import validation_indices
+from .splits import has_test_split, validation_indices
 
 
 @torch.no_grad()
@@ -125,6 +125,20 @@ def write_eval(run_dir: Path, metrics: dict[str, Any], scores: torch.Tensor) -> 
     np.save(run_dir / "predictions.npy", scores.argmax(1).numpy().astype(np.int64))
 
 
+def write_validation(run_dir: Path, idx: torch.Tensor, logits: torch.Tensor, ds: Any) -> None:
+    """``validation.npz``: each validation image's dataset index, label and class probabilities
+    (N, C), for the pipeline's calibration table (how often a prediction of a given confidence is right)."""
+    import os
+
+    probs = torch.softmax(logits.float(), 1).numpy().astype(np.float32)
+    labels = ds.labels[idx].numpy().astype(np.int64)
+    path = run_dir / "validation.npz"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:  # then renamed: a reader never sees half a file
+        np.savez(f, index=idx.numpy().astype(np.int64), label=labels, probs=probs)
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def evaluate_classifier(
     model: nn.Module, source: BatchSource, indices: torch.Tensor, image_size: int, num_classes: int,
@@ -183,8 +197,12 @@ def evaluate_stage(cfg: Any, model: nn.Module, ds: Any, source: BatchSource, siz
     """
     val_idx = torch.from_numpy(validation_indices(cfg, ds))
     if len(val_idx):
-        val, _ = evaluate_classifier(model, source, val_idx, size, ds.num_classes, precision=cfg.precision)
+        val, val_logits = evaluate_classifier(model, source, val_idx, size, ds.num_classes, precision=cfg.precision)
         metrics.update(val_top1=val["top1"], val_images=len(val_idx))
+        if dist.is_main():
+            write_validation(run_dir, val_idx, val_logits, ds)
+    if not has_test_split(cfg):  # the few-labels layout without test/: the validation split is all there is
+        test = False
     if not test:
         write_json(run_dir / "metrics.json", metrics)
         dist.barrier()

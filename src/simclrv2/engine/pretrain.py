@@ -29,7 +29,7 @@ from .evaluate import extract, knn_monitor_indices, knn_predict
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir, write_json
-from .splits import training_pool, validation_indices
+from .splits import has_test_split, training_pool, validation_indices
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -148,7 +148,10 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
     keys = p.memory.keys(views) if p.memory is not None else None
     if logits is not None:
         targets = y.repeat(2)
-        probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+        # the mean over labelled images, 0 for a batch without any (the few-labels layout: 40 labels
+        # among thousands of images), where a plain mean would be 0/0 and poison the probe with NaN
+        labelled = (targets >= 0).sum().clamp(min=1)
+        probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum") / labelled
         stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(),
                      probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
         loss = loss + probe_loss
@@ -169,7 +172,7 @@ class KnnMonitor:
 
     @classmethod
     def make(cls, cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, pool: torch.Tensor,
-             device: torch.device) -> KnnMonitor:
+             device: torch.device) -> KnnMonitor | None:
         size = image_size_of(cfg, ds)
         val_idx = torch.from_numpy(validation_indices(cfg, ds))
         if len(val_idx):
@@ -178,6 +181,8 @@ class KnnMonitor:
             bank_idx, pick = knn_monitor_indices(bank_labels, len(val_idx), cfg.knn_train_size,
                                                  cfg.knn_test_size, cfg.seed)
             return cls(cfg, (source, bank_idx), (source, val_idx[pick]), ds.num_classes, size)
+        if not has_test_split(cfg):  # the few-labels layout with neither: nothing to monitor on
+            return None
         test_ds, test_source = open_split(cfg, cfg.test_split, device)
         bank_idx, test_idx = knn_monitor_indices(ds.labels, len(test_ds), cfg.knn_train_size,
                                                  cfg.knn_test_size, cfg.seed)

@@ -32,6 +32,7 @@ from .evaluate import classification_metrics, extract, knn_predict, train_linear
 from .labels import labelled_subset, selection_metrics
 from .models import load_model
 from .runfolder import RunError, prepare_run_dir
+from .splits import has_test_split, validation_indices
 
 _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -70,6 +71,19 @@ def _features(cfg: Any, model: nn.Module, source: Any, split: str, idx: torch.Te
     return _SHARED[key]
 
 
+def _eval_set(cfg: Any, ds: Any, source: Any, device: torch.device) -> tuple[Any, Any, torch.Tensor, str]:
+    """What a probe is scored on: the test split, or, in the few-labels layout without ``test/``,
+    the validation split (a held-out share or a fold of the labels); (dataset, source, indices, split name)."""
+    if has_test_split(cfg):
+        test_ds, test_source = open_split(cfg, cfg.test_split, device)
+        return test_ds, test_source, torch.arange(len(test_ds)), cfg.test_split
+    val = torch.from_numpy(validation_indices(cfg, ds))
+    if not len(val):
+        raise RunError(f"{cfg.data_dir} has no {cfg.test_split}/ and no validation split to score the probe on; "
+                       "fix: add test/<class>/ images, or set val_fraction or val_folds")
+    return ds, source, val, "validation"
+
+
 def _frozen_encoder(cfg: Any, device: torch.device) -> nn.Module:
     if not cfg.checkpoint:
         raise RunError(f"{type(cfg).__name__} needs checkpoint=PATH (a run folder or a model file)")
@@ -88,11 +102,11 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "linear-eval")
     model = _frozen_encoder(cfg, device)
     ds, source = open_split(cfg, cfg.train_split, device)
-    test_ds, test_source = open_split(cfg, cfg.test_split, device)
+    test_ds, test_source, test_idx, test_split = _eval_set(cfg, ds, source, device)
     size = image_size_of(cfg, ds)
     train_idx = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     out = _output(cfg)
-    test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size, out)
+    test_x, test_y = _features(cfg, model, test_source, test_split, test_idx, size, out)
     epochs = max(1, math.ceil(cfg.epochs))
     if cfg.method not in ("cached", "sgd"):
         raise RunError(f"linear-eval method must be cached or sgd, got '{cfg.method}'")
@@ -122,6 +136,9 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict[str, Any]:
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="linear-eval", model=model.name, method=cfg.method, label_fraction=cfg.label_fraction,
                    labelled_images=len(train_idx), features=out, **selection_metrics(cfg, ds, train_idx))
+    if test_split == "validation":
+        metrics = {"val_top1": metrics["top1"], "val_images": len(test_idx), "stage": "linear-eval",
+                   **{k: v for k, v in metrics.items() if k not in ("top1", "top5")}}
     if dist.is_main():
         write_eval(run_dir, metrics, scores)
     return metrics
@@ -167,17 +184,19 @@ def run_knn_eval(cfg: KnnEvalConfig) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "knn-eval")
     model = _frozen_encoder(cfg, device)
     ds, source = open_split(cfg, cfg.train_split, device)
-    test_ds, test_source = open_split(cfg, cfg.test_split, device)
+    test_ds, test_source, test_idx, test_split = _eval_set(cfg, ds, source, device)
     size = image_size_of(cfg, ds)
     train_idx = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
     train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, "features")
-    test_x, test_y = _features(cfg, model, test_source, cfg.test_split, torch.arange(len(test_ds)), size,
-                               "features")
+    test_x, test_y = _features(cfg, model, test_source, test_split, test_idx, size, "features")
     scores = knn_predict(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="knn-eval", model=model.name, k=cfg.k, temperature=cfg.temperature,
                    label_fraction=cfg.label_fraction, labelled_images=len(train_idx),
                    **selection_metrics(cfg, ds, train_idx))
+    if test_split == "validation":
+        metrics = {"val_top1": metrics["top1"], "val_images": len(test_idx),
+                   **{k: v for k, v in metrics.items() if k not in ("top1", "top5")}}
     if dist.is_main():
         write_eval(run_dir, metrics, scores)
     return metrics
