@@ -241,6 +241,10 @@ class OnlineProbe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.probe.load_state_dict(state["weights"])
-        for i, p in enumerate(self.probe.parameters()):
-            if "momentum" in state and str(i) in state["momentum"]:
-                self.optimizer.state[p]["momentum_buffer"] = state["momentum"][str(i)].clone()
+        momentum = state.get("momentum", {})
+        opt_state = self.optimizer.state_dict()
+        opt_state["state"] = {i: {"momentum_buffer": momentum[str(i)]}
+                              for i in opt_state["param_groups"][0]["params"] if str(i) in momentum}
+        # through the optimizer's own loader, which puts each buffer on its parameter's device and
+        # dtype: the state file is read onto the CPU, the probe may live on a GPU
+        self.optimizer.load_state_dict(opt_state)
