@@ -1,0 +1,154 @@
+"""Multi-GPU defects of issue 30, reproduced with two real gloo processes on the CPU.
+
+Each test forks two ranks with torchrun's environment and a hard deadline: a rank that hangs in a
+collective (the failure these defects caused) fails the test instead of stalling the suite. A rank's
+result, or its one-line error, comes back through a file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from simclrv2 import distributed as sdist
+
+WORLD = 2
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(worker: Callable[..., Any], rank: int, port: int, out: str, env: dict[str, str], args: tuple) -> None:
+    # what torchrun sets; the code under test reads it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+    torch.set_num_threads(1)
+    try:
+        result = {"ok": worker(rank, *args)}
+    except BaseException as e:  # noqa: BLE001 - the parent asserts on it
+        result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    finally:
+        sdist.cleanup_distributed()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def run_ranks(worker: Callable[..., Any], tmp_path: Path, *args: Any, timeout: float = 60.0,
+              env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``worker(rank, *args)`` in two forked gloo ranks; each rank's ``{"ok": value}`` or ``{"error": line}``.
+
+    A rank still running after ``timeout`` seconds is a hang: both are killed (by their own pids) and
+    the test fails.
+    """
+    out = tmp_path / "ranks"
+    out.mkdir(exist_ok=True)
+    # fork: the children inherit the imported torch instead of importing it again (seconds each)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(worker, r, port, str(out), env or {}, args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"rank(s) {hung} still running after {timeout:.0f} s: the job hangs"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def ok(results: list[dict[str, Any]]) -> list[Any]:
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r}: {res.get('traceback', res)}"
+    return [res["ok"] for res in results]
+
+
+# ---------------------------------------------------------------- defect 2: a batch with no labels
+
+
+def _probe_worker(rank: int) -> dict[str, Any]:
+    from simclrv2.data.augment import SimCLRAugment
+    from simclrv2.engine.device import augment
+    from simclrv2.engine.models import distribute
+    from simclrv2.engine.pretrain import ContrastiveStep, _Parts, contrastive_loss
+    from simclrv2.models import create_model
+
+    device = sdist.setup_distributed("cpu")
+    torch.manual_seed(0)  # the same initial weights on both ranks, as DDP's broadcast makes them
+    model = create_model("r10_0.25x_sk0", in_chans=1, cifar_stem=True)
+    step_module = ContrastiveStep(model, 3, probe=True)
+    train_module = distribute(step_module, device, global_bn=False)
+    aug = SimCLRAugment(16)
+    parts = _Parts(model, step_module, train_module, None, None, None, aug,  # type: ignore[arg-type]
+                   SimpleNamespace(streams=False), None, 16)  # type: ignore[arg-type]
+    cfg = SimpleNamespace(channels_last=False, temperature=0.5, loss_directions="sum")
+    x = torch.randint(0, 256, (4, 1, 16, 16), generator=torch.Generator().manual_seed(10 + rank), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 1]) if rank == 0 else torch.full((4,), -1)  # rank 1: nothing labelled
+    g = torch.Generator().manual_seed(rank)
+    g_ref = torch.Generator().set_state(g.get_state())
+    loss, stats, _ = contrastive_loss(cfg, parts, x, y, g)  # type: ignore[arg-type]
+    loss.backward()  # DDP all-reduces the probe's gradients with the other rank's
+    # This rank's own probe gradient, outside DDP: the same views, features and labels.
+    views = torch.cat([augment(aug, x, g_ref), augment(aug, x, g_ref)])
+    with torch.no_grad():
+        feats, _ = model.contrastive(views)
+    w = step_module.classifier.weight.detach().clone().requires_grad_()
+    f = (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+    logits = F.linear(f, w, step_module.classifier.bias.detach())
+    targets = y.repeat(2)
+    local_grad = (torch.autograd.grad(F.cross_entropy(logits, targets, ignore_index=-1), w)[0]
+                  if (targets >= 0).any() else torch.zeros_like(w))
+    return {"loss": loss.detach(), "probe_loss": stats["probe_loss"], "probe_acc": stats["probe_acc"],
+            "probe_grad": step_module.classifier.weight.grad.clone(), "local_grad": local_grad}
+
+
+def test_a_rank_without_labelled_images_trains_the_probe_on_the_others(tmp_path):
+    """Issue 30, defect 2: rank 1's batch holds no labelled image. Its probe loss is 0 (not NaN),
+    both ranks' losses are finite, and the probe's gradient on both is the average of the ranks'
+    own: rank 0's gradient over its labelled rows, halved."""
+    res = ok(run_ranks(_probe_worker, tmp_path))
+    for r, got in enumerate(res):
+        assert torch.isfinite(got["loss"]), f"rank {r}: loss {got['loss']}"
+    assert res[1]["probe_loss"] == 0 and res[1]["probe_acc"] == 0
+    assert res[0]["probe_loss"] > 0
+    expected = (res[0]["local_grad"] + res[1]["local_grad"]) / WORLD
+    assert res[1]["local_grad"].abs().sum() == 0 and res[0]["local_grad"].abs().sum() > 0
+    for got in res:
+        torch.testing.assert_close(got["probe_grad"], expected, rtol=1e-4, atol=1e-6)
+
+
+def _non_finite_worker(rank: int, run_dir: str) -> str:
+    from simclrv2.engine.batches import StepPlan
+    from simclrv2.engine.metrics import TrainLog
+
+    device = sdist.setup_distributed("cpu")
+    cfg = SimpleNamespace(log_every=1, progress=False)
+    log = TrainLog("pretrain", cfg, Path(run_dir), StepPlan.make(8, 4, 1.0, 0), 0, device)
+    log.add(torch.tensor(float("nan") if rank == 1 else 1.0))  # a loss gone non-finite on one rank
+    log.write(1, 0.1)
+    return "wrote"
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A rank stopping alone on its non-finite loss leaves the others waiting in their next
+    collective; the check agrees across ranks, so all stop with the same line."""
+    res = run_ranks(_non_finite_worker, tmp_path, str(tmp_path))
+    for r, got in enumerate(res):
+        assert "the loss became non-finite before step 1" in got.get("error", ""), f"rank {r}: {got}"
