@@ -152,3 +152,40 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     res = run_ranks(_non_finite_worker, tmp_path, str(tmp_path))
     for r, got in enumerate(res):
         assert "the loss became non-finite before step 1" in got.get("error", ""), f"rank {r}: {got}"
+
+
+# ---------------------------------------------------------------- defect 3: distillation from student_init
+
+
+def _cli_worker(rank: int, argv: list[str]) -> int:
+    from simclrv2.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.fashion_mnist
+def test_distill_from_student_init_under_ddp(tmp_path):
+    """Issue 30, defect 3: a student initialised from a pretraining checkpoint carries a projection
+    head that never runs (its classifier sits on the features). Under DDP, trainable parameters
+    without a gradient failed step 2 ("Expected to have finished reduction in the prior
+    iteration"); the head is frozen now, so three steps train and both ranks finish."""
+    from test_resume import make_image_folder
+
+    from simclrv2 import checkpoint as ckpt
+    from simclrv2.cli import main
+
+    data = ["dataset=imagefolder", f"data_dir={make_image_folder(tmp_path / 'images')}", "image_size=16",
+            "num_workers=0", "progress=false", "model=r10_0.25x_sk0"]
+    pre, ft, student = tmp_path / "pre", tmp_path / "ft", tmp_path / "distill"
+    assert main(["pretrain", *data, "batch_size=8", "max_steps=1", "knn_every=0", f"run_dir={pre}"]) == 0
+    assert main(["finetune", *data, f"init_checkpoint={pre}", "label_fraction=1.0", "batch_size=8",
+                 "max_steps=1", "min_steps=0", f"run_dir={ft}"]) == 0
+    argv = ["distill", *data, f"teacher_checkpoint={ft}", f"student_init={pre}", "batch_size=8", "min_steps=3",
+            "epochs=0.1", "log_every=1", f"run_dir={student}"]
+    for r, got in enumerate(run_ranks(_cli_worker, tmp_path, argv, timeout=90)):
+        assert got.get("ok") == 0, f"rank {r}: {str(got.get('error', got))[:300]}"
+    assert ckpt.read_meta(ckpt.latest_checkpoint(student))["step"] == 3
+    # the head never ran, so it is the init's, bit for bit
+    before, after = ckpt.read_model_file(str(pre))[0], ckpt.read_model_file(str(student))[0]
+    head = [k for k in before if k.startswith("proj_head.")]
+    assert head and all(torch.equal(before[k], after[k]) for k in head)
