@@ -189,3 +189,36 @@ def test_distill_from_student_init_under_ddp(tmp_path):
     before, after = ckpt.read_model_file(str(pre))[0], ckpt.read_model_file(str(student))[0]
     head = [k for k in before if k.startswith("proj_head.")]
     assert head and all(torch.equal(before[k], after[k]) for k in head)
+
+
+# ---------------------------------------------------------------- defect 10: ranks on different devices
+
+
+def _device_worker(rank: int) -> str:
+    from simclrv2.engine.device import resolve_device
+
+    # rank 0 sees a GPU, rank 1 (a node with a driver too old for the torch build) does not
+    torch.cuda.is_available = lambda: rank == 0  # this forked process only
+    return str(resolve_device("auto"))
+
+
+def test_ranks_that_resolve_different_devices_all_stop(tmp_path):
+    """Under torchrun, device=auto must not mix NCCL ranks with gloo ranks (they would wait for
+    each other until the timeout): every rank stops with one line naming which took which."""
+    res = run_ranks(_device_worker, tmp_path, timeout=30)
+    for r, got in enumerate(res):
+        error = got.get("error", "")
+        assert error.startswith("DeviceMismatchError: the ranks resolved different devices"), f"rank {r}: {got}"
+        assert "cpu on rank(s) 1" in error and "cuda on rank(s) 0" in error and "\n" not in error
+
+
+def _same_device_worker(rank: int) -> str:
+    from simclrv2.engine.device import resolve_device
+
+    device = resolve_device("cpu")
+    sdist.barrier()
+    return str(device)
+
+
+def test_ranks_on_the_same_device_join_the_group(tmp_path):
+    assert ok(run_ranks(_same_device_worker, tmp_path)) == ["cpu", "cpu"]
