@@ -222,3 +222,89 @@ def _same_device_worker(rank: int) -> str:
 
 def test_ranks_on_the_same_device_join_the_group(tmp_path):
     assert ok(run_ranks(_same_device_worker, tmp_path)) == ["cpu", "cpu"]
+
+
+# ---------------------------------------------------------------- defect 4: budget_minutes under torchrun
+
+
+def _pipeline_config(data: Path, run_dir: Path, **extra: Any) -> Any:
+    from simclrv2.pipeline import PipelineConfig
+
+    common = {"dataset": "imagefolder", "data_dir": str(data), "image_size": 16, "num_workers": 0,
+              "model": "r10_0.25x_sk0", "progress": False, "batch_size": 16, "global_bn": False}
+    return PipelineConfig(
+        run_dir=str(run_dir), label_fractions=[0.5], self_distill=False, small_student="", embedding_points=0,
+        plots=False, common=common, pretrain={"knn_every": 0, "log_every": 1},
+        finetune={"epochs": 1, "min_steps": 0}, supervised={"epochs": 1, "min_steps": 0},
+        linear_eval={"epochs": 1}, **extra)
+
+
+def _budget_worker(rank: int, data: str, run_dir: str, calls: str) -> dict[str, Any]:
+    from simclrv2 import budget
+    from simclrv2.pipeline import run_pipeline
+
+    def measure(pc: Any, t0: float, device: Any = None) -> dict[str, Any]:
+        # a stand-in for the measurement that gives each rank its own answer, as two machines of
+        # different speed (or one under load) do: 2 epochs on rank 0, 1 on rank 1
+        with open(calls, "a") as f:
+            f.write(f"{rank} {device}\n")
+        time.sleep(1.0)  # measuring takes a while: ranks measuring at once all do so before budget.json exists
+        return {"budget_minutes": pc.budget_minutes, "epochs": 2.0 - rank, "image_size": 16, "epoch_seconds": 1.0,
+                "other_seconds": 1.0, "other_scale": 1.0, "measure_seconds": 0.0, "stage_estimates": {}}
+
+    budget._fit = measure
+    out = run_pipeline(_pipeline_config(Path(data), Path(run_dir), budget_minutes=1.0))
+    return {"pretrain_steps": out["pretrain"]["steps"], "methods": sorted(r["method"] for r in out["results"])}
+
+
+@pytest.mark.fashion_mnist
+def test_budget_under_torchrun_is_measured_once_and_shared(tmp_path):
+    """Issue 30, defect 4: with budget_minutes, every rank measured on its own before the process
+    group existed and chose its own epochs; the ranks then trained different step counts and hung.
+    Now rank 0 measures once, on the training device, and both ranks train its plan to the end."""
+    from test_resume import make_image_folder
+
+    data = make_image_folder(tmp_path / "images")  # 48 training images: 3 steps an epoch at batch 16
+    calls = tmp_path / "calls.txt"
+    res = ok(run_ranks(_budget_worker, tmp_path, str(data), str(tmp_path / "run"), str(calls), timeout=120))
+    assert calls.read_text().splitlines() == ["0 cpu"]  # measured once, by rank 0, on the training device
+    assert res[0] == res[1]
+    assert res[0]["pretrain_steps"] == 6  # rank 0's 2 epochs
+    assert res[0]["methods"] == ["finetune", "knn", "linear-eval", "supervised"]  # the job ran to its end
+
+
+# ---------------------------------------------------------------- defect 7: a run folder per node
+
+
+def _node_local_worker(rank: int, root: str, command: str) -> int:
+    from simclrv2.cli import main
+
+    # each rank its own folder: what node-local disks look like, with the same path on every node
+    run_dir = Path(root) / f"node{rank}"
+    if command == "pipeline":
+        import yaml
+
+        config = Path(root) / f"pipeline{rank}.yaml"
+        config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "common": {"dataset": "imagefolder",
+                                          "data_dir": str(Path(root) / "images")}}))
+        return main(["pipeline", "--config", str(config)])
+    return main(["pretrain", "dataset=imagefolder", f"data_dir={Path(root) / 'images'}", "image_size=16",
+                 "num_workers=0", "model=r10_0.25x_sk0", "batch_size=16", "max_steps=2", "knn_every=0",
+                 "progress=false", f"run_dir={run_dir}"])
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.parametrize("command", ["pretrain", "pipeline"])
+def test_run_folders_that_are_not_shared_stop_every_rank(tmp_path, capfd, command):
+    """Issue 30, defect 7: rank 0 alone writes checkpoints and done.json, and every rank reads
+    them, so a multi-node run needs one run folder that all nodes see. With a folder per node,
+    every rank stops at once with one line that says so (exit 2), before anything trains."""
+    from test_resume import make_image_folder
+
+    make_image_folder(tmp_path / "images")
+    res = ok(run_ranks(_node_local_worker, tmp_path, str(tmp_path), command, timeout=60))
+    assert res == [2, 2]
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and all("is not shared: rank(s) 1" in ln for ln in errors), errors
+    assert not (tmp_path / "node0" / "pretrain" / "checkpoints").exists()
+    assert not (tmp_path / "node0" / "checkpoints").exists()

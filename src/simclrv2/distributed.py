@@ -97,6 +97,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's (picklable) ``obj``, in rank order; ``[obj]`` in one process."""
+    if not (is_dist() and world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def run_on_main(work: Callable[[], T], wait: datetime.timedelta = datetime.timedelta(days=1)) -> T:
     """``work()`` on rank 0 alone, its (picklable) result on every rank; ``work()`` in one process.
 
