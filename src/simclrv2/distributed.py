@@ -239,7 +239,9 @@ def setup_distributed(device: str) -> torch.device:
     ``device`` is ``"cuda"``, ``"cpu"``, ``"cuda:k"`` or ``"auto"`` (cuda when available).
     With ``WORLD_SIZE > 1`` this calls ``init_process_group`` (nccl on cuda, gloo on cpu; the
     ``env://`` method reads ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``) and binds the
-    process to ``cuda:LOCAL_RANK``. Otherwise it only resolves the device.
+    process to ``cuda:LOCAL_RANK``. Otherwise it only resolves the device. Before choosing the
+    backend, the ranks compare their devices through the rendezvous store
+    (:func:`_agree_on_device`): a job never mixes GPU and CPU ranks.
     """
     global _LOCAL_RANK
     if device == "auto":
