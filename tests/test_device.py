@@ -76,3 +76,42 @@ def test_classifier_stage_augments_outside_autocast(tmp_path: Path, monkeypatch)
                "precision=bf16", "device=cpu", f"run_dir={tmp_path / 'run'}"])
     assert rc == 0
     assert seen == [(False, torch.float32)]
+
+
+@pytest.fixture
+def no_usable_gpu(monkeypatch):
+    """torch's CUDA build on a machine whose driver it cannot use: is_available() is False."""
+    from simclrv2.engine import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "_warned_no_gpu", False, raising=False)
+    monkeypatch.setattr(device, "NVIDIA_CONTROL_NODE", Path("/nonexistent/nvidiactl"), raising=False)
+    for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_auto_warns_once_when_the_launcher_names_gpus_that_torch_cannot_use(no_usable_gpu, capsys) -> None:
+    """Issue 30, defect 10: device=auto took the CPU in silence where GPUs were meant to be used."""
+    from simclrv2.engine.device import resolve_device
+
+    no_usable_gpu.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1, lines  # once per process, however many stages resolve the device
+    assert "CUDA_VISIBLE_DEVICES=0,1" in lines[0] and "device=cpu" in lines[0]
+    assert ("driver" in lines[0]) if torch.version.cuda else ("CPU-only build" in lines[0])
+
+
+@pytest.mark.parametrize("env", [{}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}],
+                         ids=["no-hint", "empty", "hidden"])
+def test_auto_stays_quiet_where_no_gpu_is_expected(no_usable_gpu, capsys, env) -> None:
+    from simclrv2.engine.device import resolve_device
+
+    for k, v in env.items():
+        no_usable_gpu.setenv(k, v)
+    assert resolve_device("auto") == torch.device("cpu")
+    no_usable_gpu.setenv("NVIDIA_VISIBLE_DEVICES", "all")
+    assert resolve_device("cpu") == torch.device("cpu")  # asked for the CPU: nothing to say
+    assert "warning" not in capsys.readouterr().err

@@ -163,3 +163,29 @@ def test_mixed_distillation():
     none = torch.full((6,), -1)
     out = mixed_distillation_loss(s, t, none, tau, alpha=0.5)
     assert out.item() == pytest.approx(0.5 * pure.item(), rel=1e-6)
+
+
+def test_nt_xent_is_fp32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast (the training step's), NT-Xent still computes its logits and loss in fp32
+    (issue 30, defect 5): bf16 logits at tau = 0.1 are off by about 0.04 each.
+
+    The inputs are bf16-rounded projections, as a bf16 model gives them; the reference is the double
+    loop in float64 on the same rounded values.
+    """
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randn(16, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+    queue = F.normalize(torch.randn(8, 32, generator=g), dim=1)
+    seen = []
+    real_ce = F.cross_entropy
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.dtype)
+        return real_ce(logits, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = nt_xent(z1, z2, temperature=0.1, extra_negatives=queue)
+    ref = naive_nt_xent(z1.double(), z2.double(), 0.1, extra_negatives=queue.double())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert seen == [torch.float32, torch.float32]  # both directions' logits
+    assert loss.dtype == torch.float32 and stats["entropy"].dtype == torch.float32

@@ -18,8 +18,16 @@ import torch
 from PIL import Image
 
 from simclrv2 import checkpoint as ckpt
+from simclrv2 import config as C
 from simclrv2.cli import main
+from simclrv2.config import PretrainConfig
 from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.engine.batches import StepPlan
+from simclrv2.engine.checkpointer import Checkpointer
+from simclrv2.engine.models import load_model, model_meta
+from simclrv2.engine.pretrain import ContrastiveStep, OnlineProbe
+from simclrv2.memory import MomentumMemory
+from simclrv2.optim import build_optimizer
 
 pytestmark = pytest.mark.fashion_mnist
 
@@ -95,6 +103,41 @@ def test_pretrain_stop_and_resume_is_bitwise_identical(tmp_path: Path, memory: b
     # the resumed run's metrics file reads as one uninterrupted run
     assert metric_lines(whole) == metric_lines(split)
     assert [r["step"] for r in metric_lines(split)] == list(range(1, 9))
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")  # meta weights hold no values
+def test_resumed_state_lives_on_each_parameters_device(tmp_path: Path) -> None:
+    """Every optimizer and extra state tensor a resume restores sits on its parameter's device
+    (issue 30, defect 1: the online probe's momentum came back on the CPU under a CUDA model).
+
+    The state files are read onto the CPU; the model is moved to the ``meta`` device, so the check
+    sees two devices on any machine, a GPU or not.
+    """
+    run = tmp_path / "run"
+    args = [*PRETRAIN[1:], "memory.enabled=true", "memory.size=64", f"run_dir={run}"]
+    cli("pretrain", *args, "max_steps=3")  # the online probe is on (Fashion-MNIST has labels)
+    cfg = C.load_config(PretrainConfig, None, args, stage="pretrain")
+    model, _ = load_model(str(run), torch.device("cpu"))
+    step_module = ContrastiveStep(model, 10, probe=True).to("meta")
+    optimizer = build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
+    probe = OnlineProbe(step_module.classifier)
+    memory = MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    plan = StepPlan.make(60000, cfg.batch_size, cfg.epochs, 0)
+    checkpointer = Checkpointer("pretrain", cfg, run, plan, model, optimizer, scaler, model_meta(model),
+                                {"memory": memory, "probe": probe})
+    assert checkpointer.resume() == 3
+
+    restored = {"model": 0, "probe": 0}
+    for name, opt in (("model", optimizer), ("probe", probe.optimizer)):
+        for p, state in opt.state.items():
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:  # a scalar step count may stay on the host
+                    assert v.device == p.device, f"{name} optimizer's {key} is on {v.device}, its parameter on {p.device}"
+                    restored[name] += 1
+    assert restored["model"] > 0 and restored["probe"] == 2  # the probe's weight and bias momentum
+    assert memory.queue.device.type == "meta"
+    assert {t.device.type for t in memory.ema_model.state_dict().values()} == {"meta"}
 
 
 def make_image_folder(root: Path, n_train: int = 24, n_test: int = 4, classes: tuple[int, ...] = (0, 1),

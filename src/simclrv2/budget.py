@@ -43,42 +43,57 @@ TIMED_STEPS = 3
 # With image_size 0 (the dataset's own), a budget too small for the images' size trains at a smaller
 # one, never below this: the small encoders' stems are made for 28-96 px (METHOD.md 1.4).
 SMALLEST_AUTO_SIZE = 32
+CPU = torch.device("cpu")
 
 
-def fit_pretraining(pc: Any) -> dict[str, Any]:
+def fit_pretraining(pc: Any, device: torch.device = CPU) -> dict[str, Any]:
     """The pretraining epochs that fit ``pc.budget_minutes``, with the estimate behind them.
 
-    Every process gets rank 0's answer, so they all train the same number of steps.
+    ``device`` is the one the stages train on, where the steps are timed. Under torchrun the
+    process group must exist: rank 0 alone measures (or reads ``budget.json``), and every process
+    gets its answer, or its error, so they all train the same number of steps.
     """
-    path = Path(pc.run_dir) / "budget.json"
-    key = C.config_hash(dataclasses.asdict(pc))
-    rec = None
+    rec, error = None, None
     if dist.is_main():
         try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            rec = None
-        if not isinstance(rec, dict) or rec.get("config_hash") != key:
-            rec = dict(_measure_and_fit(pc), config_hash=key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(rec, indent=1))
-            if "native_image_size" in rec:
-                print(f"budget: {rec['native_image_size']} px images would leave too little of "
-                      f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "
-                      "to choose, or raise budget_minutes)", flush=True)
-            if "cv_folds" in rec:
-                print(f"budget: {rec['cv_folds_wanted']} cross-validation folds would leave pretraining no epoch "
-                      f"of {pc.budget_minutes:g} min; searching with {rec['cv_folds']} folds (raise budget_minutes "
-                      "for more)", flush=True)
-            print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
-                  f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
-                  f"pretraining {rec['epochs']:g} epochs", flush=True)
-        else:
-            print(f"budget: pretraining {rec['epochs']:g} epochs, as chosen before ({path})", flush=True)
-    return dist.broadcast_object(rec)
+            rec = _read_or_fit(pc, device)
+        except C.ConfigError as e:
+            error = str(e)
+    rec, error = dist.broadcast_object((rec, error))
+    if error is not None:
+        raise C.ConfigError(error if dist.is_main() else f"rank 0 stopped: {error}")
+    return rec
 
 
-def _measure_and_fit(pc: Any) -> dict[str, Any]:
+def _read_or_fit(pc: Any, device: torch.device) -> dict[str, Any]:
+    """Rank 0's part of :func:`fit_pretraining`: the stored choice for this config, or a new one."""
+    path = Path(pc.run_dir) / "budget.json"
+    key = C.config_hash(dataclasses.asdict(pc))
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        rec = None
+    if not isinstance(rec, dict) or rec.get("config_hash") != key:
+        rec = dict(_measure_and_fit(pc, device), config_hash=key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(rec, indent=1))
+        if "native_image_size" in rec:
+            print(f"budget: {rec['native_image_size']} px images would leave too little of "
+                  f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "
+                  "to choose, or raise budget_minutes)", flush=True)
+        print(f"budget: {pc.budget_minutes:g} min; the other stages take about "
+              f"{rec['other_seconds']:.0f} s here, one pretraining epoch {rec['epoch_seconds']:.1f} s: "
+              f"pretraining {rec['epochs']:g} epochs", flush=True)
+        if "cv_folds" in rec:
+            print(f"budget: {rec['cv_folds_wanted']} cross-validation folds would leave pretraining no epoch "
+                  f"of {pc.budget_minutes:g} min; searching with {rec['cv_folds']} folds (raise budget_minutes "
+                  "for more)", flush=True)
+    else:
+        print(f"budget: pretraining {rec['epochs']:g} epochs, as chosen before ({path})", flush=True)
+    return rec
+
+
+def _measure_and_fit(pc: Any, device: torch.device) -> dict[str, Any]:
     """Measure and fit at the images' own resolution; where that would shrink the other stages'
     steps and the resolution is the dataset's (``image_size`` 0), measure and fit again at the
     smaller resolution at which they would fit (cost grows about with pixels), down to
@@ -86,12 +101,12 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     rather than on a tenth of its steps."""
     t0 = time.time()
     measured: dict[str, Any] = {}  # the timer of the first fit, for fitting again with fewer folds
-    fit = _fit(pc, t0, measured)
+    fit = _fit(pc, t0, device, measured)
     native = fit["image_size"]
     if fit["other_scale"] < 1.0 and _size_is_automatic(pc) and native > SMALLEST_AUTO_SIZE:
-        fit = dict(_fit_smaller(pc, fit, t0), native_image_size=native)
+        fit = dict(_fit_smaller(pc, fit, t0, device), native_image_size=native)
     if fit["epochs"] < 1:
-        fit = _fit_fewer_folds(pc, fit, t0, None if "native_image_size" in fit else measured)
+        fit = _fit_fewer_folds(pc, fit, t0, device, None if "native_image_size" in fit else measured)
     if fit["epochs"] < 1:
         raise C.ConfigError(
             f"budget_minutes={pc.budget_minutes:g} is too small here: the stages after pretraining take "
@@ -100,19 +115,19 @@ def _measure_and_fit(pc: Any) -> dict[str, Any]:
     return fit
 
 
-def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float) -> dict[str, Any]:
+def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float, device: torch.device) -> dict[str, Any]:
     for _ in range(2):  # step costs do not fall quite as fast as pixels at small sizes
         target = fit["image_size"] * math.sqrt(fit["other_scale"])
         size = max(SMALLEST_AUTO_SIZE, int(target) // 8 * 8)
         if size >= fit["image_size"]:
             break
-        fit = _fit(dataclasses.replace(pc, common=dict(pc.common, image_size=size)), t0)
+        fit = _fit(dataclasses.replace(pc, common=dict(pc.common, image_size=size)), t0, device)
         if fit["other_scale"] >= 1.0 or size == SMALLEST_AUTO_SIZE:
             break
     return fit
 
 
-def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, measured: dict[str, Any] | None) -> dict[str, Any]:
+def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, device: torch.device, measured: dict[str, Any] | None) -> dict[str, Any]:
     """A cross-validated search (few labels) trains every rate once per fold, and the chosen rate
     again on every label. Where that leaves pretraining no epoch even with the other stages at
     ``MIN_SCALE``, fewer folds (down to 2) are tried before the budget is called too small; the
@@ -124,7 +139,7 @@ def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, measured: dict[str
         fewer = dataclasses.replace(pc, cv_folds=k)
         if "native_image_size" in fit:
             fewer = dataclasses.replace(fewer, common=dict(fewer.common, image_size=fit["image_size"]))
-        candidate = _fit(fewer, t0, measured)
+        candidate = _fit(fewer, t0, device, measured)
         if candidate["epochs"] >= 1 or k == 2:
             kept = {key: fit[key] for key in ("native_image_size",) if key in fit}
             return dict(candidate, cv_folds=k, cv_folds_wanted=folds, **kept)
@@ -138,13 +153,14 @@ def _size_is_automatic(pc: Any) -> bool:
     return not any(section.get("image_size") for section in sections)
 
 
-def _fit(pc: Any, t0: float, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure (or, with ``reuse`` holding the timer of an earlier fit at the same resolution, reuse
-    what was measured: fitting again with fewer folds must not spend the budget measuring) and fit."""
+def _fit(pc: Any, t0: float, device: torch.device, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure on ``device`` (or, with ``reuse`` holding the timer of an earlier fit at the same
+    resolution, reuse what was measured: fitting again with fewer folds must not spend the budget
+    measuring) and fit."""
     from .pipeline import plan_stages
 
     plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
-    timer = (reuse or {}).get("timer") or _StepTimer(_Sizes(plans[0].cfg))
+    timer = (reuse or {}).get("timer") or _StepTimer(_Sizes(plans[0].cfg), device)
     if reuse is not None:
         reuse["timer"] = timer
     epoch = timer.pretrain_epoch(plans[0].cfg)
@@ -203,12 +219,13 @@ class _Sizes:
 
 
 class _StepTimer:
-    """Seconds per training step and per evaluated image, measured once per model and batch."""
+    """Seconds per training step and per evaluated image, measured once per model and batch, on
+    ``device`` (the training device: a run on a GPU is sized for the GPU's speed)."""
 
-    def __init__(self, sizes: _Sizes) -> None:
+    def __init__(self, sizes: _Sizes, device: torch.device = CPU) -> None:
         from .engine.batches import image_size_of
 
-        self.sizes = sizes
+        self.sizes, self.device = sizes, device
         self._image_size_of = image_size_of
         self._cache: dict[tuple[Any, ...], float] = {}
 
@@ -219,23 +236,30 @@ class _StepTimer:
         from .engine.models import new_model
 
         size = self._image_size_of(cfg, self.sizes.train)
-        model = new_model(cfg.model, self.sizes.train, size, cfg.stem, **kw)
+        model = new_model(cfg.model, self.sizes.train, size, cfg.stem, **kw).to(self.device)
         return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+    def _sync(self) -> None:
+        """Wait for the device's queued work: CUDA kernels run after the call that launches them returns."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _timed(self, key: tuple[Any, ...], fn: Any) -> float:
         if key not in self._cache:
             fn()  # warm-up: first-call allocations and kernel selection
+            self._sync()
             times = []
             for _ in range(TIMED_STEPS):
                 t0 = time.perf_counter()
                 fn()
+                self._sync()
                 times.append(time.perf_counter() - t0)
             self._cache[key] = min(times)
         return self._cache[key]
 
     def _images(self, cfg: Any, n: int) -> torch.Tensor:
         size = self._image_size_of(cfg, self.sizes.train)
-        return torch.randint(0, 256, (n, self.sizes.channels, size, size), dtype=torch.uint8)
+        return torch.randint(0, 256, (n, self.sizes.channels, size, size), dtype=torch.uint8).to(self.device)
 
     def train_step(self, cfg: Any, batch: int, views: int, teacher_cfg: Any = None) -> float:
         """One optimizer step of ``cfg.model`` on ``views`` augmented views of ``batch`` images, with

@@ -171,11 +171,13 @@ def _stage_main(stage: str, argv: list[str]) -> int:
 def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets import DatasetError
+    from .distributed import DeviceMismatchError
     from .engine.runfolder import RunError
     from .released import DownloadError
     from .runlock import RunFolderBusy
 
     return (C.ConfigError, RunError, RunFolderBusy, CheckpointError, DatasetError, DownloadError, ValueError,
+            DeviceMismatchError,
             FileNotFoundError, PermissionError)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,10 @@ T = TypeVar("T")
 _LOCAL_RANK = 0
 # The gloo group that ranks wait in while rank 0 works alone (run_on_main), made on first use.
 _WAIT_GROUP: Any = None
+
+
+class DeviceMismatchError(RuntimeError):
+    """The ranks of one job resolved different kinds of device; the message is one line with the fix."""
 
 
 def is_dist() -> bool:
@@ -90,6 +95,15 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's (picklable) ``obj``, in rank order; ``[obj]`` in one process."""
+    if not (is_dist() and world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def run_on_main(work: Callable[[], T], wait: datetime.timedelta = datetime.timedelta(days=1)) -> T:
@@ -225,7 +239,9 @@ def setup_distributed(device: str) -> torch.device:
     ``device`` is ``"cuda"``, ``"cpu"``, ``"cuda:k"`` or ``"auto"`` (cuda when available).
     With ``WORLD_SIZE > 1`` this calls ``init_process_group`` (nccl on cuda, gloo on cpu; the
     ``env://`` method reads ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``) and binds the
-    process to ``cuda:LOCAL_RANK``. Otherwise it only resolves the device.
+    process to ``cuda:LOCAL_RANK``. Otherwise it only resolves the device. Before choosing the
+    backend, the ranks compare their devices through the rendezvous store
+    (:func:`_agree_on_device`): a job never mixes GPU and CPU ranks.
     """
     global _LOCAL_RANK
     if device == "auto":
@@ -235,19 +251,47 @@ def setup_distributed(device: str) -> torch.device:
         return torch.device(device)
     _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:
-        torch.cuda.set_device(_LOCAL_RANK)
     if not is_dist():
+        rank_ = int(os.environ["RANK"])
+        store, _, _ = next(dist.rendezvous("env://", rank=rank_, world_size=ws))  # what init_method="env://" reads
+        _agree_on_device(store, torch.device(device).type, rank_, ws)
+        if on_cuda:
+            torch.cuda.set_device(_LOCAL_RANK)
         # device_id binds NCCL to our GPU up front (avoids barrier() guessing the device).
         extra = {"device_id": torch.device("cuda", _LOCAL_RANK)} if on_cuda else {}
         dist.init_process_group(
             backend="nccl" if on_cuda else "gloo",
-            init_method="env://",
-            rank=int(os.environ["RANK"]),
+            store=dist.PrefixStore("default_pg", store),  # the prefix init_method="env://" would give it
+            rank=rank_,
             world_size=ws,
             **extra,
         )
+    elif on_cuda:
+        torch.cuda.set_device(_LOCAL_RANK)
     return torch.device("cuda", _LOCAL_RANK) if on_cuda else torch.device("cpu")
+
+
+def _agree_on_device(store: Any, kind: str, rank_: int, ws: int) -> None:
+    """Every rank's device kind through the rendezvous store, before the process group exists.
+
+    Ranks that resolved different devices (``device=auto`` on a node whose driver is too old for
+    this torch build, say) would pick NCCL on some and gloo on others and wait for each other until
+    the timeout. They all stop here instead, with one line naming which rank took which.
+    """
+    prefix = f"simclrv2/device/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{rank_}", f"{kind} {socket.gethostname()}")
+    seen = [store.get(f"{prefix}{r}").decode().split(" ", 1) for r in range(ws)]  # waits for every rank
+    kinds = sorted({k for k, _ in seen})
+    if len(kinds) == 1:
+        return
+    where = "; ".join(
+        f"{k} on rank(s) {','.join(str(r) for r, (kr, _) in enumerate(seen) if kr == k)} "
+        f"(host {','.join(sorted({h for kr, h in seen if kr == k}))})" for k in kinds
+    )
+    raise DeviceMismatchError(
+        f"the ranks resolved different devices ({where}); every rank must train on the same kind: "
+        "make the GPUs usable on every node (nvidia-smi; a torch build that matches the driver) or set device=cpu"
+    )
 
 
 def cleanup_distributed() -> None:

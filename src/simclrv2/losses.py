@@ -46,8 +46,9 @@ def nt_xent(
     replica count because it sums gradients over replicas; DDP averages them instead, which gives
     the same full-batch gradient (see ``simclrv2.distributed``).
 
-    Computed in float32 regardless of autocast: with tau = 0.1 the logits span [-10, 10] and the
-    masking constant must not overflow.
+    Computed in float32 regardless of autocast (autocast is switched off inside, the inputs are
+    upcast): with tau = 0.1 the logits span [-10, 10], bf16 would round them to about 0.04, and
+    the masking constant must not overflow fp16.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -55,9 +56,17 @@ def nt_xent(
         raise ValueError(f"directions must be 'sum' or 'mean', got {directions!r}")
     if gather is None:
         gather = world_size() > 1
+    # autocast would run the matmuls below in bf16/fp16 again, whatever the inputs' dtype
+    with torch.autocast(z1.device.type, enabled=False):
+        return _nt_xent_fp32(z1.float(), z2.float(), temperature, gather, extra_negatives, directions)
 
-    h1 = F.normalize(z1.float(), dim=1)  # (N, D)
-    h2 = F.normalize(z2.float(), dim=1)  # (N, D)
+
+def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool,
+                  extra_negatives: torch.Tensor | None, directions: str,
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`nt_xent`'s body on float32 inputs, outside autocast."""
+    h1 = F.normalize(z1, dim=1)  # (N, D)
+    h2 = F.normalize(z2, dim=1)  # (N, D)
     n = h1.shape[0]
     if gather:
         h1_large = gather_with_grad(h1)  # (N*R, D) in rank order

@@ -451,13 +451,14 @@ def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
     return result, seconds, skipped, plan.cfg.run_dir
 
 
-def _fit_budget(pc: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any] | None]:
-    """``pc`` with pretraining sized to ``budget_minutes`` (and the other stages scaled to fit)."""
+def _fit_budget(pc: PipelineConfig, device: Any) -> tuple[PipelineConfig, dict[str, Any] | None]:
+    """``pc`` with pretraining sized to ``budget_minutes`` (and the other stages scaled to fit),
+    measured on ``device``; under torchrun rank 0 measures and every rank gets its answer."""
     if pc.budget_minutes <= 0:
         return pc, None
     from .budget import fit_pretraining, scale_stages
 
-    budget = fit_pretraining(pc)
+    budget = fit_pretraining(pc, device)
     pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
                              pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
     if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
@@ -468,14 +469,19 @@ def _fit_budget(pc: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any] | No
 
 
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
-    from .engine.runfolder import machine_description
+    from .engine.device import resolve_device
+    from .engine.runfolder import check_shared_run_dir, machine_description
 
     plans = plan_stages(pc)  # checks every stage's config before anything is written
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.launch_rank() == 0:  # before the stages set up torchrun's process group
+    if dist.launch_rank() == 0:  # before torchrun's process group exists
         runlock.acquire(run_dir)  # its own run.lock; each stage locks its sub-folder
-    pc, budget = _fit_budget(pc)
+    # Under torchrun, the process group first: every rank then reads what rank 0 decides (the
+    # budget's epochs) instead of deciding alone, and they all see one run folder or all stop.
+    device = resolve_device(plans[0].cfg.device)
+    check_shared_run_dir(run_dir)
+    pc, budget = _fit_budget(pc, device)
     if budget is not None:
         plans = plan_stages(pc)
     # launch_rank throughout, not is_main: the first stage creates the process group, and until then

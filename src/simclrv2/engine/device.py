@@ -8,7 +8,10 @@ Resuming therefore needs no RNG state and reproduces an uninterrupted run bit fo
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,14 +20,51 @@ import torch
 from .. import distributed as dist
 from .runfolder import RunError
 
+# The NVIDIA driver's control node: present where a driver is loaded, whether or not torch can use it.
+NVIDIA_CONTROL_NODE = Path("/dev/nvidiactl")
+_warned_no_gpu = False  # the warning of resolve_device, once per process
+
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; under torchrun the local rank picks the GPU."""
+    """``auto`` picks CUDA when present; under torchrun the local rank picks the GPU.
+
+    Where ``auto`` finds no usable GPU although the machine says it has some (the launcher's
+    ``CUDA_VISIBLE_DEVICES``, the container's ``NVIDIA_VISIBLE_DEVICES``, a loaded driver), it
+    warns once: the CUDA build of torch quietly takes the CPU when the driver is too old for it.
+    Under torchrun, ranks that resolve different devices all stop (``setup_distributed``).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            _warn_if_gpus_expected()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device '{name}' was asked for but CUDA is not available; use device=cpu")
     return dist.setup_distributed(name)
+
+
+def _gpu_hint() -> str | None:
+    """What says this machine has GPUs for this process, or None."""
+    for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        value = os.environ.get(var, "").strip()
+        if value and value.lower() not in ("-1", "none", "void"):
+            return f"{var}={value}"
+    return f"{NVIDIA_CONTROL_NODE} exists" if NVIDIA_CONTROL_NODE.exists() else None
+
+
+def _warn_if_gpus_expected() -> None:
+    global _warned_no_gpu
+    hint = _gpu_hint()
+    if hint is None or _warned_no_gpu or dist.launch_rank() != 0:
+        return
+    _warned_no_gpu = True
+    if torch.version.cuda:
+        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, and the NVIDIA driver is likely "
+                 "older than that needs (nvidia-smi shows the CUDA version it supports): update the driver or "
+                 "install the torch wheel for that CUDA version")
+    else:
+        cause = f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch"
+    print(f"warning: device=auto found no usable GPU although {hint}; {cause}; running on the CPU "
+          "(set device=cpu to run there without this warning)", file=sys.stderr, flush=True)
 
 
 def autocast(device: torch.device, precision: str):

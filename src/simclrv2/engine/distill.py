@@ -27,7 +27,7 @@ from .device import augment, autocast, resolve_device, seed_everything, step_gen
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
-from .models import distribute, load_model, model_meta, new_model
+from .models import distribute, freeze_unused_head, load_model, model_meta, new_model
 from .runfolder import RunError, prepare_run_dir
 from .splits import training_pool
 
@@ -71,10 +71,12 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
 
 
 def _student(cfg: DistillConfig, ds: Any, size: int, device: torch.device) -> SimCLRModel:
-    """A student with a zero-initialised classifier and no head: ``student_init``'s weights, or new ones."""
+    """A student with a zero-initialised classifier on the features: ``student_init``'s weights (its
+    head, if it has one, frozen: it never runs), or new ones without a head."""
     if cfg.student_init:
         student, _ = load_model(cfg.student_init, device, ft_proj_selector=0, num_classes=ds.num_classes)
         student.reset_classifier(ds.num_classes, zero_init=True)
+        freeze_unused_head(student)  # the classifier sits on h: the init's head never runs
     else:
         student = new_model(cfg.model, ds, size, cfg.stem, proj_head_mode="none", ft_proj_selector=0,
                             num_classes=ds.num_classes)

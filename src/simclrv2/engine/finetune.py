@@ -26,7 +26,7 @@ from .device import augment, autocast, resolve_device, seed_everything, step_gen
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
-from .models import distribute, load_model, model_meta
+from .models import distribute, freeze_unused_head, load_model, model_meta
 from .runfolder import RunError, prepare_run_dir
 
 
@@ -107,11 +107,7 @@ def freeze_for_finetune(model: SimCLRModel, after_block: int) -> list[nn.Module]
     excluded from the optimizer. ``after_block = k >= 0`` also freezes the stem and stages 1..k
     (METHOD.md 6, ``fine_tune_after_block``; 4 freezes the whole backbone).
     """
-    frozen: list[nn.Module] = []
-    used = model.proj_head.resolve_index(model.ft_proj_selector)
-    for j, layer in enumerate(getattr(model.proj_head, "layers", [])):
-        if j >= used:
-            frozen.append(layer)
+    frozen = freeze_unused_head(model)
     if after_block >= 0:
         frozen.append(model.backbone.stem)
         frozen += [getattr(model.backbone, f"layer{i}") for i in range(1, min(after_block, 4) + 1)]

@@ -97,8 +97,12 @@ class TrainLog:
         return done % self.log_every == 0 or boundary
 
     def write(self, done: int, lr: float) -> None:
-        """One record of the means since the last one; stops the run on a non-finite loss."""
-        if not bool(self.finite):
+        """One record of the means since the last one; stops the run on a non-finite loss.
+
+        Every rank stops when any rank's loss was non-finite: a rank stopping alone would leave the
+        others waiting in their next collective until its timeout.
+        """
+        if dist.all_reduce_mean(self.finite.float()).item() < 1:
             raise non_finite_error(self.stage, self.run_dir, done, "loss")
         self.last = {k: round(float(v) / self.count, 6) for k, v in self.sums.items()}
         rec = dict(step=done, epoch=round(done / self.plan.steps_per_epoch, 4), lr=lr, **self.last)

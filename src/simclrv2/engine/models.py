@@ -73,6 +73,22 @@ def model_meta(model: SimCLRModel, ds: ImageDataset | None = None, **extra: Any)
     return meta
 
 
+def freeze_unused_head(model: SimCLRModel) -> list[nn.Module]:
+    """Freeze the head layers after the one ``ft_proj_selector`` picks; return them.
+
+    They never run in ``forward``, so they never get a gradient. Left trainable, DDP waits for
+    their gradients and fails on the next step ("Expected to have finished reduction in the prior
+    iteration"); frozen, DDP and the optimizer leave them out. ``find_unused_parameters=True``
+    would also work, at the cost of a walk over the autograd graph every step, and would hide a
+    layer that stopped running by mistake.
+    """
+    used = model.proj_head.resolve_index(model.ft_proj_selector)
+    unused: list[nn.Module] = [layer for j, layer in enumerate(getattr(model.proj_head, "layers", [])) if j >= used]
+    for layer in unused:
+        layer.requires_grad_(False)
+    return unused
+
+
 def distribute(module: nn.Module, device: torch.device, global_bn: bool) -> nn.Module:
     """SyncBatchNorm (global BN, METHOD.md 1.6) and DDP when running under torchrun; else unchanged."""
     if dist.world_size() == 1:

@@ -147,15 +147,25 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
     loss, stats = nt_xent(z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions)
     keys = p.memory.keys(views) if p.memory is not None else None
     if logits is not None:
-        targets = y.repeat(2)
-        # the mean over labelled images, 0 for a batch without any (the few-labels layout: 40 labels
-        # among thousands of images), where a plain mean would be 0/0 and poison the probe with NaN
-        labelled = (targets >= 0).sum().clamp(min=1)
-        probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum") / labelled
-        stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(),
-                     probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
+        probe_loss, probe_acc = online_probe_loss(logits.float(), y.repeat(2))
+        stats = dict(stats, contrastive_loss=loss.detach(), probe_loss=probe_loss.detach(), probe_acc=probe_acc)
         loss = loss + probe_loss
     return loss, stats, keys
+
+
+def online_probe_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, top-1 in %) of the online probe over the labelled rows (``targets >= 0``).
+
+    ``cross_entropy(ignore_index=-1)``'s mean is 0/0 = NaN when no row of this rank's batch is
+    labelled (likely with a few percent of labels and a small batch per GPU), and that rank alone
+    would stop on a non-finite loss. The sum over labelled rows divided by ``max(count, 1)`` is that
+    mean otherwise and 0 then, with zero gradients that DDP averages like any others; no host sync.
+    """
+    labelled = targets >= 0
+    count = labelled.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / count
+    correct = ((logits.argmax(1) == targets) & labelled).sum()
+    return loss, (correct / count * 100).detach()
 
 
 class KnnMonitor:
@@ -246,6 +256,10 @@ class OnlineProbe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.probe.load_state_dict(state["weights"])
-        for i, p in enumerate(self.probe.parameters()):
-            if "momentum" in state and str(i) in state["momentum"]:
-                self.optimizer.state[p]["momentum_buffer"] = state["momentum"][str(i)].clone()
+        momentum = state.get("momentum", {})
+        opt_state = self.optimizer.state_dict()
+        opt_state["state"] = {i: {"momentum_buffer": momentum[str(i)]}
+                              for i in opt_state["param_groups"][0]["params"] if str(i) in momentum}
+        # through the optimizer's own loader, which puts each buffer on its parameter's device and
+        # dtype: the state file is read onto the CPU, the probe may live on a GPU
+        self.optimizer.load_state_dict(opt_state)

@@ -14,6 +14,8 @@ import platform
 import shutil
 import socket
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,8 +82,52 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
     error = dist.broadcast_from_main(error)
     if error is not None:
         raise RunError(error) if dist.is_main() else RunError(f"rank 0 stopped: {error}")
+    check_shared_run_dir(run_dir)
     dist.barrier()
     return run_dir
+
+
+# How long a rank waits for rank 0's token to appear: a shared filesystem's client cache may show
+# a new file a moment late; a node-local folder never shows it.
+SHARED_CHECK_SECONDS = 3.0
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Stop every rank, with one line, unless all ranks see the same ``run_dir``.
+
+    Rank 0 alone writes checkpoints, ``done.json`` and metrics, while every rank reads them to
+    resume and to skip finished stages. So a run over several nodes needs ``run_dir`` on a
+    filesystem that every node mounts (NFS, Lustre, ...): on node-local disks the other nodes'
+    ranks would decide on files they cannot see, and the job would hang or train the wrong steps.
+    Rank 0 writes a token file; every rank looks for it; the verdict is gathered, so all ranks stop
+    together. One process, or one node: nothing to check.
+    """
+    if dist.world_size() == 1:
+        return
+    name, error = None, None
+    if dist.is_main():
+        name = f".shared-check-{uuid.uuid4().hex}"
+        try:
+            (run_dir / name).write_text(socket.gethostname())
+        except OSError as e:
+            error = f"cannot write in run folder '{run_dir}' ({e.strerror}); choose another with run_dir=PATH"
+    name, error = dist.broadcast_object((name, error))
+    if error is not None:
+        raise RunError(error) if dist.is_main() else RunError(f"rank 0 stopped: {error}")
+    deadline = time.monotonic() + SHARED_CHECK_SECONDS
+    while not (seen := (run_dir / name).is_file()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    verdicts = dist.all_gather_object((seen, socket.gethostname()))
+    if dist.is_main():
+        (run_dir / name).unlink(missing_ok=True)
+    blind = [(r, host) for r, (ok, host) in enumerate(verdicts) if not ok]
+    if blind:
+        ranks = ",".join(str(r) for r, _ in blind)
+        hosts = ",".join(sorted({h for _, h in blind}))
+        raise RunError(
+            f"run folder '{run_dir}' is not shared: rank(s) {ranks} (host {hosts}) cannot see the files rank 0 "
+            "writes there; a run over several nodes needs run_dir on a filesystem every node mounts (NFS, Lustre, ...)"
+        )
 
 
 def _open_run_dir(cfg: Any, stage: str, run_dir: Path) -> None:
