@@ -243,7 +243,7 @@ def _budget_worker(rank: int, data: str, run_dir: str, calls: str) -> dict[str, 
     from simclrv2 import budget
     from simclrv2.pipeline import run_pipeline
 
-    def measure(pc: Any, t0: float, device: Any = None) -> dict[str, Any]:
+    def measure(pc: Any, t0: float, device: Any = None, reuse: Any = None) -> dict[str, Any]:
         # a stand-in for the measurement that gives each rank its own answer, as two machines of
         # different speed (or one under load) do: 2 epochs on rank 0, 1 on rank 1
         with open(calls, "a") as f:

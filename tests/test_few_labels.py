@@ -434,7 +434,7 @@ def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: 
     pc = C.build(PipelineConfig, values)
     rec = budget.fit_pretraining(pc)
     assert rec["cv_folds"] == 2 and rec["cv_folds_wanted"] == 4 and rec["epochs"] >= 1
-    fitted, _ = _fit_budget(pc)
+    fitted, _ = _fit_budget(pc, budget.CPU)
     assert fitted.cv_folds == 2
     with pytest.raises(C.ConfigError, match="too small"):  # nothing fits: still the one-line error
         budget.fit_pretraining(C.build(PipelineConfig, dict(values, budget_minutes=0.6,
