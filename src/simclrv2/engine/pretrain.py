@@ -62,7 +62,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         if cfg.memory.enabled else None
     )
     monitor = KnnMonitor.make(cfg, ds, source, pool, device) if cfg.knn_every > 0 and labelled else None
-    parts = _Parts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
+    parts = PretrainParts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
     meta = model_meta(model, ds, image_size=size)
     last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
     summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
@@ -73,7 +73,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 @dataclass
-class _Parts:
+class PretrainParts:
     """What one pretraining step touches, built by :func:`run`."""
 
     model: nn.Module  # the encoder + head, unwrapped: the checkpoint's weights
@@ -88,33 +88,21 @@ class _Parts:
     size: int  # training resolution
 
 
-def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
+def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
            schedule: Schedule, meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``."""
     # fp16: the loss is scaled before backward and each optimizer steps through the scaler, which
     # unscales its gradients (skipping the step on inf/NaN); disabled, the scaler is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
     checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
     start = checkpointer.resume()
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
     for step, (x, y) in zip(range(start, plan.total_steps), batches):
-        p.step_module.train()
         lr = schedule(step)
-        set_lr(p.optimizer, lr)
-        with autocast(device, cfg.precision):
-            loss, stats, keys = contrastive_loss(cfg, p, x, y, step_generator(device, cfg.seed, step))
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
-        if p.memory is not None:
-            p.memory.update_ema(p.model)
-            p.memory.enqueue(keys)
+        views = contrastive_views(cfg, p, x, step_generator(device, cfg.seed, step))
+        loss, stats = train_step(cfg, p, views, y, lr, scaler)
         log.add(loss, stats)
         done = step + 1
         if log.due(done, checkpointer.due(done)):
@@ -128,9 +116,32 @@ def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, pl
     return last
 
 
-def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """(loss, statistics, the memory's keys of this batch) for one batch of images ``x``.
+def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor, lr: float,
+               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on a batch's views (:func:`contrastive_views`): the step loop's body.
+
+    Returns the loss and its statistics, still on the device (the loop syncs only to log).
+    benchmarks/throughput.py and gpu_benchmark.py time this function, not a copy of it.
+    """
+    p.step_module.train()
+    set_lr(p.optimizer, lr)
+    with autocast(views.device, cfg.precision):
+        loss, stats, keys = contrastive_loss(cfg, p, views, y)
+    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
+    if p.memory is not None:
+        p.memory.update_ema(p.model)
+        p.memory.enqueue(keys)
+    return loss, stats
+
+
+def contrastive_views(cfg: PretrainConfig, p: PretrainParts, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(2N, C, S, S) float32 views of one batch, view 1 then view 2.
 
     ``x`` is (N, C, H, W) stored images, of which two independent views are made here, or, from a
     streaming source, (2N, C, S, S) crops already cut in the workers, view 1 then view 2.
@@ -138,9 +149,15 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
     if p.source.streams:
         views = augment(p.aug, x, g, cropped=True)
     else:
-        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
+        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])
     if cfg.channels_last:
         views = views.contiguous(memory_format=torch.channels_last)
+    return views
+
+
+def contrastive_loss(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """(loss, statistics, the memory's keys of this batch) for one batch's ``views`` and labels ``y``."""
     _, z, logits = p.train_module(views)
     z1, z2 = z.float().chunk(2)
     negatives = p.memory.negatives() if p.memory is not None else None
