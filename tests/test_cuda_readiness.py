@@ -138,3 +138,53 @@ def test_resolve_device_turns_them_on_for_cuda(cuda_flags, monkeypatch) -> None:
     assert flags() == (False, False, "highest")
     assert device_mod.resolve_device("cuda") == torch.device("cuda")
     assert flags() == (True, True, "high")
+
+
+def tiny_step_module() -> torch.nn.Module:
+    from simclrv2.engine.pretrain import ContrastiveStep
+    from simclrv2.models import create_model
+
+    torch.manual_seed(0)
+    return ContrastiveStep(create_model("r10_0.25x_sk0", in_chans=1, cifar_stem=True), 10, True)
+
+
+@pytest.mark.parametrize(("bf16_rate", "chosen"), [(125.0, "bf16"), (105.0, "fp32"), (40.0, "fp32")])
+def test_precision_auto_takes_bf16_only_where_measured_faster(tmp_path, monkeypatch, bf16_rate, chosen):
+    """The rule on given rates (fp32 at 100 views/s): bf16 needs 1.1x; the choice and the rates are
+    kept in the run folder and read back on resume instead of measuring again."""
+    calls = []
+
+    def rate(module, views, device, precision):
+        calls.append(precision)
+        return bf16_rate if precision == "bf16" else 100.0
+
+    monkeypatch.setattr(device_mod, "_views_per_s", rate)
+    module = tiny_step_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rec = device_mod.choose_precision("auto", tmp_path, module, (8, 1, 16, 16), torch.device("cpu"), False)
+    assert rec["precision"] == chosen and calls == ["fp32", "bf16"]
+    assert f"{bf16_rate / 100:.2f}x" in rec["reason"] and rec["bf16_views_per_s"] == bf16_rate
+    again = device_mod.choose_precision("auto", tmp_path, module, (8, 1, 16, 16), torch.device("cpu"), False)
+    assert again == rec and len(calls) == 2  # resumed: read back, not measured
+    assert device_mod.choose_precision("bf16", tmp_path, module, (8,), torch.device("cpu"), False)["precision"] == "bf16"
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_precision_auto_measures_without_touching_the_model(tmp_path) -> None:
+    """The real measurement on the CPU: both rates positive, the run's module unchanged (weights
+    and batch-norm statistics: it times a copy)."""
+    module = tiny_step_module().train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rec = device_mod.choose_precision("auto", tmp_path, module, (8, 1, 16, 16), torch.device("cpu"), False)
+    assert rec["precision"] in ("fp32", "bf16") and rec["fp32_views_per_s"] > 0 and rec["bf16_views_per_s"] > 0
+    assert (rec["precision"] == "bf16") == (rec["bf16_speedup"] >= device_mod.BF16_SPEEDUP_NEEDED)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_precision_auto_is_for_pretraining_only() -> None:
+    from simclrv2.config import ConfigError, FinetuneConfig, validate
+
+    validate(PretrainConfig(precision="auto"))
+    with pytest.raises(ConfigError, match="pretrain.precision=auto"):
+        validate(FinetuneConfig(precision="auto"))

@@ -7,6 +7,7 @@ and a kNN monitor on the validation split show progress without shaping the repr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
-from .device import augment, autocast, resolve_device, seed_everything, step_generator
+from .device import augment, autocast, choose_precision, resolve_device, seed_everything, step_generator
 from .evaluate import extract, knn_monitor_indices, knn_predict
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
@@ -51,6 +52,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         train_module = torch.compile(train_module)
     pool = training_pool(cfg, ds)  # never the validation split
     plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    views_shape = (2 * plan.local_batch, ds.channels, size, size)
+    precision = choose_precision(cfg.precision, run_dir, step_module, views_shape, device, cfg.channels_last)
+    cfg = dataclasses.replace(cfg, precision=precision["precision"])  # auto -> what was chosen; config.yaml keeps auto
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
     probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
@@ -66,7 +70,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     meta = model_meta(model, ds, image_size=size)
     last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
     summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
-               "global_batch": plan.global_batch, **last}
+               "global_batch": plan.global_batch, "precision": precision["precision"],
+               "precision_reason": precision["reason"], **last}
     write_json(run_dir / "summary.json", summary)
     dist.barrier()
     return summary
