@@ -26,7 +26,7 @@ from ..optim import Schedule, build_optimizer, set_lr
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, choose_precision, resolve_device, seed_everything, step_generator
-from .evaluate import extract, knn_monitor_indices, knn_predict
+from .evaluate import extract, knn_monitor_indices, knn_predict_sharded
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir, write_json
@@ -210,9 +210,10 @@ class KnnMonitor:
         if epoch % self.cfg.knn_every != 0 and not last:
             return {}
         cfg = self.cfg
-        train_f, train_y = extract(model, *self.bank, self.size, precision=cfg.precision)
+        # each rank keeps its share of the bank (evaluate.knn_predict_sharded)
+        train_f, train_y = extract(model, *self.bank, self.size, precision=cfg.precision, gather=False)
         test_f, test_y = extract(model, *self.queries, self.size, precision=cfg.precision)
-        scores = knn_predict(train_f, train_y, test_f, self.num_classes, cfg.knn_k, cfg.knn_temperature)
+        scores = knn_predict_sharded(train_f, train_y, test_f, self.num_classes, cfg.knn_k, cfg.knn_temperature)
         return {"knn_top1": round(100.0 * (scores.argmax(1) == test_y).float().mean().item(), 3)}
 
 
