@@ -188,3 +188,19 @@ def test_precision_auto_is_for_pretraining_only() -> None:
     validate(PretrainConfig(precision="auto"))
     with pytest.raises(ConfigError, match="pretrain.precision=auto"):
         validate(FinetuneConfig(precision="auto"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_packed_copy_and_the_views_match_the_cpu() -> None:
+    """The packed, pinned, asynchronous copy delivers the same values, and the views made on the GPU
+    from the same draws are the CPU's up to float rounding (scripts/gpu_check.sh runs this)."""
+    cuda = torch.device("cuda")
+    tensors = [torch.tensor([True, False]), torch.arange(5), torch.rand(3, 4), torch.rand(2, dtype=torch.float64)]
+    for t, m in zip(tensors, to_device(tensors, cuda)):
+        assert m.device.type == "cuda" and torch.equal(m.cpu(), t)
+    x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = SimCLRAugment(32)
+    cpu = aug(x, generator=step_generator(torch.device("cpu"), 0, 3))
+    gpu = aug(x.to(cuda), generator=step_generator(cuda, 0, 3))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
