@@ -4,7 +4,9 @@
     python benchmarks/gpu_benchmark.py --smoke    # CPU: tiny model and batch (what the tests run)
 
 The rows are benchmarks/throughput.py's pipelines on synthetic in-memory 224 px images (ours: the
-uint8 pool on the GPU, batched augmentation there; lightly: per-image PIL transforms in DataLoader
+pretraining stage's own step, ``engine.pretrain.contrastive_views`` and ``train_step``, with the
+uint8 pool on the GPU and batched augmentation there; lightly, when it is installed (the row is
+skipped with a note otherwise): per-image PIL transforms in DataLoader
 workers, pinned memory, non-blocking copies). For each row it reports images/s (two views each),
 the model FLOPs of one step counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward +
 backward of backbone, head and loss on pre-made views: the augmentation is not counted), the
@@ -31,6 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+from simclrv2.engine.device import fast_cuda_settings  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's H100 / H200 datasheets (the datasheets
 # print the 2:4-sparsity numbers; dense is half): SXM 1979 -> 989.4, NVL 1671 -> 835.5 (both cards),
@@ -216,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pool_size=max(a.batch_size, 64 if a.smoke else 1024),
     )
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes in the timed rows
-        torch.backends.cuda.matmul.allow_tf32 = True
+    fast_cuda_settings(device)  # as every stage runs on a GPU: cuDNN autotuning and TF32 matmuls
     info = tp.machine_info(device)
     name = info.get("gpu", info["cpu"])
     peak = a.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
@@ -236,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours = None
     t_start = time.perf_counter()
     wanted = [w.strip() for w in a.only.split(",") if w.strip()]
+    if "lightly" in wanted and not tp.lightly_available():  # an optional comparison, not a dependency
+        print("lightly is not installed, so its row is skipped; install it with: pip install lightly\n")
+        wanted.remove("lightly")
     # ours runs last, so no other pipeline's tensors sit in its peak memory (it stays for the search)
     for row in sorted(wanted, key=lambda r: r == "ours"):
         runner = builders[row]()

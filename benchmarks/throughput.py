@@ -5,12 +5,13 @@
 
 Three pipelines run in the same process on the same machine, one after the other, ``--rounds`` times:
 
-- ``ours``: what ``simclrv2.engine.pretrain`` does per step (``contrastive_loss`` inside its
-  step loop): a uint8 batch gathered from an in-memory tensor on the device, two views from
-  the batched ``SimCLRAugment`` (METHOD.md 5.1), ``ContrastiveStep`` (encoder + 3-layer head + online
-  probe on detached features) on the 2N batch, ``nt_xent`` (METHOD.md 3), backward, ``LARS`` over
-  ``param_groups`` (METHOD.md 4.1) with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag
-  and metric sums; no host sync.
+- ``ours``: ``simclrv2.engine.pretrain``'s own step functions, as its step loop calls them
+  (``contrastive_views`` then ``train_step``): a uint8 batch gathered by the stage's in-memory
+  ``BatchSource``, two views from the batched ``SimCLRAugment`` (METHOD.md 5.1),
+  ``ContrastiveStep`` (encoder + 3-layer head + online probe on detached features) on the 2N
+  batch, ``nt_xent`` (METHOD.md 3), backward, ``LARS`` over ``param_groups`` (METHOD.md 4.1) and
+  the probe's SGD, with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag and metric
+  sums; no host sync.
 - ``lightly``: the same backbone variant with lightly's ``SimCLRProjectionHead`` (3 layers, the same
   widths) and ``NTXentLoss``; lightly's own ``SimCLRTransform`` (PIL, per image, two views) in a
   ``DataLoader`` over PIL images with ``--workers`` worker processes, the two views through the
@@ -39,21 +40,28 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from simclrv2.config import PretrainConfig
 from simclrv2.data import SimCLRAugment
-from simclrv2.engine.device import autocast
+from simclrv2.engine.batches import BatchSource
+from simclrv2.engine.device import autocast, step_generator
 from simclrv2.engine.models import stem_overrides
-from simclrv2.engine.pretrain import ContrastiveStep
-from simclrv2.losses import nt_xent
+from simclrv2.engine.pretrain import (
+    ContrastiveStep,
+    OnlineProbe,
+    PretrainParts,
+    contrastive_views,
+    train_step,
+)
 from simclrv2.models import create_model
-from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr, set_lr
+from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
 
 PROBE_CLASSES = 10  # labels of the synthetic data, for the online probe (as with Fashion-MNIST)
 TEMPERATURE = 0.1  # PretrainConfig.temperature
@@ -124,11 +132,13 @@ def _maybe_compile(module: nn.Module, cfg: BenchConfig) -> nn.Module:
 
 
 class OursStep:
-    """Our pretraining step, as engine/pretrain.py's step loop runs it.
+    """Our pretraining step: ``simclrv2.engine.pretrain``'s own ``contrastive_views`` and
+    ``train_step`` (what its step loop calls), on the stage's parts.
 
-    ``views(step)`` is the data part (gather + two batched views), ``update(views, y, step)`` the
-    model part (forward, NT-Xent, probe, backward, LARS); ``self(step)`` runs both. ``timer``, when
-    set to a dict, collects per-phase seconds (with device syncs, so only for breakdowns).
+    ``views(step)`` is the data part (the in-memory ``BatchSource`` gather + two batched views),
+    ``update(views, y, step)`` the model part (forward, NT-Xent, probe, backward, LARS and the
+    probe's SGD); ``self(step)`` runs both. ``timer``, when set to a dict, collects per-phase
+    seconds (with device syncs, so only for breakdowns).
     """
 
     name = "ours"
@@ -136,18 +146,24 @@ class OursStep:
     def __init__(self, cfg: BenchConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         images = synthetic_images(cfg.pool_size, cfg.channels, cfg.image_size, cfg.seed)
-        self.images = images.to(device)  # the whole in-memory dataset on the device (BatchSource)
-        self.labels = torch.randint(0, PROBE_CLASSES, (cfg.pool_size,), generator=torch.Generator().manual_seed(1))
-        self.labels = self.labels.to(device)
+        labels = torch.randint(0, PROBE_CLASSES, (cfg.pool_size,), generator=torch.Generator().manual_seed(1))
+        # the whole in-memory dataset on the device, as the stage's BatchSource holds Fashion-MNIST
+        source = BatchSource(SimpleNamespace(images=images, labels=labels), device, num_workers=0)
+        self.stage_cfg = PretrainConfig(temperature=TEMPERATURE, precision=cfg.precision,
+                                        channels_last=cfg.channels_last, seed=cfg.seed)
         self.model = make_model(cfg, device)
         self.step_module = ContrastiveStep(self.model, PROBE_CLASSES, cfg.probe).to(device)
-        self.train_module = _maybe_compile(self.step_module, cfg)
         self.peak_lr = scaled_lr(BASE_LR, cfg.batch_size, "sqrt")
-        self.optimizer = build_optimizer("lars", self.step_module, self.peak_lr, WEIGHT_DECAY)
+        self.optimizer = build_optimizer("lars", self.model, self.peak_lr, WEIGHT_DECAY)  # as pretrain.run
         if cfg.lars_foreach is not None:
             for group in self.optimizer.param_groups:
                 group["foreach"] = cfg.lars_foreach
-        self.aug = SimCLRAugment(cfg.image_size)
+        probe = OnlineProbe(self.step_module.classifier) if self.step_module.classifier is not None else None
+        self.parts = PretrainParts(
+            self.model, self.step_module, _maybe_compile(self.step_module, cfg), self.optimizer, probe,
+            None, SimCLRAugment(cfg.image_size), source, None, cfg.image_size,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 need no scaling
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.sums: dict[str, torch.Tensor] = {}
         self.timer: dict[str, float] | None = None
@@ -170,46 +186,21 @@ class OursStep:
         n = batch or self.cfg.batch_size
         # engine.batches.batch_indices: a slice of a seeded permutation, gathered on the device
         perm = torch.randperm(self.cfg.pool_size, generator=torch.Generator().manual_seed(step))
-        idx = perm.repeat(-(-n // self.cfg.pool_size))[:n].to(self.device)
-        x, y = self.images[idx], self.labels[idx]
-        # A CPU generator: SimCLRAugment draws its parameters on the CPU (same views on CPU and GPU).
-        # (engine/pretrain.py passes step_generator(device, ...), a CUDA generator on a GPU, which
-        # sample_params rejects.)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 7919)
-        # fp32 augmentation even in a bf16 run: under autocast the blur's conv2d returns bf16 and
-        # the in-place `out[idx] = blurred` into the fp32 batch fails (engine/pretrain.py computes
-        # the loss, augmentation included, under autocast, and so augments through device.augment).
-        with torch.autocast(self.device.type, enabled=False):
-            views = torch.cat([self.aug(x, generator=g), self.aug(x, generator=g)])  # (2N, C, S, S)
-        if self.cfg.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
+        x, y = self.parts.source.get(perm.repeat(-(-n // self.cfg.pool_size))[:n])
+        g = step_generator(self.device, self.cfg.seed, step)
+        views = contrastive_views(self.stage_cfg, self.parts, x, g)
         self._mark("augment", t0)
         return views, y
 
     def update(self, views: torch.Tensor, y: torch.Tensor, step: int) -> None:
         t0 = time.perf_counter()
-        self.step_module.train()
-        set_lr(self.optimizer, lr_at(step, 100 * (self.cfg.steps + self.cfg.warmup), 10, self.peak_lr))
-        with autocast(self.device, self.cfg.precision):
-            _, z, logits = self.train_module(views)
-            z1, z2 = z.float().chunk(2)
-            loss, stats = nt_xent(z1, z2, TEMPERATURE)
-            if logits is not None:
-                targets = y.repeat(2)
-                probe_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
-                stats = dict(stats, probe_loss=probe_loss.detach(),
-                             probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
-                loss = loss + probe_loss
-        t0 = self._mark("forward+loss", t0)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t0 = self._mark("backward", t0)
-        self.optimizer.step()
+        lr = lr_at(step, 100 * (self.cfg.steps + self.cfg.warmup), 10, self.peak_lr)
+        loss, stats = train_step(self.stage_cfg, self.parts, views, y, lr, self.scaler)
         # engine/metrics.TrainLog: the finite flag and metric sums stay on the device between log lines
         self.finite &= torch.isfinite(loss.detach())
         for k, v in dict(stats, loss=loss.detach()).items():
             self.sums[k] = self.sums.get(k, 0) + v.float()
-        self._mark("optimizer", t0)
+        self._mark("step", t0)
 
     def __call__(self, step: int) -> None:
         views, y = self.views(step)

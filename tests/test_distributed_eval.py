@@ -16,6 +16,7 @@ test set (21 images: shares of 11 and 10) and a frozen tiny model:
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, l
 from simclrv2.data.datasets import load_dataset
 from simclrv2.engine import probe, supervised
 from simclrv2.engine.batches import BatchSource
-from simclrv2.engine.evaluate import evaluate_classifier, extract
+from simclrv2.engine.evaluate import evaluate_classifier, extract, knn_predict, knn_predict_sharded
 from simclrv2.engine.models import load_model
 
 WORLD = 2
@@ -76,6 +77,9 @@ def evaluations(data_dir: Path, pretrained: Path, out: Path, monkeypatch: pytest
     for name in ("_linear_sgd", "train_linear_on_features"):
         real = getattr(probe, name)
         monkeypatch.setattr(probe, name, lambda *a, real=real, **k: (heads.append(1), real(*a, **k))[1])
+    banks = []  # kNN bank rows this process held
+    real_knn = probe.knn_predict_sharded
+    monkeypatch.setattr(probe, "knn_predict_sharded", lambda *a, **k: (banks.append(len(a[0])), real_knn(*a, **k))[1])
     evals = {
         "knn": (probe.run_knn_eval, KnnEvalConfig, ["k=5", "label_fraction=1.0"]),
         "cached": (probe.run_linear_eval, LinearEvalConfig, ["method=cached", "epochs=3", "label_fraction=1.0"]),
@@ -90,6 +94,7 @@ def evaluations(data_dir: Path, pretrained: Path, out: Path, monkeypatch: pytest
     metrics = supervised.run(cfg)
     res["supervised"] = {k: metrics[k] for k in METRIC_KEYS}
     res["heads_trained"] = len(heads)
+    res["bank_rows"] = banks
     return res
 
 
@@ -122,6 +127,8 @@ def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypat
     # each rank ran the model on its share only, and only rank 0 trained linear heads
     assert [res["images_run"] for res in ranks] == [11, 10] and single["images_run"] == N_TEST
     assert [res["heads_trained"] for res in ranks] == [2, 0] and single["heads_trained"] == 2
+    # knn-eval: each rank held its half of the 64-image bank, not all of it (issue 30, defect 8)
+    assert [res["bank_rows"] for res in ranks] == [[32], [32]] and single["bank_rows"] == [N_TRAIN]
 
     # naive reference: each test image alone through the model, in the order asked for
     model, _ = load_model(str(pretrained), torch.device("cpu"))
@@ -187,3 +194,49 @@ def test_run_on_main_waits_past_the_group_timeout_and_passes_errors_on(tmp_path)
     assert ranks[0]["error"] == "ValueError: no labelled images"
     assert ranks[1]["error"] == "RuntimeError: rank 0 stopped: ValueError: no labelled images"
     assert sdist.run_on_main(lambda: 7) == 7  # one process: the work, here
+
+
+def knn_worker(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD)
+    bank, bank_y, queries = knn_problem()
+    share = sdist.shard_range(len(bank))  # 19 rows: 10 and 9
+    res = {k: knn_predict_sharded(bank[share.start : share.stop], bank_y[share.start : share.stop], queries, 4,
+                                  k=k, temperature=0.1, chunk=5) for k in (3, 15, 100)}
+    sdist.cleanup_distributed()
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+def knn_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(19, 6, generator=g), torch.randint(0, 4, (19,), generator=g), torch.randn(11, 6, generator=g)
+
+
+def naive_knn_scores(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor, k: int,
+                     temperature: float = 0.1, classes: int = 4) -> torch.Tensor:
+    """One query at a time in float64: cosine similarity to every bank row, the k best vote with
+    weight exp(sim / T)."""
+    out = torch.zeros(len(queries), classes, dtype=torch.float64)
+    for i, q in enumerate(queries.double()):
+        sims = sorted(((float(q @ b) / float(q.norm() * b.norm()), int(y)) for b, y in zip(bank.double(), bank_y)),
+                      reverse=True)
+        for sim, y in sims[:k]:
+            out[i, y] += math.exp(sim / temperature)
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_knn_over_a_sharded_bank_scores_as_one_process(tmp_path):
+    """Two gloo ranks, each with its share of a 19-row bank (10 and 9), score every query as a
+    one-process kNN over the whole bank does: k below a share, above a share (the other rank's
+    candidates fill in), and above the whole bank."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(knn_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
+    bank, bank_y, queries = knn_problem()
+    for rank in range(WORLD):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for k, scores in res.items():
+            expected = naive_knn_scores(bank, bank_y, queries, k)
+            torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(knn_predict(bank, bank_y, queries, 4, k, 0.1).double(), expected,
+                                       rtol=1e-5, atol=1e-6)

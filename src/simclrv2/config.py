@@ -59,7 +59,7 @@ class CommonConfig:
     run_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on GPU, with a gradient scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on GPU, with a gradient scaler) | auto (pretraining: bf16 where measured faster)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader workers for data that is not held in memory
@@ -423,7 +423,13 @@ def validate(cfg: Any) -> None:
          f"stem must be auto, cifar, small or imagenet, got '{cfg.stem}'")
     need(cfg.progress in (True, False, "auto"), f"progress must be auto, true or false, got '{cfg.progress}'")
     need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
-    need(cfg.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got '{cfg.precision}'")
+    if isinstance(cfg, PretrainConfig):  # auto: measured at the start of the run (engine.device.choose_precision)
+        need(cfg.precision in ("fp32", "bf16", "fp16", "auto"),
+             f"precision must be fp32, bf16, fp16 or auto, got '{cfg.precision}'")
+    else:
+        need(cfg.precision in ("fp32", "bf16", "fp16"),
+             f"precision must be fp32, bf16 or fp16, got '{cfg.precision}' (auto is for pretraining only: "
+             "pretrain.precision=auto)")
     if isinstance(cfg, LabelConfig) and not cfg.label_list:
         need(
             0.0 < cfg.label_fraction <= 1.0,

@@ -154,7 +154,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where tensors for a collective must live: the bound GPU under NCCL, the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -178,7 +178,7 @@ def gather_rows(x: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
-    device = _collective_device()
+    device = collective_device()
     counts = all_gather(torch.tensor([len(x)], device=device)).tolist()  # rows per rank
     parts: list[list[torch.Tensor]] = [[] for _ in counts]
     for start in range(0, max(counts), chunk_rows):

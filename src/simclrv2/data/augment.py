@@ -35,7 +35,10 @@ Deviations from the TF reference, on purpose:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,7 @@ __all__ = [
     "blur_kernel_size",
     "gaussian_blur",
     "rgb_to_grayscale",
+    "to_device",
     "to_float",
     "torchvision_simclr_transform",
 ]
@@ -67,6 +71,38 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"expected uint8 or float images, got {x.dtype}")
     return x.to(torch.float32)
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``[t.to(device) for t in tensors]`` in one host-to-device copy.
+
+    A batch's augmentation parameters and indices are a few dozen small CPU tensors; moved one at
+    a time, each is a blocking copy (about 75 a pretraining step on a GPU, issue 30). Their bytes
+    are packed into one buffer instead, pinned on CUDA so that the copy is asynchronous, and viewed
+    back as the original dtypes and shapes on the device. For the CPU (and when none of them is on
+    the host) it is ``t.to(device)`` each, which returns a tensor already there as it is.
+    """
+    if device.type == "cpu" or not any(t.device.type == "cpu" for t in tensors):
+        return [t.to(device) for t in tensors]
+    return _packed_copy(tensors, device)
+
+
+def _packed_copy(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """:func:`to_device` without its shortcut: CPU tensors, one buffer, one copy."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    starts, total = [], 0
+    for b in flat:
+        total += -total % 8  # 8-byte aligned, so each part can be viewed back as int64 / float64
+        starts.append(total)
+        total += b.numel()
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for start, b in zip(starts, flat):
+        buf[start : start + b.numel()] = b  # a device tensor among them would be copied back: pass CPU ones
+    moved = buf.to(device, non_blocking=True)
+    return [
+        moved[start : start + b.numel()].view(t.dtype).view(t.shape)
+        for start, b, t in zip(starts, flat, tensors)
+    ]
 
 
 def _check_batch(x: torch.Tensor) -> None:
@@ -130,7 +166,7 @@ def adjust_hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     # Hue sector by which channel holds the maximum (r wins ties, then g), in sixths of a turn.
     h6 = torch.where(v == r, (g - b) * inv, torch.where(v == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
     h6 = h6 + 6.0 * delta.view(-1, 1, 1).to(h6)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: no copy
     k = (n + h6.unsqueeze(1)).remainder_(6.0)  # (M, 3, H, W)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (v.unsqueeze(1) - chroma.unsqueeze(1) * w).clamp_(0.0, 1.0)
@@ -140,8 +176,14 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """TF ``rgb_to_grayscale`` weights, repeated to 3 identical channels. No-op for 1 channel."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor([0.2989, 0.5870, 0.1140], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = _gray_weights(x.device, x.dtype)
     return (x * w).sum(dim=1, keepdim=True).expand_as(x).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _gray_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 3, 1, 1) ITU-R 601 weights, copied to each device once (not once a batch)."""
+    return torch.tensor([0.2989, 0.5870, 0.1140], dtype=dtype).view(1, 3, 1, 1).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,48 +400,56 @@ class SimCLRAugment(nn.Module):
         geometry.
         """
         _check_batch(x)
-        dev = x.device
+        channels = x.shape[1]
+        # Every index and factor is picked on the CPU first, then all of them move in one copy
+        # (:func:`to_device`): the batch ops below then run on the device without waiting on the host.
+        jitter = self._jitter_plan(params, channels)  # [(op, image indices, their factors)]
+        gray = torch.nonzero(params["gray"]).squeeze(1) if channels == 3 else torch.zeros(0, dtype=torch.int64)
+        k = blur_kernel_size(self.image_size)
+        blur_idx = torch.nonzero(params["blur"]).squeeze(1) if k > 1 else torch.zeros(0, dtype=torch.int64)
+        host = [params["crop"], params["flip"], gray, blur_idx, params["sigma"][blur_idx]]
+        host += [t for _, idx, factor in jitter for t in (idx, factor)]
+        crop, flip, gray, blur_idx, sigma, *rest = to_device(host, x.device)
         if cropped:
             if x.shape[2] != self.image_size or x.shape[3] != self.image_size:
                 raise ValueError(f"cropped views must be {self.image_size} px, got {tuple(x.shape[2:])}")
             out = to_float(x)
-            flip = _per_sample(params["flip"].to(dev))
-            out = torch.where(flip, out.flip(3), out)
+            out = torch.where(_per_sample(flip), out.flip(3), out)
         else:
-            out = _crop_resize_flip(
-                to_float(x), params["crop"], params["flip"], self.image_size, self.interpolation
-            )
-
-        # Colour jitter in a per-image random order: at each of the 4 positions, every op runs once on
-        # the images that have it there. Same total work as a fixed order; 16 small gathers/scatters.
-        jitter = params["jitter"]
-        if bool(jitter.any()):
-            ops = (
-                (adjust_brightness, params["brightness"]),
-                (adjust_contrast, params["contrast"]),
-                (adjust_saturation, params["saturation"]),
-                (adjust_hue, params["hue"]),
-            )
-            for pos in range(4):
-                for op_id, (op, factor) in enumerate(ops):
-                    if out.shape[1] == 1 and op_id in (SATURATION, HUE):
-                        continue  # no colour to change
-                    idx = torch.nonzero(jitter & (params["order"][:, pos] == op_id)).squeeze(1)  # CPU
-                    if idx.numel():
-                        idx_d = idx.to(dev)
-                        out[idx_d] = op(out[idx_d], factor[idx].to(dev))
-
-        gray = torch.nonzero(params["gray"]).squeeze(1)
-        if gray.numel() and out.shape[1] == 3:
-            g = gray.to(dev)
-            out[g] = rgb_to_grayscale(out[g])
-
-        k = blur_kernel_size(self.image_size)
-        blur_idx = torch.nonzero(params["blur"]).squeeze(1)
-        if blur_idx.numel() and k > 1:
-            b = blur_idx.to(dev)
-            out[b] = gaussian_blur(out[b], params["sigma"][blur_idx].to(dev), k)
+            out = _crop_resize_flip(to_float(x), crop, flip, self.image_size, self.interpolation)
+        for (op, _, _), idx, factor in zip(jitter, rest[0::2], rest[1::2]):
+            out[idx] = op(out[idx], factor)
+        if gray.numel():
+            out[gray] = rgb_to_grayscale(out[gray])
+        if blur_idx.numel():
+            out[blur_idx] = gaussian_blur(out[blur_idx], sigma, k)
         return out
+
+    def _jitter_plan(self, params: dict[str, torch.Tensor], channels: int) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
+        """Colour jitter in a per-image random order, as CPU work: at each of the 4 positions, every
+        op runs once on the images that have it there (same total work as a fixed order).
+
+        Returns ``(op, image indices, their factors)`` in the order they run; ops that would touch no
+        image, and saturation and hue on one channel (no colour to change), are left out.
+        """
+        jitter = params["jitter"]
+        if not bool(jitter.any()):
+            return []
+        ops = (
+            (adjust_brightness, params["brightness"]),
+            (adjust_contrast, params["contrast"]),
+            (adjust_saturation, params["saturation"]),
+            (adjust_hue, params["hue"]),
+        )
+        plan = []
+        for pos in range(4):
+            for op_id, (op, factor) in enumerate(ops):
+                if channels == 1 and op_id in (SATURATION, HUE):
+                    continue
+                idx = torch.nonzero(jitter & (params["order"][:, pos] == op_id)).squeeze(1)
+                if idx.numel():
+                    plan.append((op, idx, factor[idx]))
+        return plan
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 cropped: bool = False) -> torch.Tensor:

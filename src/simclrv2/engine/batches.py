@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import distributed as dist
+from ..data.augment import to_device
 from ..data.datasets import ImageDataset, ImageFolderDataset, load_dataset
 from ..data.decode import CropSpec, ViewDataset, usable_cores
 from ..optim import Schedule, scaled_lr
@@ -115,14 +116,17 @@ class BatchSource:
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored images of ``idx`` (an image folder's: decoded at its stored size) and labels."""
         if self.images is not None:
-            idx = idx.to(self.device)
+            idx = self._indices(idx)
             return self.images[idx], self.labels[idx]
         items = [self.dataset[int(i)] for i in idx]  # (image, label, index used: a bad file's replacement)
         x = torch.stack([it[0] for it in items])
         used = torch.tensor([it[2] for it in items], dtype=torch.int64)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), self.labels[used.to(self.device)]
+        x, used = to_device([x, used], self.device)
+        return x, self.labels[used]
+
+    def _indices(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` on the device: one copy, asynchronous from pinned memory on a GPU."""
+        return to_device([idx], self.device)[0]
 
     def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec, views: int = 1,
                       seed: int = 0, targets: torch.Tensor | None = None,
@@ -138,8 +142,8 @@ class BatchSource:
         labels = self.labels if targets is None else targets.to(self.device)
         if not self.streams:
             for _, idx in batches:
-                x, _ = self.get(idx)
-                yield x, labels[idx.to(self.device)]
+                idx = self._indices(idx)  # once, not once for the images and again for the labels
+                yield self.images[idx], labels[idx]
             return
         data = ViewDataset(self.dataset, crop.size, crop, views, seed)
         yield from self._stream(data, ([(int(i), step) for i in idx] for step, idx in batches), labels)
@@ -164,8 +168,10 @@ class BatchSource:
         for x, used, asked in loader:  # x (N, views, C, S, S); used: the index read (a bad file's replacement)
             if not torch.equal(used, asked):
                 self.replaced.update(asked[used != asked].tolist())
-            x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
-            yield x.to(self.device, non_blocking=True), labels[used.to(self.device)]
+            # copy first, then reorder on the device: reshaping on the host would make an unpinned
+            # copy, and the copy from it a blocking one
+            x, used = x.to(self.device, non_blocking=True), used.to(self.device, non_blocking=True)
+            yield x.transpose(0, 1).reshape(-1, *x.shape[2:]), labels[used]
 
 
 class _Batches:

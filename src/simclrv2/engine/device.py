@@ -8,17 +8,21 @@ Resuming therefore needs no RNG state and reproduces an uninterrupted run bit fo
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import distributed as dist
-from .runfolder import RunError
+from .runfolder import RunError, write_json
 
 # The NVIDIA driver's control node: present where a driver is loaded, whether or not torch can use it.
 NVIDIA_CONTROL_NODE = Path("/dev/nvidiactl")
@@ -39,7 +43,25 @@ def resolve_device(name: str) -> torch.device:
             _warn_if_gpus_expected()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device '{name}' was asked for but CUDA is not available; use device=cpu")
-    return dist.setup_distributed(name)
+    device = dist.setup_distributed(name)
+    fast_cuda_settings(device)
+    return device
+
+
+def fast_cuda_settings(device: torch.device) -> None:
+    """On a GPU: cuDNN autotuning (``cudnn.benchmark``) and TF32 matmuls and convolutions.
+
+    A training step's shapes are fixed, so cuDNN's search for the fastest convolution algorithm
+    pays for itself after the first step. TF32 keeps fp32's range with a 10-bit mantissa on
+    Ampere and later cards (what ``torch.set_float32_matmul_precision("high")`` selects); it only
+    changes fp32 runs (bf16 and fp16 autocast do not use it), and fp32 GPU results were never
+    bitwise those of the CPU. Nothing changes on the CPU.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # = torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def _gpu_hint() -> str | None:
@@ -105,3 +127,66 @@ def seed_everything(seed: int) -> None:
     """Seed torch's and numpy's global generators (model initialisation draws from them)."""
     torch.manual_seed(seed + dist.rank())
     np.random.seed(seed + dist.rank())
+
+
+# precision=auto takes bf16 only when it is at least this much faster: the measurement's own spread
+# on a loaded machine is a few percent, and bf16 costs accuracy headroom for nothing below that.
+BF16_SPEEDUP_NEEDED = 1.10
+AUTO_TIMED_STEPS = 3  # after one warm-up step each; the fastest counts (as budget.TIMED_STEPS)
+
+
+def choose_precision(asked: str, run_dir: Path, module: nn.Module, views_shape: tuple[int, ...],
+                     device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """The precision a run trains in, and why: ``{"precision", "reason", ...measurements}``.
+
+    ``asked`` other than ``auto`` is taken as it is. ``auto`` times forward + backward of a copy of
+    ``module`` (the model and its heads; the run's own weights and batch-norm statistics are not
+    touched) on random views of ``views_shape`` in fp32 and in bf16 autocast, and takes bf16 when it
+    is at least ``BF16_SPEEDUP_NEEDED`` times faster. Rank 0 measures and every process takes its
+    answer; the choice is kept in ``<run_dir>/precision.json``, so a resumed run trains on in the
+    precision it started in.
+    """
+    if asked != "auto":
+        return {"precision": asked, "reason": "precision set in the config"}
+    path = run_dir / "precision.json"
+    rec = None
+    if dist.is_main():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            rec = _measure_precision(module, views_shape, device, channels_last)
+            write_json(path, rec)
+        print(f"precision=auto: {rec['precision']} ({rec['reason']})", flush=True)
+    return dist.broadcast_object(rec)
+
+
+def _measure_precision(module: nn.Module, views_shape: tuple[int, ...], device: torch.device,
+                       channels_last: bool) -> dict[str, Any]:
+    trial = copy.deepcopy(module).train()
+    views = torch.rand(views_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    rate = {prec: _views_per_s(trial, views, device, prec) for prec in ("fp32", "bf16")}
+    speedup = rate["bf16"] / rate["fp32"]
+    chosen = "bf16" if speedup >= BF16_SPEEDUP_NEEDED else "fp32"
+    reason = (f"measured on {device.type}: bf16 {rate['bf16']:.0f} views/s, fp32 {rate['fp32']:.0f} views/s, "
+              f"{speedup:.2f}x; bf16 needs >= {BF16_SPEEDUP_NEEDED:.2f}x")
+    return {"precision": chosen, "reason": reason, "fp32_views_per_s": round(rate["fp32"], 1),
+            "bf16_views_per_s": round(rate["bf16"], 1), "bf16_speedup": round(speedup, 3),
+            "device": str(device), "views": list(views_shape)}
+
+
+def _views_per_s(module: nn.Module, views: torch.Tensor, device: torch.device, precision: str) -> float:
+    """Views per second of forward + backward, the fastest of ``AUTO_TIMED_STEPS`` after a warm-up."""
+    best = float("inf")
+    for i in range(1 + AUTO_TIMED_STEPS):
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            out = module(views)
+        out[1].float().square().mean().backward()  # (features, z, probe logits): z, as NT-Xent would
+        module.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return len(views) / best

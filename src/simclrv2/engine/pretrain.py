@@ -7,6 +7,7 @@ and a kNN monitor on the validation split show progress without shaping the repr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
-from .device import augment, autocast, resolve_device, seed_everything, step_generator
-from .evaluate import extract, knn_monitor_indices, knn_predict
+from .device import augment, autocast, choose_precision, resolve_device, seed_everything, step_generator
+from .evaluate import extract, knn_monitor_indices, knn_predict_sharded
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir, write_json
@@ -51,6 +52,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         train_module = torch.compile(train_module)
     pool = training_pool(cfg, ds)  # never the validation split
     plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    views_shape = (2 * plan.local_batch, ds.channels, size, size)
+    precision = choose_precision(cfg.precision, run_dir, step_module, views_shape, device, cfg.channels_last)
+    cfg = dataclasses.replace(cfg, precision=precision["precision"])  # auto -> what was chosen; config.yaml keeps auto
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
     probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
@@ -62,18 +66,19 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         if cfg.memory.enabled else None
     )
     monitor = KnnMonitor.make(cfg, ds, source, pool, device) if cfg.knn_every > 0 and labelled else None
-    parts = _Parts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
+    parts = PretrainParts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
     meta = model_meta(model, ds, image_size=size)
     last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
     summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
-               "global_batch": plan.global_batch, **last}
+               "global_batch": plan.global_batch, "precision": precision["precision"],
+               "precision_reason": precision["reason"], **last}
     write_json(run_dir / "summary.json", summary)
     dist.barrier()
     return summary
 
 
 @dataclass
-class _Parts:
+class PretrainParts:
     """What one pretraining step touches, built by :func:`run`."""
 
     model: nn.Module  # the encoder + head, unwrapped: the checkpoint's weights
@@ -88,33 +93,21 @@ class _Parts:
     size: int  # training resolution
 
 
-def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
+def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
            schedule: Schedule, meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``."""
     # fp16: the loss is scaled before backward and each optimizer steps through the scaler, which
     # unscales its gradients (skipping the step on inf/NaN); disabled, the scaler is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
     checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
     start = checkpointer.resume()
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
     for step, (x, y) in zip(range(start, plan.total_steps), batches):
-        p.step_module.train()
         lr = schedule(step)
-        set_lr(p.optimizer, lr)
-        with autocast(device, cfg.precision):
-            loss, stats, keys = contrastive_loss(cfg, p, x, y, step_generator(device, cfg.seed, step))
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
-        if p.memory is not None:
-            p.memory.update_ema(p.model)
-            p.memory.enqueue(keys)
+        views = contrastive_views(cfg, p, x, step_generator(device, cfg.seed, step))
+        loss, stats = train_step(cfg, p, views, y, lr, scaler)
         log.add(loss, stats)
         done = step + 1
         if log.due(done, checkpointer.due(done)):
@@ -128,9 +121,32 @@ def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, pl
     return last
 
 
-def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """(loss, statistics, the memory's keys of this batch) for one batch of images ``x``.
+def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor, lr: float,
+               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on a batch's views (:func:`contrastive_views`): the step loop's body.
+
+    Returns the loss and its statistics, still on the device (the loop syncs only to log).
+    benchmarks/throughput.py and gpu_benchmark.py time this function, not a copy of it.
+    """
+    p.step_module.train()
+    set_lr(p.optimizer, lr)
+    with autocast(views.device, cfg.precision):
+        loss, stats, keys = contrastive_loss(cfg, p, views, y)
+    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
+    if p.memory is not None:
+        p.memory.update_ema(p.model)
+        p.memory.enqueue(keys)
+    return loss, stats
+
+
+def contrastive_views(cfg: PretrainConfig, p: PretrainParts, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(2N, C, S, S) float32 views of one batch, view 1 then view 2.
 
     ``x`` is (N, C, H, W) stored images, of which two independent views are made here, or, from a
     streaming source, (2N, C, S, S) crops already cut in the workers, view 1 then view 2.
@@ -138,9 +154,15 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
     if p.source.streams:
         views = augment(p.aug, x, g, cropped=True)
     else:
-        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
+        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])
     if cfg.channels_last:
         views = views.contiguous(memory_format=torch.channels_last)
+    return views
+
+
+def contrastive_loss(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """(loss, statistics, the memory's keys of this batch) for one batch's ``views`` and labels ``y``."""
     _, z, logits = p.train_module(views)
     z1, z2 = z.float().chunk(2)
     negatives = p.memory.negatives() if p.memory is not None else None
@@ -203,9 +225,10 @@ class KnnMonitor:
         if epoch % self.cfg.knn_every != 0 and not last:
             return {}
         cfg = self.cfg
-        train_f, train_y = extract(model, *self.bank, self.size, precision=cfg.precision)
+        # each rank keeps its share of the bank (evaluate.knn_predict_sharded)
+        train_f, train_y = extract(model, *self.bank, self.size, precision=cfg.precision, gather=False)
         test_f, test_y = extract(model, *self.queries, self.size, precision=cfg.precision)
-        scores = knn_predict(train_f, train_y, test_f, self.num_classes, cfg.knn_k, cfg.knn_temperature)
+        scores = knn_predict_sharded(train_f, train_y, test_f, self.num_classes, cfg.knn_k, cfg.knn_temperature)
         return {"knn_top1": round(100.0 * (scores.argmax(1) == test_y).float().mean().item(), 3)}
 
 
@@ -224,11 +247,17 @@ class ContrastiveStep(nn.Module):
         self.classifier = nn.Linear(model.backbone.feature_dim, num_classes) if probe else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        feats, z = self.model.contrastive(x)
-        logits = None
-        if self.classifier is not None:
-            f = feats.detach().float()
-            logits = self.classifier((f - f.mean(0)) / (f.std(0) + 1e-5))  # scale-free input for a fixed LR
+        feats = self.model.features(x)  # under the step's autocast: bf16 / fp16 where asked for
+        # The head and the probe in fp32 (model.contrastive's head, without autocast): their matmuls
+        # are small, and the casts around them cost more than bf16 saves (issue 30: in bf16 on a
+        # CPU our step took 1.74x the backbone's time, 1.36x with the head in fp32). In an fp32 run
+        # these are the same ops as before.
+        with torch.autocast(x.device.type, enabled=False):
+            z = self.model.proj_head(feats.float())[-1]
+            logits = None
+            if self.classifier is not None:
+                f = feats.detach().float()
+                logits = self.classifier((f - f.mean(0)) / (f.std(0) + 1e-5))  # scale-free input for a fixed LR
         return feats, z, logits
 
 

@@ -6,7 +6,14 @@ crop-and-flip views computed under ``torch.no_grad`` (``method=sgd``, SGD-Nester
 
 Under torchrun, features are extracted sharded across ranks (:func:`evaluate.extract`); the head
 is trained on rank 0 alone and broadcast, so every rank reports rank 0's numbers, which equal a
-one-process run's.
+one-process run's. The kNN bank stays sharded: each rank holds its share and the neighbours are
+merged across ranks (:func:`evaluate.knn_predict_sharded`).
+
+Limits at ImageNet scale (issue 30): ``method=sgd`` runs the frozen encoder over every step's views
+on rank 0 alone (90 epochs of ImageNet on one GPU); the other ranks wait in a gloo group of their
+own (:func:`distributed.run_on_main`, a one-day limit), not in the NCCL group, so no collective
+times out, but they do no work. Prefer ``method=cached`` there: the features are extracted sharded
+once, and the head trains on them in minutes (rank 0 then holds the labelled set's features).
 """
 
 from __future__ import annotations
@@ -28,7 +35,13 @@ from ..data.augment import CropFlipAugment
 from ..optim import Schedule, scaled_lr, set_lr
 from .batches import crop_spec, image_size_of, open_split
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
-from .evaluate import classification_metrics, extract, knn_predict, train_linear_on_features, write_eval
+from .evaluate import (
+    classification_metrics,
+    extract,
+    knn_predict_sharded,
+    train_linear_on_features,
+    write_eval,
+)
 from .labels import labelled_subset, selection_metrics
 from .models import load_model
 from .runfolder import RunError, prepare_run_dir
@@ -55,17 +68,20 @@ def shared_features() -> Iterator[None]:
 
 
 def _features(cfg: Any, model: nn.Module, source: Any, split: str, idx: torch.Tensor, size: int,
-              out: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``extract`` over ``idx``, through the :func:`shared_features` cache when one is open."""
+              out: str, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract`` over ``idx``, through the :func:`shared_features` cache when one is open.
+    ``gather=False``: this rank's share only (the same thing in one process)."""
+    gather = gather or dist.world_size() == 1
+
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        return extract(model, source, idx, size, cfg.batch_size, out, cfg.precision)
+        return extract(model, source, idx, size, cfg.batch_size, out, cfg.precision, gather=gather)
 
     if _SHARED is None:
         return run()
     weights = ckpt.model_weights_file(cfg.checkpoint).resolve()
     stat = weights.stat()
     key = (str(weights), stat.st_size, stat.st_mtime_ns, cfg.dataset, str(cfg.data_dir), split, out, size,
-           cfg.precision, hashlib.sha1(idx.numpy().tobytes()).hexdigest())
+           cfg.precision, hashlib.sha1(idx.numpy().tobytes()).hexdigest(), gather)
     if key not in _SHARED:
         _SHARED[key] = run()
     return _SHARED[key]
@@ -187,9 +203,10 @@ def run_knn_eval(cfg: KnnEvalConfig) -> dict[str, Any]:
     test_ds, test_source, test_idx, test_split = _eval_set(cfg, ds, source, device)
     size = image_size_of(cfg, ds)
     train_idx = torch.from_numpy(labelled_subset(cfg, ds, source, size, run_dir))
-    train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, "features")
+    # each rank keeps its share of the bank (ImageNet's is 10 GB); the queries are on every rank
+    train_x, train_y = _features(cfg, model, source, cfg.train_split, train_idx, size, "features", gather=False)
     test_x, test_y = _features(cfg, model, test_source, test_split, test_idx, size, "features")
-    scores = knn_predict(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
+    scores = knn_predict_sharded(train_x, train_y, test_x, test_ds.num_classes, cfg.k, cfg.temperature)
     metrics = classification_metrics(scores, test_y, test_ds.num_classes)
     metrics.update(stage="knn-eval", model=model.name, k=cfg.k, temperature=cfg.temperature,
                    label_fraction=cfg.label_fraction, labelled_images=len(train_idx),
