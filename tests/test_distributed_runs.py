@@ -87,7 +87,7 @@ def _probe_worker(rank: int) -> dict[str, Any]:
     from simclrv2.data.augment import SimCLRAugment
     from simclrv2.engine.device import augment
     from simclrv2.engine.models import distribute
-    from simclrv2.engine.pretrain import ContrastiveStep, _Parts, contrastive_loss
+    from simclrv2.engine.pretrain import ContrastiveStep, PretrainParts, contrastive_loss, contrastive_views
     from simclrv2.models import create_model
 
     device = sdist.setup_distributed("cpu")
@@ -96,14 +96,14 @@ def _probe_worker(rank: int) -> dict[str, Any]:
     step_module = ContrastiveStep(model, 3, probe=True)
     train_module = distribute(step_module, device, global_bn=False)
     aug = SimCLRAugment(16)
-    parts = _Parts(model, step_module, train_module, None, None, None, aug,  # type: ignore[arg-type]
+    parts = PretrainParts(model, step_module, train_module, None, None, None, aug,  # type: ignore[arg-type]
                    SimpleNamespace(streams=False), None, 16)  # type: ignore[arg-type]
     cfg = SimpleNamespace(channels_last=False, temperature=0.5, loss_directions="sum")
     x = torch.randint(0, 256, (4, 1, 16, 16), generator=torch.Generator().manual_seed(10 + rank), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 1]) if rank == 0 else torch.full((4,), -1)  # rank 1: nothing labelled
     g = torch.Generator().manual_seed(rank)
     g_ref = torch.Generator().set_state(g.get_state())
-    loss, stats, _ = contrastive_loss(cfg, parts, x, y, g)  # type: ignore[arg-type]
+    loss, stats, _ = contrastive_loss(cfg, parts, contrastive_views(cfg, parts, x, g), y)  # type: ignore[arg-type]
     loss.backward()  # DDP all-reduces the probe's gradients with the other rank's
     # This rank's own probe gradient, outside DDP: the same views, features and labels.
     views = torch.cat([augment(aug, x, g_ref), augment(aug, x, g_ref)])
