@@ -22,6 +22,7 @@ from ..data.datasets import ImageDataset
 from ..losses import nt_xent
 from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr
+from . import gradcache
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
@@ -104,11 +105,15 @@ def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, pl
         p.step_module.train()
         lr = schedule(step)
         set_lr(p.optimizer, lr)
-        with autocast(device, cfg.precision):
-            loss, stats, keys = contrastive_loss(cfg, p, x, y, step_generator(device, cfg.seed, step))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        g = step_generator(device, cfg.seed, step)
+        if cfg.chunk_size > 0:  # forward and backward through the gradient cache
+            loss, stats, keys = chunked_contrastive_step(cfg, p, x, y, g, scaler, device)
+        else:
+            with autocast(device, cfg.precision):
+                loss, stats, keys = contrastive_loss(cfg, p, x, y, g)
+            scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
@@ -135,12 +140,7 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
     ``x`` is (N, C, H, W) stored images, of which two independent views are made here, or, from a
     streaming source, (2N, C, S, S) crops already cut in the workers, view 1 then view 2.
     """
-    if p.source.streams:
-        views = augment(p.aug, x, g, cropped=True)
-    else:
-        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])  # (2N, C, S, S), fp32 outside autocast
-    if cfg.channels_last:
-        views = views.contiguous(memory_format=torch.channels_last)
+    views = two_views(cfg, p, x, g)
     _, z, logits = p.train_module(views)
     z1, z2 = z.float().chunk(2)
     negatives = p.memory.negatives() if p.memory is not None else None
@@ -153,6 +153,87 @@ def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.T
                      probe_acc=(logits.argmax(1) == targets).float().mean() * 100)
         loss = loss + probe_loss
     return loss, stats, keys
+
+
+def two_views(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``(2N, C, S, S)`` float32 views of a step, view 1 of every image then view 2 (see
+    :func:`contrastive_loss` for ``x``); augmented in float32 even under autocast."""
+    if p.source.streams:
+        views = augment(p.aug, x, g, cropped=True)
+    else:
+        views = torch.cat([augment(p.aug, x, g), augment(p.aug, x, g)])
+    if cfg.channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    return views
+
+
+def chunked_contrastive_step(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor,
+                             g: torch.Generator, scaler: torch.amp.GradScaler, device: torch.device,
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """:func:`contrastive_loss` and its backward, in chunks of ``cfg.chunk_size`` images through a
+    gradient cache (Gao et al. 2021, ``engine.gradcache``); returns what it returns, detached.
+
+    The loss is NT-Xent over every projection of the global batch (gathered across processes, with
+    the memory queue's negatives), as in one pass; BN normalises each chunk with its own statistics
+    (ghost BN, METHOD.md 3.2). The memory's keys come from the whole batch at once, exactly as
+    without chunks. The online probe standardises each chunk's features with the whole batch's
+    mean and std, so its loss and gradient are those of one pass too. Under fp16 the cached
+    gradients are those of the scaled loss, so the second pass backpropagates scaled gradients
+    like ``scaler.scale(loss).backward()`` does.
+    """
+    with autocast(device, cfg.precision):
+        views = two_views(cfg, p, x, g)  # kept for the second pass: both passes see the same views
+        chunks = gradcache.chunk_rows(views.shape[0] // 2, cfg.chunk_size, views.device)
+        feats, z = gradcache.encode_without_grad(p.model.contrastive, p.model, views, chunks, cfg.channels_last)
+        z_cached = z.float().requires_grad_()  # (2N, D), the loss's leaf
+        z1, z2 = z_cached.chunk(2)
+        negatives = p.memory.negatives() if p.memory is not None else None
+        loss, stats = nt_xent(z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions)
+        (z_grad,) = torch.autograd.grad(scaler.scale(loss), z_cached)  # (2N, D)
+        keys = p.memory.keys(views) if p.memory is not None else None
+    loss = loss.detach()
+    probe = _ChunkedProbe.make(p, feats, y) if p.probe is not None else None
+
+    def surrogate(rows: torch.Tensor) -> torch.Tensor:
+        """A scalar whose gradient w.r.t. the chunk's projections (and probe logits) is the cached one."""
+        with autocast(device, cfg.precision):
+            chunk = gradcache.take_rows(views, rows, cfg.channels_last)
+            _, z_chunk, logits = p.train_module(chunk, probe.standardize if probe is not None else None)
+            out = (z_chunk.float() * z_grad[rows]).sum()
+            return out if probe is None else out + scaler.scale(probe.loss_sum(logits, rows) / probe.labelled)
+
+    gradcache.backward_through_chunks(p.train_module, chunks, surrogate)
+    if probe is not None:
+        stats = dict(stats, contrastive_loss=loss, **probe.stats)
+        loss = loss + probe.stats["probe_loss"]
+    return loss, stats, keys
+
+
+@dataclass
+class _ChunkedProbe:
+    """The online probe's share of a chunked step: the whole batch's feature statistics, targets
+    and (for the log) loss and accuracy, from the first pass's features."""
+
+    standardize: tuple[torch.Tensor, torch.Tensor]  # (D,) mean and std over the 2N local features
+    targets: torch.Tensor  # (2N,) labels of both views, -1 = unlabelled
+    labelled: torch.Tensor  # number of labelled rows: cross_entropy's mean divides by it
+    stats: dict[str, torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def make(cls, p: _Parts, feats: torch.Tensor, y: torch.Tensor) -> _ChunkedProbe:
+        f = feats.float()
+        standardize = (f.mean(0), f.std(0))
+        logits = p.step_module.probe_logits(f, standardize)
+        targets = y.repeat(2)
+        stats = {"probe_loss": F.cross_entropy(logits, targets, ignore_index=-1),
+                 "probe_acc": (logits.argmax(1) == targets).float().mean() * 100}
+        return cls(standardize, targets, (targets != -1).sum(), stats)
+
+    def loss_sum(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of a chunk's rows; over all chunks, divided by ``labelled``, the
+        probe loss of the whole batch."""
+        return F.cross_entropy(logits.float(), self.targets[rows], ignore_index=-1, reduction="sum")
 
 
 class KnnMonitor:
@@ -208,13 +289,22 @@ class ContrastiveStep(nn.Module):
         self.model = model
         self.classifier = nn.Linear(model.backbone.feature_dim, num_classes) if probe else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, standardize: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``standardize``: the probe's feature (mean, std); ``None`` = those of ``x`` (a gradient
+        cache's chunk passes the whole batch's)."""
         feats, z = self.model.contrastive(x)
         logits = None
         if self.classifier is not None:
-            f = feats.detach().float()
-            logits = self.classifier((f - f.mean(0)) / (f.std(0) + 1e-5))  # scale-free input for a fixed LR
+            logits = self.probe_logits(feats.detach().float(), standardize)
         return feats, z, logits
+
+    def probe_logits(self, f: torch.Tensor, standardize: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
+        """The probe's logits of float32 features ``f``, standardised (a scale-free input for a fixed LR)."""
+        assert self.classifier is not None
+        mean, std = (f.mean(0), f.std(0)) if standardize is None else standardize
+        return self.classifier((f - mean) / (std + 1e-5))
 
 
 PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
