@@ -9,16 +9,20 @@ mode: ghost BN, the definition the cache must reproduce). "Relative" differences
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2 import config as C
+from simclrv2 import distributed as sdist
 from simclrv2.config import PretrainConfig
 from simclrv2.data.augment import SimCLRAugment
 from simclrv2.data.datasets import load_fashion_mnist
@@ -57,7 +61,9 @@ def make_parts(probe: bool, memory: bool, aug=None, streams: bool = False) -> _P
     mem = None
     if memory:  # a queue already holding negatives, the same on every rank
         mem = MomentumMemory(model, QUEUE, PretrainConfig().proj_out_dim, momentum=0.9)
-        mem.enqueue(F.normalize(torch.randn(QUEUE // 2, mem.dim, generator=torch.Generator().manual_seed(1)), dim=1))
+        filled = QUEUE // 2  # written directly: enqueue would gather from every rank
+        mem.queue[:filled] = F.normalize(torch.randn(filled, mem.dim, generator=torch.Generator().manual_seed(1)), dim=1)
+        mem.ptr = mem.filled = filled
     return _Parts(
         model=model, step_module=step_module, train_module=step_module,
         optimizer=build_optimizer("lars", model, 0.3, 1e-4),
@@ -243,3 +249,83 @@ def test_resume_mid_run_with_chunks_is_bitwise(tmp_path: Path, capsys) -> None:
     assert f"resuming from {split / 'checkpoints' / 'step-00000005'} at step 5" in capsys.readouterr().err
     assert_same_checkpoint(ckpt.latest_checkpoint(whole), ckpt.latest_checkpoint(split))
     assert metric_lines(whole) == metric_lines(split)
+
+
+# Two gloo processes, each with half of the batch, against one process with all of it. The views
+# are cut once here and handed to the step as a streaming source's crops, so that both halves see
+# exactly the views of the whole batch.
+WORLD = 2
+
+
+def fixed_views(x: torch.Tensor, generator: torch.Generator | None = None, cropped: bool = True) -> torch.Tensor:
+    return x  # the crops are already the views
+
+
+def whole_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2N, 1, 28, 28)`` views (view 1 of every image, then view 2) and ``(N,)`` labels."""
+    x, y = images()
+    aug, g = SimCLRAugment(28, crop_scale=(0.2, 1.0)), torch.Generator().manual_seed(5)
+    return torch.cat([aug(x, generator=g), aug(x, generator=g)]), y
+
+
+def local_half(views: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = BATCH // WORLD
+    mine = slice(rank * n, (rank + 1) * n)
+    return torch.cat([views[:BATCH][mine], views[BATCH:][mine]]), y[mine]
+
+
+def ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sdist.setup_distributed("cpu")
+    x, y = local_half(*whole_batch(), rank)
+    result = {}
+    for memory in (False, True):
+        p = make_parts(probe=False, memory=memory, aug=fixed_views, streams=True)
+        bn_eval(p)
+        p.train_module = nn.parallel.DistributedDataParallel(p.step_module)
+        reductions = []  # one call per gradient bucket all-reduced
+
+        def counting_hook(state, bucket, calls=reductions):
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        p.train_module.register_comm_hook(None, counting_hook)
+        for chunk_size in (0, 0, 4, 2):  # one pass twice (DDP settles its buckets after the first)
+            reductions.clear()
+            step = chunked if chunk_size else single_pass
+            loss, _, _, got = step(PretrainConfig(chunk_size=chunk_size), p, x, y)
+            result[memory, chunk_size] = {"loss": sdist.all_reduce_mean(loss), "grads": got,
+                                          "reductions": len(reductions)}
+    sdist.barrier()
+    sdist.cleanup_distributed()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(tmp_path: Path) -> None:
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    x, y = whole_batch()
+    for memory in (False, True):
+        p = make_parts(probe=False, memory=memory, aug=fixed_views, streams=True)
+        bn_eval(p)
+        want_loss, _, _, want = single_pass(PretrainConfig(), p, x, y)
+        for res in results:
+            one_pass = res[memory, 0]["reductions"]
+            assert one_pass >= 1
+            for chunk_size in (4, 2):  # 2 and 4 chunks of each process's 8 images
+                got = res[memory, chunk_size]
+                assert rel(got["loss"], want_loss) <= 1e-5
+                assert_close_rel(got["grads"], want, 1e-5)
+                assert got["reductions"] == one_pass  # one all-reduce per step, not one per chunk
