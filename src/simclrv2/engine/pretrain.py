@@ -38,6 +38,25 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg, "pretrain")
     ds, source = open_split(cfg, cfg.train_split, device)
+    pool = training_pool(cfg, ds)  # never the validation split
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
+    p = build_parts(cfg, ds, source, schedule.peak_lr, device)
+    if cfg.knn_every > 0 and bool((ds.labels >= 0).any()):
+        p.monitor = KnnMonitor.make(cfg, ds, source, pool, device)
+    meta = model_meta(p.model, ds, image_size=p.size)
+    last = _train(cfg, p, run_dir, pool, plan, schedule, meta, device)
+    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
+               "global_batch": plan.global_batch, **last}
+    write_json(run_dir / "summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+def build_parts(cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, peak_lr: float,
+                device: torch.device) -> _Parts:
+    """The model, its step module (DDP, torch.compile), optimizer, probe, memory and augmentation
+    of a run (no kNN monitor); also what benchmarks/gradcache_memory.py times."""
     size = image_size_of(cfg, ds)
     model = new_model(
         cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
@@ -50,10 +69,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     train_module = distribute(step_module, device, cfg.global_bn)
     if cfg.compile:
         train_module = torch.compile(train_module)
-    pool = training_pool(cfg, ds)  # never the validation split
-    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
-    optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, model, peak_lr, cfg.weight_decay)
     probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
     aug = SimCLRAugment(
         size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
@@ -62,15 +78,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
         if cfg.memory.enabled else None
     )
-    monitor = KnnMonitor.make(cfg, ds, source, pool, device) if cfg.knn_every > 0 and labelled else None
-    parts = _Parts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
-    meta = model_meta(model, ds, image_size=size)
-    last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
-    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
-               "global_batch": plan.global_batch, **last}
-    write_json(run_dir / "summary.json", summary)
-    dist.barrier()
-    return summary
+    return _Parts(model, step_module, train_module, optimizer, probe, memory, aug, source, None, size)
 
 
 @dataclass
@@ -95,31 +103,15 @@ def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, pl
     # fp16: the loss is scaled before backward and each optimizer steps through the scaler, which
     # unscales its gradients (skipping the step on inf/NaN); disabled, the scaler is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
     checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
     start = checkpointer.resume()
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
     for step, (x, y) in zip(range(start, plan.total_steps), batches):
-        p.step_module.train()
         lr = schedule(step)
         set_lr(p.optimizer, lr)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        g = step_generator(device, cfg.seed, step)
-        if cfg.chunk_size > 0:  # forward and backward through the gradient cache
-            loss, stats, keys = chunked_contrastive_step(cfg, p, x, y, g, scaler, device)
-        else:
-            with autocast(device, cfg.precision):
-                loss, stats, keys = contrastive_loss(cfg, p, x, y, g)
-            scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
-        if p.memory is not None:
-            p.memory.update_ema(p.model)
-            p.memory.enqueue(keys)
+        loss, stats = train_step(cfg, p, x, y, step_generator(device, cfg.seed, step), scaler, device)
         log.add(loss, stats)
         done = step + 1
         if log.due(done, checkpointer.due(done)):
@@ -131,6 +123,29 @@ def _train(cfg: PretrainConfig, p: _Parts, run_dir: Path, pool: torch.Tensor, pl
     last = log.close(p.source)
     dist.barrier()
     return last
+
+
+def train_step(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+               scaler: torch.amp.GradScaler, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on images ``x`` (labels ``y``, -1 = none): the loss, backward (in one pass
+    or through the gradient cache), the encoder's and probe's updates, then the memory's."""
+    p.step_module.train()
+    optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if cfg.chunk_size > 0:  # forward and backward through the gradient cache
+        loss, stats, keys = chunked_contrastive_step(cfg, p, x, y, g, scaler, device)
+    else:
+        with autocast(device, cfg.precision):
+            loss, stats, keys = contrastive_loss(cfg, p, x, y, g)
+        scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
+    if p.memory is not None:
+        p.memory.update_ema(p.model)
+        p.memory.enqueue(keys)
+    return loss, stats
 
 
 def contrastive_loss(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
