@@ -329,3 +329,19 @@ def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(tmp_path
                 assert rel(got["loss"], want_loss) <= 1e-5
                 assert_close_rel(got["grads"], want, 1e-5)
                 assert got["reductions"] == one_pass  # one all-reduce per step, not one per chunk
+
+
+def test_memory_benchmark_measures_both_steps_and_refuses_what_cannot_fit(capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gradcache_memory as bench
+
+    tiny = ["--model", MODEL, "--image-size", "16", "--channels", "1", "--batch", "16", "--chunk", "4"]
+    bench.main(tiny)
+    out = capsys.readouterr().out
+    assert "chunk_size=4: peak" in out and "no chunks: peak" in out and "chunks / no chunks:" in out
+    bench.main([*tiny, "--memory-limit-gb", "0.1"])  # a Python process with torch alone is larger
+    out = capsys.readouterr().out
+    assert "chunk_size=4: peak" in out and "estimated at" in out
+    assert "not run: the estimate" in out and "no chunks: peak" not in out
