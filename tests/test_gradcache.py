@@ -345,3 +345,20 @@ def test_memory_benchmark_measures_both_steps_and_refuses_what_cannot_fit(capsys
     out = capsys.readouterr().out
     assert "chunk_size=4: peak" in out and "estimated at" in out
     assert "not run: the estimate" in out and "no chunks: peak" not in out
+
+
+def test_scaled_cached_gradients_unscale_to_the_single_pass_ones() -> None:
+    """fp16's scaler, on the CPU in fp32: the cached gradients are those of the scaled loss, so the
+    whole step's gradients are scaled once, and unscaling gives the unscaled step's."""
+    x, y = images()
+    p = make_parts(probe=True, memory=True)
+    bn_eval(p)
+    _, _, _, want = single_pass(PretrainConfig(), p, x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    p.step_module.zero_grad(set_to_none=True)
+    chunked_contrastive_step(PretrainConfig(chunk_size=4), p, x, y, step_generator(CPU, 0, 0), scaler, CPU)
+    scaled = grads(p.step_module)
+    assert_close_rel({k: v / 2.0**10 for k, v in scaled.items()}, want, 1e-5)
+    scaler.unscale_(p.optimizer)
+    scaler.unscale_(p.probe.optimizer)
+    assert_close_rel(grads(p.step_module), want, 1e-5)
