@@ -206,8 +206,8 @@ def chunked_contrastive_step(cfg: PretrainConfig, p: _Parts, x: torch.Tensor, y:
         loss, stats = nt_xent(z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions)
         (z_grad,) = torch.autograd.grad(scaler.scale(loss), z_cached)  # (2N, D)
         keys = p.memory.keys(views) if p.memory is not None else None
+        probe = _ChunkedProbe.make(p, feats, y) if p.probe is not None else None
     loss = loss.detach()
-    probe = _ChunkedProbe.make(p, feats, y) if p.probe is not None else None
 
     def surrogate(rows: torch.Tensor) -> torch.Tensor:
         """A scalar whose gradient w.r.t. the chunk's projections (and probe logits) is the cached one."""
@@ -241,7 +241,7 @@ class _ChunkedProbe:
         standardize = (f.mean(0), f.std(0))
         logits = p.step_module.probe_logits(f, standardize)
         targets = y.repeat(2)
-        stats = {"probe_loss": F.cross_entropy(logits, targets, ignore_index=-1),
+        stats = {"probe_loss": F.cross_entropy(logits.float(), targets, ignore_index=-1),
                  "probe_acc": (logits.argmax(1) == targets).float().mean() * 100}
         return cls(standardize, targets, (targets != -1).sum(), stats)
 
