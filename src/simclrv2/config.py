@@ -114,7 +114,11 @@ class PretrainConfig(CommonConfig):
     knn_train_size: int = 10000  # labelled bank size for the kNN monitor (0 = whole split)
     knn_test_size: int = 2000  # held-out images for the kNN monitor (0 = whole split)
     online_probe: bool = True  # linear probe on detached features, trained alongside
-    grad_accum_steps: int = 1  # must be 1: see docs/USAGE.md, pretrain (use the memory)
+    grad_accum_steps: int = 1  # must be 1: see docs/USAGE.md, pretrain (use chunk_size or the memory)
+    # > 0: encode each process's batch in chunks of this many images (both views) through a
+    # gradient cache: the loss and gradients of the whole batch in a chunk's memory, BN per chunk
+    # (engine/gradcache.py, METHOD.md 3.2); 0 = one pass over the batch
+    chunk_size: int = 0
 
 
 @dataclass
@@ -450,8 +454,10 @@ def validate(cfg: Any) -> None:
         need(
             cfg.grad_accum_steps == 1,
             "grad_accum_steps must be 1: accumulating small batches changes the negatives of a "
-            "contrastive loss; use memory.enabled=true (a queue of negatives) for a large effective batch",
+            "contrastive loss; for a batch too large for memory set chunk_size (e.g. chunk_size=256: "
+            "the exact large-batch loss through a gradient cache), or memory.enabled=true for a queue of negatives",
         )
+        need(cfg.chunk_size >= 0, f"chunk_size must be >= 0 (0 = off), got {cfg.chunk_size}")
     if isinstance(cfg, LinearEvalConfig):
         need(cfg.method in ("cached", "sgd"), f"method must be cached or sgd, got '{cfg.method}'")
     if isinstance(cfg, DistillConfig):

@@ -23,6 +23,7 @@ from ..data.datasets import ImageDataset
 from ..losses import nt_xent
 from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr
+from . import gradcache
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
 from .device import augment, autocast, choose_precision, resolve_device, seed_everything, step_generator
@@ -38,6 +39,29 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg, "pretrain")
     ds, source = open_split(cfg, cfg.train_split, device)
+    pool = training_pool(cfg, ds)  # never the validation split
+    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
+    p = build_parts(cfg, ds, source, schedule.peak_lr, device)
+    views_shape = (2 * plan.local_batch, ds.channels, p.size, p.size)
+    precision = choose_precision(cfg.precision, run_dir, p.step_module, views_shape, device, cfg.channels_last)
+    cfg = dataclasses.replace(cfg, precision=precision["precision"])  # auto -> what was chosen; config.yaml keeps auto
+    if cfg.knn_every > 0 and bool((ds.labels >= 0).any()):
+        p.monitor = KnnMonitor.make(cfg, ds, source, pool, device)
+    meta = model_meta(p.model, ds, image_size=p.size)
+    last = _train(cfg, p, run_dir, pool, plan, schedule, meta, device)
+    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
+               "global_batch": plan.global_batch, "precision": precision["precision"],
+               "precision_reason": precision["reason"], **last}
+    write_json(run_dir / "summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+def build_parts(cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, peak_lr: float,
+                device: torch.device) -> PretrainParts:
+    """The model, its step module (DDP, torch.compile), optimizer, probe, memory and augmentation
+    of a run (no kNN monitor); also what benchmarks/gradcache_memory.py times."""
     size = image_size_of(cfg, ds)
     model = new_model(
         cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
@@ -50,13 +74,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     train_module = distribute(step_module, device, cfg.global_bn)
     if cfg.compile:
         train_module = torch.compile(train_module)
-    pool = training_pool(cfg, ds)  # never the validation split
-    plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    views_shape = (2 * plan.local_batch, ds.channels, size, size)
-    precision = choose_precision(cfg.precision, run_dir, step_module, views_shape, device, cfg.channels_last)
-    cfg = dataclasses.replace(cfg, precision=precision["precision"])  # auto -> what was chosen; config.yaml keeps auto
-    schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
-    optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, model, peak_lr, cfg.weight_decay)
     probe = OnlineProbe(step_module.classifier) if step_module.classifier is not None else None
     aug = SimCLRAugment(
         size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0)
@@ -65,16 +83,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         MomentumMemory(model, cfg.memory.size, cfg.proj_out_dim, cfg.memory.momentum)
         if cfg.memory.enabled else None
     )
-    monitor = KnnMonitor.make(cfg, ds, source, pool, device) if cfg.knn_every > 0 and labelled else None
-    parts = PretrainParts(model, step_module, train_module, optimizer, probe, memory, aug, source, monitor, size)
-    meta = model_meta(model, ds, image_size=size)
-    last = _train(cfg, parts, run_dir, pool, plan, schedule, meta, device)
-    summary = {"stage": "pretrain", "steps": plan.total_steps, "peak_lr": schedule.peak_lr,
-               "global_batch": plan.global_batch, "precision": precision["precision"],
-               "precision_reason": precision["reason"], **last}
-    write_json(run_dir / "summary.json", summary)
-    dist.barrier()
-    return summary
+    return PretrainParts(model, step_module, train_module, optimizer, probe, memory, aug, source, None, size)
 
 
 @dataclass
@@ -123,19 +132,23 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
 
 def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor, lr: float,
                scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step on a batch's views (:func:`contrastive_views`): the step loop's body.
+    """One optimizer step on a batch's views (:func:`contrastive_views`): the step loop's body. The
+    loss and backward run in one pass, or with ``chunk_size`` through the gradient cache.
 
     Returns the loss and its statistics, still on the device (the loop syncs only to log).
-    benchmarks/throughput.py and gpu_benchmark.py time this function, not a copy of it.
+    benchmarks/throughput.py, gpu_benchmark.py and gradcache_memory.py time this function, not a copy.
     """
     p.step_module.train()
     set_lr(p.optimizer, lr)
-    with autocast(views.device, cfg.precision):
-        loss, stats, keys = contrastive_loss(cfg, p, views, y)
     optimizers = [p.optimizer] + ([p.probe.optimizer] if p.probe is not None else [])
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    if cfg.chunk_size > 0:  # forward and backward through the gradient cache
+        loss, stats, keys = chunked_contrastive_step(cfg, p, views, y, scaler)
+    else:
+        with autocast(views.device, cfg.precision):
+            loss, stats, keys = contrastive_loss(cfg, p, views, y)
+        scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()  # once per step, after every optimizer (torch's AMP recipe)
@@ -188,6 +201,75 @@ def online_probe_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / count
     correct = ((logits.argmax(1) == targets) & labelled).sum()
     return loss, (correct / count * 100).detach()
+
+
+def chunked_contrastive_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor,
+                             scaler: torch.amp.GradScaler,
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """:func:`contrastive_loss` and its backward, in chunks of ``cfg.chunk_size`` images through a
+    gradient cache (Gao et al. 2021, ``engine.gradcache``); returns what it returns, detached.
+
+    The loss is NT-Xent over every projection of the global batch (gathered across processes, with
+    the memory queue's negatives), as in one pass; BN normalises each chunk with its own statistics
+    (ghost BN, METHOD.md 3.2). The memory's keys come from the whole batch at once, exactly as
+    without chunks. The online probe standardises each chunk's features with the whole batch's
+    mean and std, so its loss and gradient are those of one pass too. Under fp16 the cached
+    gradients are those of the scaled loss, so the second pass backpropagates scaled gradients
+    like ``scaler.scale(loss).backward()`` does.
+    """
+    device = views.device  # both passes see these same views (:func:`contrastive_views`)
+    with autocast(device, cfg.precision):
+        chunks = gradcache.chunk_rows(views.shape[0] // 2, cfg.chunk_size, views.device)
+        feats, z = gradcache.encode_without_grad(p.step_module.contrastive, p.model, views, chunks, cfg.channels_last)
+        z_cached = z.float().requires_grad_()  # (2N, D), the loss's leaf
+        z1, z2 = z_cached.chunk(2)
+        negatives = p.memory.negatives() if p.memory is not None else None
+        loss, stats = nt_xent(z1, z2, cfg.temperature, extra_negatives=negatives, directions=cfg.loss_directions)
+        (z_grad,) = torch.autograd.grad(scaler.scale(loss), z_cached)  # (2N, D)
+        keys = p.memory.keys(views) if p.memory is not None else None
+        probe = _ChunkedProbe.make(p, feats, y) if p.probe is not None else None
+    loss = loss.detach()
+
+    def surrogate(rows: torch.Tensor) -> torch.Tensor:
+        """A scalar whose gradient w.r.t. the chunk's projections (and probe logits) is the cached one."""
+        with autocast(device, cfg.precision):
+            chunk = gradcache.take_rows(views, rows, cfg.channels_last)
+            _, z_chunk, logits = p.train_module(chunk, probe.standardize if probe is not None else None)
+            out = (z_chunk.float() * z_grad[rows]).sum()
+            return out if probe is None else out + scaler.scale(probe.loss_sum(logits, rows) / probe.labelled)
+
+    gradcache.backward_through_chunks(p.train_module, chunks, surrogate)
+    if probe is not None:
+        stats = dict(stats, contrastive_loss=loss, **probe.stats)
+        loss = loss + probe.stats["probe_loss"]
+    return loss, stats, keys
+
+
+@dataclass
+class _ChunkedProbe:
+    """The online probe's share of a chunked step: the whole batch's feature statistics, targets
+    and (for the log) loss and accuracy, from the first pass's features."""
+
+    standardize: tuple[torch.Tensor, torch.Tensor]  # (D,) mean and std over the 2N local features
+    targets: torch.Tensor  # (2N,) labels of both views, -1 = unlabelled
+    labelled: torch.Tensor  # number of labelled rows: cross_entropy's mean divides by it
+    stats: dict[str, torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def make(cls, p: PretrainParts, feats: torch.Tensor, y: torch.Tensor) -> _ChunkedProbe:
+        f = feats.float()
+        standardize = (f.mean(0), f.std(0))
+        logits = p.step_module.probe_logits(f, standardize)
+        targets = y.repeat(2)
+        stats = {"probe_loss": F.cross_entropy(logits.float(), targets, ignore_index=-1),
+                 "probe_acc": (logits.argmax(1) == targets).float().mean() * 100}
+        return cls(standardize, targets, (targets != -1).sum(), stats)
+
+    def loss_sum(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of a chunk's rows; over all chunks, divided by ``labelled``, the
+        probe loss of the whole batch."""
+        return F.cross_entropy(logits.float(), self.targets[rows], ignore_index=-1, reduction="sum")
 
 
 class KnnMonitor:
@@ -246,19 +328,32 @@ class ContrastiveStep(nn.Module):
         self.model = model
         self.classifier = nn.Linear(model.backbone.feature_dim, num_classes) if probe else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        feats = self.model.features(x)  # under the step's autocast: bf16 / fp16 where asked for
-        # The head and the probe in fp32 (model.contrastive's head, without autocast): their matmuls
-        # are small, and the casts around them cost more than bf16 saves (issue 30: in bf16 on a
-        # CPU our step took 1.74x the backbone's time, 1.36x with the head in fp32). In an fp32 run
-        # these are the same ops as before.
+    def contrastive(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, z) of ``x``: the backbone under the step's autocast (bf16 / fp16 where asked
+        for), the projection head in fp32. Its matmuls are small, and the casts around them cost more
+        than bf16 saves (issue 30: in bf16 on a CPU our step took 1.74x the backbone's time, 1.36x
+        with the head in fp32). In an fp32 run these are the ops of ``model.contrastive``."""
+        feats = self.model.features(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self.model.proj_head(feats.float())[-1]
-            logits = None
-            if self.classifier is not None:
-                f = feats.detach().float()
-                logits = self.classifier((f - f.mean(0)) / (f.std(0) + 1e-5))  # scale-free input for a fixed LR
+            return feats, self.model.proj_head(feats.float())[-1]
+
+    def forward(self, x: torch.Tensor, standardize: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``standardize``: the probe's feature (mean, std); ``None`` = those of ``x`` (a gradient
+        cache's chunk passes the whole batch's)."""
+        feats, z = self.contrastive(x)
+        logits = None
+        if self.classifier is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self.probe_logits(feats.detach().float(), standardize)
         return feats, z, logits
+
+    def probe_logits(self, f: torch.Tensor, standardize: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
+        """The probe's logits of float32 features ``f``, standardised (a scale-free input for a fixed LR)."""
+        assert self.classifier is not None
+        mean, std = (f.mean(0), f.std(0)) if standardize is None else standardize
+        return self.classifier((f - mean) / (std + 1e-5))
 
 
 PROBE_LR = 0.1  # online probe: SGD with momentum 0.9 on standardised features
