@@ -459,3 +459,17 @@ def test_streamed_unlabeled_folder_gives_the_same_rows_and_names_the_bad_files(
     streamed = list(csv.DictReader(open(out, newline="")))
     held = list(csv.DictReader(open(run / "predictions.csv", newline="")))
     assert [r["file"] for r in streamed] == [r["file"] for r in held]
+
+
+def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
+    """``propose_labels=N`` ends the few-labels run with ``to_label.csv``: N distinct files of
+    ``unlabeled/`` (relative to it, never a labelled one), named in the report."""
+    import csv
+
+    data = make_layout(tmp_path / "data", per_class=2, unlabeled=12, test=False)
+    run = run_pipeline(tmp_path, data, "run", propose_labels=3)
+    with open(run / "to_label.csv", newline="") as f:
+        picked = [row["file"] for row in csv.DictReader(f)]
+    assert len(picked) == 3 and len(set(picked)) == 3
+    assert all((data / "unlabeled" / p).is_file() for p in picked)
+    assert "`to_label.csv` proposes the 3 unlabeled images to label next" in (run / "report.md").read_text()

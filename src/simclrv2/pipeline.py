@@ -64,6 +64,9 @@ class PipelineConfig:
     # The few-labels layout (data_dir/unlabeled/ + train/<class>/): with too few labels a class for a
     # held-out validation split, the search cross-validates over at most this many folds (simclrv2.search)
     cv_folds: int = 5
+    # The few-labels layout: after predictions.csv, propose this many images of unlabeled/ to label
+    # next (to_label.csv, as `simclrv2 select` writes it, from the pretrained encoder); 0 = none
+    propose_labels: int = 0
 
 
 def fraction_tag(f: float) -> str:
@@ -566,6 +569,14 @@ def _label_unlabeled(pc: PipelineConfig, plans: list[StagePlan], out: dict[str, 
     out["predictions"] = dict(summary, method=row["method"], label_fraction=row["label_fraction"],
                               model_dir=row["run_dir"], reason=reason, calibration_from=whose,
                               calibration=calibration(probs, labels, summary.pop("confidence")))
+    if pc.propose_labels > 0 and dist.is_main():  # the embedding is not sharded: rank 0 alone
+        from .select import propose_for_folder
+
+        pre = next(p for p in plans if p.stage == "pretrain")
+        to_label = Path(pc.run_dir) / "to_label.csv"
+        propose_for_folder(pre.cfg.run_dir, pre.cfg.data_dir, pc.propose_labels, to_label, seed=pre.cfg.seed,
+                           device=pre.cfg.device)
+        out["to_label"] = {"file": str(to_label), "images": pc.propose_labels}
 
 
 def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], seconds: float,

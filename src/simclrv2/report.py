@@ -378,6 +378,10 @@ def predictions_section(out: dict[str, Any]) -> list[str]:
     if pred["skipped"]:
         lines += [f"Skipped {len(pred['skipped'])} unusable file(s), with no row: "
                   + ", ".join(f"`{f}`" for f in pred["skipped"][:20]) + ("..." if len(pred["skipped"]) > 20 else ""), ""]
+    if out.get("to_label"):
+        lines += [f"`to_label.csv` proposes the {out['to_label']['images']} unlabeled images to label next "
+                  "(typical images of clusters no label covers, then the least certain; `simclrv2 select` "
+                  "takes the next round).", ""]
     if pred.get("calibration_from"):
         lines += [f"Accuracy per confidence bin, measured on {pred['calibration_from']} predictions for labelled "
                   "images it did not train on (never the test split); pick a threshold, and the last column says how "
