@@ -276,7 +276,12 @@ def test_budget_under_torchrun_is_measured_once_and_shared(tmp_path):
 # ---------------------------------------------------------------- defect 7: a run folder per node
 
 
-def _node_local_worker(rank: int, root: str, command: str) -> int:
+def _node_local_worker(rank: int, root: str, command: str) -> tuple[int, list[str]]:
+    """The command's exit code and the error lines it printed. Each rank collects its own: two forked
+    ranks writing to one captured stderr at the same moment can lose a line."""
+    import contextlib
+    import io
+
     from simclrv2.cli import main
 
     # each rank its own folder: what node-local disks look like, with the same path on every node
@@ -287,15 +292,20 @@ def _node_local_worker(rank: int, root: str, command: str) -> int:
         config = Path(root) / f"pipeline{rank}.yaml"
         config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "common": {"dataset": "imagefolder",
                                           "data_dir": str(Path(root) / "images")}}))
-        return main(["pipeline", "--config", str(config)])
-    return main(["pretrain", "dataset=imagefolder", f"data_dir={Path(root) / 'images'}", "image_size=16",
-                 "num_workers=0", "model=r10_0.25x_sk0", "batch_size=16", "max_steps=2", "knn_every=0",
-                 "progress=false", f"run_dir={run_dir}"])
+        argv = ["pipeline", "--config", str(config)]
+    else:
+        argv = ["pretrain", "dataset=imagefolder", f"data_dir={Path(root) / 'images'}", "image_size=16",
+                "num_workers=0", "model=r10_0.25x_sk0", "batch_size=16", "max_steps=2", "knn_every=0",
+                "progress=false", f"run_dir={run_dir}"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("error:")]
 
 
 @pytest.mark.fashion_mnist
 @pytest.mark.parametrize("command", ["pretrain", "pipeline"])
-def test_run_folders_that_are_not_shared_stop_every_rank(tmp_path, capfd, command):
+def test_run_folders_that_are_not_shared_stop_every_rank(tmp_path, command):
     """Issue 30, defect 7: rank 0 alone writes checkpoints and done.json, and every rank reads
     them, so a multi-node run needs one run folder that all nodes see. With a folder per node,
     every rank stops at once with one line that says so (exit 2), before anything trains."""
@@ -303,8 +313,8 @@ def test_run_folders_that_are_not_shared_stop_every_rank(tmp_path, capfd, comman
 
     make_image_folder(tmp_path / "images")
     res = ok(run_ranks(_node_local_worker, tmp_path, str(tmp_path), command, timeout=60))
-    assert res == [2, 2]
-    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 2 and all("is not shared: rank(s) 1" in ln for ln in errors), errors
+    assert [code for code, _ in res] == [2, 2]
+    errors = [lines for _, lines in res]
+    assert all(len(lines) == 1 and "is not shared: rank(s) 1" in lines[0] for lines in errors), errors
     assert not (tmp_path / "node0" / "pretrain" / "checkpoints").exists()
     assert not (tmp_path / "node0" / "checkpoints").exists()
