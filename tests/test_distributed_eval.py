@@ -243,6 +243,12 @@ def test_sharding_degrades_to_one_process():
     assert list(sdist.shard_range(5)) == [0, 1, 2, 3, 4]
     x = torch.randn(3, 2)
     assert sdist.gather_rows(x) is x
+    head = torch.nn.Linear(2, 3)
+    head(x).sum().backward()
+    weight_grad = head.weight.grad.clone()
+    head.bias.grad = None  # a parameter with no gradient counts as zeros
+    sdist.sum_grads(head.parameters())
+    assert torch.equal(head.weight.grad, weight_grad) and torch.equal(head.bias.grad, torch.zeros(3))
 
 
 def waiting_worker(rank: int, port: int, out: str) -> None:
