@@ -1,13 +1,16 @@
 """Two real gloo processes evaluate as one does (issue 19): sharded extraction, kNN, linear eval.
 
 Under torchrun each rank extracts its share of the images and the outputs are gathered back in
-order; linear eval trains its head on rank 0 alone and broadcasts it. Every check here runs the
+order; linear eval trains its head on cached features on rank 0 alone and broadcasts it, and with
+``method=sgd`` every rank trains on its share of each batch (issue 30, defect 8). Every check here runs the
 same thing in two processes (one fork) and in this process, on a tiny Fashion-MNIST with an odd
 test set (21 images: shares of 11 and 10) and a frozen tiny model:
 
 - ``extract`` gives the one-process outputs and labels, in order, also when a rank's share is empty,
   and each rank runs the model on its share only;
-- only rank 0 trains linear heads;
+- only rank 0 trains heads on cached features; with ``method=sgd`` each rank runs the encoder over its
+  share of every batch only, every rank ends with one process's head (in-memory and streaming
+  sources, even and odd global batches, a last rank with no share);
 - knn-eval and linear-eval (both methods) give the one-process metrics;
 - a supervised run under two processes reports the test metrics that one process computes from its
   final weights (the run itself trains differently on two ranks: per-rank BN and augmentation).
@@ -25,7 +28,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
+from test_distributed_runs import ok, run_ranks
 from test_eval_stages import write_small_fmnist
+from test_streaming import make_jpeg_folder
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2 import distributed as sdist
@@ -124,9 +129,9 @@ def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypat
                        join=True, start_method=method)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     single = evaluations(data_dir, pretrained, tmp_path / "one", monkeypatch)
-    # each rank ran the model on its share only, and only rank 0 trained linear heads
+    # each rank ran the model on its share only; only rank 0 trained the cached head, every rank the sgd one
     assert [res["images_run"] for res in ranks] == [11, 10] and single["images_run"] == N_TEST
-    assert [res["heads_trained"] for res in ranks] == [2, 0] and single["heads_trained"] == 2
+    assert [res["heads_trained"] for res in ranks] == [2, 1] and single["heads_trained"] == 2
     # knn-eval: each rank held its half of the 64-image bank, not all of it (issue 30, defect 8)
     assert [res["bank_rows"] for res in ranks] == [[32], [32]] and single["bank_rows"] == [N_TRAIN]
 
@@ -158,10 +163,92 @@ def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypat
     assert ckpt.read_meta(ckpt.latest_checkpoint(two / "supervised"))["step"] == 2
 
 
+def sgd_probe(argv: list[str]) -> dict:
+    """``linear-eval method=sgd``: its metrics, the head ``_linear_sgd`` returned in this process, and
+    the images of each encoder forward it made here (one per training step on a rank with a share)."""
+    views: list[torch.Tensor] = []
+    heads: list[dict[str, torch.Tensor]] = []
+    real = probe._linear_sgd
+
+    def watched(cfg, model, *args, **kwargs):
+        hook = model.backbone.register_forward_hook(lambda m, inputs, out: views.append(inputs[0].detach().clone()))
+        try:
+            head = real(cfg, model, *args, **kwargs)
+        finally:
+            hook.remove()
+        heads.append(head.state_dict())
+        return head
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(probe, "_linear_sgd", watched)
+        metrics = probe.run_linear_eval(load_config(LinearEvalConfig, None, argv))
+    return {"metrics": {k: metrics[k] for k in METRIC_KEYS if k in metrics}, "heads": heads, "views": views}  # top5: 5+ classes
+
+
+def sgd_cases(data_dir: Path, pretrained: Path, jpegs: Path, streamed: Path, out: Path) -> dict[str, list[str]]:
+    """Global batches over two ranks: even (8 + 8), odd (4 + 3), one image (1 + none: rank 1 loads
+    nothing), and a streaming image folder whose crops are cut in workers (3 + 2)."""
+    fmnist = [f"checkpoint={pretrained}", "method=sgd", "label_fraction=1.0"]
+    cases = {"even": ["batch_size=16", "epochs=2"], "odd": ["batch_size=7", "epochs=1"],
+             "one": ["batch_size=1", "epochs=1"]}
+    argvs = {name: [*common(data_dir, out / name), *fmnist, *extra] for name, extra in cases.items()}
+    argvs["stream"] = [*stream_common(jpegs, out / "stream"), f"checkpoint={streamed}", "method=sgd",
+                       "label_fraction=1.0", "batch_size=5", "epochs=1"]
+    return argvs
+
+
+def stream_common(root: Path, run_dir: Path) -> list[str]:
+    return ["model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={root}", "image_size=24", "cache_images=false",
+            "num_workers=0", "progress=false", "device=cpu", "seed=0", f"run_dir={run_dir}"]
+
+
+def sgd_worker(rank: int, argvs: dict[str, list[str]]) -> dict:
+    sdist.setup_distributed("cpu")
+    return {name: sgd_probe(argv) for name, argv in argvs.items()}
+
+
+@pytest.mark.fashion_mnist
+def test_sgd_linear_eval_shards_each_batch_and_trains_one_process_head(tmp_path, tmp_path_factory, data_dir,
+                                                                       pretrained):
+    """Two gloo ranks each run the frozen encoder over their share of every step's batch only, on the
+    views one process makes of those images, and both end with one process's head and metrics."""
+    jpegs = make_jpeg_folder(tmp_path_factory.mktemp("jpegs"))
+    streamed = tmp_path / "stream-pretrain"
+    assert cli_main(["pretrain", *stream_common(jpegs, streamed), "batch_size=8", "max_steps=1",
+                     "warmup_epochs=0", "knn_every=0", "proj_out_dim=16"]) == 0
+    two = ok(run_ranks(sgd_worker, tmp_path, sgd_cases(data_dir, pretrained, jpegs, streamed, tmp_path / "two"),
+                       timeout=180))
+    for name, argv in sgd_cases(data_dir, pretrained, jpegs, streamed, tmp_path / "one").items():
+        single = sgd_probe(argv)
+        steps, batch = len(single["views"]), len(single["views"][0])
+        per = -(-batch // WORLD)  # ranks in order, ceil(batch / 2) each, the last one shorter or empty
+        shares = [max(0, min(per, batch - r * per)) for r in range(WORLD)]
+        # each rank's encoder saw its share of every step's images, no more (rank 0 saw all of them before)
+        for r in range(WORLD):
+            assert [len(v) for v in two[r][name]["views"]] == ([shares[r]] * steps if shares[r] else []), (name, r)
+        # ... and the views one process makes of those images, whatever the number of ranks
+        for step, views in enumerate(single["views"]):
+            got = torch.cat([two[r][name]["views"][step] for r in range(WORLD) if shares[r]])
+            torch.testing.assert_close(got, views, rtol=0, atol=1e-6, msg=f"{name}, step {step}")
+        for r in range(WORLD):  # every rank holds one process's head and reports its numbers
+            assert len(two[r][name]["heads"]) == 1, (name, r)
+            for key, want in single["heads"][0].items():
+                torch.testing.assert_close(two[r][name]["heads"][0][key], want, rtol=1e-5, atol=1e-7,
+                                           msg=f"{name}: rank {r} {key}")
+            assert two[r][name]["metrics"] == single["metrics"], (name, r)
+        assert single["heads"][0]["weight"].abs().sum() > 0  # the head trained: a zero head would match too
+
+
 def test_sharding_degrades_to_one_process():
     assert list(sdist.shard_range(5)) == [0, 1, 2, 3, 4]
     x = torch.randn(3, 2)
     assert sdist.gather_rows(x) is x
+    head = torch.nn.Linear(2, 3)
+    head(x).sum().backward()
+    weight_grad = head.weight.grad.clone()
+    head.bias.grad = None  # a parameter with no gradient counts as zeros
+    sdist.sum_grads(head.parameters())
+    assert torch.equal(head.weight.grad, weight_grad) and torch.equal(head.bias.grad, torch.zeros(3))
 
 
 def waiting_worker(rank: int, port: int, out: str) -> None:

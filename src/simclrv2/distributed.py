@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -142,6 +142,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= world_size()
     return out
+
+
+@torch.no_grad()
+def sum_grads(params: Iterable[torch.Tensor]) -> None:
+    """Each parameter's ``.grad`` replaced by its sum over all processes, in one collective.
+
+    For a small model that every rank holds and steps alike, each rank computing its gradient from
+    its share of the batch (what DDP does, without the wrapper: a rank whose share is empty runs no
+    forward, and its missing gradients count as zeros). In one process the gradients stay as they are.
+    """
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not is_dist() or world_size() == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for p, summed in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(summed.view_as(p.grad))
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Randomness is a pure function of ``(seed, step, rank)``: the batch order of an epoch comes from a
 generator seeded with ``(seed, epoch)`` (:func:`~simclrv2.engine.batches.batch_indices`) and the
-augmentation of a step from one seeded with ``(seed, step, rank)`` (:func:`step_generator`).
+augmentation of a step from one seeded with ``(seed, step, rank)`` (:func:`step_generator`; linear
+eval's ``sgd`` head draws for the global batch with rank 0's and each rank keeps its rows).
 Resuming therefore needs no RNG state and reproduces an uninterrupted run bit for bit on the CPU.
 """
 
@@ -111,15 +112,19 @@ def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
         return aug(x, **kwargs) if generator is None else aug(x, generator=generator, **kwargs)
 
 
-def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) -> torch.Generator:
+def step_generator(device: torch.device, seed: int, step: int, salt: int = 0,
+                   per_rank: bool = True) -> torch.Generator:
     """The augmentation generator of one step on one rank (pure function of its arguments).
 
     Always a CPU generator, whatever ``device`` (the training device) is: the augmentations draw
     their parameters on the CPU (``SimCLRAugment.sample_params`` refuses a CUDA generator) and move
-    them to the images, so a seed gives the same views on the CPU and on a GPU.
+    them to the images, so a seed gives the same views on the CPU and on a GPU. ``per_rank=False``
+    gives every rank rank 0's generator (one process's): for a stage that draws a step's parameters
+    for the global batch and keeps its own rows, so that its views do not depend on the world size.
     """
+    r = dist.rank() if per_rank else 0
     g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + step * 7919 + dist.rank() * 104_729 + salt * 15_485_863) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + step * 7919 + r * 104_729 + salt * 15_485_863) % (2**63 - 1))
     return g
 
 
