@@ -292,9 +292,11 @@ def test_label_selection_balanced_unchanged_random_blind_typical_covers(encoder,
     val = set(labelled_indices(dataclasses.replace(base, label_fraction=1.0), ds, None).tolist()) ^ set(range(120))
     random = labelled_subset(dataclasses.replace(base, label_selection="random"), ds, source, 16, None)
     typical = labelled_subset(dataclasses.replace(base, label_selection="typical"), ds, source, 16, tmp_path)
-    for idx in (random, typical):
+    cover = labelled_subset(dataclasses.replace(base, label_selection="probcover"), ds, source, 16, None)
+    for idx in (random, typical, cover):
         assert len(idx) == len(balanced) == 4 and not set(idx.tolist()) & val
-    assert len(set(ds.labels[torch.from_numpy(typical)].tolist())) == 4  # one of each colour
+    for idx in (typical, cover):
+        assert len(set(ds.labels[torch.from_numpy(idx)].tolist())) == 4  # one of each colour
     assert (tmp_path / "labelled_subset.txt").read_text().split() == [str(i) for i in typical]
     with pytest.raises(ConfigError, match="label_selection must be balanced, random, typical or probcover"):
         validate(dataclasses.replace(base, label_selection="clever"))

@@ -34,7 +34,7 @@ from .splits import labelled_indices, validation_indices
 # (encoder, its state, dataset, size, pool, budget, seed) -> picks: a pipeline's learning-rate search
 # runs a stage several times on the same subset, and embedding the training split each time would
 # cost more than the fine-tuning at a few labels
-_TYPICAL_CACHE: dict[tuple, np.ndarray] = {}
+_PICKS_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def labelled_subset(cfg: Any, ds: ImageDataset, source: BatchSource, image_size: int,
@@ -84,10 +84,10 @@ def _picked(cfg: Any, source: BatchSource, pool: np.ndarray, budget: int, image_
     state = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
     key = (os.path.realpath(path), state, cfg.dataset, cfg.data_dir, cfg.train_split, len(source.labels),
            image_size, pool.tobytes(), budget, cfg.label_seed, cfg.label_selection)
-    if key not in _TYPICAL_CACHE:
+    if key not in _PICKS_CACHE:
         model, _ = load_model(path, source.device)
         feats, _ = extract(model, source, torch.from_numpy(pool), image_size, 512, "features", cfg.precision)
         method = "typiclust" if cfg.label_selection == "typical" else "probcover"
         picks = select_picks(method, feats, budget, seed=cfg.label_seed, n_classes=n_classes, device=source.device)
-        _TYPICAL_CACHE[key] = picks.indices
-    return _TYPICAL_CACHE[key]
+        _PICKS_CACHE[key] = picks.indices
+    return _PICKS_CACHE[key]
