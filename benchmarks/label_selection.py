@@ -84,12 +84,15 @@ def coverage(args: argparse.Namespace) -> str:
     lines = [f"{len(ds)} images, {len(set(classes))} classes under {args.images}", "",
              "| N | " + " | ".join(f"{m}: classes covered" for m in args.methods)
              + " | random: mean classes covered (1,000 seeds) |", "|---" * (len(args.methods) + 2) + "|"]
+    notes = []
     for n in args.budgets:
-        covered = [len(set(classes[select_picks(m, feats, n, seed=0).indices])) for m in args.methods]
+        picks = [select_picks(m, feats, n, seed=0) for m in args.methods]
         rng = np.random.default_rng(0)
         rand = np.mean([len(set(classes[rng.choice(len(ds), n, replace=False)])) for _ in range(1000)])
-        lines.append(f"| {n} | " + " | ".join(map(str, covered)) + f" | {rand:.2f} |")
-    return "\n".join(lines)
+        lines.append(f"| {n} | " + " | ".join(str(len(set(classes[p.indices]))) for p in picks) + f" | {rand:.2f} |")
+        notes += [f"probcover N={n}: delta {p.delta:.4f}, its balls cover {p.score.sum() / len(ds):.1%} of the images"
+                  for p in picks if p.method == "probcover"]
+    return "\n".join(lines + [""] + notes)
 
 
 def main(argv: list[str]) -> int:
