@@ -141,6 +141,13 @@ def test_ball_graph_in_blocks_matches_a_double_loop(monkeypatch):
         assert indices[indptr[i] : indptr[i + 1]].tolist() == naive
 
 
+def test_ball_graph_too_crowded_is_a_one_line_error(monkeypatch):
+    x, _ = _planted(k=3, seed=8)
+    monkeypatch.setattr(S, "MAX_EDGES", len(x) + 10)  # the centres and 5 pairs
+    with pytest.raises(SelectionError, match=r"has over \S+ edges: .*use method=typiclust$"):
+        probcover_picks(x, 3, n_classes=3)
+
+
 def test_greedy_cover_matches_a_naive_max_coverage():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(60, 3)).astype(np.float32)
