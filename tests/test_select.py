@@ -129,6 +129,16 @@ def test_coverage_radius_is_the_largest_pure_enough_radius_of_a_naive_scan():
         assert best <= delta + 1e-5 < best + 1e-3
 
 
+def test_coverage_radius_on_a_seeded_sample_is_close_to_the_exact_one():
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.normal(c, 0.6, size=(400, 3)) for c in ([2, 0, 0], [0, 2, 0], [0, 0, 2])])
+    pseudo = np.repeat(np.arange(3), 400)
+    exact = coverage_radius(x, pseudo, 0.9)
+    sampled = coverage_radius(x, pseudo, 0.9, sample=600, seed=1)
+    assert sampled == coverage_radius(x, pseudo, 0.9, sample=600, seed=1) != exact  # seeded, and a sample
+    assert abs(_naive_purity(_unit(x), pseudo, sampled) - 0.9) < 0.03  # the purity it keeps is about alpha
+
+
 def test_ball_graph_in_blocks_matches_a_double_loop(monkeypatch):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(50, 4)).astype(np.float32)
