@@ -50,6 +50,7 @@ NEIGHBOURS = 20  # TypiClust's k for typicality
 # Above this many points x clusters, Lloyd's k-means costs more than embedding the images on a CPU;
 # MiniBatchKMeans (TypiClust's choice for many clusters) stays a small share of it (docs/BENCHMARKS.md)
 _FULL_KMEANS_MAX_WORK = 5_000_000
+_SEEDING_ROWS = 10_000  # rows the k-means++ seeding of the faiss path reads (it runs on the CPU)
 PURITY_ALPHA = 0.95  # ProbCover's alpha: the share of pure balls its radius keeps
 PURITY_SAMPLE = 20_000  # images whose balls estimate the purity above this many
 MAX_EDGES = 200_000_000  # ProbCover's graph, about 24 bytes an edge while it is built: 5 GB
@@ -98,14 +99,19 @@ def faiss_kmeans(x: np.ndarray, n_clusters: int, seed: int, gpu: bool, n_init: i
     """faiss's k-means (Lloyd's iterations) from scikit-learn's k-means++ seeding, ``n_init`` seeds,
     the lowest objective kept: the cluster (int64, (N,)) of each row of ``x``. ``gpu=False`` runs
     faiss-cpu, the same code the tests check. faiss alone seeds with random rows, which on a few
-    well-separated clusters often merges two of them (k-means++ is what scikit-learn uses)."""
+    well-separated clusters often merges two of them (k-means++ is what scikit-learn uses). The
+    seeding runs on the CPU, so it reads at most ``_SEEDING_ROWS`` seeded rows: on all 100,000 it
+    took most of the time at 100 clusters (docs/BENCHMARKS.md)."""
     import faiss
     from sklearn.cluster import kmeans_plusplus
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     best, best_obj = None, np.inf
     for r in range(n_init):
-        init, _ = kmeans_plusplus(x, n_clusters, random_state=seed + r)
+        rows = x
+        if len(x) > _SEEDING_ROWS:
+            rows = x[np.sort(np.random.default_rng(seed + r).choice(len(x), _SEEDING_ROWS, replace=False))]
+        init, _ = kmeans_plusplus(rows, n_clusters, random_state=seed + r)
         km = faiss.Kmeans(x.shape[1], n_clusters, niter=50, seed=seed + r, gpu=gpu,
                           max_points_per_centroid=max(256, -(-len(x) // n_clusters)))  # no silent subsampling
         km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
