@@ -68,12 +68,12 @@ def selection_metrics(cfg: Any, ds: ImageDataset, idx: np.ndarray | torch.Tensor
 
 
 def encoder_of(cfg: Any) -> str:
-    """The pretrained model ``typical`` and ``probcover`` embed with: ``label_encoder``, else the stage's own."""
+    """The model ``typical`` and ``probcover`` embed with: ``label_encoder``, else the stage's own."""
     path = cfg.label_encoder or getattr(cfg, "init_checkpoint", "") or getattr(cfg, "student_init", "") \
         or getattr(cfg, "checkpoint", "")
     if not path:
-        raise RunError(f"label_selection={cfg.label_selection} needs a pretrained encoder to embed with; set label_encoder=PATH "
-                       "(a pretraining run folder or a model file)")
+        raise RunError(f"label_selection={cfg.label_selection} needs a pretrained encoder to embed with; "
+                       "set label_encoder=PATH (a pretraining run folder or a model file)")
     return path
 
 
