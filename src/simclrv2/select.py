@@ -1,11 +1,12 @@
 """``simclrv2 select``: the images of an unlabeled folder worth a person's time to label, in order.
 
-The pretrained encoder embeds every image (streamed through the folder index, never all held),
-and :func:`simclrv2.selection.select_picks` chooses by ``method``: TypiClust's most typical image of
+The pretrained encoder embeds every image (streamed through the folder index, never all held), and
+:func:`simclrv2.selection.select_picks` chooses by ``method``: TypiClust's most typical image of
 each cluster with no label yet, or ProbCover's balls that cover most images no label covers; then,
 in a second round, the images the labels given so far are least sure about. ``to_label.csv`` lists
 the picks in labelling order with their cluster, score and reason, and an empty ``label`` column:
-fill it in and pass the file back as ``labels=`` for the next round. :func:`select_to_label` is the same choice for any dataset (the pipeline's, a test's).
+fill it in and pass the file back as ``labels=`` for the next round. :func:`select_to_label` is the
+same choice for any dataset (the pipeline's, a test's).
 """
 
 from __future__ import annotations

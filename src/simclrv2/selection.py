@@ -20,14 +20,14 @@ image's ball covers. The graph is built in blocks and kept as sparse edges, so 1
 
 **Why TypiClust is the default.** Chosen on validation top-1 after fine-tuning on the picks, with
 the same recipe and learning-rate search for both, at 4 to 6 labels a class (docs/EXPERIMENTS.md,
-"TypiClust or ProbCover"): Fashion-MNIST with the demo encoder, 60 labels, 68.10 against 50.85;
-the held-out fmnist4k, 40 labels, 66.75 against 58.25; digits, 40 labels, 75.69 against 65.28.
-ProbCover was below the random picks' mean on all three. On our short pretrainings the k-means
-clusters have many images near their borders, so 95% purity allows only a small radius (0.10 and
-0.19 on the held-out folders), and the greedy cover spends the budget in the densest classes: ProbCover's 60 Fashion-MNIST
-labels held no pullover, coat or shirt, and its first 10 picks on the held-out folders covered 4
-and 5 classes, against TypiClust's 9. ProbCover stays available as ``method=probcover`` (it is
-built for an embedding whose clusters are cleaner).
+"TypiClust or ProbCover"): Fashion-MNIST with the demo encoder, 60 labels, 68.10 against 50.85; the
+held-out fmnist4k, 40 labels, 66.75 against 58.25; digits, 40 labels, 75.69 against 65.28. ProbCover
+was below the random picks' mean on all three. On our short pretrainings the k-means clusters have
+many images near their borders, so 95% purity allows only a small radius (0.10 and 0.19 on the
+held-out folders), and the greedy cover spends the budget in the densest classes: ProbCover's 60
+Fashion-MNIST labels held no pullover, coat or shirt, and its first 10 picks on the held-out folders
+covered 4 and 5 classes, against TypiClust's 9. ProbCover stays available as ``method=probcover``
+(it is built for an embedding whose clusters are cleaner).
 
 Everything here works on a feature matrix; ``simclrv2.select`` computes it from an encoder and an
 image folder, and ``simclrv2.engine.labels`` from a dataset split. k-means is faiss's on a CUDA
