@@ -1,14 +1,15 @@
 """``simclrv2 select`` on a large folder against embedding the same images alone, in one run.
 
-    python benchmarks/select_speed.py OUT_DIR [--images 100000] [--budget 100] [--size 32]
+    python benchmarks/select_speed.py OUT_DIR [--images 100000] [--budget 100] [--size 32] \\
+        [--methods typiclust,probcover]
 
 Writes ``--images`` small PNGs (``--size`` px, RGB: one of 50 random patterns, shifted and with
 noise, so the embedding has structure) under ``OUT_DIR/images`` in 100 sub-folders, once; saves a
 freshly initialised ``r18_0.25x_sk0`` (stem small) as the encoder; indexes the folder; then times, on
 the CPU, (1) embedding every image alone (:func:`simclrv2.select.embed_dataset`, the streaming path
 ``select`` uses) and (2) the whole ``simclrv2 select`` command with ``budget``: opening the indexed
-folder, embedding, k-means, picks and ``to_label.csv``. The ratio (2) / (1) is the row of
-docs/BENCHMARKS.md (issue 31: at most 1.5).
+folder, embedding, k-means, picks and ``to_label.csv``, once per ``--methods`` (``method=``). The
+ratio (2) / (1) is the row of docs/BENCHMARKS.md (issue 31: at most 1.5).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["typiclust", "probcover"])
     args = parser.parse_args(argv)
     from simclrv2.cli import main as cli_main
     from simclrv2.data.datasets import UnlabeledFolderDataset
@@ -78,15 +80,18 @@ def main(argv: list[str]) -> int:
     feats = embed_dataset(model, ds, info.image_size, torch.device("cpu"), 256, args.num_workers)
     embed_s = time.perf_counter() - t
     print(f"embedding alone: {embed_s:.1f} s ({feats.shape[0] / embed_s:.0f} images/s)", flush=True)
-    t = time.perf_counter()
-    rc = cli_main(["select", f"checkpoint={encoder}", f"images={images}", f"budget={args.budget}",
-                   f"out={args.out / 'to_label.csv'}", "device=cpu", f"num_workers={args.num_workers}"])
-    select_s = time.perf_counter() - t
-    assert rc == 0, "select failed"
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    print(f"| select, {args.images:,} images of {args.size} px, N={args.budget}, CPU | {embed_s:.1f} s | "
-          f"{select_s:.1f} s | {select_s / embed_s:.2f} | {cpu}, {torch.get_num_threads()} threads |")
+    for method in args.methods:
+        t = time.perf_counter()
+        rc = cli_main(["select", f"checkpoint={encoder}", f"images={images}", f"budget={args.budget}",
+                       f"out={args.out / f'to_label_{method}.csv'}", "device=cpu", f"num_workers={args.num_workers}",
+                       f"method={method}"])
+        select_s = time.perf_counter() - t
+        assert rc == 0, f"select method={method} failed"
+        print(f"| select method={method}, {args.images:,} images of {args.size} px, N={args.budget}, CPU | "
+              f"{embed_s:.1f} s | {select_s:.1f} s | {select_s / embed_s:.2f} | {cpu}, {torch.get_num_threads()} threads |",
+              flush=True)
     return 0
 
 

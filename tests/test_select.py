@@ -1,4 +1,5 @@
-"""Choosing what to label (issue 31): TypiClust picks, the second round, `simclrv2 select`, label_selection."""
+"""Choosing what to label (issue 31): TypiClust and ProbCover picks, the second round, k-means by scikit-learn
+or faiss, `simclrv2 select`, label_selection."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from simclrv2 import selection as S
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main as cli_main
 from simclrv2.config import ConfigError, FinetuneConfig, validate
@@ -19,7 +21,16 @@ from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.labels import labelled_subset
 from simclrv2.engine.splits import labelled_indices
 from simclrv2.models import create_model
-from simclrv2.selection import SelectionError, random_picks, typical_picks, typicality
+from simclrv2.selection import (
+    SelectionError,
+    ball_graph,
+    coverage_radius,
+    greedy_cover,
+    probcover_picks,
+    random_picks,
+    typical_picks,
+    typicality,
+)
 
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 220), (240, 230, 40)]  # four planted "classes"
 
@@ -67,6 +78,127 @@ def test_same_seed_same_picks_and_second_round_never_repeats():
     assert second.reason[0] == "uncovered" and second.reason[-1] == "uncertain"
     with pytest.raises(SelectionError, match="budget=300 is more than the 278 of 284"):
         typical_picks(x, 300, labelled=first.indices)
+
+
+# --------------------------------------------------------------------------------------- ProbCover
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
+
+
+def _naive_purity(x: np.ndarray, pseudo: np.ndarray, delta: float) -> float:
+    """The share of images whose delta-ball (distance < delta) holds its own pseudo-label only."""
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    return float(np.mean([np.all(pseudo[d[i] < delta] == pseudo[i]) for i in range(len(x))]))
+
+
+def test_probcover_planted_clusters_get_one_pick_each():
+    x, y = _planted()
+    picks = probcover_picks(x, 8, seed=0, n_classes=8)
+    assert sorted(y[picks.indices].tolist()) == list(range(8))  # every cluster exactly once
+    assert picks.reason == ["uncovered"] * 8 and picks.method == "probcover" and picks.kmeans == "scikit-learn"
+    assert sorted(picks.score.tolist(), reverse=True) == picks.score.tolist()  # greedy: gains never grow
+
+
+def test_probcover_same_seed_same_picks_and_second_round_never_repeats():
+    x, y = _planted(k=6, seed=2)
+    first = probcover_picks(x, 6, seed=3, n_classes=6)
+    np.testing.assert_array_equal(first.indices, probcover_picks(x, 6, seed=3, n_classes=6).indices)
+    # the first picks' balls cover every cluster: the rest go to the least certain images
+    second = probcover_picks(x, 40, seed=3, labelled=first.indices, labelled_classes=y[first.indices], n_classes=6)
+    assert len(set(second.indices.tolist())) == 40 and not set(second.indices.tolist()) & set(first.indices.tolist())
+    assert "uncertain" in second.reason
+    # without classes the cover goes on with smaller balls, still never a labelled image
+    blind = probcover_picks(x, 200, seed=3, labelled=first.indices, n_classes=6)
+    assert len(set(blind.indices.tolist())) == 200 and not set(blind.indices.tolist()) & set(first.indices.tolist())
+    with pytest.raises(SelectionError, match="budget=300 is more than the 278 of 284"):
+        probcover_picks(x, 300, labelled=first.indices)
+
+
+def test_coverage_radius_is_the_largest_pure_enough_radius_of_a_naive_scan():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(c, 0.6, size=(20, 3)) for c in ([2, 0, 0], [0, 2, 0], [0, 0, 2])])
+    pseudo = np.repeat(np.arange(3), 20)  # overlapping clusters: some balls are mixed at any radius
+    xn = _unit(x)
+    for alpha in (0.95, 0.8):
+        delta = coverage_radius(x, pseudo, alpha)
+        assert _naive_purity(xn, pseudo, delta - 1e-5) >= alpha > _naive_purity(xn, pseudo, delta + 1e-5)
+        grid = np.linspace(0.0, 2.0, 2001)  # the paper's way: the largest radius of a grid that is pure enough
+        best = max(g for g in grid if _naive_purity(xn, pseudo, g) >= alpha)
+        assert best <= delta + 1e-5 < best + 1e-3
+
+
+def test_coverage_radius_on_a_seeded_sample_is_close_to_the_exact_one():
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.normal(c, 0.6, size=(400, 3)) for c in ([2, 0, 0], [0, 2, 0], [0, 0, 2])])
+    pseudo = np.repeat(np.arange(3), 400)
+    exact = coverage_radius(x, pseudo, 0.9)
+    sampled = coverage_radius(x, pseudo, 0.9, sample=600, seed=1)
+    assert sampled == coverage_radius(x, pseudo, 0.9, sample=600, seed=1) != exact  # seeded, and a sample
+    assert abs(_naive_purity(_unit(x), pseudo, sampled) - 0.9) < 0.03  # the purity it keeps is about alpha
+
+
+def test_ball_graph_in_blocks_matches_a_double_loop(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    monkeypatch.setattr(S, "_row_chunk", lambda n: 7)  # several blocks, a short last one
+    indptr, indices = ball_graph(x, 0.8)
+    xn = _unit(x)
+    d = np.sqrt(((xn[:, None] - xn[None]) ** 2).sum(-1))
+    for i in range(50):
+        naive = sorted(set(np.flatnonzero(d[i] < 0.8).tolist()) | {i})
+        assert indices[indptr[i] : indptr[i + 1]].tolist() == naive
+
+
+def test_ball_graph_too_crowded_is_a_one_line_error(monkeypatch):
+    x, _ = _planted(k=3, seed=8)
+    monkeypatch.setattr(S, "MAX_EDGES", len(x) + 10)  # the centres and 5 pairs
+    with pytest.raises(SelectionError, match=r"has over \S+ edges: .*use method=typiclust$"):
+        probcover_picks(x, 3, n_classes=3)
+
+
+def test_greedy_cover_matches_a_naive_max_coverage():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    indptr, indices = ball_graph(x, 0.7)
+    balls = [set(indices[indptr[i] : indptr[i + 1]].tolist()) for i in range(60)]
+    labelled = np.array([3, 17])
+    covered, naive = set().union(*(balls[i] for i in labelled)), []
+    for _ in range(10):
+        gains = [-1 if i in naive or i in labelled else len(balls[i] - covered) for i in range(60)]
+        if max(gains) <= 0:
+            break
+        naive.append(int(np.argmax(gains)))  # ties: the lowest index
+        covered |= balls[naive[-1]]
+    picks, gains, mask = greedy_cover(indptr, indices, 10, labelled)
+    assert picks == naive and sum(gains) + len(set().union(*(balls[i] for i in labelled))) == mask.sum()
+
+
+# --------------------------------------------------------------------------------------- k-means
+
+
+def test_faiss_kmeans_on_the_cpu_finds_the_planted_clusters_as_scikit_learn_does():
+    pytest.importorskip("faiss")
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = _planted(k=8, seed=7)
+    faiss_cl = S.cluster_features(x, 8, seed=0, backend="faiss-cpu")
+    sk_cl = S.cluster_features(x, 8, seed=0, backend="scikit-learn")
+    assert adjusted_rand_score(y, faiss_cl) == 1.0 and adjusted_rand_score(y, sk_cl) == 1.0
+    np.testing.assert_array_equal(faiss_cl, S.cluster_features(x, 8, seed=0, backend="faiss-cpu"))  # seeded
+
+
+def test_kmeans_runs_on_faiss_gpu_only_on_cuda_with_a_faiss_that_sees_a_gpu(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(get_num_gpus=lambda: 1))
+    assert S.kmeans_backend("cuda") == "faiss-gpu" and S.kmeans_backend("cpu") == "scikit-learn"
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(get_num_gpus=lambda: 0))  # faiss-cpu
+    assert S.kmeans_backend("cuda") == "scikit-learn"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed: import fails
+    assert S.kmeans_backend("cuda") == "scikit-learn"
 
 
 # --------------------------------------------------------------------------------- simclrv2 select
@@ -136,6 +268,18 @@ def test_select_second_round_takes_the_labels_and_never_repeats(encoder, folder,
     assert "uncertain" in {r["reason"] for r in _rows(second)}
 
 
+def test_select_probcover_method_says_what_ran_and_rejects_an_unknown_method(encoder, folder, tmp_path, capsys):
+    out = tmp_path / "to_label.csv"
+    assert _select(encoder, folder, out, "budget=4", "method=probcover", "classes=4") == 0
+    said = capsys.readouterr().out
+    assert "probcover, delta " in said and "k-means by scikit-learn: 4 clusters of 36 images" in said
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")}
+    assert len({r["file"] for r in _rows(out)}) == 4 and {r["file"] for r in _rows(out)} <= files
+    assert _select(encoder, folder, tmp_path / "bad.csv", "budget=4", "method=coreset") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "method" in err and "probcover" in err
+
+
 def test_select_budget_larger_than_the_folder_is_one_line(encoder, folder, tmp_path, capsys):
     out = tmp_path / "to_label.csv"
     assert _select(encoder, folder, out, "budget=37") == 2
@@ -165,11 +309,13 @@ def test_label_selection_balanced_unchanged_random_blind_typical_covers(encoder,
     val = set(labelled_indices(dataclasses.replace(base, label_fraction=1.0), ds, None).tolist()) ^ set(range(120))
     random = labelled_subset(dataclasses.replace(base, label_selection="random"), ds, source, 16, None)
     typical = labelled_subset(dataclasses.replace(base, label_selection="typical"), ds, source, 16, tmp_path)
-    for idx in (random, typical):
+    cover = labelled_subset(dataclasses.replace(base, label_selection="probcover"), ds, source, 16, None)
+    for idx in (random, typical, cover):
         assert len(idx) == len(balanced) == 4 and not set(idx.tolist()) & val
-    assert len(set(ds.labels[torch.from_numpy(typical)].tolist())) == 4  # one of each colour
+    for idx in (typical, cover):
+        assert len(set(ds.labels[torch.from_numpy(idx)].tolist())) == 4  # one of each colour
     assert (tmp_path / "labelled_subset.txt").read_text().split() == [str(i) for i in typical]
-    with pytest.raises(ConfigError, match="label_selection must be balanced, random or typical"):
+    with pytest.raises(ConfigError, match="label_selection must be balanced, random, typical or probcover"):
         validate(dataclasses.replace(base, label_selection="clever"))
 
 

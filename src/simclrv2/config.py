@@ -80,11 +80,12 @@ class LabelConfig:
     label_fraction: float = 0.01  # class-balanced fraction of the train split, in (0, 1]
     label_seed: int = 0  # seed of the subset draw; same seed -> same images everywhere
     label_list: str = ""  # official ImageNet subset file (one filename per line); overrides fraction
-    # how the labelled images are chosen (benchmark mode, all three get as many labels as balanced draws):
+    # how the labelled images are chosen (benchmark mode, all get as many labels as balanced draws):
     # balanced (per class, needs the labels first) | random (ignores classes, as a user would) |
-    # typical (TypiClust on label_encoder's embedding, then the hidden labels are read)
+    # typical (TypiClust on label_encoder's embedding, then the hidden labels are read) |
+    # probcover (ProbCover's coverage on that embedding, likewise)
     label_selection: str = "balanced"
-    label_encoder: str = ""  # typical: pretrained model to embed with; "" = the stage's own pretrained one
+    label_encoder: str = ""  # typical/probcover: model to embed with; "" = the stage's own pretrained one
 
 
 @dataclass
@@ -440,8 +441,8 @@ def validate(cfg: Any) -> None:
             f"label_fraction must be in (0, 1], got {cfg.label_fraction}; e.g. label_fraction=0.01 for 1% labels",
         )
     if isinstance(cfg, LabelConfig):
-        need(cfg.label_selection in ("balanced", "random", "typical"),
-             f"label_selection must be balanced, random or typical, got '{cfg.label_selection}'")
+        need(cfg.label_selection in ("balanced", "random", "typical", "probcover"),
+             f"label_selection must be balanced, random, typical or probcover, got '{cfg.label_selection}'")
         need(not (cfg.label_list and cfg.label_selection != "balanced"),
              "label_list names the labelled images itself; drop label_selection or label_list")
     if hasattr(cfg, "optimizer"):

@@ -183,9 +183,10 @@ def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers
 
 
 def _typical_from(cfg: Any, pre_dir: str) -> Any:
-    """``label_selection=typical`` embeds with the pipeline's pretrained encoder, whatever the stage
-    starts from (the supervised baseline and the distillation students start from random weights)."""
-    if cfg.label_selection == "typical" and not cfg.label_encoder:
+    """``label_selection=typical`` (or ``probcover``) embeds with the pipeline's pretrained encoder,
+    whatever the stage starts from (the supervised baseline and the distillation students start from
+    random weights)."""
+    if cfg.label_selection in ("typical", "probcover") and not cfg.label_encoder:
         return dataclasses.replace(cfg, label_encoder=pre_dir)
     return cfg
 

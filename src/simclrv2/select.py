@@ -1,11 +1,12 @@
 """``simclrv2 select``: the images of an unlabeled folder worth a person's time to label, in order.
 
-The pretrained encoder embeds every image (streamed through the folder index, never all held),
-and :func:`simclrv2.selection.typical_picks` chooses: TypiClust's most typical image of each
-cluster with no label yet, then, in a second round, the images the labels given so far are least
-sure about. ``to_label.csv`` lists the picks in labelling order with their cluster, score and
-reason, and an empty ``label`` column: fill it in and pass the file back as ``labels=`` for the next
-round. :func:`select_to_label` is the same choice for any dataset (the pipeline's, a test's).
+The pretrained encoder embeds every image (streamed through the folder index, never all held), and
+:func:`simclrv2.selection.select_picks` chooses by ``method``: TypiClust's most typical image of
+each cluster with no label yet, or ProbCover's balls that cover most images no label covers; then,
+in a second round, the images the labels given so far are least sure about. ``to_label.csv`` lists
+the picks in labelling order with their cluster, score and reason, and an empty ``label`` column:
+fill it in and pass the file back as ``labels=`` for the next round. :func:`select_to_label` is the
+same choice for any dataset (the pipeline's, a test's).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .engine.batches import BatchSource
 from .engine.device import resolve_device
 from .engine.evaluate import extract
 from .engine.runfolder import RunError
-from .selection import Selection, SelectionError, typical_picks
+from .selection import DEFAULT_METHOD, METHODS, Selection, SelectionError, select_picks
 
 CSV_COLUMNS = ["rank", "file", "cluster", "score", "reason", "label"]
+PSEUDO_CLASSES = 10  # ProbCover's k-means clusters when the class count is unknown (classes=0)
 
 
 class _GreyInput(nn.Module):
@@ -61,17 +63,22 @@ def embed_dataset(encoder: nn.Module, dataset: ImageDataset, image_size: int, de
 def select_to_label(encoder: nn.Module, dataset: ImageDataset, budget: int, seed: int = 0,
                     labelled: np.ndarray | None = None, labelled_classes: np.ndarray | None = None,
                     image_size: int = 0, device: torch.device | None = None, batch_size: int = 256,
-                    num_workers: int = 2, max_clusters: int = 500) -> Selection:
+                    num_workers: int = 2, max_clusters: int = 500, method: str = DEFAULT_METHOD,
+                    n_classes: int = 0) -> Selection:
     """The ``budget`` images of ``dataset`` to label next (indices into it, in labelling order).
 
     ``labelled`` (dataset indices already labelled, never picked again) and ``labelled_classes``
     (their classes, any hashable; "" for a file seen but left unlabeled) make it a later round.
+    ``method`` is "typiclust" or "probcover"; ``n_classes`` (ProbCover's k-means pseudo-classes)
+    0 = the classes among ``labelled_classes``, at least :data:`PSEUDO_CLASSES`.
     ``image_size`` 0 = the dataset's stored size."""
     device = device or next(encoder.parameters()).device
     size = image_size or int(getattr(dataset, "image_size", 0) or dataset[0][0].shape[-1])
     feats = embed_dataset(encoder, dataset, size, device, batch_size, num_workers)
-    return typical_picks(feats, budget, seed, labelled=labelled, labelled_classes=labelled_classes,
-                         max_clusters=max_clusters, device=device)
+    if not n_classes:
+        named = {c for c in (labelled_classes if labelled_classes is not None else []) if c is not None and c != ""}
+        n_classes = max(PSEUDO_CLASSES, len(named))
+    return select_picks(method, feats, budget, seed, labelled, labelled_classes, n_classes, max_clusters, device)
 
 
 def propose_for_folder(checkpoint: str, data_dir: str | Path, budget: int, out: str | Path, seed: int = 0,
@@ -156,7 +163,13 @@ def select_main(argv: list[str]) -> int:
     parser.add_argument("--labels", default="", help="CSV of file,label given so far (to_label.csv filled in)")
     parser.add_argument("--links", default="", help="a new folder of links to the picks, in labelling order")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed; the same seed gives the same picks")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                        help="typiclust (typical images of k-means clusters) or probcover (greedy coverage "
+                        "of balls of the embedding); the default won on validation (docs/EXPERIMENTS.md)")
     parser.add_argument("--max-clusters", type=int, default=500, help="cap on the clusters (TypiClust's 500)")
+    parser.add_argument("--classes", type=int, default=0,
+                        help="probcover: k-means pseudo-classes that set the ball radius; the number of classes "
+                        f"if known, 0 = those in labels=, at least {PSEUDO_CLASSES}")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -175,11 +188,12 @@ def select_main(argv: list[str]) -> int:
         raise SelectionError(f"budget={args.budget} is more than the {left} unlabelled images in '{args.images}'; "
                              f"lower budget to at most {left}")
     picks = select_to_label(model, ds, args.budget, args.seed, labelled, classes, info.image_size, device,
-                            args.batch_size, args.num_workers, args.max_clusters)
+                            args.batch_size, args.num_workers, args.max_clusters, args.method, args.classes)
     write_to_label(out, ds.files, picks)
     if args.links:
         write_links(Path(args.links), [Path(ds.paths[int(i)]) for i in picks.indices])
     reasons = {r: picks.reason.count(r) for r in dict.fromkeys(picks.reason)}
-    print(f"wrote {len(picks.indices)} images to label to {out} ({picks.n_clusters} clusters of {len(ds)} images; "
-          + ", ".join(f"{n} {r}" for r, n in reasons.items()) + ")")
+    how = f"delta {picks.delta:.4g}, " if picks.method == "probcover" else ""
+    print(f"wrote {len(picks.indices)} images to label to {out} ({picks.method}, {how}k-means by {picks.kmeans}: "
+          f"{picks.n_clusters} clusters of {len(ds)} images; " + ", ".join(f"{n} {r}" for r, n in reasons.items()) + ")")
     return 0

@@ -5,8 +5,10 @@
 - ``random``: as many images, drawn without looking at classes, as a user would pick.
 - ``typical``: as many images, picked by TypiClust (:mod:`simclrv2.selection`) on the pretrained
   encoder's embedding of the training pool; only then are their (hidden) labels read.
+- ``probcover``: the same with ProbCover's coverage of that embedding (pseudo-labels from k-means
+  with as many clusters as the dataset has classes, the one fact about the labels it uses).
 
-All three leave the validation split out and get the same number of labels, so the comparison is
+All four leave the validation split out and get the same number of labels, so the comparison is
 of the choice alone. The subset is written to the run folder as ``labelled_subset.txt``.
 """
 
@@ -22,7 +24,7 @@ import torch
 from .. import distributed as dist
 from ..data.datasets import ImageDataset
 from ..data.subsets import write_subset
-from ..selection import random_picks, typical_picks
+from ..selection import random_picks, select_picks
 from .batches import BatchSource
 from .evaluate import extract
 from .models import load_model
@@ -32,7 +34,7 @@ from .splits import labelled_indices, validation_indices
 # (encoder, its state, dataset, size, pool, budget, seed) -> picks: a pipeline's learning-rate search
 # runs a stage several times on the same subset, and embedding the training split each time would
 # cost more than the fine-tuning at a few labels
-_TYPICAL_CACHE: dict[tuple, np.ndarray] = {}
+_PICKS_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def labelled_subset(cfg: Any, ds: ImageDataset, source: BatchSource, image_size: int,
@@ -48,7 +50,7 @@ def labelled_subset(cfg: Any, ds: ImageDataset, source: BatchSource, image_size:
     if cfg.label_selection == "random":
         idx = pool[random_picks(len(pool), budget, cfg.label_seed)]
     else:
-        idx = pool[_typical(cfg, source, pool, budget, image_size)]
+        idx = pool[_picked(cfg, source, pool, budget, image_size, ds.num_classes)]
     idx = np.sort(idx).astype(np.int64)
     if run_dir is not None and dist.is_main():
         write_subset(run_dir / "labelled_subset.txt", idx, ds.filenames)
@@ -66,24 +68,26 @@ def selection_metrics(cfg: Any, ds: ImageDataset, idx: np.ndarray | torch.Tensor
 
 
 def encoder_of(cfg: Any) -> str:
-    """The pretrained model ``typical`` embeds with: ``label_encoder``, else the stage's own."""
+    """The model ``typical`` and ``probcover`` embed with: ``label_encoder``, else the stage's own."""
     path = cfg.label_encoder or getattr(cfg, "init_checkpoint", "") or getattr(cfg, "student_init", "") \
         or getattr(cfg, "checkpoint", "")
     if not path:
-        raise RunError("label_selection=typical needs a pretrained encoder to embed with; set label_encoder=PATH "
-                       "(a pretraining run folder or a model file)")
+        raise RunError(f"label_selection={cfg.label_selection} needs a pretrained encoder to embed with; "
+                       "set label_encoder=PATH (a pretraining run folder or a model file)")
     return path
 
 
-def _typical(cfg: Any, source: BatchSource, pool: np.ndarray, budget: int, image_size: int) -> np.ndarray:
-    """Rows of ``pool`` TypiClust picks on the encoder's backbone features."""
+def _picked(cfg: Any, source: BatchSource, pool: np.ndarray, budget: int, image_size: int,
+            n_classes: int) -> np.ndarray:
+    """Rows of ``pool`` TypiClust or ProbCover picks on the encoder's backbone features."""
     path = encoder_of(cfg)
     state = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
     key = (os.path.realpath(path), state, cfg.dataset, cfg.data_dir, cfg.train_split, len(source.labels),
-           image_size, pool.tobytes(), budget, cfg.label_seed)
-    if key not in _TYPICAL_CACHE:
+           image_size, pool.tobytes(), budget, cfg.label_seed, cfg.label_selection)
+    if key not in _PICKS_CACHE:
         model, _ = load_model(path, source.device)
         feats, _ = extract(model, source, torch.from_numpy(pool), image_size, 512, "features", cfg.precision)
-        picks = typical_picks(feats, budget, seed=cfg.label_seed, device=source.device)
-        _TYPICAL_CACHE[key] = picks.indices
-    return _TYPICAL_CACHE[key]
+        method = "typiclust" if cfg.label_selection == "typical" else "probcover"
+        picks = select_picks(method, feats, budget, seed=cfg.label_seed, n_classes=n_classes, device=source.device)
+        _PICKS_CACHE[key] = picks.indices
+    return _PICKS_CACHE[key]
