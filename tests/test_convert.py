@@ -25,13 +25,12 @@ from simclrv2 import tfcheckpoint
 from simclrv2.convert import (
     ConversionError,
     convert_checkpoint,
-    convert_main,
     guess_ft_proj_selector,
     infer_architecture,
-    load_pretrained,
     save_converted,
 )
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame
+from simclrv2.pretrained import convert_main, load_pretrained
 from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint, write_tf_checkpoint
 
 BN_EPS = 1e-5

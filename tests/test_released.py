@@ -20,7 +20,7 @@ from test_convert import NUM_CLASSES, reference_outputs, tiny_tf_checkpoint
 import simclrv2
 from simclrv2 import released
 from simclrv2.cli import main as cli_main
-from simclrv2.convert import convert_main
+from simclrv2.pretrained import convert_main
 
 
 class ReleaseServer(http.server.ThreadingHTTPServer):
