@@ -964,3 +964,34 @@ def test_outputs_match_tensorflow(variant: str, request: pytest.FixtureRequest) 
             worst["features@64 without tf_padding"] = float(np.abs(shifted.numpy() - np.asarray(h)).max())
             assert worst["features@64 without tf_padding"] > 1e-3
     print(f"\n{variant} max |ours - TF|: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+
+
+def test_an_unknown_backbone_tensor_is_refused_unless_strict_is_false(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # a backbone variable the built model has no place for: the checkpoint's network is another one
+    from simclrv2.cli import main as cli_main
+
+    folder = tmp_path / "finetuned_1pct" / "r10"  # the category tells ft_proj_selector=1
+    tensors = tiny_tf_checkpoint(tmp_path / "plain")
+    extra = "base_model/se_block/dense/kernel"  # e.g. squeeze-excitation, which our ResNet has not
+    write_tf_checkpoint(folder / "model.ckpt-30", {**tensors, extra: np.ones((3, 3, 8, 8), np.float32)})
+    out = tmp_path / "m.safetensors"
+    assert cli_main(["convert", f"tf_checkpoint={folder}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and extra in err and "architecture differs" in err and "strict=false" in err, err
+    assert not out.exists() and not out.with_suffix(".json").exists()  # nothing written
+    with pytest.raises(ConversionError, match=f"1 checkpoint tensors under base_model/ .* first {extra}"):
+        convert_checkpoint({**tensors, extra: np.ones((3, 3, 8, 8), np.float32)}, ft_proj_selector=1)
+    ema_extra = {**tensors, **{f"ema_model/{n}": v for n, v in tensors.items() if n.startswith("base_model/")
+                               or n.startswith("head_contrastive/")}, f"ema_model/{extra}": np.ones(1, np.float32)}
+    with pytest.raises(ConversionError, match=f"first ema_model/{extra}"):
+        convert_checkpoint(ema_extra, ema=True, ft_proj_selector=1)
+    # strict=false converts it, lists it as unused, and the weights are those of the checkpoint without it
+    assert cli_main(["convert", f"tf_checkpoint={folder}", f"out={out}", "strict=false"]) == 0
+    assert f"unused: {extra}" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["conversion"]["unused"] == [extra]
+    plain, report = convert_checkpoint(tensors, ft_proj_selector=1)
+    assert report.unused == []
+    loaded = load_pretrained(out)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -316,7 +316,9 @@ def convert_checkpoint(
             checkpoints: features and middle layers are all as wide), the checkpoint cannot
             tell, and ``ConversionError`` asks for it (``guess_ft_proj_selector`` reads it
             from a release path).
-        strict: raise when a state-dict entry received no tensor (else list it in the report).
+        strict: raise when a state-dict entry received no tensor, or when a tensor under
+            ``base_model/`` has no place in the model (else list them in the report as missing
+            and unused).
         allow_short_head: convert a projection head whose final layer is missing (its last
             layer present still has a ``beta``, which only middle layers have); else an error.
 
@@ -336,6 +338,7 @@ def convert_checkpoint(
     copier.copy_projection_head(layout.head_layers)
     copier.copy_classifier()
     ignored, unused = _classify_unmapped(shapes, copier.mapping, ema)
+    _check_backbone_accounted(unused, layout.model_name, strict)
     model, missing = _load_converted(model, copier.state, options, strict)
     model.eval()
     if layout.short_head:
@@ -576,6 +579,16 @@ def _classify_unmapped(shapes: Mapping[str, tuple[int, ...]], mapping: Mapping[s
     return ignored, sorted(unused)
 
 
+def _check_backbone_accounted(unused: Sequence[str], model_name: str, strict: bool) -> None:
+    """A backbone tensor with no place in the model built means the checkpoint's network is not
+    that model: an error when ``strict``, like a model tensor the checkpoint lacks."""
+    extra = [n for n in unused if n.startswith((BACKBONE_SCOPE, EMA_SCOPE + BACKBONE_SCOPE))]
+    if extra and strict:
+        raise ConversionError(f"{len(extra)} checkpoint tensors under {BACKBONE_SCOPE} have no place in {model_name}, "
+                              f"first {extra[0]}, so its architecture differs; pass strict=false (Python: "
+                              "strict=False) to convert it anyway and list them as unused")
+
+
 def _zero_initialised_keys(model: SimCLRModel) -> set[str]:
     """State entries no checkpoint holds that start at 0: BN batch counters and beta-less BN biases."""
     keys = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
@@ -722,7 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "finetuned_1pct/10pct, 0 for finetuned_100pct/pretrained/supervised; required "
                              "when the path names none and the checkpoint cannot tell)")
     parser.add_argument("--allow-missing", action="store_true",
-                        help="write the model even if some of its tensors are not in the checkpoint")
+                        help="write the model even if some of its tensors are not in the checkpoint "
+                             "(implies strict=false)")
+    parser.add_argument("--no-strict", dest="strict", action="store_false",
+                        help="strict=false: write the model even if some of its tensors are not in the checkpoint, "
+                             "or the checkpoint holds base_model/ tensors it has no place for (listed as unused)")
     parser.add_argument("--allow-short-head", action="store_true",
                         help="convert a projection head whose final layer is missing (else an error)")
     parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")

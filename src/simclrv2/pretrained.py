@@ -94,6 +94,6 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             parser.error("--out FILE.safetensors is needed with --tf-checkpoint")
         folder, out, category = args.tf_checkpoint, args.out, None
     convert_release_folder(folder, out, category=category, ema=args.ema, ft_proj_selector=args.ft_proj_selector,
-                           strict=not args.allow_missing, allow_short_head=args.allow_short_head,
+                           strict=args.strict and not args.allow_missing, allow_short_head=args.allow_short_head,
                            verify=not args.no_verify)
     return 0
