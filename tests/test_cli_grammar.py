@@ -72,9 +72,8 @@ def test_models_takes_the_grammar(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_convert_takes_key_value(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from _tf_writer import write_tf_checkpoint
     from test_convert import NUM_CLASSES, official_variables
-
-    from simclrv2.tfcheckpoint import write_tf_checkpoint
 
     values = dict(official_variables(50, 0.5, True, NUM_CLASSES, cifar_stem=True).values)
     values["global_step"] = np.array(7, dtype=np.int64)

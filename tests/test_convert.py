@@ -16,10 +16,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import _tf_writer
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tf_writer import write_tf_checkpoint
 
 from simclrv2 import tfcheckpoint
 from simclrv2.convert import (
@@ -31,7 +33,7 @@ from simclrv2.convert import (
 )
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame
 from simclrv2.pretrained import convert_main, load_pretrained
-from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint, write_tf_checkpoint
+from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint
 
 BN_EPS = 1e-5
 REF_DTYPE = np.float64  # reference in double precision: its own rounding is negligible
@@ -452,7 +454,7 @@ def test_reads_a_checkpoint_written_by_tensorflow(tmp_path: Path) -> None:
 def test_writer_reader_roundtrip_many_blocks_and_dtypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # small table blocks, so that a few hundred names need several data blocks and a
     # multi-entry index block (TF's 256 KiB blocks are exercised in the TensorFlow test)
-    monkeypatch.setattr(tfcheckpoint, "_BLOCK_SIZE", 4096)
+    monkeypatch.setattr(_tf_writer, "_BLOCK_SIZE", 4096)
     rng = np.random.default_rng(0)
     tensors: dict[str, np.ndarray] = {
         "a/f32": rng.standard_normal((300, 70)).astype(np.float32),
