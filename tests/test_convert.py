@@ -523,6 +523,7 @@ def check_every_tensor(model: torch.nn.Module, report: Any, tensors: dict[str, n
     assert set(report.ignored) == set(tensors) - expected_sources
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["r50_1x_sk0", "r50_1x_sk1"])
 def test_convert_maps_every_tensor_and_matches_tf_semantics(variant: str, request: pytest.FixtureRequest) -> None:
     built = request.getfixturevalue("r50_sk0" if variant.endswith("sk0") else "r50_sk1")
@@ -561,6 +562,7 @@ def test_convert_maps_every_tensor_and_matches_tf_semantics(variant: str, reques
     torch.testing.assert_close(z.double(), ref["head"][3], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_convert_ema_uses_the_ema_copies(r50_sk1: dict[str, Any]) -> None:
     tensors = r50_sk1["tensors"]
     model, report = convert_checkpoint(TFCheckpoint(r50_sk1["prefix"], verify=False), ema=True, ft_proj_selector=0)
@@ -697,6 +699,7 @@ def test_selector_guess_from_release_folders(tmp_path: Path) -> None:
     assert guess_ft_proj_selector(tmp_path / "r50_1x_sk0") is None  # copied with `gsutil cp -r .../r50_1x_sk0 .`
 
 
+@pytest.mark.slow
 def test_selector_is_required_when_neither_checkpoint_nor_path_tells(r50_sk0: dict[str, Any], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # the fine-tuned fixture copied without its category folder: the classifier's 2048 inputs fit
@@ -768,6 +771,7 @@ def test_checkpoint_file_naming_a_missing_step_is_an_error(tmp_path: Path) -> No
     assert tfcheckpoint.resolve_checkpoint_prefix(folder).name == "model.ckpt-2000"
 
 
+@pytest.mark.slow
 def test_cli_convert_then_load_pretrained(r50_sk0: dict[str, Any], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r50_1x_sk0.safetensors"
@@ -891,6 +895,7 @@ class TFOps:
         return y if bias is None else y + bias
 
 
+@pytest.mark.slow
 def test_tensorflow_reads_our_checkpoints_and_we_read_its(tmp_path: Path, r50_sk1: dict[str, Any]) -> None:
     tf = import_tensorflow()
     # TF reads ours: the whole r50_1x_sk1 fixture (names, shapes, dtypes), a sample of values

@@ -49,6 +49,7 @@ def test_grey_images_on_a_colour_model_match_the_adapted_stem() -> None:
         rgb(torch.rand(2, 2, 16, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_convert_finetune_distil_on_fashion_mnist(small_fmnist: Path, tmp_path: Path) -> None:
     folder = tmp_path / "finetuned_10pct" / "r10_0.25x_sk0"

@@ -10,9 +10,11 @@ forbidden module through it, however late the import runs.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,12 +93,23 @@ def _forbids(forbidden: str, layer: str, module: str) -> bool:
     return module == forbidden or module.startswith(forbidden + ".")
 
 
+@pytest.fixture(scope="module")
+def loaded() -> Iterator[dict[str, subprocess.Popen]]:
+    """One fresh interpreter per group, all started at once (each imports torch: seconds)."""
+    procs = {group: subprocess.Popen([sys.executable, "-c", _CHECK, json.dumps([(la, RULES[la]) for la in layers])],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for group, layers in GROUPS.items()}
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("group", list(GROUPS))
-def test_a_layer_loads_nothing_above_it(group: str) -> None:
-    layers = [(layer, RULES[layer]) for layer in GROUPS[group]]
-    out = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(layers)], capture_output=True, text=True,
-                         check=True)
-    assert json.loads(out.stdout) == {}, f"a layer loaded what DESIGN.md 'Layers' forbids it: {out.stdout}"
+def test_a_layer_loads_nothing_above_it(group: str, loaded: dict[str, subprocess.Popen]) -> None:
+    out, err = loaded[group].communicate(timeout=300)
+    assert loaded[group].returncode == 0, err
+    assert json.loads(out) == {}, f"a layer loaded what DESIGN.md 'Layers' forbids it: {out}"
 
 
 def test_every_rule_is_checked_in_a_fresh_interpreter_or_by_source_only() -> None:
@@ -112,6 +125,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module -> the modules of ours it imports, at load time or later (inside functions).
 
@@ -174,7 +188,7 @@ def test_find_cycle_finds_one() -> None:
 
 
 def test_the_import_graph_has_no_cycle() -> None:
-    graph = import_graph()
+    graph = import_graph()  # read once, shared by the tests below (not changed by them)
     assert "simclrv2.engine.pretrain" in graph and "simclrv2.data.index" in graph  # read the real package
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {' -> '.join(cycle or [])}"
