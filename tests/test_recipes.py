@@ -363,10 +363,17 @@ def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkey
     """The real measurement on tiny data; the run's pipeline.yaml then holds the chosen epochs
     and no budget, so running it again repeats them."""
     import simclrv2.pipeline as P
+    from simclrv2 import plan
 
     pc = _budget_config(data, tmp_path / "run", minutes=30)
     seen: list[PipelineConfig] = []  # the check, the budget's own plan, then the pipeline's
-    monkeypatch.setattr(P, "plan_stages", lambda pc, real=P.plan_stages: (seen.append(pc), real(pc))[1])
+
+    def recorded(pc: PipelineConfig) -> list:
+        seen.append(pc)
+        return plan.plan_stages(pc)
+
+    monkeypatch.setattr(P, "plan_stages", recorded)
+    monkeypatch.setattr(budget, "plan_stages", recorded)  # both import it from simclrv2.plan
 
     class _Stop(Exception):
         pass
