@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (main job) and `make test`.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test quick lint bench
 
 DEMO_CONFIG ?= configs/fashion_mnist_demo.yaml
 DEMO_ARGS ?=
@@ -15,6 +15,11 @@ lint: setup
 
 test: setup lint
 	.venv/bin/python -m pytest  # -q comes from pyproject's addopts; -qq would hide the summary line
+
+# every test but the end-to-end ones marked slow (SIGKILL loops, torchrun, whole pipelines): make test
+# and CI run those too
+quick: setup
+	.venv/bin/python -m pytest -m "not slow"
 
 bench: setup
 	.venv/bin/python benchmarks/augment.py

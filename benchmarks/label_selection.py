@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from simclrv2 import config as C
-from simclrv2.pipeline import PipelineConfig, StagePlan, _with_search, fraction_tag, plan_stages, run_search
+from simclrv2.pipeline import run_search
+from simclrv2.plan import PipelineConfig, StagePlan, _with_search, fraction_tag, plan_stages
 
 
 def finetune_arms(args: argparse.Namespace) -> list[dict]:

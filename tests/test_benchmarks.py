@@ -191,6 +191,7 @@ def test_flop_count_of_the_ceiling_step_matches_the_layer_shapes():
         assert gb.count_flops(tp.CeilingStep(cfg, torch.device("cpu"))) == naive_ceiling_step_flops(cfg), stem
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_on_cpu(capsys):
     gb.main(["--smoke", "--only", "ours,ceiling", "--model", "r10_0.25x_sk0", "--image-size", "16", "--max-batch", "16",
              "--search-seconds", "0.5"])
@@ -228,6 +229,7 @@ def naive_knn_top1(bank_x: torch.Tensor, bank_y: torch.Tensor, test_x: torch.Ten
     return round(100.0 * correct / len(test_y), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_knn_reference_rows_match_a_naive_knn(capsys):
     """Every row of benchmarks/knn_reference.py equals a naive kNN on features computed here: raw
@@ -263,6 +265,7 @@ def test_knn_reference_rows_match_a_naive_knn(capsys):
                     "random-init r10_0.25x_sk0 (small stem)": random_init}
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_path):
     """benchmarks/linear_reference.py: the 0.1% subset is the one ``finetune`` writes, C comes from 3-fold
@@ -308,6 +311,7 @@ def test_linear_reference_cross_validates_c_on_the_pipelines_subset(capsys, tmp_
     assert pixels > 50.0  # 6 labels per class: pixels alone reach about 68% on the full test split
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_dataloading_generator_writes_a_class_folder_of_jpegs(tmp_path, capsys):
     """benchmarks/dataloading.py's folder: valid 300-500 px RGB JPEGs of photo-like weight, one folder

@@ -64,6 +64,7 @@ def test_export_takes_key_value_with_a_switch(classifier_ckpt: Path, tmp_path: P
     assert json.loads(out.with_suffix(".json").read_text())["format"] == "torchscript"
 
 
+@pytest.mark.slow
 def test_models_takes_the_grammar(capsys: pytest.CaptureFixture) -> None:
     assert main(["models"]) == 0 and "r10_0.25x_sk0" in capsys.readouterr().out
     assert main(["models", "verbose=true"]) == 2
@@ -71,10 +72,10 @@ def test_models_takes_the_grammar(capsys: pytest.CaptureFixture) -> None:
     assert err.count("\n") == 1 and "simclrv2 models takes no options, got 'verbose'" in err
 
 
+@pytest.mark.slow
 def test_convert_takes_key_value(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from _tf_writer import write_tf_checkpoint
     from test_convert import NUM_CLASSES, official_variables
-
-    from simclrv2.tfcheckpoint import write_tf_checkpoint
 
     values = dict(official_variables(50, 0.5, True, NUM_CLASSES, cifar_stem=True).values)
     values["global_step"] = np.array(7, dtype=np.int64)

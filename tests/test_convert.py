@@ -16,23 +16,24 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import _tf_writer
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tf_writer import write_tf_checkpoint
 
 from simclrv2 import tfcheckpoint
 from simclrv2.convert import (
     ConversionError,
     convert_checkpoint,
-    convert_main,
     guess_ft_proj_selector,
     infer_architecture,
-    load_pretrained,
     save_converted,
 )
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame
-from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint, write_tf_checkpoint
+from simclrv2.pretrained import convert_main, load_pretrained
+from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint
 
 BN_EPS = 1e-5
 REF_DTYPE = np.float64  # reference in double precision: its own rounding is negligible
@@ -453,7 +454,7 @@ def test_reads_a_checkpoint_written_by_tensorflow(tmp_path: Path) -> None:
 def test_writer_reader_roundtrip_many_blocks_and_dtypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # small table blocks, so that a few hundred names need several data blocks and a
     # multi-entry index block (TF's 256 KiB blocks are exercised in the TensorFlow test)
-    monkeypatch.setattr(tfcheckpoint, "_BLOCK_SIZE", 4096)
+    monkeypatch.setattr(_tf_writer, "_BLOCK_SIZE", 4096)
     rng = np.random.default_rng(0)
     tensors: dict[str, np.ndarray] = {
         "a/f32": rng.standard_normal((300, 70)).astype(np.float32),
@@ -522,6 +523,7 @@ def check_every_tensor(model: torch.nn.Module, report: Any, tensors: dict[str, n
     assert set(report.ignored) == set(tensors) - expected_sources
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["r50_1x_sk0", "r50_1x_sk1"])
 def test_convert_maps_every_tensor_and_matches_tf_semantics(variant: str, request: pytest.FixtureRequest) -> None:
     built = request.getfixturevalue("r50_sk0" if variant.endswith("sk0") else "r50_sk1")
@@ -560,6 +562,7 @@ def test_convert_maps_every_tensor_and_matches_tf_semantics(variant: str, reques
     torch.testing.assert_close(z.double(), ref["head"][3], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_convert_ema_uses_the_ema_copies(r50_sk1: dict[str, Any]) -> None:
     tensors = r50_sk1["tensors"]
     model, report = convert_checkpoint(TFCheckpoint(r50_sk1["prefix"], verify=False), ema=True, ft_proj_selector=0)
@@ -696,6 +699,7 @@ def test_selector_guess_from_release_folders(tmp_path: Path) -> None:
     assert guess_ft_proj_selector(tmp_path / "r50_1x_sk0") is None  # copied with `gsutil cp -r .../r50_1x_sk0 .`
 
 
+@pytest.mark.slow
 def test_selector_is_required_when_neither_checkpoint_nor_path_tells(r50_sk0: dict[str, Any], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # the fine-tuned fixture copied without its category folder: the classifier's 2048 inputs fit
@@ -767,6 +771,7 @@ def test_checkpoint_file_naming_a_missing_step_is_an_error(tmp_path: Path) -> No
     assert tfcheckpoint.resolve_checkpoint_prefix(folder).name == "model.ckpt-2000"
 
 
+@pytest.mark.slow
 def test_cli_convert_then_load_pretrained(r50_sk0: dict[str, Any], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r50_1x_sk0.safetensors"
@@ -890,6 +895,7 @@ class TFOps:
         return y if bias is None else y + bias
 
 
+@pytest.mark.slow
 def test_tensorflow_reads_our_checkpoints_and_we_read_its(tmp_path: Path, r50_sk1: dict[str, Any]) -> None:
     tf = import_tensorflow()
     # TF reads ours: the whole r50_1x_sk1 fixture (names, shapes, dtypes), a sample of values
@@ -965,3 +971,34 @@ def test_outputs_match_tensorflow(variant: str, request: pytest.FixtureRequest) 
             worst["features@64 without tf_padding"] = float(np.abs(shifted.numpy() - np.asarray(h)).max())
             assert worst["features@64 without tf_padding"] > 1e-3
     print(f"\n{variant} max |ours - TF|: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+
+
+def test_an_unknown_backbone_tensor_is_refused_unless_strict_is_false(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # a backbone variable the built model has no place for: the checkpoint's network is another one
+    from simclrv2.cli import main as cli_main
+
+    folder = tmp_path / "finetuned_1pct" / "r10"  # the category tells ft_proj_selector=1
+    tensors = tiny_tf_checkpoint(tmp_path / "plain")
+    extra = "base_model/se_block/dense/kernel"  # e.g. squeeze-excitation, which our ResNet has not
+    write_tf_checkpoint(folder / "model.ckpt-30", {**tensors, extra: np.ones((3, 3, 8, 8), np.float32)})
+    out = tmp_path / "m.safetensors"
+    assert cli_main(["convert", f"tf_checkpoint={folder}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and extra in err and "architecture differs" in err and "strict=false" in err, err
+    assert not out.exists() and not out.with_suffix(".json").exists()  # nothing written
+    with pytest.raises(ConversionError, match=f"1 checkpoint tensors under base_model/ .* first {extra}"):
+        convert_checkpoint({**tensors, extra: np.ones((3, 3, 8, 8), np.float32)}, ft_proj_selector=1)
+    ema_extra = {**tensors, **{f"ema_model/{n}": v for n, v in tensors.items() if n.startswith("base_model/")
+                               or n.startswith("head_contrastive/")}, f"ema_model/{extra}": np.ones(1, np.float32)}
+    with pytest.raises(ConversionError, match=f"first ema_model/{extra}"):
+        convert_checkpoint(ema_extra, ema=True, ft_proj_selector=1)
+    # strict=false converts it, lists it as unused, and the weights are those of the checkpoint without it
+    assert cli_main(["convert", f"tf_checkpoint={folder}", f"out={out}", "strict=false"]) == 0
+    assert f"unused: {extra}" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["conversion"]["unused"] == [extra]
+    plain, report = convert_checkpoint(tensors, ft_proj_selector=1)
+    assert report.unused == []
+    loaded = load_pretrained(out)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -170,6 +170,7 @@ def test_precision_auto_takes_bf16_only_where_measured_faster(tmp_path, monkeypa
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
+@pytest.mark.slow
 def test_precision_auto_measures_without_touching_the_model(tmp_path) -> None:
     """The real measurement on the CPU: both rates positive, the run's module unchanged (weights
     and batch-norm statistics: it times a copy)."""

@@ -44,6 +44,7 @@ def fmnist_train() -> InMemoryDataset:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fashion_mnist_tests_skip_with_the_reason_where_the_files_are_absent(tmp_path: Path) -> None:
     """The ``fashion_mnist`` marker (tests/_fashion_mnist.py), in a pytest run whose Fashion-MNIST
     folder holds three of the four IDX files: the marked tests (one by decorator, one by a class
@@ -295,6 +296,7 @@ def test_balanced_subset_fashion_mnist_counts(
     assert counts.tolist() == [per_class] * 10
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_balanced_subset_same_in_another_process(fmnist_train: InMemoryDataset) -> None:
     here = balanced_subset(fmnist_train.labels, 0.01, seed=7)

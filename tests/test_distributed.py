@@ -128,6 +128,7 @@ def test_helpers_degrade_to_one_process():
     assert not sdist.is_dist()
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_pipeline_under_torchrun_on_cpu(tmp_path):
     """`torchrun --nproc_per_node=2 -m simclrv2 pipeline` with gloo on the CPU, global BN left on.

@@ -119,6 +119,7 @@ def worker(rank: int, port: int, data_dir: str, pretrained: str, out: str) -> No
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_evaluate_as_one(tmp_path, data_dir, pretrained, monkeypatch):
@@ -270,6 +271,7 @@ def waiting_worker(rank: int, port: int, out: str) -> None:
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_run_on_main_waits_past_the_group_timeout_and_passes_errors_on(tmp_path):
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"

@@ -163,6 +163,7 @@ def _cli_worker(rank: int, argv: list[str]) -> int:
     return main(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_distill_from_student_init_under_ddp(tmp_path):
     """Issue 30, defect 3: a student initialised from a pretraining checkpoint carries a projection
@@ -202,6 +203,7 @@ def _device_worker(rank: int) -> str:
     return str(resolve_device("auto"))
 
 
+@pytest.mark.slow
 def test_ranks_that_resolve_different_devices_all_stop(tmp_path):
     """Under torchrun, device=auto must not mix NCCL ranks with gloo ranks (they would wait for
     each other until the timeout): every rank stops with one line naming which took which."""
@@ -257,6 +259,7 @@ def _budget_worker(rank: int, data: str, run_dir: str, calls: str) -> dict[str, 
     return {"pretrain_steps": out["pretrain"]["steps"], "methods": sorted(r["method"] for r in out["results"])}
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_budget_under_torchrun_is_measured_once_and_shared(tmp_path):
     """Issue 30, defect 4: with budget_minutes, every rank measured on its own before the process
@@ -303,6 +306,7 @@ def _node_local_worker(rank: int, root: str, command: str) -> tuple[int, list[st
     return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("error:")]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 @pytest.mark.parametrize("command", ["pretrain", "pipeline"])
 def test_run_folders_that_are_not_shared_stop_every_rank(tmp_path, command):

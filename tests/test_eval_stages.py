@@ -111,6 +111,7 @@ def check_eval_outputs(run_dir: Path, labels: np.ndarray) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 @pytest.mark.parametrize("selector", [0, 1])
 def test_finetune_classifier_placement(pretrain_dir, data_dir, test_labels, tmp_path, selector):
@@ -329,6 +330,7 @@ def test_knn_eval_on_planted_separable_images(tmp_path):
     assert metrics["confusion_matrix"] == (4 * np.eye(3, dtype=int)).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_dir, data_dir, tmp_path,
                                                                       monkeypatch):
@@ -362,6 +364,7 @@ def test_shared_features_extract_each_split_once_with_the_same_results(pretrain_
     assert sorted(calls) == [N_TEST, N_TRAIN]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, data_dir, test_labels, tmp_path,
                                                                   monkeypatch):

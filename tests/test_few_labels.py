@@ -264,6 +264,7 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels: tuple[Path, Path]) -> None:
     data, run = two_labels
     rows = {r["method"]: r for r in results(run)["results"]}
@@ -287,6 +288,7 @@ def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels
         assert not (final / "validation_subset.txt").exists()
 
 
+@pytest.mark.slow
 def test_predictions_have_one_row_per_unlabeled_file_and_name_the_bad_ones(two_labels: tuple[Path, Path]) -> None:
     import csv
 
@@ -315,6 +317,7 @@ def table(report: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
 
 
+@pytest.mark.slow
 def test_a_run_without_test_writes_a_complete_report(tmp_path: Path) -> None:
     data = make_layout(tmp_path / "data", per_class=2, unlabeled=12, test=False)
     run = run_pipeline(tmp_path, data, "run")
@@ -352,6 +355,7 @@ def test_one_label_a_class_runs_no_search_and_says_so(tmp_path: Path) -> None:
     assert "No labelled image was held out" in report
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[Path, Path], tmp_path: Path) -> None:
     import csv
     import subprocess
@@ -410,6 +414,7 @@ def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch:
     assert {c.cfg.val_fold for c in plan.candidates} == {0, 1, 2, 3} and plan.cfg.val_fraction == 0.0
 
 
+@pytest.mark.slow
 def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Where 4 folds would leave pretraining no epoch even with the other stages shrunk to
@@ -461,6 +466,7 @@ def test_streamed_unlabeled_folder_gives_the_same_rows_and_names_the_bad_files(
     assert [r["file"] for r in streamed] == [r["file"] for r in held]
 
 
+@pytest.mark.slow
 def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
     """``propose_labels=N`` ends the few-labels run with ``to_label.csv``: N distinct files of
     ``unlabeled/`` (relative to it, never a labelled one), named in the report."""

@@ -257,6 +257,7 @@ def dist_worker(rank: int, port: int, root: str, broken: str, out_dir: str) -> N
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_rank0_builds_the_others_read(tmp_path: Path, cache: Path) -> None:
     root = make_folder(tmp_path / "data")

@@ -63,6 +63,7 @@ def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch
             ckpt.load_optimizer_state(last))
 
 
+@pytest.mark.slow
 def test_fp16_probe_steps_with_unscaled_gradients(tmp_path, data_dir, fp16_on_cpu):
     # base_lr=0 holds the encoder still in both runs (under fp16 its first steps overflow and are
     # skipped, as they should be), so the probe learns from the same features, up to fp16 rounding
@@ -81,6 +82,7 @@ def test_fp16_probe_steps_with_unscaled_gradients(tmp_path, data_dir, fp16_on_cp
             torch.testing.assert_close(model16[k], v, atol=2e-3, rtol=1e-3, msg=k)
 
 
+@pytest.mark.slow
 def test_fp16_stop_and_resume_is_bitwise_identical(tmp_path, data_dir, fp16_on_cpu):
     whole, split = tmp_path / "whole", tmp_path / "split"
     pretrain(data_dir, whole, "fp16", "checkpoint_every=3")

@@ -14,9 +14,9 @@ from test_eval_stages import FMNIST_DIR, _write_idx
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main as cli_main
-from simclrv2.convert import convert_main, load_pretrained
 from simclrv2.data.datasets import read_idx
 from simclrv2.models import create_model
+from simclrv2.pretrained import convert_main, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_grey_images_on_a_colour_model_match_the_adapted_stem() -> None:
         rgb(torch.rand(2, 2, 16, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_convert_finetune_distil_on_fashion_mnist(small_fmnist: Path, tmp_path: Path) -> None:
     folder = tmp_path / "finetuned_10pct" / "r10_0.25x_sk0"

@@ -212,6 +212,7 @@ def test_bf16_and_channels_last_chunked_step_matches_single_pass() -> None:
     assert_close_rel(got, want, 2e-2)  # bf16 activations of other batch shapes: close, not equal
 
 
+@pytest.mark.slow
 def test_thirty_lars_steps_reach_the_single_pass_weights() -> None:
     x_all, y_all = images(30 * 8)
     runs = {}
@@ -238,6 +239,7 @@ def test_grad_accum_error_names_chunk_size() -> None:
         C.validate(PretrainConfig(chunk_size=-1))
 
 
+@pytest.mark.slow
 def test_resume_mid_run_with_chunks_is_bitwise(tmp_path: Path, capsys) -> None:
     from test_resume import PRETRAIN, assert_same_checkpoint, cli, metric_lines
 
@@ -311,6 +313,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(tmp_path: Path) -> None:
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -331,6 +334,7 @@ def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(tmp_path
                 assert got["reductions"] == one_pass  # one all-reduce per step, not one per chunk
 
 
+@pytest.mark.slow
 def test_memory_benchmark_measures_both_steps_and_refuses_what_cannot_fit(capsys) -> None:
     import sys
 

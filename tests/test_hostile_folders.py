@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from simclrv2.cli import error_line
-from simclrv2.data import datasets
+from simclrv2.data import images
 from simclrv2.data.datasets import DatasetError, ImageFolderDataset
 
 S = 16
@@ -138,7 +138,7 @@ def test_images_over_the_pixel_limit_are_refused_undecoded(tmp_path: Path, monke
     # an image over the limit when it is read is refused before decoding (the limit is lowered
     # here; a file swapped after indexing is caught earlier, by its changed size)
     strict = ImageFolderDataset(root, S)
-    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", S * S - 1)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", S * S - 1)
     with pytest.raises(DatasetError) as exc:
         strict[0]
     one_line(exc, str(strict.paths[0]), "16 x 16 px is over the limit", "skip_bad_images=true")

@@ -64,6 +64,7 @@ def real_models() -> dict[str, SimCLRModel]:
 # --- registry ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_registry_has_table1_and_small_variants():
     names = list_models()
     assert set(TABLE1_PARAMS_M) <= set(names)
@@ -216,6 +217,7 @@ def test_bn_modules_named_bn_and_classifier_named():
 # --- init (METHOD.md 1.6) and SK (METHOD.md 1.3) ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["r50_1x_sk1", "r18_0.25x_sk0"])
 def test_last_bn_gamma_zero_others_one(real_models, name):
     backbone = real_models[name].backbone
@@ -229,6 +231,7 @@ def test_last_bn_gamma_zero_others_one(real_models, name):
             assert m.eps == 1e-5 and m.momentum == 0.1
 
 
+@pytest.mark.slow
 def test_conv_and_dense_init(real_models):
     model = real_models["r50_1x_sk0"]
     w = model.backbone.layer3[0].conv2.weight  # (256, 256, 3, 3): fan_in 2304, 590k samples
@@ -253,6 +256,7 @@ def test_sk_mid_width():
 # --- forward / backward ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REAL_RUN)
 def test_forward_backward(real_models, name):
     model = real_models[name]

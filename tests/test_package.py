@@ -21,7 +21,7 @@ def test_import_simclrv2_does_not_import_torch() -> None:
 
 def test_from_simclrv2_import_load_pretrained(tmp_path: Path) -> None:
     from simclrv2 import load_pretrained
-    from simclrv2.convert import load_pretrained as defined
+    from simclrv2.pretrained import load_pretrained as defined
 
     assert load_pretrained is defined
     model = create_model("r10_0.25x_sk0", in_chans=1, num_classes=3)

@@ -76,6 +76,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return run, buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_every_artefact_exists(pipeline_run: tuple[Path, str]) -> None:
     run, _ = pipeline_run
@@ -92,6 +93,7 @@ def test_every_artefact_exists(pipeline_run: tuple[Path, str]) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_results_json_shape(pipeline_run: tuple[Path, str]) -> None:
     run, _ = pipeline_run
@@ -117,6 +119,7 @@ def _table_rows(report: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in rows[2:]]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_report_numbers_equal_results_json(pipeline_run: tuple[Path, str]) -> None:
     run, stdout = pipeline_run
@@ -182,6 +185,7 @@ def test_pretraining_plot_draws_the_contrastive_term(tmp_path, monkeypatch):
     assert list(drawn[1][1]) == [50.0]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_stdout_gets_plain_progress_lines_with_the_pipeline_position(pipeline_run: tuple[Path, str]) -> None:
     """stdout is not a terminal here: each training stage prints a line every log_every steps (and

@@ -38,6 +38,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_piped_stdout_gets_a_plain_line_every_log_every_steps(images: Path, tmp_path: Path) -> None:
     """A real process with stdout on a pipe: progress=auto (the default) prints plain lines."""

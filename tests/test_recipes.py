@@ -111,6 +111,7 @@ def _stage_cfgs(data: Path, tmp: Path, encoder: Path, teacher: Path) -> dict[str
 # ------------------------------------------------------------------ parameter groups (METHOD.md 4.1)
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "supervised", "distill"])
 def test_stage_optimizer_groups(stage, data, encoder, teacher, tmp_path, monkeypatch):
@@ -210,6 +211,7 @@ def searched(data, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_lr_search_chooses_on_validation(searched):
     """Each arm trains once per factor; the best validation top-1 is chosen and only it is
@@ -238,6 +240,7 @@ def test_lr_search_chooses_on_validation(searched):
     assert "## Learning rates chosen on the validation split" in report
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_lr_search_rerun_skips_everything(searched, capsys):
     config = searched.parent / "pipeline.yaml"
@@ -307,6 +310,7 @@ def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monke
     assert budget.scale_stages(pc, 1.0) is pc
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypatch, capsys):
     """Where the images' own size would shrink the other stages' steps, the budget picks the size at
@@ -353,15 +357,23 @@ def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
         budget.fit_pretraining(pc)
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_budget_measures_this_machine_and_pins_the_epochs(data, tmp_path, monkeypatch):
     """The real measurement on tiny data; the run's pipeline.yaml then holds the chosen epochs
     and no budget, so running it again repeats them."""
     import simclrv2.pipeline as P
+    from simclrv2 import plan
 
     pc = _budget_config(data, tmp_path / "run", minutes=30)
     seen: list[PipelineConfig] = []  # the check, the budget's own plan, then the pipeline's
-    monkeypatch.setattr(P, "plan_stages", lambda pc, real=P.plan_stages: (seen.append(pc), real(pc))[1])
+
+    def recorded(pc: PipelineConfig) -> list:
+        seen.append(pc)
+        return plan.plan_stages(pc)
+
+    monkeypatch.setattr(P, "plan_stages", recorded)
+    monkeypatch.setattr(budget, "plan_stages", recorded)  # both import it from simclrv2.plan
 
     class _Stop(Exception):
         pass

@@ -20,7 +20,7 @@ from test_convert import NUM_CLASSES, reference_outputs, tiny_tf_checkpoint
 import simclrv2
 from simclrv2 import released
 from simclrv2.cli import main as cli_main
-from simclrv2.convert import convert_main
+from simclrv2.pretrained import convert_main
 
 
 class ReleaseServer(http.server.ThreadingHTTPServer):
@@ -113,6 +113,7 @@ def tiny_release(server: ReleaseServer, tmp_path: Path) -> dict[str, Any]:
 DATA = "model.ckpt-30.data-00000-of-00001"
 
 
+@pytest.mark.slow
 def test_download_resumes_an_interrupted_transfer(tiny_release: dict[str, Any], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     srv = tiny_release["server"]
@@ -133,6 +134,7 @@ def test_download_resumes_an_interrupted_transfer(tiny_release: dict[str, Any], 
     assert len(srv.log) == n
 
 
+@pytest.mark.slow
 def test_size_mismatch_and_checksum_mismatch_are_refused(tiny_release: dict[str, Any], tmp_path: Path) -> None:
     srv = tiny_release["server"]
     data_path = f"/simclrv2/finetuned_10pct/r50_1x_sk0/{DATA}"
@@ -156,6 +158,7 @@ def test_size_mismatch_and_checksum_mismatch_are_refused(tiny_release: dict[str,
     assert (released.fetch_release("r50_1x_sk0", "finetuned_10pct") / DATA).read_bytes() == whole
 
 
+@pytest.mark.slow
 def test_convert_and_load_pretrained_by_name(tiny_release: dict[str, Any], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:

@@ -189,6 +189,7 @@ def test_slow_checkpoint_pauses_inside_every_write_and_deletion_window(tmp_path:
         patches.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_sigkill_at_random_moments_then_resume_bitwise(tmp_path: Path) -> None:
     args = [*ARGS, f"data_dir={fashion_mnist_subset(tmp_path / 'data', N_IMAGES)}"]
@@ -287,6 +288,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "images")
@@ -348,6 +350,7 @@ def test_pipeline_killed_during_finetune_resumes_there(tmp_path: Path) -> None:
                           np.load(ft_dir / "predictions.npy"))
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_pipeline_reruns_an_edited_stage_and_the_stages_that_read_it(tmp_path: Path, capsys) -> None:
     """Editing one stage's config reruns that stage from scratch and every stage built on its
@@ -411,6 +414,7 @@ def _without_seconds(out: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_pipeline_killed_at_random_moments_across_all_stages(tmp_path: Path) -> None:
     """SIGKILL ``simclrv2 pipeline`` at least 10 times, aimed at random moments of every stage,

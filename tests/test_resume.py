@@ -83,6 +83,7 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", [False, True], ids=["plain", "memory"])
 def test_pretrain_stop_and_resume_is_bitwise_identical(tmp_path: Path, memory: bool, capsys) -> None:
     extra = ["memory.enabled=true", "memory.size=128"] if memory else []
@@ -160,6 +161,7 @@ def image_data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
+@pytest.mark.slow
 def test_finetune_stop_and_resume_is_bitwise_identical(tmp_path: Path, image_data: Path, capsys) -> None:
     data = ["dataset=imagefolder", f"data_dir={image_data}", "image_size=16", "num_workers=0",
             "progress=false"]
@@ -184,6 +186,7 @@ def test_finetune_stop_and_resume_is_bitwise_identical(tmp_path: Path, image_dat
     assert np.array_equal(np.load(whole / "predictions.npy"), np.load(split / "predictions.npy"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_seconds, expected", [(None, [12]), ("0", list(range(1, 13)))])
 def test_epoch_checkpoints_are_spaced_in_time(tmp_path, monkeypatch, min_seconds, expected):
     """checkpoint_every=0 saves at epoch ends, but not twice within checkpoint_min_seconds (30 s by

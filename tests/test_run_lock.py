@@ -51,6 +51,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_second_run_into_a_held_folder_exits_2_and_the_first_finishes_clean(images: Path, tmp_path: Path,
                                                                            capsys) -> None:
@@ -83,6 +84,7 @@ def test_second_run_into_a_held_folder_exits_2_and_the_first_finishes_clean(imag
     assert main(pretrain(images, run)) == 0  # free again: resumes from the finished run, nothing to do
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_two_runs_started_together_exactly_one_writes(images: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -158,6 +160,7 @@ def _race(folder: str, barrier, results) -> None:
         results.put(("refused", str(e)))
 
 
+@pytest.mark.slow
 def test_stale_lock_takeover_cannot_race(tmp_path: Path) -> None:
     """Six processes find the same stale lock at once: exactly one of them ends up holding it."""
     (tmp_path / runlock.LOCK_NAME).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
@@ -176,6 +179,7 @@ def test_stale_lock_takeover_cannot_race(tmp_path: Path) -> None:
     assert not (tmp_path / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_pipeline_refuses_a_held_folder_before_writing(images: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "pipeline"

@@ -44,6 +44,7 @@ def _planted(k: int = 8, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.n
     return x.astype(np.float32), np.repeat(np.arange(k), sizes)
 
 
+@pytest.mark.slow
 def test_planted_clusters_get_one_pick_each_and_random_misses_some():
     x, y = _planted()
     picks = typical_picks(x, 8, seed=0)

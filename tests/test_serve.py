@@ -103,6 +103,7 @@ def test_load_pretrained_eval_mode_and_weights(classifier_ckpt):
         assert torch.equal(v, ref[k]), k
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch(classifier_ckpt, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"

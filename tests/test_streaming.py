@@ -107,6 +107,7 @@ def test_stream_is_the_same_with_any_number_of_workers(jpegs: Path) -> None:
     assert not torch.equal(x[:8], x[8:])
 
 
+@pytest.mark.slow
 def test_pretrain_weights_equal_with_0_and_2_workers(tmp_path: Path, jpegs: Path) -> None:
     for workers in (0, 2):
         cli("pretrain", "model=r10_0.25x_sk0", *stream_args(jpegs, workers), "batch_size=8", "max_steps=3",
@@ -114,6 +115,7 @@ def test_pretrain_weights_equal_with_0_and_2_workers(tmp_path: Path, jpegs: Path
     assert_same_checkpoint(ckpt.latest_checkpoint(tmp_path / "0"), ckpt.latest_checkpoint(tmp_path / "2"))
 
 
+@pytest.mark.slow
 def test_finetune_killed_mid_epoch_resumes_bitwise(tmp_path: Path, jpegs: Path, capsys) -> None:
     data = stream_args(jpegs, 2)
     pre = tmp_path / "pre"
@@ -149,6 +151,7 @@ def test_predict_sees_what_the_stage_evaluation_sees(tmp_path: Path, jpegs: Path
     assert served_pred.tolist() == np.load(run / "predictions.npy").tolist()
 
 
+@pytest.mark.slow
 def test_a_corrupt_jpeg_is_replaced_counted_and_training_goes_on(tmp_path: Path, capsys) -> None:
     root = make_jpeg_folder(tmp_path / "data", per_class=6)
     bad = root / "train" / "c0" / "002.jpg"

@@ -26,6 +26,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
+from .plan import PipelineConfig, plan_stages
 
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
 # and the run-to-run spread of step times are not measured (docs/EXPERIMENTS.md records how far
@@ -46,7 +47,7 @@ SMALLEST_AUTO_SIZE = 32
 CPU = torch.device("cpu")
 
 
-def fit_pretraining(pc: Any, device: torch.device = CPU) -> dict[str, Any]:
+def fit_pretraining(pc: PipelineConfig, device: torch.device = CPU) -> dict[str, Any]:
     """The pretraining epochs that fit ``pc.budget_minutes``, with the estimate behind them.
 
     ``device`` is the one the stages train on, where the steps are timed. Under torchrun the
@@ -65,7 +66,7 @@ def fit_pretraining(pc: Any, device: torch.device = CPU) -> dict[str, Any]:
     return rec
 
 
-def _read_or_fit(pc: Any, device: torch.device) -> dict[str, Any]:
+def _read_or_fit(pc: PipelineConfig, device: torch.device) -> dict[str, Any]:
     """Rank 0's part of :func:`fit_pretraining`: the stored choice for this config, or a new one."""
     path = Path(pc.run_dir) / "budget.json"
     key = C.config_hash(dataclasses.asdict(pc))
@@ -93,7 +94,7 @@ def _read_or_fit(pc: Any, device: torch.device) -> dict[str, Any]:
     return rec
 
 
-def _measure_and_fit(pc: Any, device: torch.device) -> dict[str, Any]:
+def _measure_and_fit(pc: PipelineConfig, device: torch.device) -> dict[str, Any]:
     """Measure and fit at the images' own resolution; where that would shrink the other stages'
     steps and the resolution is the dataset's (``image_size`` 0), measure and fit again at the
     smaller resolution at which they would fit (cost grows about with pixels), down to
@@ -115,7 +116,7 @@ def _measure_and_fit(pc: Any, device: torch.device) -> dict[str, Any]:
     return fit
 
 
-def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float, device: torch.device) -> dict[str, Any]:
+def _fit_smaller(pc: PipelineConfig, fit: dict[str, Any], t0: float, device: torch.device) -> dict[str, Any]:
     for _ in range(2):  # step costs do not fall quite as fast as pixels at small sizes
         target = fit["image_size"] * math.sqrt(fit["other_scale"])
         size = max(SMALLEST_AUTO_SIZE, int(target) // 8 * 8)
@@ -127,7 +128,7 @@ def _fit_smaller(pc: Any, fit: dict[str, Any], t0: float, device: torch.device) 
     return fit
 
 
-def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, device: torch.device, measured: dict[str, Any] | None) -> dict[str, Any]:
+def _fit_fewer_folds(pc: PipelineConfig, fit: dict[str, Any], t0: float, device: torch.device, measured: dict[str, Any] | None) -> dict[str, Any]:
     """A cross-validated search (few labels) trains every rate once per fold, and the chosen rate
     again on every label. Where that leaves pretraining no epoch even with the other stages at
     ``MIN_SCALE``, fewer folds (down to 2) are tried before the budget is called too small; the
@@ -146,19 +147,17 @@ def _fit_fewer_folds(pc: Any, fit: dict[str, Any], t0: float, device: torch.devi
     return fit
 
 
-def _size_is_automatic(pc: Any) -> bool:
+def _size_is_automatic(pc: PipelineConfig) -> bool:
     """No section of ``pc`` sets ``image_size``: every stage trains at the dataset's own size."""
     sections = [v for k, v in vars(pc).items() if isinstance(v, dict) and k != "by_fraction"]
     sections += [v for f in pc.by_fraction.values() for v in f.values()]
     return not any(section.get("image_size") for section in sections)
 
 
-def _fit(pc: Any, t0: float, device: torch.device, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+def _fit(pc: PipelineConfig, t0: float, device: torch.device, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure on ``device`` (or, with ``reuse`` holding the timer of an earlier fit at the same
     resolution, reuse what was measured: fitting again with fewer folds must not spend the budget
     measuring) and fit."""
-    from .pipeline import plan_stages
-
     plans = plan_stages(dataclasses.replace(pc, budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=1)))
     timer = (reuse or {}).get("timer") or _StepTimer(_Sizes(plans[0].cfg), device)
     if reuse is not None:
@@ -353,7 +352,7 @@ SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_
                    "distill_small": "distill"}
 
 
-def scale_stages(pc: Any, scale: float) -> Any:
+def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
     """``pc`` with the training length of every stage after pretraining times ``scale``: its
     ``min_steps`` and ``epochs`` (section values, else ``common``, else the stage's default), and
     those of ``by_fraction`` entries. ``scale`` 1 returns ``pc`` unchanged."""

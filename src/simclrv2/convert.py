@@ -37,6 +37,7 @@ from torch import nn
 
 from simclrv2.models.registry import VARIANTS, SimCLRModel, create_model
 from simclrv2.models.resnet import RESNET_LAYOUTS
+from simclrv2.released import CATEGORIES
 from simclrv2.tfcheckpoint import TFCheckpoint
 
 __all__ = [
@@ -44,10 +45,8 @@ __all__ = [
     "ConversionReport",
     "TFArchitecture",
     "convert_checkpoint",
-    "convert_main",
     "guess_ft_proj_selector",
     "infer_architecture",
-    "load_pretrained",
     "save_converted",
 ]
 
@@ -68,7 +67,7 @@ _BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|mo
 _HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
 _OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
 # Release category -> the head output its classifier reads (see guess_ft_proj_selector).
-RELEASE_CATEGORIES = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
+RELEASE_CATEGORIES = CATEGORIES  # the bucket's folders (simclrv2.released)
 RELEASE_SELECTORS = {"finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0, "pretrained": 0,
                      "supervised": 0}
 SELECTOR_ADVICE = ("pass ft_proj_selector=1 for a finetuned_1pct/finetuned_10pct checkpoint, "
@@ -317,7 +316,9 @@ def convert_checkpoint(
             checkpoints: features and middle layers are all as wide), the checkpoint cannot
             tell, and ``ConversionError`` asks for it (``guess_ft_proj_selector`` reads it
             from a release path).
-        strict: raise when a state-dict entry received no tensor (else list it in the report).
+        strict: raise when a state-dict entry received no tensor, or when a tensor under
+            ``base_model/`` has no place in the model (else list them in the report as missing
+            and unused).
         allow_short_head: convert a projection head whose final layer is missing (its last
             layer present still has a ``beta``, which only middle layers have); else an error.
 
@@ -337,6 +338,7 @@ def convert_checkpoint(
     copier.copy_projection_head(layout.head_layers)
     copier.copy_classifier()
     ignored, unused = _classify_unmapped(shapes, copier.mapping, ema)
+    _check_backbone_accounted(unused, layout.model_name, strict)
     model, missing = _load_converted(model, copier.state, options, strict)
     model.eval()
     if layout.short_head:
@@ -577,6 +579,16 @@ def _classify_unmapped(shapes: Mapping[str, tuple[int, ...]], mapping: Mapping[s
     return ignored, sorted(unused)
 
 
+def _check_backbone_accounted(unused: Sequence[str], model_name: str, strict: bool) -> None:
+    """A backbone tensor with no place in the model built means the checkpoint's network is not
+    that model: an error when ``strict``, like a model tensor the checkpoint lacks."""
+    extra = [n for n in unused if n.startswith((BACKBONE_SCOPE, EMA_SCOPE + BACKBONE_SCOPE))]
+    if extra and strict:
+        raise ConversionError(f"{len(extra)} checkpoint tensors under {BACKBONE_SCOPE} have no place in {model_name}, "
+                              f"first {extra[0]}, so its architecture differs; pass strict=false (Python: "
+                              "strict=False) to convert it anyway and list them as unused")
+
+
 def _zero_initialised_keys(model: SimCLRModel) -> set[str]:
     """State entries no checkpoint holds that start at 0: BN batch counters and beta-less BN biases."""
     keys = {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
@@ -663,53 +675,6 @@ def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.P
     return out, sidecar
 
 
-def load_pretrained(
-    name_or_path: str | os.PathLike[str],
-    category: str | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    ema: bool = False,
-) -> SimCLRModel:
-    """A model with its heads, in eval mode, from a file, a run folder or a released model's name.
-
-    ``name_or_path``: ``FILE.safetensors`` written by ``simclrv2 convert`` (metadata in ``FILE.json``
-    or the file header), a run / checkpoint folder of ours, or a released model such as
-    ``"r50_1x_sk1"`` with ``category`` (``pretrained`` by default, ``finetuned_1pct``,
-    ``finetuned_10pct``, ``finetuned_100pct``, ``supervised``): downloaded once into the cache
-    (``simclrv2.released``) and converted, with ``ema`` choosing the EMA weights.
-    ``model(x)`` on float ``(N, 3, H, W)`` in [0, 1] returns ``dict(features, proj[, logits])``:
-    pooled backbone features, the head output chosen by ``ft_proj_selector`` and the classifier logits.
-    """
-    from simclrv2 import released
-
-    path = Path(name_or_path)
-    if not path.exists() and released.is_release_name(str(name_or_path)):
-        path = released.release_model_file(str(name_or_path), category or "pretrained", ema=ema)
-    elif category is not None or ema:
-        raise ConversionError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
-                              f"not to the file '{name_or_path}'")
-    elif not path.exists():
-        raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
-                                f"({', '.join(released.MODELS)})")
-    if path.is_dir() and any(path.glob("*.index")):
-        raise ConversionError(f"'{path}' is a TF checkpoint folder; convert it first (simclrv2 convert tf_checkpoint="
-                              f"{path} out={path.name}.safetensors) and load the .safetensors")
-    from simclrv2.checkpoint import read_model_file
-
-    state, meta = read_model_file(path)
-    if "model_config" not in meta:
-        raise ConversionError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
-    with torch.device("meta"):  # no random init: the file fills every tensor
-        model = SimCLRModel(**meta["model_config"])
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ConversionError(f"'{path}' does not fit its own model_config ({first})") from e
-    model.name = meta.get("model_name", model.name)
-    return model.to(device).eval()
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -770,7 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "finetuned_1pct/10pct, 0 for finetuned_100pct/pretrained/supervised; required "
                              "when the path names none and the checkpoint cannot tell)")
     parser.add_argument("--allow-missing", action="store_true",
-                        help="write the model even if some of its tensors are not in the checkpoint")
+                        help="write the model even if some of its tensors are not in the checkpoint "
+                             "(implies strict=false)")
+    parser.add_argument("--no-strict", dest="strict", action="store_false",
+                        help="strict=false: write the model even if some of its tensors are not in the checkpoint, "
+                             "or the checkpoint holds base_model/ tensors it has no place for (listed as unused)")
     parser.add_argument("--allow-short-head", action="store_true",
                         help="convert a projection head whose final layer is missing (else an error)")
     parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")
@@ -815,27 +784,3 @@ def convert_release_folder(
         print(report.summary())
         print(f"wrote {written} and {sidecar}")
     return report
-
-
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """``simclrv2 convert (MODEL [category=C] | tf_checkpoint=DIR_OR_PREFIX) [out=FILE.safetensors] ...``."""
-    from simclrv2 import released
-
-    from .cli import parse_tool_args  # key=value and --config, the grammar of every command
-
-    parser = build_parser()
-    args = parse_tool_args(parser, argv)
-    if (args.model is None) == (args.tf_checkpoint is None):
-        parser.error("give a released model name (e.g. r50_1x_sk1) or --tf-checkpoint DIR, not both or neither")
-    if args.model is not None:
-        folder = released.fetch_release(args.model, args.category)
-        out = args.out or f"{args.model}_{args.category}{'_ema' if args.ema else ''}.safetensors"
-        category: str | None = args.category
-    else:
-        if args.out is None:
-            parser.error("--out FILE.safetensors is needed with --tf-checkpoint")
-        folder, out, category = args.tf_checkpoint, args.out, None
-    convert_release_folder(folder, out, category=category, ema=args.ema, ft_proj_selector=args.ft_proj_selector,
-                           strict=not args.allow_missing, allow_short_head=args.allow_short_head,
-                           verify=not args.no_verify)
-    return 0

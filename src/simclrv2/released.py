@@ -1,4 +1,4 @@
-"""The released SimCLRv2 checkpoints by name: download, cache, convert.
+"""The released SimCLRv2 checkpoints by name: download into a cache (conversion: ``simclrv2.pretrained``).
 
 Where they are: the google-research/simclr README ("Pre-trained models for SimCLRv2") lists the
 buckets ``gs://simclr-checkpoints/simclrv2/<category>`` (browsable at
@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from simclrv2.convert import RELEASE_CATEGORIES
+from .host import cache_dir
 
 __all__ = [
     "CATEGORIES",
@@ -41,13 +41,12 @@ __all__ = [
     "download_file",
     "fetch_release",
     "is_release_name",
-    "release_model_file",
     "release_url",
 ]
 
 RELEASE_BUCKET = "gs://simclr-checkpoints/simclrv2"
 RELEASE_BASE_URL = "https://storage.googleapis.com/simclr-checkpoints/simclrv2"
-CATEGORIES = RELEASE_CATEGORIES
+CATEGORIES = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
 MODELS = ("r50_1x_sk0", "r50_1x_sk1", "r50_2x_sk0", "r50_2x_sk1", "r101_1x_sk0", "r101_1x_sk1", "r101_2x_sk0",
           "r101_2x_sk1", "r152_1x_sk0", "r152_1x_sk1", "r152_2x_sk0", "r152_2x_sk1", "r152_3x_sk1")
 CHUNK = 1 << 20
@@ -56,11 +55,6 @@ _STATE_RE = re.compile(r'^\s*model_checkpoint_path:\s*"(.*)"\s*$', re.MULTILINE)
 
 class DownloadError(ConnectionError):
     """A release could not be fetched; the message is one line saying why and what to do."""
-
-
-def cache_dir() -> Path:
-    """``$SIMCLRV2_CACHE``, else ``~/.cache/simclrv2``."""
-    return Path(os.environ.get("SIMCLRV2_CACHE") or Path.home() / ".cache" / "simclrv2").expanduser()
 
 
 def release_url(category: str, model: str, file: str = "") -> str:
@@ -73,7 +67,7 @@ def is_release_name(name: str) -> bool:
     return name in MODELS
 
 
-def _check_names(model: str, category: str) -> None:
+def check_names(model: str, category: str) -> None:
     for value, valid, what in ((model, MODELS, "model"), (category, CATEGORIES, "category")):
         if value not in valid:
             close = difflib.get_close_matches(value, valid, n=1)
@@ -228,7 +222,7 @@ def fetch_release(model: str, category: str = "pretrained", progress: bool = Tru
     """
     from simclrv2.tfcheckpoint import TFCheckpoint
 
-    _check_names(model, category)
+    check_names(model, category)
     folder = cache_dir() / category / model
     hint = (f"; without a network, copy {RELEASE_BUCKET}/{category}/{model}/ by hand (gsutil -m cp -r "
             f"{RELEASE_BUCKET}/{category}/{model} {folder.parent}/) and run again")
@@ -250,19 +244,3 @@ def fetch_release(model: str, category: str = "pretrained", progress: bool = Tru
         download_file(release_url(category, model, name), folder / name, expected_size=size, progress=progress,
                       manual_hint=hint)
     return folder
-
-
-def release_model_file(model: str, category: str = "pretrained", ema: bool = False, progress: bool = True) -> Path:
-    """``<cache>/<category>/<model>[_ema].safetensors``: the release, fetched and converted once.
-
-    The classifier's head output comes from the category (``RELEASE_SELECTORS`` in convert).
-    """
-    from simclrv2.convert import convert_release_folder
-
-    _check_names(model, category)
-    out = cache_dir() / category / f"{model}{'_ema' if ema else ''}.safetensors"
-    if out.is_file() and out.with_suffix(".json").is_file():
-        return out
-    folder = fetch_release(model, category, progress=progress)
-    convert_release_folder(folder, out, category=category, ema=ema, quiet=not progress)
-    return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text
-from .cli import parse_tool_args
+from .config import parse_tool_args
 from .data.datasets import ImageDataset, UnlabeledFolderDataset
 from .engine.batches import BatchSource
 from .engine.device import resolve_device

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text
-from .cli import parse_tool_args
+from .config import parse_tool_args
 from .data.datasets import DATASET_NAMES, IMAGE_EXTENSIONS, load_dataset
 from .data.decode import decode_eval_view
 from .engine.batches import BatchSource

@@ -22,13 +22,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
+
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, DatasetError, to_rgb, too_large
 
 __all__ = [
     "DATASET_NAMES",
     "DatasetError",
     "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "FASHION_MNIST_SYSTEM_DIR",
     "ImageDataset",
     "FolderPaths",
@@ -73,10 +77,6 @@ STL10_CLASSES: list[str] = [
 # Default root for torchvision downloads when no data_dir is given (relative to the working dir).
 DEFAULT_DATA_DIR = Path("data")
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-)
-
 _INFO: dict[str, dict[str, int | None]] = {
     "fashion_mnist": {"image_size": 28, "channels": 1, "num_classes": 10},
     "cifar10": {"image_size": 32, "channels": 3, "num_classes": 10},
@@ -95,10 +95,6 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 
 
 T = TypeVar("T")
-
-
-class DatasetError(ValueError):
-    """A dataset is missing, corrupt or malformed. The message is one line that names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,36 +357,6 @@ def load_stl10(
 # --------------------------------------------------------------------------------------------------
 
 
-# Images with more pixels than this are refused from their header, before any decoding: a
-# 20,000 x 20,000 px file would take 1.2 GB as RGB (PIL itself only warns below twice its limit).
-# The same number as PIL's own default limit (about 9,459 x 9,459 px).
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-def _too_large(size: tuple[int, int]) -> str | None:
-    w, h = size
-    if w * h > MAX_IMAGE_PIXELS:
-        return f"{w} x {h} px is over the limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it"
-    return None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB, upright.
-
-    EXIF orientation is applied (phone photos are stored sideways with a rotation tag). 16-bit
-    greyscale (PNG mode ``I;16``/``I``) is scaled to 8 bits: PIL's own ``convert`` clips it, which
-    turns almost every pixel white. Palette images with a transparent colour go through RGBA, as
-    PIL asks; CMYK, greyscale and the rest use PIL's conversion.
-    """
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        wide = np.asarray(img).astype(np.int64)
-        img = Image.fromarray(np.clip((wide + 128) // 257, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 # Substitutes tried for one bad file before giving up: more bad files in a row than this means the
 # folder itself is gone (an unmounted disk), not a stray corrupt file.
 MAX_SUBSTITUTES = 16
@@ -513,9 +479,9 @@ class ImageFolderDataset(ImageDataset):
         try:
             with Image.open(path) as img:
                 # the header was checked when indexed, but the limit is a guard before any decode
-                too_large = _too_large(img.size)
-                if too_large:
-                    return None, too_large, "downscale or delete it"
+                refused = too_large(img.size)
+                if refused:
+                    return None, refused, "downscale or delete it"
                 return view(img), "", ""
         except Exception as exc:  # PIL raises many types (OSError for truncated data, SyntaxError, ...)
             return None, f"{type(exc).__name__}: {exc}".splitlines()[0], "delete or replace it"

@@ -24,7 +24,6 @@ index, view), so the batch is the same with any number of workers and after a re
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 from .augment import fallback_crop
-from .datasets import to_rgb
+from .images import to_rgb
 
 EVAL_CROP = 0.875  # METHOD.md 5.3: centre crop of 87.5% of the shorter side
 MIN_CROP_SIDE = 64  # smaller images are not centre-cropped for evaluation (as EvalTransform)
@@ -197,10 +196,3 @@ class ViewDataset(torch.utils.data.Dataset):
         rngs = [view_rng(self.seed, step, index, v) for v in range(self.views)]
         x, used = self.folder.read(index, lambda img: train_views(img, self.crop, rngs))
         return x, used, index
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS reports one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

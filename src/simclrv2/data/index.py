@@ -41,8 +41,9 @@ import numpy as np
 from PIL import Image
 
 from .. import distributed as dist
-from . import datasets as _datasets
-from .datasets import IMAGE_EXTENSIONS, DatasetError
+from ..host import atomic_write_text, cache_dir, usable_cores
+from . import images
+from .images import IMAGE_EXTENSIONS, DatasetError
 
 __all__ = [
     "FolderIndex", "FolderScan", "index_cache_dir", "manifest_path", "open_index", "open_unlabeled_index",
@@ -192,7 +193,7 @@ def _fingerprint(kind: str, classes: list[str], files: list[str], stamps: list[t
                  unreadable: list[tuple[str, str]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     # the pixel limit decides which files are dropped, so a new limit must mean a new index
-    h.update(f"v{INDEX_VERSION}{kind} max_pixels={_datasets.MAX_IMAGE_PIXELS}\n".encode())
+    h.update(f"v{INDEX_VERSION}{kind} max_pixels={images.MAX_IMAGE_PIXELS}\n".encode())
     h.update(("\n".join(classes) + "\n\n").encode())
     h.update("".join(f"{f}\t{s}\t{m}\n" for f, (s, m) in zip(files, stamps, strict=True)).encode())
     h.update("".join(f"!{f}\t{r}\n" for f, r in unreadable).encode())
@@ -280,7 +281,7 @@ def read_header(path: str, nbytes: int) -> tuple[int, int] | str:
             img = Image.open(path)
         with img:
             w, h = img.size
-            too_large = _datasets._too_large((w, h))
+            too_large = images.too_large((w, h))
             if too_large:
                 return too_large
             # EXIF data that the header already holds (reading it for a PNG without it would decode)
@@ -288,7 +289,7 @@ def read_header(path: str, nbytes: int) -> tuple[int, int] | str:
                 if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
                     w, h = h, w
     except Image.DecompressionBombError as exc:  # PIL refuses twice its limit on its own
-        return f"over the limit of {_datasets.MAX_IMAGE_PIXELS:,} pixels ({exc}); downscale it"
+        return f"over the limit of {images.MAX_IMAGE_PIXELS:,} pixels ({exc}); downscale it"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return int(w), int(h)
@@ -297,8 +298,6 @@ def read_header(path: str, nbytes: int) -> tuple[int, int] | str:
 def _header_threads() -> int:
     # Header reads wait on the disk (or the network) and PIL releases the GIL while reading, so
     # more threads than cores pay off; a local SSD saturates well before 32.
-    from .decode import usable_cores
-
     return max(4, min(32, 2 * usable_cores()))
 
 
@@ -372,8 +371,6 @@ def build_index(scan: FolderScan, chunk: int = 256, heartbeat: Callable[[], obje
 
 def index_cache_dir() -> Path:
     """``$SIMCLRV2_CACHE/index`` (default ``~/.cache/simclrv2/index``): one cache for the project."""
-    from ..released import cache_dir
-
     return cache_dir() / "index"
 
 
@@ -431,8 +428,6 @@ def load_manifest(path: Path, fingerprint: str) -> FolderIndex | None:
 def write_manifest(index: FolderIndex, root: Path, path: Path | None = None) -> bool:
     """Write the manifest atomically (to ``path``, default :func:`manifest_path` of ``root``); on
     failure warn once per cache folder and return False."""
-    from ..checkpoint import atomic_write_text
-
     path = path or manifest_path(root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ import torch
 from .. import distributed as dist
 from ..data.augment import to_device
 from ..data.datasets import ImageDataset, ImageFolderDataset, load_dataset
-from ..data.decode import CropSpec, ViewDataset, usable_cores
+from ..data.decode import CropSpec, ViewDataset
+from ..host import usable_cores
 from ..optim import Schedule, scaled_lr
 from .runfolder import RunError
 

@@ -1,0 +1,38 @@
+"""This machine's shared pieces: the cache folder, atomic text writes, the cores we may use.
+
+The bottom of the package: standard library only, nothing of ours (DESIGN.md "Layers"). The data
+layer, the release downloads and the checkpoints all need these, and none of them should have
+to import another to get them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$SIMCLRV2_CACHE``, else ``~/.cache/simclrv2``."""
+    return Path(os.environ.get("SIMCLRV2_CACHE") or Path.home() / ".cache" / "simclrv2").expanduser()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
