@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..host import atomic_write_text
 from .datasets import DatasetError
 
 __all__ = [
@@ -192,16 +193,7 @@ def write_subset(
     else:
         lines = [f"{i}\n" for i in idx.tolist()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, "".join(lines))
     return path
 
 
