@@ -70,7 +70,7 @@ def _source() -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST train then test, read once per process (forked workers inherit it)."""
     global _SOURCE
     if _SOURCE is None:
-        from simclrv2.data.datasets import load_fashion_mnist
+        from simclrv2.data.builtin import load_fashion_mnist
 
         parts = [load_fashion_mnist(split) for split in ("train", "test")]
         _SOURCE = (np.concatenate([p.images[:, 0].numpy() for p in parts]),
@@ -79,7 +79,7 @@ def _source() -> tuple[np.ndarray, np.ndarray]:
 
 
 def class_names() -> list[str]:
-    from simclrv2.data.datasets import FASHION_MNIST_CLASSES
+    from simclrv2.data.builtin import FASHION_MNIST_CLASSES
 
     return [c.replace("/", "-") for c in FASHION_MNIST_CLASSES]  # "T-shirt/top" is no folder name
 
@@ -166,7 +166,7 @@ def _num(v: float) -> str:
 
 _OPEN_SNIPPET = """
 import sys, time
-from simclrv2.data.datasets import ImageFolderDataset
+from simclrv2.data.folder import ImageFolderDataset
 t1 = time.perf_counter()
 ds = ImageFolderDataset(sys.argv[1])
 print(len(ds), time.perf_counter() - t1)
@@ -335,8 +335,8 @@ def data_path_rate(train_dir: Path, size: int, batch: int, steps: int, warmup: i
     """images/s of ``BatchSource.train_batches`` alone, as a pretraining run draws its batches (two
     views of each image, cut in ``workers`` DataLoader workers): ``warmup`` untimed batches, then
     ``steps`` timed ones."""
-    from simclrv2.data.datasets import ImageFolderDataset
     from simclrv2.data.decode import CropSpec
+    from simclrv2.data.folder import ImageFolderDataset
     from simclrv2.engine.batches import BatchSource, StepPlan, batch_indices
 
     ds = ImageFolderDataset(train_dir)

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child(args: argparse.Namespace) -> None:
     """One configuration: build the stage's parts, run the steps, print one JSON line."""
     from simclrv2.config import PretrainConfig
-    from simclrv2.data.datasets import InMemoryDataset
+    from simclrv2.data.base import InMemoryDataset
     from simclrv2.engine.batches import BatchSource
     from simclrv2.engine.device import resolve_device, step_generator
     from simclrv2.engine.pretrain import build_parts, contrastive_views, train_step

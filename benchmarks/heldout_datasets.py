@@ -54,7 +54,7 @@ def _write(root: Path, split: str, images: np.ndarray, labels: np.ndarray, class
 
 
 def fmnist4k(root: Path, rng: np.random.Generator) -> None:
-    from simclrv2.data.datasets import load_fashion_mnist
+    from simclrv2.data.builtin import load_fashion_mnist
 
     for split, per_class in (("train", 400), ("test", 100)):
         ds = load_fashion_mnist(split)

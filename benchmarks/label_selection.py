@@ -73,7 +73,7 @@ def finetune_table(rows: list[dict]) -> str:
 
 
 def coverage(args: argparse.Namespace) -> str:
-    from simclrv2.data.datasets import UnlabeledFolderDataset
+    from simclrv2.data.folder import UnlabeledFolderDataset
     from simclrv2.select import embed_dataset
     from simclrv2.selection import select_picks
     from simclrv2.serve import load_for_serving

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["typiclust", "probcover"])
     args = parser.parse_args(argv)
     from simclrv2.cli import main as cli_main
-    from simclrv2.data.datasets import UnlabeledFolderDataset
+    from simclrv2.data.folder import UnlabeledFolderDataset
     from simclrv2.select import embed_dataset
     from simclrv2.serve import load_for_serving
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from simclrv2.data.builtin import FASHION_MNIST_SYSTEM_DIR
 
 FASHION_MNIST_DIR = FASHION_MNIST_SYSTEM_DIR
 FASHION_MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

@@ -22,7 +22,7 @@ from test_resume import make_image_folder
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from simclrv2.data.builtin import FASHION_MNIST_SYSTEM_DIR
 
 MODEL = "model=r10_0.25x_sk0"
 TINY = ["num_workers=0", "progress=false", "batch_size=8", "image_size=16"]

@@ -320,7 +320,7 @@ def test_dataloading_generator_writes_a_class_folder_of_jpegs(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from simclrv2.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from simclrv2.data.builtin import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     dl.main(["--root", str(tmp_path / "a"), "--images", "20", "--parts", "", "--gen-workers", "2"])
     assert "20 JPEGs" in capsys.readouterr().out

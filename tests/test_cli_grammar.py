@@ -15,7 +15,8 @@ import yaml
 from simclrv2 import config as C
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main, parse_tool_args
-from simclrv2.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR, load_dataset
+from simclrv2.data.builtin import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR
+from simclrv2.data.datasets import load_dataset
 from simclrv2.models import create_model
 
 FMNIST_DIR = str(FASHION_MNIST_SYSTEM_DIR)

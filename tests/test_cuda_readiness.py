@@ -18,7 +18,7 @@ from simclrv2 import distributed as dist
 from simclrv2.config import PretrainConfig
 from simclrv2.data import augment as augment_mod
 from simclrv2.data.augment import SimCLRAugment, to_device
-from simclrv2.data.datasets import ImageFolderDataset
+from simclrv2.data.folder import ImageFolderDataset
 from simclrv2.engine import device as device_mod
 from simclrv2.engine import pretrain
 from simclrv2.engine.batches import BatchSource, crop_spec

@@ -20,6 +20,7 @@ from simclrv2.data import (
     ImageFolderDataset,
     InMemoryDataset,
     balanced_subset,
+    builtin,
     dataset_info,
     load_dataset,
     read_idx,
@@ -28,9 +29,8 @@ from simclrv2.data import (
     unlabeled_indices,
     write_subset,
 )
-from simclrv2.data import datasets as ds_mod
 
-FMNIST_DIR = ds_mod.FASHION_MNIST_SYSTEM_DIR
+FMNIST_DIR = builtin.FASHION_MNIST_SYSTEM_DIR
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -140,7 +140,7 @@ def test_idx_size_and_magic_checks(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_missing_names_paths_and_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(builtin, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(DatasetError) as info:
         load_dataset("fashion_mnist", "train", data_dir=tmp_path / "mine")
     msg = str(info.value)
@@ -397,15 +397,13 @@ def test_torchvision_sets_convert_to_nchw(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_read_idx_reuses_an_unchanged_file_and_rereads_a_changed_one(tmp_path: Path) -> None:
     """The pipeline's stages each load both splits; an unchanged file is decoded once per process,
     and a rewritten one (new bytes, same name) is read again."""
-    from simclrv2.data import datasets
-
     good = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3])
     path = tmp_path / "labels"
     path.write_bytes(good)
     first = read_idx(path, expected_ndim=1)
-    hits = datasets._read_idx_cached.cache_info().hits
+    hits = builtin._read_idx_cached.cache_info().hits
     again = read_idx(path, expected_ndim=1)
-    assert again is first and datasets._read_idx_cached.cache_info().hits == hits + 1
+    assert again is first and builtin._read_idx_cached.cache_info().hits == hits + 1
     assert not first.flags.writeable  # shared between callers, so nobody may write into it
     new = tmp_path / "labels.new"  # same size, replaced by a rename (a new inode)
     new.write_bytes(good[:-3] + bytes([7, 8, 9]))

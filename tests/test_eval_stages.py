@@ -27,7 +27,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2 import load_pretrained
 from simclrv2.cli import main as cli_main
 from simclrv2.config import KnnEvalConfig, LinearEvalConfig, SupervisedConfig, load_config
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
+from simclrv2.data.builtin import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import distill, evaluate, finetune, probe, supervised
 from simclrv2.engine.evaluate import knn_predict
 from simclrv2.models import create_model

@@ -16,12 +16,9 @@ import torch
 from PIL import Image
 
 from simclrv2.data import index
-from simclrv2.data.datasets import (
-    DatasetError,
-    ImageFolderDataset,
-    UnlabeledFolderDataset,
-    load_dataset,
-)
+from simclrv2.data.datasets import load_dataset
+from simclrv2.data.folder import ImageFolderDataset, UnlabeledFolderDataset
+from simclrv2.data.images import DatasetError
 
 S = 8
 

@@ -21,7 +21,8 @@ from PIL import Image, ImageOps
 
 from simclrv2 import distributed as sdist
 from simclrv2.data import index
-from simclrv2.data.datasets import DatasetError, ImageFolderDataset
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.images import DatasetError
 
 S = 8  # stored size: every image is at least this large
 

@@ -22,7 +22,7 @@ from test_eval_stages import _write_idx
 from test_resume import assert_same_checkpoint, cli
 
 from simclrv2 import checkpoint as ckpt
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR, read_idx
+from simclrv2.data.builtin import FASHION_MNIST_SYSTEM_DIR, read_idx
 from simclrv2.engine import device as engine_device
 from simclrv2.engine import pretrain as pretrain_stage
 

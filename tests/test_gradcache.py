@@ -25,7 +25,7 @@ from simclrv2 import config as C
 from simclrv2 import distributed as sdist
 from simclrv2.config import PretrainConfig
 from simclrv2.data.augment import SimCLRAugment
-from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.data.builtin import load_fashion_mnist
 from simclrv2.engine import gradcache
 from simclrv2.engine.device import step_generator
 from simclrv2.engine.pretrain import (

@@ -20,7 +20,8 @@ from PIL import Image
 
 from simclrv2.cli import error_line
 from simclrv2.data import images
-from simclrv2.data.datasets import DatasetError, ImageFolderDataset
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.images import DatasetError
 
 S = 16
 

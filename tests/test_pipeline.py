@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from simclrv2.cli import main
-from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.data.builtin import load_fashion_mnist
 
 N_TRAIN, N_TEST = 2000, 500
 

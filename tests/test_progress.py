@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.data.builtin import load_fashion_mnist
 from simclrv2.engine.progress import Progress, format_seconds, position, progress_mode
 
 ROOT = Path(__file__).resolve().parents[1]

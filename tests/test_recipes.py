@@ -34,7 +34,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2 import config as C
 from simclrv2.cli import main
 from simclrv2.config import DistillConfig, FinetuneConfig, PretrainConfig, SupervisedConfig, load_config
-from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.data.builtin import load_fashion_mnist
 from simclrv2.engine import distill, finetune, pretrain, supervised
 from simclrv2.engine.splits import labelled_indices, training_pool, validation_indices
 from simclrv2.models.heads import SupervisedHead

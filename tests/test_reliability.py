@@ -41,7 +41,7 @@ from test_resume import make_image_folder
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.data.datasets import FASHION_MNIST_SYSTEM_DIR
+from simclrv2.data.builtin import FASHION_MNIST_SYSTEM_DIR
 
 MIN_KILLS = 10
 SEED = 20240611

@@ -21,7 +21,7 @@ from simclrv2 import checkpoint as ckpt
 from simclrv2 import config as C
 from simclrv2.cli import main
 from simclrv2.config import PretrainConfig
-from simclrv2.data.datasets import load_fashion_mnist
+from simclrv2.data.builtin import load_fashion_mnist
 from simclrv2.engine.batches import StepPlan
 from simclrv2.engine.checkpointer import Checkpointer
 from simclrv2.engine.models import load_model, model_meta

@@ -16,7 +16,7 @@ from simclrv2 import selection as S
 from simclrv2.checkpoint import write_model_file
 from simclrv2.cli import main as cli_main
 from simclrv2.config import ConfigError, FinetuneConfig, validate
-from simclrv2.data.datasets import InMemoryDataset
+from simclrv2.data.base import InMemoryDataset
 from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.labels import labelled_subset
 from simclrv2.engine.splits import labelled_indices

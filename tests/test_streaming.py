@@ -17,8 +17,8 @@ from test_resume import assert_same_checkpoint, metric_lines
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main
-from simclrv2.data.datasets import ImageFolderDataset
 from simclrv2.data.decode import CropSpec, ViewDataset, crop_box, decode_eval_view, eval_box
+from simclrv2.data.folder import ImageFolderDataset
 from simclrv2.engine.batches import BatchSource, StepPlan, batch_indices
 from simclrv2.serve import folder_batches
 

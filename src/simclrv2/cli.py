@@ -71,7 +71,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
 
 def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
-    from .data.datasets import DatasetError
+    from .data.images import DatasetError
     from .distributed import DeviceMismatchError
     from .engine.runfolder import RunError
     from .released import DownloadError

@@ -80,7 +80,7 @@ def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, An
     the file, and each row's confidence (``confidence``, for :func:`calibration`).
     """
     from .checkpoint import atomic_write_text
-    from .data.datasets import UNLABELED_DIR
+    from .data.folder import UNLABELED_DIR
     from .data.index import open_unlabeled_index
     from .engine.batches import open_split
     from .engine.device import resolve_device

@@ -48,7 +48,7 @@ class SearchMode:
 
 def few_labels_dir(common: dict[str, Any]) -> Path | None:
     """``data_dir`` when the pipeline's data is in the few-labels layout, else None."""
-    from .data.datasets import has_unlabeled
+    from .data.folder import has_unlabeled
 
     data_dir = common.get("data_dir") or None
     if common.get("dataset") == "imagefolder" and has_unlabeled(data_dir):
@@ -58,7 +58,7 @@ def few_labels_dir(common: dict[str, Any]) -> Path | None:
 
 def label_counts(data_dir: Path) -> tuple[list[str], np.ndarray]:
     """Class names and labelled images per class of ``data_dir/train/`` (from its index: no image is read)."""
-    from .data.datasets import DatasetError
+    from .data.images import DatasetError
     from .data.index import open_index
 
     try:

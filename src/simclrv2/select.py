@@ -23,7 +23,8 @@ from torch import nn
 
 from .checkpoint import atomic_write_text
 from .config import parse_tool_args
-from .data.datasets import ImageDataset, UnlabeledFolderDataset
+from .data.base import ImageDataset
+from .data.folder import UnlabeledFolderDataset
 from .engine.batches import BatchSource
 from .engine.device import resolve_device
 from .engine.evaluate import extract
@@ -87,7 +88,7 @@ def propose_for_folder(checkpoint: str, data_dir: str | Path, budget: int, out: 
     (``data_dir/train/<class>/`` labelled, ``data_dir/unlabeled/**`` not): the labelled images
     cover their clusters and their classes name the least certain images. Writes ``out`` as
     ``simclrv2 select`` does, file names relative to ``data_dir/unlabeled`` (a pipeline's last step)."""
-    from .data.datasets import UNLABELED_DIR, load_few_labels
+    from .data.folder import UNLABELED_DIR, load_few_labels
     from .serve import load_for_serving
 
     torch_device = resolve_device(device)

@@ -24,8 +24,9 @@ from torch import nn
 
 from .checkpoint import atomic_write_text
 from .config import parse_tool_args
-from .data.datasets import DATASET_NAMES, IMAGE_EXTENSIONS, load_dataset
+from .data.datasets import DATASET_NAMES, load_dataset
 from .data.decode import decode_eval_view
+from .data.images import IMAGE_EXTENSIONS
 from .engine.batches import BatchSource
 from .engine.device import resolve_device
 from .engine.evaluate import extract

@@ -18,7 +18,7 @@ sub-folders, every label is -1, and its manifest is keyed apart from a labelled 
 folder (:func:`manifest_path` with ``kind="unlabeled"``).
 
 Pixel data is not checked here: a corrupt body is found when the image is decoded
-(:meth:`~simclrv2.data.datasets.ImageFolderDataset.open_image`).
+(:meth:`~simclrv2.data.folder.ImageFolderDataset.open_image`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..host import atomic_write_text
-from .datasets import DatasetError
+from .images import DatasetError
 
 __all__ = [
     "balanced_subset", "kfold_split", "read_subset", "subset_from_file_list", "unlabeled_indices", "validation_split", "write_subset",

@@ -15,8 +15,10 @@ import torch
 
 from .. import distributed as dist
 from ..data.augment import to_device
-from ..data.datasets import ImageDataset, ImageFolderDataset, load_dataset
+from ..data.base import ImageDataset
+from ..data.datasets import load_dataset
 from ..data.decode import CropSpec, ViewDataset
+from ..data.folder import ImageFolderDataset
 from ..host import usable_cores
 from ..optim import Schedule, scaled_lr
 from .runfolder import RunError

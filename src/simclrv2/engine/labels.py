@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..data.datasets import ImageDataset
+from ..data.base import ImageDataset
 from ..data.subsets import write_subset
 from ..selection import random_picks, select_picks
 from .batches import BatchSource

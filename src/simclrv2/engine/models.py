@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
-from ..data.datasets import ImageDataset
+from ..data.base import ImageDataset
 from ..models import SimCLRModel, create_model
 from .runfolder import RunError
 

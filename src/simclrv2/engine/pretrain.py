@@ -19,7 +19,7 @@ from torch import nn
 from .. import distributed as dist
 from ..config import PretrainConfig
 from ..data.augment import SimCLRAugment
-from ..data.datasets import ImageDataset
+from ..data.base import ImageDataset
 from ..losses import nt_xent
 from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..data.datasets import ImageDataset, has_unlabeled
+from ..data.base import ImageDataset
+from ..data.folder import has_unlabeled
 from ..data.subsets import balanced_subset, kfold_split, subset_from_file_list, validation_split, write_subset
 from .runfolder import RunError
 
