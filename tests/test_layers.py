@@ -38,6 +38,8 @@ def _data_except(*allowed: str) -> tuple[str, ...]:
     return tuple(f"simclrv2.data.{m}" for m in DATA_MODULES if m not in allowed)
 
 
+STAGES = ("pretrain", "finetune", "supervised", "distill", "probe")  # the engine's stage modules
+
 # layer: the modules (or packages, by prefix) it must not load or import, even late. "torch" is
 # checked in the fresh interpreter only: a layer that names it loads no torch when imported.
 RULES: dict[str, tuple[str, ...]] = {
@@ -64,7 +66,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "simclrv2.convert": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.pretrained",
                          "simclrv2.pipeline"),
     **{f"simclrv2.engine.{stage}": (*APPS, "simclrv2.convert", "simclrv2.released")
-       for stage in ("pretrain", "finetune", "supervised", "distill", "probe")},
+       for stage in STAGES},
+    # the classifier stages' shared loop: below them, so it imports none of them
+    "simclrv2.engine.classify": (*APPS, "simclrv2.convert", "simclrv2.released",
+                                 *(f"simclrv2.engine.{stage}" for stage in STAGES)),
     "simclrv2.budget": ("simclrv2.pipeline", "simclrv2.cli"),
     **{app: ("simclrv2.cli",) for app in APPS[1:] if app not in ("simclrv2.budget", "simclrv2.plan")},
 }
@@ -76,7 +81,7 @@ GROUPS = {
     "data": ["simclrv2.data"],
     "library": ["simclrv2.distributed", "simclrv2.checkpoint", "simclrv2.models", "simclrv2.losses",
                 "simclrv2.optim", "simclrv2.memory", "simclrv2.convert"],
-    "engine and tools": [*(f"simclrv2.engine.{s}" for s in ("pretrain", "finetune", "supervised", "distill", "probe")),
+    "engine and tools": ["simclrv2.engine.classify", *(f"simclrv2.engine.{s}" for s in STAGES),
                          "simclrv2.budget", "simclrv2.search", "simclrv2.report", "simclrv2.labelling",
                          "simclrv2.serve", "simclrv2.select", "simclrv2.pretrained", "simclrv2.pipeline"],
 }

@@ -75,22 +75,25 @@ class _Built(Exception):
 
 
 def built_job(monkeypatch, stage, cfg) -> SimpleNamespace:
-    """What ``stage.run(cfg)`` hands to its step loop (``stage._train``): the model the
-    checkpoint holds, its optimizer, the pool of images, the step plan and the schedule."""
+    """What ``stage.run(cfg)`` hands to its step loop (``train_classifier`` for fine-tuning and the
+    supervised baseline, else ``stage._train``): the model the checkpoint holds, its optimizer, the
+    pool of images, the step plan and the schedule."""
     jobs: list[SimpleNamespace] = []
-    loop = getattr(stage._train, "__wrapped__", stage._train)  # the real loop, also when already patched
+    name = "train_classifier" if hasattr(stage, "train_classifier") else "_train"
+    loop = getattr(stage, name)
+    loop = getattr(loop, "__wrapped__", loop)  # the real loop, also when already patched
 
     def capture(*args, **kwargs) -> None:
         a = inspect.signature(loop).bind(*args, **kwargs).arguments
         if "p" in a:  # pretraining keeps its parts together
             a.update(model=a["p"].model, optimizer=a["p"].optimizer)
-        model = a["trainable"].model if "trainable" in a else a["student"] if "student" in a else a["model"]
+        model = a["student"] if "student" in a else a["model"]
         jobs.append(SimpleNamespace(model=model, optimizer=a["optimizer"], pool=a["pool"], plan=a["plan"],
                                     schedule=a["schedule"]))
         raise _Built
 
     capture.__wrapped__ = loop
-    monkeypatch.setattr(stage, "_train", capture)
+    monkeypatch.setattr(stage, name, capture)
     with pytest.raises(_Built):
         stage.run(cfg)
     return jobs[0]

@@ -7,11 +7,9 @@ the labelled subset with crop-and-flip views; layers the classifier does not use
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
@@ -19,13 +17,12 @@ from .. import distributed as dist
 from ..config import CommonConfig, FinetuneConfig
 from ..data.augment import CropFlipAugment
 from ..models import SimCLRModel
-from ..optim import Schedule, build_optimizer, set_lr
-from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
-from .checkpointer import Checkpointer
-from .device import augment, autocast, resolve_device, seed_everything, step_generator
+from ..optim import build_optimizer
+from .batches import StepPlan, image_size_of, open_split
+from .classify import train_classifier
+from .device import resolve_device, seed_everything
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
-from .metrics import TrainLog
 from .models import distribute, freeze_unused_head, load_model, model_meta
 from .runfolder import RunError, prepare_run_dir
 
@@ -59,45 +56,12 @@ def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer, trainable, schedule.peak_lr, cfg.weight_decay)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
     meta = model_meta(model, ds, image_size=size, init_checkpoint=cfg.init_checkpoint)
-    _train(cfg, trainable, train_module, optimizer, aug, source, labelled, plan, schedule, run_dir, meta)
+    train_classifier("finetune", cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule,
+                     run_dir, meta)
     metrics: dict[str, Any] = dict(stage="finetune", model=model.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
                                    **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
-
-
-def _train(cfg: FinetuneConfig, trainable: FrozenInEval, train_module: nn.Module, optimizer: torch.optim.Optimizer,
-           aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor, plan: StepPlan, schedule: Schedule,
-           run_dir: Path, meta: dict[str, Any]) -> None:
-    """The step loop: cross-entropy on crop-and-flip views of the labelled images."""
-    device = source.device
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a pass-through unless fp16
-    checkpointer = Checkpointer("finetune", cfg, run_dir, plan, trainable.model, optimizer, scaler, meta)
-    start = checkpointer.resume()
-    log = TrainLog("finetune", cfg, run_dir, plan, start, device)
-    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(aug), 1, cfg.seed)
-    for step, (x, y) in zip(range(start, plan.total_steps), batches):
-        trainable.train()  # the frozen layers stay in eval mode
-        lr = schedule(step)
-        set_lr(optimizer, lr)
-        with autocast(device, cfg.precision):
-            # fp32 views, outside autocast; a streaming source has cut the crops in its workers
-            views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
-            if cfg.channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(train_module(views)["logits"].float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        log.add(loss)
-        done = step + 1
-        if log.due(done, checkpointer.due(done)):
-            log.write(done, lr)
-        checkpointer.save_if_due(done)
-    batches.close()  # stops the workers
-    log.close(source)
-    dist.barrier()
 
 
 def freeze_for_finetune(model: SimCLRModel, after_block: int) -> list[nn.Module]:

@@ -1,28 +1,24 @@
 """``simclrv2 supervised``: the baseline, the same architecture from random weights on the same labels.
 
-It trains like fine-tuning (crop-and-flip views, cross-entropy, the same schedule and optimizer
-choices), so the two differ only in where the weights start.
+It trains through fine-tuning's loop (:func:`.classify.train_classifier`: crop-and-flip views,
+cross-entropy) with the same schedule and optimizer choices, so the two differ only in where the
+weights start.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .. import distributed as dist
 from ..config import SupervisedConfig
 from ..data.augment import CropFlipAugment
-from ..optim import Schedule, build_optimizer, set_lr
-from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
-from .checkpointer import Checkpointer
-from .device import augment, autocast, resolve_device, seed_everything, step_generator
+from ..optim import build_optimizer
+from .batches import StepPlan, image_size_of, open_split
+from .classify import train_classifier
+from .device import resolve_device, seed_everything
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
-from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir
 
@@ -49,42 +45,9 @@ def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
     meta = model_meta(model, ds, image_size=size)
-    _train(cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule, run_dir, meta)
+    train_classifier("supervised", cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule,
+                     run_dir, meta)
     metrics: dict[str, Any] = dict(stage="supervised", model=model.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
                                    **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
-
-
-def _train(cfg: SupervisedConfig, model: nn.Module, train_module: nn.Module, optimizer: torch.optim.Optimizer,
-           aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor, plan: StepPlan, schedule: Schedule,
-           run_dir: Path, meta: dict[str, Any]) -> None:
-    """The step loop: cross-entropy on crop-and-flip views of the labelled images."""
-    device = source.device
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a pass-through unless fp16
-    checkpointer = Checkpointer("supervised", cfg, run_dir, plan, model, optimizer, scaler, meta)
-    start = checkpointer.resume()
-    log = TrainLog("supervised", cfg, run_dir, plan, start, device)
-    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(aug), 1, cfg.seed)
-    for step, (x, y) in zip(range(start, plan.total_steps), batches):
-        model.train()
-        lr = schedule(step)
-        set_lr(optimizer, lr)
-        with autocast(device, cfg.precision):
-            # fp32 views, outside autocast; a streaming source has cut the crops in its workers
-            views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
-            if cfg.channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(train_module(views)["logits"].float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        log.add(loss)
-        done = step + 1
-        if log.due(done, checkpointer.due(done)):
-            log.write(done, lr)
-        checkpointer.save_if_due(done)
-    batches.close()  # stops the workers
-    log.close(source)
-    dist.barrier()
