@@ -27,7 +27,7 @@ OURS = "simclrv2."  # a rule's "*": every module of ours but the layer itself
 APPS = ("simclrv2.cli", "simclrv2.pipeline", "simclrv2.budget", "simclrv2.plan", "simclrv2.search",
         "simclrv2.serve", "simclrv2.select", "simclrv2.labelling", "simclrv2.report", "simclrv2.pretrained")
 LIBRARY = ("simclrv2.engine", "simclrv2.data", "simclrv2.cli", "simclrv2.convert", "simclrv2.released",
-           "simclrv2.pretrained", "simclrv2.pipeline")
+           "simclrv2.pretrained", "simclrv2.pipeline", "simclrv2.modelfile")
 
 # layer: the modules (or packages, by prefix) it must not load or import, even late. "torch" is
 # checked in the fresh interpreter only: a layer that names it loads no torch when imported.
@@ -37,17 +37,19 @@ RULES: dict[str, tuple[str, ...]] = {
     "simclrv2.runlock": (OURS,),
     "simclrv2.tfcheckpoint": (OURS,),
     "simclrv2.released": ("simclrv2.convert", "simclrv2.pretrained", "simclrv2.models", "simclrv2.data",
-                          "simclrv2.engine", "simclrv2.cli", "torch"),
+                          "simclrv2.engine", "simclrv2.cli", "simclrv2.modelfile", "torch"),
     "simclrv2.config": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "torch"),
     "simclrv2.plan": ("simclrv2.pipeline", "simclrv2.budget", "simclrv2.engine", "simclrv2.cli", "torch"),
     "simclrv2.data": ("simclrv2.convert", "simclrv2.released", "simclrv2.pretrained", "simclrv2.cli",
-                      "simclrv2.engine", "simclrv2.models", *APPS[1:]),
+                      "simclrv2.engine", "simclrv2.models", "simclrv2.modelfile", *APPS[1:]),
     "simclrv2.distributed": LIBRARY,
     "simclrv2.checkpoint": LIBRARY,
     "simclrv2.models": LIBRARY,
     "simclrv2.losses": LIBRARY,
     "simclrv2.optim": LIBRARY,
     "simclrv2.memory": LIBRARY,
+    # model files: read by the stages and tools, written by convert; below both
+    "simclrv2.modelfile": (*APPS, "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "simclrv2.released"),
     "simclrv2.convert": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.pretrained",
                          "simclrv2.pipeline"),
     **{f"simclrv2.engine.{stage}": (*APPS, "simclrv2.convert", "simclrv2.released")
@@ -62,7 +64,7 @@ GROUPS = {
     "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.plan"],
     "data": ["simclrv2.data"],
     "library": ["simclrv2.distributed", "simclrv2.checkpoint", "simclrv2.models", "simclrv2.losses",
-                "simclrv2.optim", "simclrv2.memory", "simclrv2.convert"],
+                "simclrv2.optim", "simclrv2.memory", "simclrv2.modelfile", "simclrv2.convert"],
     "engine and tools": [*(f"simclrv2.engine.{s}" for s in ("pretrain", "finetune", "supervised", "distill", "probe")),
                          "simclrv2.budget", "simclrv2.search", "simclrv2.report", "simclrv2.labelling",
                          "simclrv2.serve", "simclrv2.select", "simclrv2.pretrained", "simclrv2.pipeline"],

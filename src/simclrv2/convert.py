@@ -23,7 +23,6 @@ normalisation (METHOD.md 5).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simclrv2.modelfile import save_converted
 from simclrv2.models.registry import VARIANTS, SimCLRModel, create_model
 from simclrv2.models.resnet import RESNET_LAYOUTS
 from simclrv2.released import CATEGORIES
@@ -47,11 +47,7 @@ __all__ = [
     "convert_checkpoint",
     "guess_ft_proj_selector",
     "infer_architecture",
-    "save_converted",
 ]
-
-MODEL_FORMAT = "simclrv2-model"
-MODEL_FORMAT_VERSION = 1
 
 BACKBONE_SCOPE = "base_model/"
 CONTRASTIVE_SCOPE = "head_contrastive/"
@@ -622,57 +618,6 @@ def _load_converted(model: SimCLRModel, state: dict[str, torch.Tensor], options:
     if leftover:
         raise ConversionError(f"internal error: {leftover[0]} was not filled")
     return model, missing
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-EVAL_PREPROCESSING = {
-    # METHOD.md 5 / 5.3: what the released models expect.
-    "input": "RGB float in [0, 1], no mean/std normalisation",
-    "center_crop_fraction": 0.875,
-    "resize": "bicubic",
-    "image_size": 224,
-}
-
-
-def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.PathLike[str],
-                   source: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``OUT.safetensors`` (state dict of the model) and the sidecar ``OUT.json`` metadata.
-
-    The metadata is what ``load_pretrained`` and the stages' ``init_checkpoint`` read:
-    ``format``, ``format_version``, ``model_name``, ``model_config`` (``SimCLRModel(**config)``
-    rebuilds the model), ``num_classes``, ``ft_proj_selector``, ``source`` and the conversion
-    report. The same JSON also goes into the safetensors header (key ``simclrv2``) so the
-    weights file alone stays self-describing.
-    """
-    from simclrv2.checkpoint import atomic_write_text, write_model_file
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"--out must end in .safetensors, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "model_name": model.name,
-        "model_config": model.config,
-        "num_classes": report.num_classes,
-        "ft_proj_selector": report.ft_proj_selector,
-        "feature_dim": model.backbone.feature_dim,
-        "tf_padding": True,
-        "preprocessing": EVAL_PREPROCESSING,
-        "source": dict(source or {}, ema=report.ema),
-        "conversion": {
-            "mapped": len(report.mapping), "ignored": len(report.ignored), "unused": report.unused,
-            "missing": report.missing, "ema_fallback": report.ema_fallback, "notes": report.notes,
-        },
-    }
-    write_model_file(out, model.state_dict(), meta)  # atomic; metadata also in the header
-    sidecar = out.with_suffix(".json")
-    atomic_write_text(sidecar, json.dumps(meta, indent=1, default=str) + "\n")
-    return out, sidecar
 
 
 # --------------------------------------------------------------------------------------------

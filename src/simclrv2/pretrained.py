@@ -1,5 +1,5 @@
 """Released models by name and model files by path: download (``released``), then convert
-(``convert``), then load; and the ``simclrv2 convert`` command that does the first two.
+(``convert``), then load (``modelfile``); and the ``simclrv2 convert`` command that does the first two.
 
 Above both: ``released`` only downloads and ``convert`` only maps TF tensors to ours, so neither
 imports the other's work (DESIGN.md "Layers").
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from . import released
-from .checkpoint import read_model_file
 from .config import parse_tool_args  # key=value and --config, the grammar of every command
-from .convert import ConversionError, build_parser, convert_release_folder
+from .convert import build_parser, convert_release_folder
+from .modelfile import load_model
 from .models.registry import SimCLRModel
 
 __all__ = ["convert_main", "load_pretrained", "release_model_file"]
@@ -57,26 +57,13 @@ def load_pretrained(
     if not path.exists() and released.is_release_name(str(name_or_path)):
         path = release_model_file(str(name_or_path), category or "pretrained", ema=ema)
     elif category is not None or ema:
-        raise ConversionError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
-                              f"not to the file '{name_or_path}'")
+        raise ValueError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
+                         f"not to the file '{name_or_path}'")
     elif not path.exists():
         raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
                                 f"({', '.join(released.MODELS)})")
-    if path.is_dir() and any(path.glob("*.index")):
-        raise ConversionError(f"'{path}' is a TF checkpoint folder; convert it first (simclrv2 convert tf_checkpoint="
-                              f"{path} out={path.name}.safetensors) and load the .safetensors")
-    state, meta = read_model_file(path)
-    if "model_config" not in meta:
-        raise ConversionError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
-    with torch.device("meta"):  # no random init: the file fills every tensor
-        model = SimCLRModel(**meta["model_config"])
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ConversionError(f"'{path}' does not fit its own model_config ({first})") from e
-    model.name = meta.get("model_name", model.name)
-    return model.to(device).eval()
+    model, _ = load_model(path, device, random_init=False)
+    return model.eval()
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
