@@ -26,9 +26,10 @@ from _tf_writer import write_tf_checkpoint
 from simclrv2 import tfcheckpoint
 from simclrv2.checkpoint import CheckpointError
 from simclrv2.convert import ConversionError, convert_checkpoint, guess_ft_proj_selector, infer_architecture
+from simclrv2.convert_command import main as convert_main
 from simclrv2.modelfile import save_converted
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame
-from simclrv2.pretrained import convert_main, load_pretrained
+from simclrv2.pretrained import load_pretrained
 from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint
 
 BN_EPS = 1e-5

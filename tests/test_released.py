@@ -21,7 +21,7 @@ import simclrv2
 from simclrv2 import released
 from simclrv2.checkpoint import CheckpointError
 from simclrv2.cli import main as cli_main
-from simclrv2.pretrained import convert_main
+from simclrv2.convert_command import main as convert_main
 
 
 class ReleaseServer(http.server.ThreadingHTTPServer):
