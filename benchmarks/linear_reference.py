@@ -25,7 +25,7 @@ from simclrv2.data.datasets import load_dataset
 from simclrv2.data.subsets import balanced_subset
 from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.evaluate import extract
-from simclrv2.engine.models import load_model
+from simclrv2.modelfile import load_model
 
 
 def logistic_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

@@ -24,15 +24,12 @@ import torch.nn.functional as F
 from _tf_writer import write_tf_checkpoint
 
 from simclrv2 import tfcheckpoint
-from simclrv2.convert import (
-    ConversionError,
-    convert_checkpoint,
-    guess_ft_proj_selector,
-    infer_architecture,
-    save_converted,
-)
+from simclrv2.checkpoint import CheckpointError
+from simclrv2.convert import ConversionError, convert_checkpoint, guess_ft_proj_selector, infer_architecture
+from simclrv2.convert_command import main as convert_main
+from simclrv2.modelfile import save_converted
 from simclrv2.models.resnet import AvgPoolShortcut, MaxPoolSame
-from simclrv2.pretrained import convert_main, load_pretrained
+from simclrv2.pretrained import load_pretrained
 from simclrv2.tfcheckpoint import TFCheckpoint, crc32c, read_tf_checkpoint
 
 BN_EPS = 1e-5
@@ -648,7 +645,7 @@ def test_cifar_stem_checkpoint_converts_to_the_small_variant(tmp_path: Path) -> 
     ref = reference_outputs(values, x, 50, 0.5, True, cifar_stem=True)
     torch.testing.assert_close(out["features"].double(), ref["features"], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out["logits"].double(), ref["logits_0"], atol=2e-5, rtol=1e-5)
-    with pytest.raises(ConversionError, match="must end in .safetensors"):
+    with pytest.raises(CheckpointError, match="must end in .safetensors"):
         save_converted(model, report, tmp_path / "model.pt")
 
 

@@ -40,7 +40,7 @@ from simclrv2.data.datasets import load_dataset
 from simclrv2.engine import probe, supervised
 from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.evaluate import evaluate_classifier, extract, knn_predict, knn_predict_sharded
-from simclrv2.engine.models import load_model
+from simclrv2.modelfile import load_model
 
 WORLD = 2
 N_TRAIN, N_TEST = 64, 21

@@ -14,9 +14,10 @@ from test_eval_stages import FMNIST_DIR, _write_idx
 
 from simclrv2 import checkpoint as ckpt
 from simclrv2.cli import main as cli_main
+from simclrv2.convert_command import main as convert_main
 from simclrv2.data.builtin import read_idx
 from simclrv2.models import create_model
-from simclrv2.pretrained import convert_main, load_pretrained
+from simclrv2.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,10 @@ PACKAGE = Path(simclrv2.__file__).parent
 OURS = "simclrv2."  # a rule's "*": every module of ours but the layer itself
 
 APPS = ("simclrv2.cli", "simclrv2.pipeline", "simclrv2.budget", "simclrv2.plan", "simclrv2.search",
-        "simclrv2.serve", "simclrv2.select", "simclrv2.labelling", "simclrv2.report", "simclrv2.pretrained")
+        "simclrv2.serve", "simclrv2.select", "simclrv2.labelling", "simclrv2.report", "simclrv2.pretrained",
+        "simclrv2.convert_command")
 LIBRARY = ("simclrv2.engine", "simclrv2.data", "simclrv2.cli", "simclrv2.convert", "simclrv2.released",
-           "simclrv2.pretrained", "simclrv2.pipeline")
+           "simclrv2.pretrained", "simclrv2.pipeline", "simclrv2.modelfile", "simclrv2.convert_command")
 
 # Inside data, the datasets build bottom-up: images <- base <- builtin, folder (<- index) <- datasets,
 # the entry point. Each of these may import only the data modules named with it (images: any).
@@ -52,26 +53,34 @@ RULES: dict[str, tuple[str, ...]] = {
     "simclrv2.runlock": (OURS,),
     "simclrv2.tfcheckpoint": (OURS,),
     "simclrv2.released": ("simclrv2.convert", "simclrv2.pretrained", "simclrv2.models", "simclrv2.data",
-                          "simclrv2.engine", "simclrv2.cli", "torch"),
+                          "simclrv2.engine", "simclrv2.cli", "simclrv2.modelfile", "simclrv2.convert_command",
+                          "torch"),
     "simclrv2.config": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "torch"),
     "simclrv2.plan": ("simclrv2.pipeline", "simclrv2.budget", "simclrv2.engine", "simclrv2.cli", "torch"),
     "simclrv2.data": ("simclrv2.convert", "simclrv2.released", "simclrv2.pretrained", "simclrv2.cli",
-                      "simclrv2.engine", "simclrv2.models", *APPS[1:]),
+                      "simclrv2.engine", "simclrv2.models", "simclrv2.modelfile", *APPS[1:]),
     "simclrv2.distributed": LIBRARY,
     "simclrv2.checkpoint": LIBRARY,
     "simclrv2.models": LIBRARY,
     "simclrv2.losses": LIBRARY,
     "simclrv2.optim": LIBRARY,
     "simclrv2.memory": LIBRARY,
+    # model files: read by the stages and tools, written by convert_command; below both
+    "simclrv2.modelfile": (*APPS, "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "simclrv2.released"),
+    # the TF -> torch mapping only: no download, not the command (modelfile writes its files)
     "simclrv2.convert": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.pretrained",
-                         "simclrv2.pipeline"),
+                         "simclrv2.pipeline", "simclrv2.convert_command", "simclrv2.released"),
+    # `simclrv2 convert`: pretrained uses it, it uses no tool (nor pretrained: that would be a cycle)
+    "simclrv2.convert_command": (*(app for app in APPS if app != "simclrv2.convert_command"), "simclrv2.engine",
+                                 "simclrv2.data"),
     **{f"simclrv2.engine.{stage}": (*APPS, "simclrv2.convert", "simclrv2.released")
        for stage in STAGES},
     # the classifier stages' shared loop: below them, so it imports none of them
     "simclrv2.engine.classify": (*APPS, "simclrv2.convert", "simclrv2.released",
                                  *(f"simclrv2.engine.{stage}" for stage in STAGES)),
     "simclrv2.budget": ("simclrv2.pipeline", "simclrv2.cli"),
-    **{app: ("simclrv2.cli",) for app in APPS[1:] if app not in ("simclrv2.budget", "simclrv2.plan")},
+    **{app: ("simclrv2.cli",) for app in APPS[1:]
+       if app not in ("simclrv2.budget", "simclrv2.plan", "simclrv2.convert_command")},
 }
 
 # Each group runs in one fresh interpreter, lowest layer first: a layer is checked before anything
@@ -80,7 +89,8 @@ GROUPS = {
     "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.plan"],
     "data": ["simclrv2.data"],
     "library": ["simclrv2.distributed", "simclrv2.checkpoint", "simclrv2.models", "simclrv2.losses",
-                "simclrv2.optim", "simclrv2.memory", "simclrv2.convert"],
+                "simclrv2.optim", "simclrv2.memory", "simclrv2.modelfile", "simclrv2.convert",
+                "simclrv2.convert_command"],
     "engine and tools": ["simclrv2.engine.classify", *(f"simclrv2.engine.{s}" for s in STAGES),
                          "simclrv2.budget", "simclrv2.search", "simclrv2.report", "simclrv2.labelling",
                          "simclrv2.serve", "simclrv2.select", "simclrv2.pretrained", "simclrv2.pipeline"],

@@ -19,8 +19,9 @@ from test_convert import NUM_CLASSES, reference_outputs, tiny_tf_checkpoint
 
 import simclrv2
 from simclrv2 import released
+from simclrv2.checkpoint import CheckpointError
 from simclrv2.cli import main as cli_main
-from simclrv2.pretrained import convert_main
+from simclrv2.convert_command import main as convert_main
 
 
 class ReleaseServer(http.server.ThreadingHTTPServer):
@@ -184,7 +185,7 @@ def test_convert_and_load_pretrained_by_name(tiny_release: dict[str, Any], tmp_p
         simclrv2.load_pretrained("r50_1x_sk9")
     # a TF folder in the working directory named like a release is a path, not the release
     tiny_tf_checkpoint(tmp_path / "r50_1x_sk0")
-    with pytest.raises(ValueError, match="is a TF checkpoint folder; convert it first"):
+    with pytest.raises(CheckpointError, match="is a TF checkpoint folder; convert it first"):
         simclrv2.load_pretrained("r50_1x_sk0")
 
 

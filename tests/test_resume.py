@@ -24,9 +24,10 @@ from simclrv2.config import PretrainConfig
 from simclrv2.data.builtin import load_fashion_mnist
 from simclrv2.engine.batches import StepPlan
 from simclrv2.engine.checkpointer import Checkpointer
-from simclrv2.engine.models import load_model, model_meta
+from simclrv2.engine.models import model_meta
 from simclrv2.engine.pretrain import ContrastiveStep, OnlineProbe
 from simclrv2.memory import MomentumMemory
+from simclrv2.modelfile import load_model
 from simclrv2.optim import build_optimizer
 
 pytestmark = pytest.mark.fashion_mnist

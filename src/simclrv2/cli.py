@@ -23,7 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
 TOOLS: dict[str, tuple[str, str]] = {
     "pipeline": ("simclrv2.pipeline:main", "run every stage and write results.json, report.md and plots"),
     "models": ("simclrv2.cli:_models_main", "list the model registry"),
-    "convert": ("simclrv2.pretrained:convert_main", "convert a released SimCLRv2 TF1 checkpoint"),
+    "convert": ("simclrv2.convert_command:main", "convert a released SimCLRv2 TF1 checkpoint"),
     "predict": ("simclrv2.serve:predict_main", "classes and probabilities for images or a dataset split"),
     "embed": ("simclrv2.serve:embed_main", "write features of a split to .npy"),
     "select": ("simclrv2.select:select_main", "choose the images of an unlabeled folder to label first"),

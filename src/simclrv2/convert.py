@@ -18,12 +18,13 @@ in TF creation order (``simclrv2.models.resnet``), so the i-th TF conv / BN is t
 ``nn.Conv2d`` / ``nn.BatchNorm2d``; every shape is checked. Converted models use the exact TF
 "SAME" pooling (``tf_padding=True``, METHOD.md 1.5) and expect RGB inputs in [0, 1] with no mean/std
 normalisation (METHOD.md 5).
+
+This module only maps tensors; ``modelfile.save_converted`` writes the result and
+``convert_command`` is ``simclrv2 convert`` (a release folder in, a model file out).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,6 @@ from torch import nn
 
 from simclrv2.models.registry import VARIANTS, SimCLRModel, create_model
 from simclrv2.models.resnet import RESNET_LAYOUTS
-from simclrv2.released import CATEGORIES
 from simclrv2.tfcheckpoint import TFCheckpoint
 
 __all__ = [
@@ -47,11 +47,7 @@ __all__ = [
     "convert_checkpoint",
     "guess_ft_proj_selector",
     "infer_architecture",
-    "save_converted",
 ]
-
-MODEL_FORMAT = "simclrv2-model"
-MODEL_FORMAT_VERSION = 1
 
 BACKBONE_SCOPE = "base_model/"
 CONTRASTIVE_SCOPE = "head_contrastive/"
@@ -67,7 +63,6 @@ _BN_RE = re.compile(r"^batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|mo
 _HEAD_RE = re.compile(r"^(nl|l)_(\d+)/(dense/kernel|batch_normalization/(?:gamma|beta|moving_mean|moving_variance))$")
 _OPTIMIZER_SLOTS = ("Momentum", "LARSOptimizer")
 # Release category -> the head output its classifier reads (see guess_ft_proj_selector).
-RELEASE_CATEGORIES = CATEGORIES  # the bucket's folders (simclrv2.released)
 RELEASE_SELECTORS = {"finetuned_1pct": 1, "finetuned_10pct": 1, "finetuned_100pct": 0, "pretrained": 0,
                      "supervised": 0}
 SELECTOR_ADVICE = ("pass ft_proj_selector=1 for a finetuned_1pct/finetuned_10pct checkpoint, "
@@ -622,165 +617,3 @@ def _load_converted(model: SimCLRModel, state: dict[str, torch.Tensor], options:
     if leftover:
         raise ConversionError(f"internal error: {leftover[0]} was not filled")
     return model, missing
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-EVAL_PREPROCESSING = {
-    # METHOD.md 5 / 5.3: what the released models expect.
-    "input": "RGB float in [0, 1], no mean/std normalisation",
-    "center_crop_fraction": 0.875,
-    "resize": "bicubic",
-    "image_size": 224,
-}
-
-
-def save_converted(model: SimCLRModel, report: ConversionReport, out: str | os.PathLike[str],
-                   source: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``OUT.safetensors`` (state dict of the model) and the sidecar ``OUT.json`` metadata.
-
-    The metadata is what ``load_pretrained`` and the stages' ``init_checkpoint`` read:
-    ``format``, ``format_version``, ``model_name``, ``model_config`` (``SimCLRModel(**config)``
-    rebuilds the model), ``num_classes``, ``ft_proj_selector``, ``source`` and the conversion
-    report. The same JSON also goes into the safetensors header (key ``simclrv2``) so the
-    weights file alone stays self-describing.
-    """
-    from simclrv2.checkpoint import atomic_write_text, write_model_file
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"--out must end in .safetensors, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "model_name": model.name,
-        "model_config": model.config,
-        "num_classes": report.num_classes,
-        "ft_proj_selector": report.ft_proj_selector,
-        "feature_dim": model.backbone.feature_dim,
-        "tf_padding": True,
-        "preprocessing": EVAL_PREPROCESSING,
-        "source": dict(source or {}, ema=report.ema),
-        "conversion": {
-            "mapped": len(report.mapping), "ignored": len(report.ignored), "unused": report.unused,
-            "missing": report.missing, "ema_fallback": report.ema_fallback, "notes": report.notes,
-        },
-    }
-    write_model_file(out, model.state_dict(), meta)  # atomic; metadata also in the header
-    sidecar = out.with_suffix(".json")
-    atomic_write_text(sidecar, json.dumps(meta, indent=1, default=str) + "\n")
-    return out, sidecar
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-HELP_EPILOG = """\
-By name: `simclrv2 convert r50_1x_sk1 category=finetuned_10pct` downloads the release from
-https://storage.googleapis.com/simclr-checkpoints/simclrv2/<category>/<model>/ into the cache
-($SIMCLRV2_CACHE, default ~/.cache/simclrv2; resumable) and converts it.
-
-Where the released checkpoints live (google-research/simclr README, "Pre-trained models for
-SimCLRv2"): gs://simclr-checkpoints/simclrv2/<category>/<model>/
-  category: pretrained (with a linear-eval head), finetuned_1pct, finetuned_10pct,
-            finetuned_100pct, supervised
-  model:    r50_1x_sk0 r50_1x_sk1 r50_2x_sk0 r50_2x_sk1 r101_1x_sk0 r101_1x_sk1 r101_2x_sk0
-            r101_2x_sk1 r152_1x_sk0 r152_1x_sk1 r152_2x_sk0 r152_2x_sk1 r152_3x_sk1
-Each folder holds `checkpoint`, `model.ckpt-<step>.index`, `model.ckpt-<step>.data-00000-of-00001`
-(and graph/hub files that are not needed). TensorFlow is not needed to convert.
-
-From download to fine-tuning:
-  gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk1 .
-  simclrv2 convert tf_checkpoint=r50_1x_sk1 out=r50_1x_sk1.safetensors ft_proj_selector=0
-  simclrv2 finetune init_checkpoint=r50_1x_sk1.safetensors dataset=imagefolder data_dir=DIR label_fraction=0.01
-
-A folder copied that way has lost its category, which sets ft_proj_selector (1 for
-finetuned_1pct/10pct, 0 otherwise); convert asks for it rather than guess.
-The output (r50_1x_sk1.safetensors + r50_1x_sk1.json) is accepted by finetune, distill,
-linear-eval, predict and embed as init_checkpoint / checkpoint, and from Python by
-simclrv2.load_pretrained(path). Inputs are RGB in [0, 1] without mean/std normalisation (grey
-images are repeated to RGB); evaluation crops the central 87.5% and resizes to 224 with bicubic
-interpolation. The converted model uses exact TF "SAME" pooling (tf_padding=True), so its
-outputs match TensorFlow's. Details: docs/CONVERT.md.
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="simclrv2 convert",
-        description="Convert a released SimCLRv2 TF1 checkpoint into a simclrv2 model file "
-                    "(safetensors + JSON metadata), with every tensor accounted for.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a released model (r50_1x_sk0 ... r152_3x_sk1): downloaded into the cache "
-                             "($SIMCLRV2_CACHE, default ~/.cache/simclrv2), then converted")
-    parser.add_argument("--category", default="pretrained", choices=RELEASE_CATEGORIES,
-                        help="release category of MODEL (default: pretrained)")
-    parser.add_argument("--tf-checkpoint", metavar="DIR_OR_PREFIX",
-                        help="checkpoint folder (with a `checkpoint` file) or prefix such as "
-                             "r50_1x_sk1/model.ckpt-250228")
-    parser.add_argument("--out", metavar="FILE.safetensors",
-                        help="output weights; FILE.json is written next to it (default with MODEL: "
-                             "MODEL_CATEGORY.safetensors)")
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema_model/...) of the backbone and projection head")
-    parser.add_argument("--ft-proj-selector", type=int, default=None, metavar="N",
-                        help="head output feeding the classifier: 0 = backbone features, 1 = first head layer, "
-                             "-1 = final output (default: from the release category in the path, 1 for "
-                             "finetuned_1pct/10pct, 0 for finetuned_100pct/pretrained/supervised; required "
-                             "when the path names none and the checkpoint cannot tell)")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="write the model even if some of its tensors are not in the checkpoint "
-                             "(implies strict=false)")
-    parser.add_argument("--no-strict", dest="strict", action="store_false",
-                        help="strict=false: write the model even if some of its tensors are not in the checkpoint, "
-                             "or the checkpoint holds base_model/ tensors it has no place for (listed as unused)")
-    parser.add_argument("--allow-short-head", action="store_true",
-                        help="convert a projection head whose final layer is missing (else an error)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the tensor data")
-    return parser
-
-
-def convert_release_folder(
-    tf_checkpoint: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    category: str | None = None,
-    ema: bool = False,
-    ft_proj_selector: int | None = None,
-    strict: bool = True,
-    allow_short_head: bool = False,
-    verify: bool = True,
-    quiet: bool = False,
-) -> ConversionReport:
-    """Convert a TF checkpoint folder or prefix to ``out`` (+ ``.json``), printing the report.
-
-    Without ``ft_proj_selector`` it comes from ``category`` (a release category such as
-    ``finetuned_10pct``), else from a category in the path, else from the checkpoint itself
-    (``convert_checkpoint`` raises when that cannot tell).
-    """
-    ckpt = TFCheckpoint(tf_checkpoint, verify=verify)
-    selector = ft_proj_selector
-    if selector is None:
-        if category is None:
-            category = next((p for p in reversed(ckpt.prefix.absolute().parts) if p in RELEASE_SELECTORS), None)
-        selector = RELEASE_SELECTORS.get(category) if category is not None else None
-    model, report = convert_checkpoint(ckpt, ema=ema, ft_proj_selector=selector, strict=strict,
-                                       allow_short_head=allow_short_head)
-    if ft_proj_selector is None and category is not None and report.num_classes:
-        report.notes.append(f"ft_proj_selector={selector} for a {category} checkpoint; "
-                            "ft_proj_selector=N overrides it")
-    step = None
-    if "global_step" in ckpt:
-        step = int(np.asarray(ckpt["global_step"]).reshape(()))
-    written, sidecar = save_converted(model, report, out, source={
-        "tf_checkpoint": str(ckpt.prefix), "global_step": step, "category": category})
-    ckpt.close()
-    if not quiet:
-        print(report.summary())
-        print(f"wrote {written} and {sidecar}")
-    return report

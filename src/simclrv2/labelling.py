@@ -85,7 +85,7 @@ def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, An
     from .engine.batches import open_split
     from .engine.device import resolve_device
     from .engine.evaluate import extract
-    from .engine.models import load_model
+    from .modelfile import load_model
 
     device = resolve_device(cfg.device)
     model, meta = load_model(str(model_dir), device)

@@ -1,31 +1,29 @@
 """Released models by name and model files by path: download (``released``), then convert
-(``convert``), then load; and the ``simclrv2 convert`` command that does the first two.
+(``convert_command``), then load (``modelfile``).
 
 Above both: ``released`` only downloads and ``convert`` only maps TF tensors to ours, so neither
-imports the other's work (DESIGN.md "Layers").
+imports the other's work (DESIGN.md "Layers"); ``simclrv2 convert`` is ``convert_command.main``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from . import released
-from .checkpoint import read_model_file
-from .config import parse_tool_args  # key=value and --config, the grammar of every command
-from .convert import ConversionError, build_parser, convert_release_folder
+from .convert_command import convert_release_folder
+from .modelfile import load_model
 from .models.registry import SimCLRModel
 
-__all__ = ["convert_main", "load_pretrained", "release_model_file"]
+__all__ = ["load_pretrained", "release_model_file"]
 
 
 def release_model_file(model: str, category: str = "pretrained", ema: bool = False, progress: bool = True) -> Path:
     """``<cache>/<category>/<model>[_ema].safetensors``: the release, fetched and converted once.
 
-    The classifier's head output comes from the category (``RELEASE_SELECTORS`` in convert).
+    The classifier's head output comes from the category (``convert.RELEASE_SELECTORS``).
     """
     released.check_names(model, category)
     out = released.cache_dir() / category / f"{model}{'_ema' if ema else ''}.safetensors"
@@ -57,43 +55,10 @@ def load_pretrained(
     if not path.exists() and released.is_release_name(str(name_or_path)):
         path = release_model_file(str(name_or_path), category or "pretrained", ema=ema)
     elif category is not None or ema:
-        raise ConversionError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
-                              f"not to the file '{name_or_path}'")
+        raise ValueError(f"category= and ema= apply to released model names ({', '.join(released.MODELS)}), "
+                         f"not to the file '{name_or_path}'")
     elif not path.exists():
         raise FileNotFoundError(f"'{name_or_path}' is neither a file nor a released model name "
                                 f"({', '.join(released.MODELS)})")
-    if path.is_dir() and any(path.glob("*.index")):
-        raise ConversionError(f"'{path}' is a TF checkpoint folder; convert it first (simclrv2 convert tf_checkpoint="
-                              f"{path} out={path.name}.safetensors) and load the .safetensors")
-    state, meta = read_model_file(path)
-    if "model_config" not in meta:
-        raise ConversionError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
-    with torch.device("meta"):  # no random init: the file fills every tensor
-        model = SimCLRModel(**meta["model_config"])
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ConversionError(f"'{path}' does not fit its own model_config ({first})") from e
-    model.name = meta.get("model_name", model.name)
-    return model.to(device).eval()
-
-
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """``simclrv2 convert (MODEL [category=C] | tf_checkpoint=DIR_OR_PREFIX) [out=FILE.safetensors] ...``."""
-    parser = build_parser()
-    args = parse_tool_args(parser, argv)
-    if (args.model is None) == (args.tf_checkpoint is None):
-        parser.error("give a released model name (e.g. r50_1x_sk1) or --tf-checkpoint DIR, not both or neither")
-    if args.model is not None:
-        folder = released.fetch_release(args.model, args.category)
-        out = args.out or f"{args.model}_{args.category}{'_ema' if args.ema else ''}.safetensors"
-        category: str | None = args.category
-    else:
-        if args.out is None:
-            parser.error("--out FILE.safetensors is needed with --tf-checkpoint")
-        folder, out, category = args.tf_checkpoint, args.out, None
-    convert_release_folder(folder, out, category=category, ema=args.ema, ft_proj_selector=args.ft_proj_selector,
-                           strict=args.strict and not args.allow_missing, allow_short_head=args.allow_short_head,
-                           verify=not args.no_verify)
-    return 0
+    model, _ = load_model(path, device, random_init=False)
+    return model.eval()

@@ -260,7 +260,7 @@ def plot_embedding(pretrain_dir: Path, pc: Any, dest: Path) -> bool:
     from .config import PretrainConfig, build
     from .engine.batches import image_size_of, open_split
     from .engine.evaluate import extract
-    from .engine.models import load_model
+    from .modelfile import load_model
 
     cfg = build(PretrainConfig, {k: v for k, v in {**pc.common, **pc.pretrain}.items()
                                  if k in PretrainConfig.__dataclass_fields__})

@@ -30,8 +30,8 @@ from .data.images import IMAGE_EXTENSIONS
 from .engine.batches import BatchSource
 from .engine.device import resolve_device
 from .engine.evaluate import extract
-from .engine.models import load_model
 from .engine.runfolder import RunError
+from .modelfile import load_model
 from .models import SimCLRModel
 
 _PIL_MODES = {1: "L", 3: "RGB"}

@@ -19,6 +19,7 @@ from .. import distributed as dist
 from ..config import DistillConfig
 from ..data.augment import CropFlipAugment
 from ..losses import mixed_distillation_loss
+from ..modelfile import load_model
 from ..models import SimCLRModel
 from ..optim import Schedule, build_optimizer, set_lr
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
@@ -27,7 +28,7 @@ from .device import augment, autocast, resolve_device, seed_everything, step_gen
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
 from .metrics import TrainLog
-from .models import distribute, freeze_unused_head, load_model, model_meta, new_model
+from .models import distribute, freeze_unused_head, model_meta, new_model
 from .runfolder import RunError, prepare_run_dir
 from .splits import training_pool
 

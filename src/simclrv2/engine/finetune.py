@@ -16,6 +16,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import CommonConfig, FinetuneConfig
 from ..data.augment import CropFlipAugment
+from ..modelfile import load_model
 from ..models import SimCLRModel
 from ..optim import build_optimizer
 from .batches import StepPlan, image_size_of, open_split
@@ -23,7 +24,7 @@ from .classify import train_classifier
 from .device import resolve_device, seed_everything
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
-from .models import distribute, freeze_unused_head, load_model, model_meta
+from .models import distribute, freeze_unused_head, model_meta
 from .runfolder import RunError, prepare_run_dir
 
 

@@ -24,10 +24,10 @@ import torch
 from .. import distributed as dist
 from ..data.base import ImageDataset
 from ..data.subsets import write_subset
+from ..modelfile import load_model
 from ..selection import random_picks, select_picks
 from .batches import BatchSource
 from .evaluate import extract
-from .models import load_model
 from .runfolder import RunError
 from .splits import labelled_indices, validation_indices
 

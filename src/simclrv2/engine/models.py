@@ -1,4 +1,4 @@
-"""The model a stage trains: built for the data, read from a checkpoint, wrapped for DDP."""
+"""The model a stage trains: built for the data, wrapped for DDP (``modelfile.load_model`` reads one from a file)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..data.base import ImageDataset
 from ..models import SimCLRModel, create_model
-from .runfolder import RunError
 
 
 def new_model(name: str, ds: ImageDataset, image_size: int, stem: str = "auto", **overrides: Any) -> SimCLRModel:
@@ -34,35 +32,6 @@ def stem_overrides(stem: str, image_size: int) -> dict[str, Any]:
     if stem == "imagenet":
         return {"cifar_stem": False}
     return {}
-
-
-def load_model(path: str, device: torch.device, **overrides: Any) -> tuple[SimCLRModel, dict[str, Any]]:
-    """A model from a run folder, a checkpoint folder or a model file, with config overrides."""
-    state, meta = ckpt.read_model_file(path)
-    if "model_config" not in meta:
-        raise RunError(f"'{path}' has no model_config in its metadata; it was not written by simclrv2")
-    config = dict(meta["model_config"], **overrides)
-    model = SimCLRModel(**config)
-    if "classifier.weight" not in state and model.classifier is not None:
-        # a pretraining checkpoint: the classifier is new (zero-initialised by the caller)
-        keep = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
-        state = dict(state, **keep)
-    if "classifier.weight" in state and model.classifier is None:
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    if "classifier.weight" in state and model.classifier is not None and (
-        state["classifier.weight"].shape != model.classifier.weight.shape
-    ):
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise RunError(
-            f"checkpoint '{path}' does not fit model {meta.get('model_name')} "
-            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
-        ) from e
-    model.name = meta.get("model_name", getattr(model, "name", "model"))
-    return model.to(device), meta
 
 
 def model_meta(model: SimCLRModel, ds: ImageDataset | None = None, **extra: Any) -> dict[str, Any]:

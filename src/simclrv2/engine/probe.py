@@ -37,6 +37,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import KnnEvalConfig, LinearEvalConfig
 from ..data.augment import CropFlipAugment
+from ..modelfile import load_model
 from ..optim import Schedule, scaled_lr, set_lr
 from .batches import crop_spec, image_size_of, open_split
 from .device import augment, autocast, resolve_device, seed_everything, step_generator
@@ -48,7 +49,6 @@ from .evaluate import (
     write_eval,
 )
 from .labels import labelled_subset, selection_metrics
-from .models import load_model
 from .runfolder import RunError, prepare_run_dir
 from .splits import has_test_split, validation_indices
 
