@@ -246,3 +246,19 @@ def test_no_layer_reaches_a_forbidden_module_even_late() -> None:
         if bad:
             broken[layer] = bad
     assert broken == {}, f"layers that reach what DESIGN.md 'Layers' forbids them: {broken}"
+
+
+MAX_FUNCTION_LINES = 80  # STYLE: a function a reader takes in at once
+
+
+def test_no_function_is_longer_than_a_reader_takes_in_at_once() -> None:
+    """Every function and method of the package, from its ``def`` line to its last line (docstring
+    included), fits in MAX_FUNCTION_LINES lines."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
