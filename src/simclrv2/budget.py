@@ -26,7 +26,8 @@ import torch
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
-from .plan import PipelineConfig, plan_stages
+from .plan import FRACTION_SECTIONS, SECTIONS, PipelineConfig, plan_stages
+from .stages import STAGES
 
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
 # and the run-to-run spread of step times are not measured (docs/EXPERIMENTS.md records how far
@@ -348,12 +349,9 @@ class _StepTimer:
         return train, rest
 
 
-SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_self": "distill",
-                   "distill_small": "distill"}
-
-
 def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
-    """``pc`` with the training length of every stage after pretraining times ``scale``: its
+    """``pc`` with the training length of every stage trained per label fraction (fine-tuning, the
+    supervised baseline, distillation) times ``scale``: its
     ``min_steps`` and ``epochs`` (section values, else ``common``, else the stage's default), and
     those of ``by_fraction`` entries. ``scale`` 1 returns ``pc`` unchanged."""
     if scale >= 1.0:
@@ -368,13 +366,13 @@ def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
         return out
 
     changes: dict[str, Any] = {}
-    for section, stage in SCALED_SECTIONS.items():
-        cls = C.STAGE_CONFIGS[stage]
+    for section in FRACTION_SECTIONS:  # the stages trained per label fraction (Stage.per_fraction)
+        cls = STAGES[SECTIONS[section]].config
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         defaults.update({k: v for k, v in pc.common.items() if k in ("min_steps", "epochs")})
         changes[section] = scaled(section, getattr(pc, section), defaults)
     by_fraction = {}
     for frac, sections in pc.by_fraction.items():
-        by_fraction[frac] = {name: scaled(name, vals, {}) if name in SCALED_SECTIONS else vals
+        by_fraction[frac] = {name: scaled(name, vals, {}) if name in FRACTION_SECTIONS else vals
                              for name, vals in sections.items()}
     return dataclasses.replace(pc, by_fraction=by_fraction, **changes)
