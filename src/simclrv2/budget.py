@@ -7,7 +7,10 @@ takes through each model in evaluation; it then adds the other stages up and giv
 the epochs that fill what is left. A fast machine pretrains longer; a slow one still finishes.
 
 The measurement uses the stages' own models, batch sizes and augmentations on random images, a
-warm-up step first. Measuring takes a few seconds and is counted in the budget. The choice is
+warm-up step first. A pretraining step is the stage's own (``engine.pretrain``'s parts, views and
+``train_step``, in the precision the stage trains in, at learning rate 0 on parts built for the
+measurement); the other stages' steps are still a stand-in (:meth:`_StepTimer.classifier_step`).
+Measuring takes a few seconds and is counted in the budget. The choice is
 stored in ``<run_dir>/budget.json`` under a hash of the pipeline config, so running the same
 command again (to resume after an interruption, say) reuses it instead of measuring again.
 """
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +57,18 @@ def fit_pretraining(pc: PipelineConfig, device: torch.device = CPU) -> dict[str,
 
     ``device`` is the one the stages train on, where the steps are timed. Under torchrun the
     process group must exist: rank 0 alone measures (or reads ``budget.json``), and every process
-    gets its answer, or its error, so they all train the same number of steps.
+    gets its answer, or its error, so they all train the same number of steps. The global random
+    generators are left as they were.
     """
+    from .engine.device import global_rng_kept
+
     rec, error = None, None
     if dist.is_main():
         try:
-            rec = _read_or_fit(pc, device)
+            # rank 0 builds and times the stages' steps alone (no DDP, no gathering across ranks),
+            # and the stages draw from the global generators as they would without a budget
+            with dist.alone(), global_rng_kept(device):
+                rec = _read_or_fit(pc, device)
         except C.ConfigError as e:
             error = str(e)
     rec, error = dist.broadcast_object((rec, error))
@@ -190,7 +200,7 @@ class _Sizes:
 
         t0 = time.perf_counter()
         ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
-        self.train = ds
+        self.train, self.source = ds, source
         self.pool = len(training_pool(cfg, ds))
         self.val = len(validation_indices(cfg, ds))
         self.test = 0  # the few-labels layout may have no test split: nothing to evaluate there
@@ -261,35 +271,41 @@ class _StepTimer:
         size = self._image_size_of(cfg, self.sizes.train)
         return torch.randint(0, 256, (n, self.sizes.channels, size, size), dtype=torch.uint8).to(self.device)
 
-    def train_step(self, cfg: Any, batch: int, views: int, teacher_cfg: Any = None) -> float:
-        """One optimizer step of ``cfg.model`` on ``views`` augmented views of ``batch`` images, with
-        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation."""
-        from .data.augment import CropFlipAugment, SimCLRAugment
-        from .losses import nt_xent
-        from .optim import build_optimizer
-
-        key = ("train", cfg.model, cfg.stem, batch, views, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale, getattr(cfg, "blur", False))
+    def pretrain_step(self, cfg: Any, batch: int) -> float:
+        """One step of the pretraining stage's own loop body on ``batch`` images: its views
+        (``engine.pretrain.contrastive_views``) and ``train_step``, on parts built as the stage
+        builds them from ``cfg`` (model, head, probe, optimizer, memory, torch.compile, chunks), in
+        the precision the stage would train in (``auto``: measured as the stage measures it)."""
+        key = ("pretrain", batch, json.dumps(C.to_dict(cfg), sort_keys=True))
         if key in self._cache:
             return self._cache[key]
-        size = self._image_size_of(cfg, self.sizes.train)
-        crop = (cfg.crop_min_scale, 1.0)
-        aug = (SimCLRAugment(size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=crop) if views == 2
-               else CropFlipAugment(size, crop_scale=crop))
-        model = self._model(cfg, ft_proj_selector=-1 if views == 2 else 0).train()
+        return self._timed(key, _pretrain_step(cfg, self.sizes, batch, self.device))
+
+    def classifier_step(self, cfg: Any, batch: int, teacher_cfg: Any = None) -> float:
+        """One optimizer step of fine-tuning or the supervised baseline on ``batch`` images, with
+        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation.
+
+        A stand-in for those stages' own steps: LARS at lr 0, the squared projection as the loss,
+        no autocast, one crop-and-flip view."""
+        from .data.augment import CropFlipAugment
+        from .optim import build_optimizer
+
+        key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
+               cfg.crop_min_scale)
+        if key in self._cache:
+            return self._cache[key]
+        aug = CropFlipAugment(self._image_size_of(cfg, self.sizes.train), crop_scale=(cfg.crop_min_scale, 1.0))
+        model = self._model(cfg, ft_proj_selector=0).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
         opt = build_optimizer("lars", model, 0.0, 0.0)
         x = self._images(cfg, batch)
 
         def step() -> None:
-            view = torch.cat([aug(x) for _ in range(views)])
+            view = aug(x)
             if teacher is not None:
                 with torch.no_grad():
                     teacher(view)
-            if views == 2:  # the contrastive loss over the whole head
-                loss = nt_xent(*model.contrastive(view)[1].float().chunk(2), cfg.temperature)[0]
-            else:
-                loss = model(view)["proj"].float().square().mean()
+            loss = model(view)["proj"].float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,7 +329,7 @@ class _StepTimer:
     def pretrain_epoch(self, cfg: Any) -> float:
         batch = min(cfg.batch_size, self.sizes.pool)
         steps = max(1, self.sizes.pool // batch)
-        seconds = steps * (self.train_step(cfg, batch, views=2) + batch * self.sizes.load)
+        seconds = steps * (self.pretrain_step(cfg, batch) + batch * self.sizes.load)
         if cfg.knn_every > 0:  # the kNN monitor: a bank of training images and the validation split
             images = min(cfg.knn_train_size or self.sizes.pool, self.sizes.pool)
             images += min(cfg.knn_test_size or self.sizes.val, self.sizes.val or self.sizes.test)
@@ -341,12 +357,36 @@ class _StepTimer:
             pool = s.pool if plan.stage == "distill" else s.labelled(run)
             batch = min(run.batch_size, pool)
             steps = max(math.ceil(run.epochs * max(1, pool // batch)), run.min_steps)
-            train += steps * (self.train_step(run, batch, 1, teacher) + batch * s.load)
+            train += steps * (self.classifier_step(run, batch, teacher) + batch * s.load)
             rest += s.open + s.validation(run) * self.per_image(run)
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             rest += s.test * self.per_image(teacher)
         return train, rest
+
+
+def _pretrain_step(cfg: Any, sizes: _Sizes, batch: int, device: torch.device) -> Callable[[], None]:
+    """One step of ``engine.pretrain``'s loop body on random images of ``batch``, ready to time: the
+    stage's parts from :func:`~simclrv2.engine.pretrain.build_parts`, its precision and gradient
+    scaler, its views and ``train_step`` at learning rate 0. The parts are this step's own: nothing
+    the run will train is touched."""
+    from .engine import pretrain
+    from .engine.device import grad_scaler, step_generator
+
+    p = pretrain.build_parts(cfg, sizes.train, sizes.source, 0.0, device)
+    views_shape = (2 * batch, sizes.channels, p.size, p.size)
+    cfg, _ = pretrain.resolve_precision(cfg, Path(cfg.run_dir), p, views_shape, device, keep=False)
+    scaler = grad_scaler(cfg.precision, device)
+    # what the stage's batch source hands its loop: the stored images, or (streaming) both views' crops
+    stored = views_shape if p.source.streams else (batch, *sizes.source.images.shape[1:])
+    x = torch.randint(0, 256, stored, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+    y = sizes.train.labels[torch.arange(batch) % len(sizes.train)].to(device)
+
+    def step() -> None:
+        views = pretrain.contrastive_views(cfg, p, x, step_generator(device, cfg.seed, 0))
+        pretrain.train_step(cfg, p, views, y, 0.0, scaler)
+
+    return step
 
 
 def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
