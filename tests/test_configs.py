@@ -8,6 +8,7 @@ dataclass, as ``simclrv2 <stage> --config`` loads them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,13 @@ def test_stage_configs_point_at_each_other() -> None:
     assert cfgs["distill"].teacher_checkpoint == cfgs["finetune"].run_dir
     assert cfgs["linear_eval"].checkpoint == cfgs["knn"].checkpoint == pre.run_dir
     assert len({c.run_dir for c in cfgs.values()}) == len(cfgs)  # no two stages share a run folder
+
+
+def test_every_stage_runner_loads_and_takes_a_test_flag_where_the_table_says() -> None:
+    """The stage table names runners by string (so that config-level code imports no engine): each
+    must import, and take ``test=`` exactly where ``Stage.takes_test`` says the pipeline passes it."""
+    for stage in STAGES.values():
+        runner = stage.load_target()
+        assert callable(runner), stage.runner
+        assert ("test" in inspect.signature(runner).parameters) == stage.takes_test, stage.name
+    assert {s for stage in STAGES.values() for s in stage.sections} == SECTIONS
