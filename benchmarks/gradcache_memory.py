@@ -55,7 +55,7 @@ def child(args: argparse.Namespace) -> None:
     from simclrv2.config import PretrainConfig
     from simclrv2.data.base import InMemoryDataset
     from simclrv2.engine.batches import BatchSource
-    from simclrv2.engine.device import resolve_device, step_generator
+    from simclrv2.engine.device import grad_scaler, resolve_device, step_generator
     from simclrv2.engine.pretrain import build_parts, contrastive_views, train_step
     from simclrv2.optim import scaled_lr
 
@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
     source = BatchSource(ds, device)
     lr = scaled_lr(cfg.base_lr, batch, cfg.lr_scaling)
     p = build_parts(cfg, ds, source, lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = grad_scaler(cfg.precision, device)
     x, y = source.images, source.labels
     times = []
     for step in range(args.warmup + args.steps):

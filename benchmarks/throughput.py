@@ -6,9 +6,11 @@
 Three pipelines run in the same process on the same machine, one after the other, ``--rounds`` times:
 
 - ``ours``: ``simclrv2.engine.pretrain``'s own step functions, as its step loop calls them
-  (``contrastive_views`` then ``train_step``): a uint8 batch gathered by the stage's in-memory
-  ``BatchSource``, two views from the batched ``SimCLRAugment`` (METHOD.md 5.1),
-  ``ContrastiveStep`` (encoder + 3-layer head + online probe on detached features) on the 2N
+  (``contrastive_views`` then ``train_step``), on the parts ``build_parts`` builds from a
+  ``PretrainConfig`` (the stage's defaults with the case's model, size, batch and precision): a
+  uint8 batch gathered by the stage's in-memory ``BatchSource``, two views from the batched
+  ``SimCLRAugment`` (METHOD.md 5.1), ``ContrastiveStep`` (encoder + 3-layer head + online probe on
+  detached features) on the 2N
   batch, ``nt_xent`` (METHOD.md 3), backward, ``LARS`` over ``param_groups`` (METHOD.md 4.1) and
   the probe's SGD, with ``set_lr``/``lr_at`` per step, the loop's on-device finite flag and metric
   sums; no host sync.
@@ -40,7 +42,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -49,23 +50,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclrv2.config import PretrainConfig
-from simclrv2.data import SimCLRAugment
+from simclrv2.data.datasets import InMemoryDataset
 from simclrv2.engine.batches import BatchSource
-from simclrv2.engine.device import autocast, step_generator
+from simclrv2.engine.device import autocast, grad_scaler, step_generator
 from simclrv2.engine.models import stem_overrides
-from simclrv2.engine.pretrain import (
-    ContrastiveStep,
-    OnlineProbe,
-    PretrainParts,
-    contrastive_views,
-    train_step,
-)
+from simclrv2.engine.pretrain import build_parts, contrastive_views, train_step
 from simclrv2.models import create_model
-from simclrv2.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
+from simclrv2.optim import LARS, lr_at, param_groups, scaled_lr
 
 PROBE_CLASSES = 10  # labels of the synthetic data, for the online probe (as with Fashion-MNIST)
-TEMPERATURE = 0.1  # PretrainConfig.temperature
-BASE_LR, WEIGHT_DECAY = 0.1, 1e-4  # PretrainConfig.base_lr (sqrt scaling), weight_decay
+# the pretraining stage's defaults, which the lightly row uses too (its lr with sqrt scaling)
+TEMPERATURE, BASE_LR, WEIGHT_DECAY = PretrainConfig.temperature, PretrainConfig.base_lr, PretrainConfig.weight_decay
 
 
 @dataclass
@@ -126,6 +121,14 @@ def _maybe_compile(module: nn.Module, cfg: BenchConfig) -> nn.Module:
     return torch.compile(module) if cfg.compile else module  # type: ignore[return-value]
 
 
+def stage_config(cfg: BenchConfig) -> PretrainConfig:
+    """The pretraining config whose step ``ours`` times: the stage's defaults (LARS, the 3-layer
+    head, NT-Xent at its temperature, blur) with the case's model, size, batch and precision."""
+    return PretrainConfig(model=cfg.model, image_size=cfg.image_size, stem=cfg.stem, batch_size=cfg.batch_size,
+                          precision=cfg.precision, compile=cfg.compile, channels_last=cfg.channels_last,
+                          online_probe=cfg.probe, seed=cfg.seed, device=cfg.device, knn_every=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # ours
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +136,8 @@ def _maybe_compile(module: nn.Module, cfg: BenchConfig) -> nn.Module:
 
 class OursStep:
     """Our pretraining step: ``simclrv2.engine.pretrain``'s own ``contrastive_views`` and
-    ``train_step`` (what its step loop calls), on the stage's parts.
+    ``train_step`` (what its step loop calls), on the parts its ``build_parts`` makes from
+    :func:`stage_config`.
 
     ``views(step)`` is the data part (the in-memory ``BatchSource`` gather + two batched views),
     ``update(views, y, step)`` the model part (forward, NT-Xent, probe, backward, LARS and the
@@ -147,23 +151,18 @@ class OursStep:
         self.cfg, self.device = cfg, device
         images = synthetic_images(cfg.pool_size, cfg.channels, cfg.image_size, cfg.seed)
         labels = torch.randint(0, PROBE_CLASSES, (cfg.pool_size,), generator=torch.Generator().manual_seed(1))
+        dataset = InMemoryDataset(images, labels, [str(c) for c in range(PROBE_CLASSES)])
         # the whole in-memory dataset on the device, as the stage's BatchSource holds Fashion-MNIST
-        source = BatchSource(SimpleNamespace(images=images, labels=labels), device, num_workers=0)
-        self.stage_cfg = PretrainConfig(temperature=TEMPERATURE, precision=cfg.precision,
-                                        channels_last=cfg.channels_last, seed=cfg.seed)
-        self.model = make_model(cfg, device)
-        self.step_module = ContrastiveStep(self.model, PROBE_CLASSES, cfg.probe).to(device)
-        self.peak_lr = scaled_lr(BASE_LR, cfg.batch_size, "sqrt")
-        self.optimizer = build_optimizer("lars", self.model, self.peak_lr, WEIGHT_DECAY)  # as pretrain.run
+        source = BatchSource(dataset, device, num_workers=0)
+        self.stage_cfg = stage_config(cfg)
+        self.peak_lr = scaled_lr(self.stage_cfg.base_lr, cfg.batch_size, self.stage_cfg.lr_scaling)
+        # the stage's own parts (engine.pretrain.build_parts, as pretrain.run builds them)
+        self.parts = build_parts(self.stage_cfg, dataset, source, self.peak_lr, device)
+        self.model, self.step_module, self.optimizer = self.parts.model, self.parts.step_module, self.parts.optimizer
         if cfg.lars_foreach is not None:
             for group in self.optimizer.param_groups:
                 group["foreach"] = cfg.lars_foreach
-        probe = OnlineProbe(self.step_module.classifier) if self.step_module.classifier is not None else None
-        self.parts = PretrainParts(
-            self.model, self.step_module, _maybe_compile(self.step_module, cfg), self.optimizer, probe,
-            None, SimCLRAugment(cfg.image_size), source, None, cfg.image_size,
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 need no scaling
+        self.scaler = grad_scaler(self.stage_cfg.precision, device)  # bf16 and fp32: a pass-through
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.sums: dict[str, torch.Tensor] = {}
         self.timer: dict[str, float] | None = None

@@ -8,12 +8,14 @@ dataclass, as ``simclrv2 <stage> --config`` loads them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
 from simclrv2 import config as C
 from simclrv2.pipeline import PipelineConfig, plan_stages
+from simclrv2.stages import STAGES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PIPELINES = sorted(CONFIGS.glob("*.yaml"))
@@ -39,7 +41,7 @@ def test_pipeline_config_builds_and_validates(path: Path) -> None:
     assert plans[0].stage == "pretrain"
     # keys the pipeline would drop silently: common keys no stage knows, by_fraction entries for
     # fractions that are not run or for sections that do not exist
-    known = set().union(*({f.name for f in dataclasses.fields(cls)} for cls in C.STAGE_CONFIGS.values()))
+    known = set().union(*({f.name for f in dataclasses.fields(s.config)} for s in STAGES.values()))
     assert set(pc.common) <= known, sorted(set(pc.common) - known)
     fractions = [float(f) for f in pc.label_fractions]
     for key, sections in pc.by_fraction.items():
@@ -91,12 +93,12 @@ def test_imagenet_settings() -> None:
 
 @pytest.mark.parametrize("path", STAGE_FILES, ids=_ids(STAGE_FILES))
 def test_stage_config_builds_and_validates(path: Path) -> None:
-    cfg = C.load_config(C.STAGE_CONFIGS[STAGE_OF_FILE[path.stem]], path)
+    cfg = C.load_config(STAGES[STAGE_OF_FILE[path.stem]].config, path)
     assert cfg.dataset == "fashion_mnist"
 
 
 def test_stage_configs_point_at_each_other() -> None:
-    cfgs = {p.stem: C.load_config(C.STAGE_CONFIGS[STAGE_OF_FILE[p.stem]], p) for p in STAGE_FILES}
+    cfgs = {p.stem: C.load_config(STAGES[STAGE_OF_FILE[p.stem]].config, p) for p in STAGE_FILES}
     pre = cfgs["pretrain"]
     assert pre.model == "r18_0.25x_sk0" and pre.epochs <= 5
     assert cfgs["finetune"].init_checkpoint == pre.run_dir
@@ -104,3 +106,13 @@ def test_stage_configs_point_at_each_other() -> None:
     assert cfgs["distill"].teacher_checkpoint == cfgs["finetune"].run_dir
     assert cfgs["linear_eval"].checkpoint == cfgs["knn"].checkpoint == pre.run_dir
     assert len({c.run_dir for c in cfgs.values()}) == len(cfgs)  # no two stages share a run folder
+
+
+def test_every_stage_runner_loads_and_takes_a_test_flag_where_the_table_says() -> None:
+    """The stage table names runners by string (so that config-level code imports no engine): each
+    must import, and take ``test=`` exactly where ``Stage.takes_test`` says the pipeline passes it."""
+    for stage in STAGES.values():
+        runner = stage.load_target()
+        assert callable(runner), stage.runner
+        assert ("test" in inspect.signature(runner).parameters) == stage.takes_test, stage.name
+    assert {s for stage in STAGES.values() for s in stage.sections} == SECTIONS

@@ -276,6 +276,65 @@ def test_budget_under_torchrun_is_measured_once_and_shared(tmp_path):
     assert res[0]["methods"] == ["finetune", "knn", "linear-eval", "supervised"]  # the job ran to its end
 
 
+def _alone_worker(rank: int) -> dict[str, Any]:
+    from simclrv2.engine.models import distribute
+
+    device = sdist.setup_distributed("cpu")
+    seen = None
+    if rank == 0:  # works by itself while rank 1 waits for its answer, as the budget's measurement does
+        with sdist.alone():
+            module = distribute(torch.nn.Linear(3, 2), device, global_bn=True)  # DDP's constructor is a collective
+            rows = len(sdist.gather_with_grad(torch.ones(2, 3, requires_grad=True)))
+            sdist.barrier()
+            seen = {"is_dist": sdist.is_dist(), "rank": sdist.rank(), "world": sdist.world_size(),
+                    "module": type(module).__name__, "rows": rows, "broadcast": sdist.broadcast_object("own")}
+        with pytest.raises(KeyError), sdist.alone():
+            raise KeyError("left by an error")
+    answer = sdist.broadcast_object(seen)
+    sdist.barrier()
+    return {"answer": answer, "after": (sdist.is_dist(), sdist.rank(), sdist.world_size())}
+
+
+def test_alone_answers_as_one_process_while_the_others_wait(tmp_path):
+    """distributed.alone(): inside it, one rank builds and runs what would otherwise join the
+    group's collectives (DDP's parameter broadcast, the gather, a barrier) without the waiting
+    ranks; afterwards, also after an error inside, the group is there as before."""
+    res = ok(run_ranks(_alone_worker, tmp_path))
+    alone = {"is_dist": False, "rank": 0, "world": 1, "module": "Linear", "rows": 2, "broadcast": "own"}
+    assert [r["answer"] for r in res] == [alone, alone]
+    assert [r["after"] for r in res] == [(True, 0, 2), (True, 1, 2)]
+
+
+def _budget_step_worker(rank: int, data: str, run_dir: str) -> dict[str, Any]:
+    from simclrv2 import budget
+    from simclrv2.engine import pretrain
+
+    sdist.setup_distributed("cpu")
+    calls = []
+    stage_step = pretrain.train_step
+    pretrain.train_step = lambda *args: calls.append(sdist.world_size()) or stage_step(*args)
+    budget._StepTimer.classifier_step = lambda self, cfg, batch, teacher_cfg=None: 0.01
+    budget._StepTimer.per_image = lambda self, cfg: 1e-4
+    rec = budget.fit_pretraining(_pipeline_config(Path(data), Path(run_dir), budget_minutes=5.0))
+    sdist.barrier()  # the group still works after rank 0's measurement
+    return {"epochs": rec["epochs"], "calls": calls}
+
+
+@pytest.mark.slow
+@pytest.mark.fashion_mnist
+def test_budget_times_the_pretraining_step_on_rank_0_alone(tmp_path):
+    """Issue 33: the budget times pretraining's own step (DDP and the gathered loss when built under
+    torchrun); rank 0 builds and runs it alone, as one process, while rank 1 waits for the epochs."""
+    from test_resume import make_image_folder
+
+    data = make_image_folder(tmp_path / "images")
+    res = ok(run_ranks(_budget_step_worker, tmp_path, str(data), str(tmp_path / "run"), timeout=120))
+    assert res[0]["epochs"] == res[1]["epochs"] >= 1
+    from simclrv2.budget import TIMED_STEPS
+
+    assert res[0]["calls"] == [1] * (1 + TIMED_STEPS) and res[1]["calls"] == []  # warm-up + timed, rank 0 only
+
+
 # ---------------------------------------------------------------- defect 7: a run folder per node
 
 

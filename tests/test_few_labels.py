@@ -390,8 +390,8 @@ def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch:
 
     data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
     step = 0.05
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
-                        0.2 if views == 2 else step)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.2)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: step)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], budget_minutes=60, embedding_points=0,
@@ -423,8 +423,8 @@ def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: 
     from simclrv2.pipeline import PipelineConfig, _fit_budget
 
     data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
-                        0.5 if views == 2 else 0.1)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.1)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], embedding_points=0, small_student="",

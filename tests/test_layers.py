@@ -56,6 +56,8 @@ RULES: dict[str, tuple[str, ...]] = {
                           "simclrv2.engine", "simclrv2.cli", "simclrv2.modelfile", "simclrv2.convert_command",
                           "torch"),
     "simclrv2.config": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "torch"),
+    "simclrv2.stages": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "simclrv2.plan",
+                        "simclrv2.pipeline", "simclrv2.budget", "torch"),
     "simclrv2.plan": ("simclrv2.pipeline", "simclrv2.budget", "simclrv2.engine", "simclrv2.cli", "torch"),
     "simclrv2.data": ("simclrv2.convert", "simclrv2.released", "simclrv2.pretrained", "simclrv2.cli",
                       "simclrv2.engine", "simclrv2.models", "simclrv2.modelfile", *APPS[1:]),
@@ -86,7 +88,7 @@ RULES: dict[str, tuple[str, ...]] = {
 # Each group runs in one fresh interpreter, lowest layer first: a layer is checked before anything
 # above it is imported, so what is loaded then is what it and the layers below it loaded.
 GROUPS = {
-    "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.plan"],
+    "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.stages", "simclrv2.plan"],
     "data": ["simclrv2.data"],
     "library": ["simclrv2.distributed", "simclrv2.checkpoint", "simclrv2.models", "simclrv2.losses",
                 "simclrv2.optim", "simclrv2.memory", "simclrv2.modelfile", "simclrv2.convert",

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from test_pipeline import tiny_fashion_mnist
 from test_resume import make_image_folder
@@ -276,8 +277,8 @@ def _budget_config(data: Path, run: Path, minutes: float) -> PipelineConfig:
 def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
     """With step times fixed, the epochs are the ones that fill the rest of the budget (in half
     epochs), rank 0's choice is stored, and a rerun reuses it without measuring again."""
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
-                        0.5 if views == 2 else 0.01)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.01)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
     pc = _budget_config(data, tmp_path / "run", minutes=2)
     rec = budget.fit_pretraining(pc)
@@ -295,8 +296,8 @@ def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
 def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monkeypatch):
     """When the stages after pretraining would take more than OTHER_SHARE of the budget, their
     steps shrink by one factor (min_steps and epochs), so a slow machine still finishes."""
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
-                        0.5 if views == 2 else 0.05)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.05)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
     pc = _budget_config(data, tmp_path / "run", minutes=2)
     rec = budget.fit_pretraining(pc)
@@ -323,8 +324,10 @@ def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypa
 
     root = make_image_folder(tmp_path / "big", n_train=60, n_test=10, side=64)
     # a step costs in proportion to its pixels: at 64 px about half the steps would fit
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None:
-                        (0.2 if views == 2 else 0.06) * (self.image_size(cfg) / 32) ** 2)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch:
+                        0.2 * (self.image_size(cfg) / 32) ** 2)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None:
+                        0.06 * (self.image_size(cfg) / 32) ** 2)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
     values = yaml.safe_load(DEMO.read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.1], budget_minutes=9, embedding_points=0,
@@ -353,11 +356,49 @@ def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypa
 
 @pytest.mark.fashion_mnist
 def test_budget_too_small_is_one_line(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(budget._StepTimer, "train_step", lambda self, cfg, batch, views, teacher_cfg=None: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.5)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-3)
     pc = _budget_config(data, tmp_path / "run", minutes=1)
     with pytest.raises(C.ConfigError, match="budget_minutes=1 is too small here"):
         budget.fit_pretraining(pc)
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_budget_times_the_pretraining_stage_own_step(data, tmp_path, monkeypatch, precision):
+    """Issue 33: the budget timed a stand-in for pretraining (always LARS, no autocast), so neither
+    precision=bf16 nor another optimizer changed what it measured. Now it times engine.pretrain's
+    own train_step, built from the pipeline's pretrain config: its optimizer, at lr 0, under the
+    autocast of the precision the stage trains in (auto: as the stage chooses it, here bf16, without
+    writing the stage's precision.json), and leaves the global random generators as they were."""
+    from simclrv2.engine import device as engine_device
+
+    steps, autocasts = [], []
+    stage_step, stage_autocast = pretrain.train_step, pretrain.autocast
+
+    def counted(cfg, p, views, y, lr, scaler):
+        steps.append((lr, type(p.optimizer).__name__))
+        return stage_step(cfg, p, views, y, lr, scaler)
+
+    def recorded(device, prec):
+        autocasts.append(prec)
+        return stage_autocast(device, prec)
+
+    monkeypatch.setattr(pretrain, "train_step", counted)
+    monkeypatch.setattr(pretrain, "autocast", recorded)
+    monkeypatch.setattr(engine_device, "_measure_precision", lambda *args: {"precision": "bf16", "reason": "faster"})
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.01)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    pc = _budget_config(data, tmp_path / "run", minutes=2)
+    pc = dataclasses.replace(pc, pretrain=dict(pc.pretrain, batch_size=16, optimizer="sgd", precision=precision))
+    torch_rng, numpy_rng = torch.get_rng_state(), np.random.get_state()
+    budget.fit_pretraining(pc)
+    assert steps == [(0.0, "SGD")] * (1 + budget.TIMED_STEPS)  # a warm-up step, then the timed ones
+    assert autocasts == ["bf16" if precision == "auto" else precision] * len(steps)
+    assert not (tmp_path / "run" / "pretrain" / "precision.json").exists()  # the stage chooses for itself
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_rng))
 
 
 @pytest.mark.slow

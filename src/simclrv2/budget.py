@@ -7,7 +7,10 @@ takes through each model in evaluation; it then adds the other stages up and giv
 the epochs that fill what is left. A fast machine pretrains longer; a slow one still finishes.
 
 The measurement uses the stages' own models, batch sizes and augmentations on random images, a
-warm-up step first. Measuring takes a few seconds and is counted in the budget. The choice is
+warm-up step first. A pretraining step is the stage's own (``engine.pretrain``'s parts, views and
+``train_step``, in the precision the stage trains in, at learning rate 0 on parts built for the
+measurement); the other stages' steps are still a stand-in (:meth:`_StepTimer.classifier_step`).
+Measuring takes a few seconds and is counted in the budget. The choice is
 stored in ``<run_dir>/budget.json`` under a hash of the pipeline config, so running the same
 command again (to resume after an interruption, say) reuses it instead of measuring again.
 """
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,8 @@ import torch
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
-from .plan import PipelineConfig, plan_stages
+from .plan import FRACTION_SECTIONS, SECTIONS, PipelineConfig, plan_stages
+from .stages import STAGES
 
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
 # and the run-to-run spread of step times are not measured (docs/EXPERIMENTS.md records how far
@@ -52,12 +57,18 @@ def fit_pretraining(pc: PipelineConfig, device: torch.device = CPU) -> dict[str,
 
     ``device`` is the one the stages train on, where the steps are timed. Under torchrun the
     process group must exist: rank 0 alone measures (or reads ``budget.json``), and every process
-    gets its answer, or its error, so they all train the same number of steps.
+    gets its answer, or its error, so they all train the same number of steps. The global random
+    generators are left as they were.
     """
+    from .engine.device import global_rng_kept
+
     rec, error = None, None
     if dist.is_main():
         try:
-            rec = _read_or_fit(pc, device)
+            # rank 0 builds and times the stages' steps alone (no DDP, no gathering across ranks),
+            # and the stages draw from the global generators as they would without a budget
+            with dist.alone(), global_rng_kept(device):
+                rec = _read_or_fit(pc, device)
         except C.ConfigError as e:
             error = str(e)
     rec, error = dist.broadcast_object((rec, error))
@@ -189,7 +200,7 @@ class _Sizes:
 
         t0 = time.perf_counter()
         ds, source = open_split(cfg, cfg.train_split, torch.device("cpu"))
-        self.train = ds
+        self.train, self.source = ds, source
         self.pool = len(training_pool(cfg, ds))
         self.val = len(validation_indices(cfg, ds))
         self.test = 0  # the few-labels layout may have no test split: nothing to evaluate there
@@ -260,35 +271,41 @@ class _StepTimer:
         size = self._image_size_of(cfg, self.sizes.train)
         return torch.randint(0, 256, (n, self.sizes.channels, size, size), dtype=torch.uint8).to(self.device)
 
-    def train_step(self, cfg: Any, batch: int, views: int, teacher_cfg: Any = None) -> float:
-        """One optimizer step of ``cfg.model`` on ``views`` augmented views of ``batch`` images, with
-        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation."""
-        from .data.augment import CropFlipAugment, SimCLRAugment
-        from .losses import nt_xent
-        from .optim import build_optimizer
-
-        key = ("train", cfg.model, cfg.stem, batch, views, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale, getattr(cfg, "blur", False))
+    def pretrain_step(self, cfg: Any, batch: int) -> float:
+        """One step of the pretraining stage's own loop body on ``batch`` images: its views
+        (``engine.pretrain.contrastive_views``) and ``train_step``, on parts built as the stage
+        builds them from ``cfg`` (model, head, probe, optimizer, memory, torch.compile, chunks), in
+        the precision the stage would train in (``auto``: measured as the stage measures it)."""
+        key = ("pretrain", batch, json.dumps(C.to_dict(cfg), sort_keys=True))
         if key in self._cache:
             return self._cache[key]
-        size = self._image_size_of(cfg, self.sizes.train)
-        crop = (cfg.crop_min_scale, 1.0)
-        aug = (SimCLRAugment(size, color_strength=cfg.color_strength, blur=cfg.blur, crop_scale=crop) if views == 2
-               else CropFlipAugment(size, crop_scale=crop))
-        model = self._model(cfg, ft_proj_selector=-1 if views == 2 else 0).train()
+        return self._timed(key, _pretrain_step(cfg, self.sizes, batch, self.device))
+
+    def classifier_step(self, cfg: Any, batch: int, teacher_cfg: Any = None) -> float:
+        """One optimizer step of fine-tuning or the supervised baseline on ``batch`` images, with
+        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation.
+
+        A stand-in for those stages' own steps: LARS at lr 0, the squared projection as the loss,
+        no autocast, one crop-and-flip view."""
+        from .data.augment import CropFlipAugment
+        from .optim import build_optimizer
+
+        key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
+               cfg.crop_min_scale)
+        if key in self._cache:
+            return self._cache[key]
+        aug = CropFlipAugment(self._image_size_of(cfg, self.sizes.train), crop_scale=(cfg.crop_min_scale, 1.0))
+        model = self._model(cfg, ft_proj_selector=0).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
         opt = build_optimizer("lars", model, 0.0, 0.0)
         x = self._images(cfg, batch)
 
         def step() -> None:
-            view = torch.cat([aug(x) for _ in range(views)])
+            view = aug(x)
             if teacher is not None:
                 with torch.no_grad():
                     teacher(view)
-            if views == 2:  # the contrastive loss over the whole head
-                loss = nt_xent(*model.contrastive(view)[1].float().chunk(2), cfg.temperature)[0]
-            else:
-                loss = model(view)["proj"].float().square().mean()
+            loss = model(view)["proj"].float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -312,7 +329,7 @@ class _StepTimer:
     def pretrain_epoch(self, cfg: Any) -> float:
         batch = min(cfg.batch_size, self.sizes.pool)
         steps = max(1, self.sizes.pool // batch)
-        seconds = steps * (self.train_step(cfg, batch, views=2) + batch * self.sizes.load)
+        seconds = steps * (self.pretrain_step(cfg, batch) + batch * self.sizes.load)
         if cfg.knn_every > 0:  # the kNN monitor: a bank of training images and the validation split
             images = min(cfg.knn_train_size or self.sizes.pool, self.sizes.pool)
             images += min(cfg.knn_test_size or self.sizes.val, self.sizes.val or self.sizes.test)
@@ -340,7 +357,7 @@ class _StepTimer:
             pool = s.pool if plan.stage == "distill" else s.labelled(run)
             batch = min(run.batch_size, pool)
             steps = max(math.ceil(run.epochs * max(1, pool // batch)), run.min_steps)
-            train += steps * (self.train_step(run, batch, 1, teacher) + batch * s.load)
+            train += steps * (self.classifier_step(run, batch, teacher) + batch * s.load)
             rest += s.open + s.validation(run) * self.per_image(run)
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
@@ -348,12 +365,33 @@ class _StepTimer:
         return train, rest
 
 
-SCALED_SECTIONS = {"finetune": "finetune", "supervised": "supervised", "distill_self": "distill",
-                   "distill_small": "distill"}
+def _pretrain_step(cfg: Any, sizes: _Sizes, batch: int, device: torch.device) -> Callable[[], None]:
+    """One step of ``engine.pretrain``'s loop body on random images of ``batch``, ready to time: the
+    stage's parts from :func:`~simclrv2.engine.pretrain.build_parts`, its precision and gradient
+    scaler, its views and ``train_step`` at learning rate 0. The parts are this step's own: nothing
+    the run will train is touched."""
+    from .engine import pretrain
+    from .engine.device import grad_scaler, step_generator
+
+    p = pretrain.build_parts(cfg, sizes.train, sizes.source, 0.0, device)
+    views_shape = (2 * batch, sizes.channels, p.size, p.size)
+    cfg, _ = pretrain.resolve_precision(cfg, Path(cfg.run_dir), p, views_shape, device, keep=False)
+    scaler = grad_scaler(cfg.precision, device)
+    # what the stage's batch source hands its loop: the stored images, or (streaming) both views' crops
+    stored = views_shape if p.source.streams else (batch, *sizes.source.images.shape[1:])
+    x = torch.randint(0, 256, stored, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+    y = sizes.train.labels[torch.arange(batch) % len(sizes.train)].to(device)
+
+    def step() -> None:
+        views = pretrain.contrastive_views(cfg, p, x, step_generator(device, cfg.seed, 0))
+        pretrain.train_step(cfg, p, views, y, 0.0, scaler)
+
+    return step
 
 
 def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
-    """``pc`` with the training length of every stage after pretraining times ``scale``: its
+    """``pc`` with the training length of every stage trained per label fraction (fine-tuning, the
+    supervised baseline, distillation) times ``scale``: its
     ``min_steps`` and ``epochs`` (section values, else ``common``, else the stage's default), and
     those of ``by_fraction`` entries. ``scale`` 1 returns ``pc`` unchanged."""
     if scale >= 1.0:
@@ -368,13 +406,13 @@ def scale_stages(pc: PipelineConfig, scale: float) -> PipelineConfig:
         return out
 
     changes: dict[str, Any] = {}
-    for section, stage in SCALED_SECTIONS.items():
-        cls = C.STAGE_CONFIGS[stage]
+    for section in FRACTION_SECTIONS:  # the stages trained per label fraction (Stage.per_fraction)
+        cls = STAGES[SECTIONS[section]].config
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         defaults.update({k: v for k, v in pc.common.items() if k in ("min_steps", "epochs")})
         changes[section] = scaled(section, getattr(pc, section), defaults)
     by_fraction = {}
     for frac, sections in pc.by_fraction.items():
-        by_fraction[frac] = {name: scaled(name, vals, {}) if name in SCALED_SECTIONS else vals
+        by_fraction[frac] = {name: scaled(name, vals, {}) if name in FRACTION_SECTIONS else vals
                              for name, vals in sections.items()}
     return dataclasses.replace(pc, by_fraction=by_fraction, **changes)

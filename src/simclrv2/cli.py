@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from . import config as C
 from .config import parse_tool_args  # the grammar of every command; re-exported for the tools' callers
+from .stages import STAGES, load_target
 
-STAGES: dict[str, tuple[str, str]] = {
-    # stage: (module:function, one-line help)
-    "pretrain": ("simclrv2.engine.pretrain:run", "contrastive pretraining (NT-Xent, LARS, optional memory queue)"),
-    "finetune": ("simclrv2.engine.finetune:run", "fine-tune from a projection-head layer on a labelled subset"),
-    "supervised": ("simclrv2.engine.supervised:run", "supervised baseline from random init on the same labels"),
-    "distill": ("simclrv2.engine.distill:run", "distil a fine-tuned teacher into a student on unlabeled images"),
-    "linear-eval": ("simclrv2.engine.probe:run_linear_eval", "linear classifier on frozen features"),
-    "knn-eval": ("simclrv2.engine.probe:run_knn_eval", "weighted kNN on frozen features"),
-}
+# the commands that are not stages (those are simclrv2.stages.STAGES): (module:function, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "pipeline": ("simclrv2.pipeline:main", "run every stage and write results.json, report.md and plots"),
     "models": ("simclrv2.cli:_models_main", "list the model registry"),
@@ -29,13 +20,6 @@ TOOLS: dict[str, tuple[str, str]] = {
     "select": ("simclrv2.select:select_main", "choose the images of an unlabeled folder to label first"),
     "export": ("simclrv2.serve:export_main", "export encoder + classifier to ONNX or TorchScript"),
 }
-
-
-def _load(target: str) -> Callable[..., Any]:
-    import importlib
-
-    module, _, fn = target.partition(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 def _models_main(argv: list[str]) -> int:
@@ -48,10 +32,10 @@ def _models_main(argv: list[str]) -> int:
 
 
 def _stage_main(stage: str, argv: list[str]) -> int:
-    cls = C.STAGE_CONFIGS[stage]
+    cls = STAGES[stage].config
     parser = argparse.ArgumentParser(
         prog=f"simclrv2 {stage}",
-        description=f"{STAGES[stage][1]}.\n\nConfig keys (key = default); override any with key=value, "
+        description=f"{STAGES[stage].help}.\n\nConfig keys (key = default); override any with key=value, "
         "dotted for nested sections:\n" + C.describe(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,7 +43,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=10 memory.enabled=true")
     args = parser.parse_args(argv)
     cfg = C.load_config(cls, args.config, args.overrides, stage=stage)
-    result = _load(STAGES[stage][0])(cfg)
+    result = STAGES[stage].load_target()(cfg)
     from . import distributed as dist
 
     if dist.is_main() and isinstance(result, dict):
@@ -102,10 +86,10 @@ def error_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = {**STAGES, **TOOLS}
+    names = {**{name: s.help for name, s in STAGES.items()}, **{name: text for name, (_, text) in TOOLS.items()}}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: simclrv2 <command> [--config FILE] [key=value ...]\n\ncommands:")
-        for name, (_, text) in names.items():
+        for name, text in names.items():
             print(f"  {name:<12} {text}")
         print("\n`simclrv2 <command> --help` shows every option with its default. Under torchrun use "
               "`python -m simclrv2 <command> ...`.")
@@ -117,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in STAGES:
             return _stage_main(cmd, rest)
-        return int(_load(TOOLS[cmd][0])(rest) or 0)
+        return int(load_target(TOOLS[cmd][0])(rest) or 0)
     except _friendly_errors() as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         if os.environ.get("SIMCLRV2_TRACEBACK"):

@@ -213,16 +213,6 @@ class KnnEvalConfig(CommonConfig, LabelConfig):
     batch_size: int = 512
 
 
-STAGE_CONFIGS: dict[str, type] = {
-    "pretrain": PretrainConfig,
-    "finetune": FinetuneConfig,
-    "supervised": SupervisedConfig,
-    "distill": DistillConfig,
-    "linear-eval": LinearEvalConfig,
-    "knn-eval": KnnEvalConfig,
-}
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

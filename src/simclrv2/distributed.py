@@ -19,10 +19,11 @@ the incoming gradient over ranks in backward (see its docstring).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -34,15 +35,39 @@ T = TypeVar("T")
 _LOCAL_RANK = 0
 # The gloo group that ranks wait in while rank 0 works alone (run_on_main), made on first use.
 _WAIT_GROUP: Any = None
+# Set inside alone(): the helpers answer as one process although a process group exists.
+_ALONE = False
 
 
 class DeviceMismatchError(RuntimeError):
     """The ranks of one job resolved different kinds of device; the message is one line with the fix."""
 
 
-def is_dist() -> bool:
-    """True when a default process group exists."""
+def _group_exists() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def is_dist() -> bool:
+    """True when a default process group exists (and this process is not working :func:`alone`)."""
+    return not _ALONE and _group_exists()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within it, every helper here answers as one process (rank 0 of 1, no collective), whether or
+    not a process group exists; on leaving, as before.
+
+    For work that one rank does by itself while the others wait, such as the budget's measurement
+    of a training step: built inside, the step has no DDP wrapper and gathers nothing across ranks,
+    so it makes no collective call that the waiting ranks would have to join. The process group
+    itself is not touched.
+    """
+    global _ALONE
+    before, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = before
 
 
 def rank() -> int:
@@ -271,7 +296,7 @@ def setup_distributed(device: str) -> torch.device:
         return torch.device(device)
     _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = torch.device(device).type == "cuda"
-    if not is_dist():
+    if not _group_exists():
         rank_ = int(os.environ["RANK"])
         store, _, _ = next(dist.rendezvous("env://", rank=rank_, world_size=ws))  # what init_method="env://" reads
         _agree_on_device(store, torch.device(device).type, rank_, ws)
@@ -317,6 +342,6 @@ def _agree_on_device(store: Any, kind: str, rank_: int, ws: int) -> None:
 def cleanup_distributed() -> None:
     """Destroy the process group (and run_on_main's) if one exists."""
     global _WAIT_GROUP
-    if is_dist():
+    if _group_exists():
         dist.destroy_process_group()
     _WAIT_GROUP = None

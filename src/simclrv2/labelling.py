@@ -23,6 +23,7 @@ import torch
 
 from . import config as C
 from . import distributed as dist
+from .stages import STAGES
 
 # models that can label images, in the order that breaks a tie (the paper's final model first)
 LABELLERS = ("distill-self", "finetune", "distill-small", "supervised")
@@ -66,9 +67,9 @@ def stage_config(stage_dir: str | Path) -> Any:
         folder = folder / json.loads(chosen.read_text())["chosen"]
     values = C.load_yaml(folder / "config.yaml")
     stage = values.pop("stage", None)
-    if stage not in C.STAGE_CONFIGS:
+    if stage not in STAGES:
         raise C.ConfigError(f"{folder / 'config.yaml'} names no stage; pass a pipeline stage folder")
-    return C.build(C.STAGE_CONFIGS[stage], values)
+    return C.build(STAGES[stage].config, values)
 
 
 def label_folder(cfg: Any, model_dir: str | Path, out_csv: Path) -> dict[str, Any]:

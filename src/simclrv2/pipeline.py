@@ -32,16 +32,8 @@ from . import distributed as dist
 from . import runlock
 from .checkpoint import atomic_write_text
 from .engine.progress import position
-from .plan import FRACTION_SECTIONS, PROBE_STAGES, PipelineConfig, StagePlan, plan_stages
-
-
-def _runner(stage: str):
-    from .engine import distill, finetune, pretrain, probe, supervised
-
-    return {
-        "pretrain": pretrain.run, "finetune": finetune.run, "supervised": supervised.run,
-        "distill": distill.run, "linear-eval": probe.run_linear_eval, "knn-eval": probe.run_knn_eval,
-    }[stage]
+from .plan import FRACTION_SECTIONS, PipelineConfig, StagePlan, plan_stages
+from .stages import STAGES
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -104,8 +96,9 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
         done.unlink(missing_ok=True)
         atomic_write_text(started, json.dumps({"upstream": upstream}))
     t0 = time.time()
-    runner = _runner(plan.stage)
-    result = runner(cfg, test=test) if plan.stage in SEARCHABLE_STAGES + ("distill",) else runner(cfg)
+    stage = STAGES[plan.stage]
+    runner = stage.load_target()
+    result = runner(cfg, test=test) if stage.takes_test else runner(cfg)
     seconds = round(before + time.time() - t0, 2)
     keep = {k: v for k, v in result.items() if k not in ("confusion_matrix",)}
     if dist.launch_rank() == 0:
@@ -116,9 +109,6 @@ def run_stage(plan: StagePlan, upstream: str | None = None, test: bool = True) -
     dist.barrier()  # done.json is on disk before any process fingerprints it
     runlock.release(run_dir)  # the stage is over; the pipeline's own lock stays
     return keep, seconds, False
-
-
-SEARCHABLE_STAGES = ("finetune", "supervised")
 
 
 def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[str, Any], float, bool]:
@@ -262,7 +252,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     results, stages, prints, chosen_dirs = [], {}, {}, {}
     pretrained: dict[str, Any] = {}
     t_all = time.time()
-    probes = [i for i, p in enumerate(plans, 1) if p.stage in PROBE_STAGES]
+    probes = [i for i, p in enumerate(plans, 1) if STAGES[p.stage].probe]
     with contextlib.ExitStack() as shared:  # linear eval and kNN share one feature extraction
         for i, plan in enumerate(plans, 1):
             if dist.launch_rank() == 0:
@@ -353,7 +343,7 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
     validation split or folds, and the estimate those give (``estimate``: kind, top-1, spread, images)."""
     row = {
         "method": plan.method, "label_fraction": plan.label_fraction,
-        "model": plan.cfg.model if plan.stage not in PROBE_STAGES else pretrain.cfg.model,
+        "model": pretrain.cfg.model if STAGES[plan.stage].probe else plan.cfg.model,
         "top1": result.get("top1"), "top5": result.get("top5"), "seconds": seconds, "run_dir": out_dir,
         "num_classes": len(result.get("per_class_accuracy", [])) or _num_classes(result, plan) or None,
         "steps": result.get("steps"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
+from .stages import STAGES
 
 
 @dataclass
@@ -109,22 +110,19 @@ def _fold_runs(plan: StagePlan, folds: int) -> StagePlan:
     return plan
 
 
-# stages that evaluate the pretrained encoder; they share its features, and report its model
-PROBE_STAGES = ("linear-eval", "knn-eval")
-# each stage section of PipelineConfig and the stage whose config keys it holds
-SECTIONS = {"pretrain": "pretrain", "finetune": "finetune", "supervised": "supervised",
-            "distill_self": "distill", "distill_small": "distill", "linear_eval": "linear-eval",
-            "knn_eval": "knn-eval"}
-FRACTION_SECTIONS = ("finetune", "supervised", "distill_self", "distill_small")  # under by_fraction.<f>
+# each stage section of PipelineConfig and the stage whose config keys it holds (simclrv2.stages)
+SECTIONS = {section: stage.name for stage in STAGES.values() for section in stage.sections}
+# the sections that may appear under by_fraction.<f>: those of the stages trained per label fraction
+FRACTION_SECTIONS = tuple(section for stage in STAGES.values() if stage.per_fraction for section in stage.sections)
 
 
 def check_sections(pc: PipelineConfig) -> None:
     """Every key of ``common``, the stage sections and ``by_fraction`` names a config key of its
     stage with a value of its type; else a one-line :class:`~simclrv2.config.ConfigError`."""
-    classes = {name: C.STAGE_CONFIGS[stage] for name, stage in SECTIONS.items()}
+    classes = {name: STAGES[stage].config for name, stage in SECTIONS.items()}
     # common: a key of any stage goes to the stages that have it, typed as the first one declares it
     known: dict[str, type] = {}
-    for cls in C.STAGE_CONFIGS.values():
+    for cls in (stage.config for stage in STAGES.values()):
         known.update({f.name: cls for f in dataclasses.fields(cls) if f.name not in known})
     for key, value in pc.common.items():
         if key not in known:
@@ -153,11 +151,11 @@ def check_sections(pc: PipelineConfig) -> None:
 
 def _stage_cfg(stage: str, pc: PipelineConfig, run_dir: Path, name: str, *layers: dict) -> Any:
     values: dict[str, Any] = {}
-    keys = {f.name for f in dataclasses.fields(C.STAGE_CONFIGS[stage])}
+    keys = {f.name for f in dataclasses.fields(STAGES[stage].config)}
     for layer in (pc.common, *layers):
         values.update({k: v for k, v in layer.items() if k in keys or layer is not pc.common})
     values["run_dir"] = str(run_dir / name)
-    cfg = C.build(C.STAGE_CONFIGS[stage], values, prefix=f"{name}.")
+    cfg = C.build(STAGES[stage].config, values, prefix=f"{name}.")
     C.validate(cfg)
     return cfg
 
@@ -198,6 +196,11 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
     fixed = {"how": CONFIG}  # no search: the stage's base_lr as configured
 
     def searched(plan: StagePlan, f: float) -> StagePlan:
+        """``plan`` with how its base_lr is chosen: by fraction f's search mode for a stage whose
+        rate is searched (``Stage.lr_search``), else as configured."""
+        if not STAGES[plan.stage].lr_search:
+            plan.rate_choice = fixed
+            return plan
         mode = modes[f]
         plan.rate_choice = mode.record()
         if mode.how == CROSS_VALIDATION:
@@ -217,15 +220,13 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
                             _fraction_layer(pc, f, "distill_self"), lab,
                             {"teacher_checkpoint": ft.run_dir, "model": model}, split)
             ds = _typical_from(ds, pre_dir)
-            plans.append(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name,
-                                   rate_choice=fixed))
+            plans.append(searched(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name), f))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
                              _fraction_layer(pc, f, "distill_small"), lab,
                              {"teacher_checkpoint": ft.run_dir, "model": pc.small_student}, split)
             dsm = _typical_from(dsm, pre_dir)
-            plans.append(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name,
-                                   rate_choice=fixed))
+            plans.append(searched(StagePlan(f"distill_small_{tag}", "distill", dsm, "distill-small", f, ft_name), f))
     for name, stage, section, method in (("linear_eval", "linear-eval", pc.linear_eval, "linear-eval"),
                                          ("knn", "knn-eval", pc.knn_eval, "knn")):
         cfg = _stage_cfg(stage, pc, run_dir, name, section, {"checkpoint": pre_dir}, split)

@@ -9,12 +9,14 @@ Resuming therefore needs no RNG state and reproduces an uninterrupted run bit fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A step's gradient scaler. Under fp16 the loss is scaled before backward and each optimizer
+    steps through the scaler, which unscales its gradients (skipping the step on inf/NaN); in any
+    other precision it is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def augment(aug: Callable[..., torch.Tensor], x: torch.Tensor,
             generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
     """``aug(x)`` computed in float32 even inside an autocast region.
@@ -134,6 +143,20 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed + dist.rank())
 
 
+@contextlib.contextmanager
+def global_rng_kept(device: torch.device) -> Iterator[None]:
+    """Within it, code may draw from the global generators (torch's on the CPU and on ``device``,
+    numpy's, Python's); on leaving they are as they were. For work done before a run that must not
+    change what the run draws, such as the budget building and timing a stage's step."""
+    state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(state[0])
+            random.setstate(state[1])
+
+
 # precision=auto takes bf16 only when it is at least this much faster: the measurement's own spread
 # on a loaded machine is a few percent, and bf16 costs accuracy headroom for nothing below that.
 BF16_SPEEDUP_NEEDED = 1.10
@@ -141,7 +164,7 @@ AUTO_TIMED_STEPS = 3  # after one warm-up step each; the fastest counts (as budg
 
 
 def choose_precision(asked: str, run_dir: Path, module: nn.Module, views_shape: tuple[int, ...],
-                     device: torch.device, channels_last: bool) -> dict[str, Any]:
+                     device: torch.device, channels_last: bool, keep: bool = True) -> dict[str, Any]:
     """The precision a run trains in, and why: ``{"precision", "reason", ...measurements}``.
 
     ``asked`` other than ``auto`` is taken as it is. ``auto`` times forward + backward of a copy of
@@ -149,7 +172,8 @@ def choose_precision(asked: str, run_dir: Path, module: nn.Module, views_shape: 
     touched) on random views of ``views_shape`` in fp32 and in bf16 autocast, and takes bf16 when it
     is at least ``BF16_SPEEDUP_NEEDED`` times faster. Rank 0 measures and every process takes its
     answer; the choice is kept in ``<run_dir>/precision.json``, so a resumed run trains on in the
-    precision it started in.
+    precision it started in. ``keep=False`` (the budget, foreseeing a run's choice before the run)
+    reads a kept choice but neither writes nor prints one.
     """
     if asked != "auto":
         return {"precision": asked, "reason": "precision set in the config"}
@@ -160,8 +184,10 @@ def choose_precision(asked: str, run_dir: Path, module: nn.Module, views_shape: 
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             rec = _measure_precision(module, views_shape, device, channels_last)
-            write_json(path, rec)
-        print(f"precision=auto: {rec['precision']} ({rec['reason']})", flush=True)
+            if keep:
+                write_json(path, rec)
+        if keep:
+            print(f"precision=auto: {rec['precision']} ({rec['reason']})", flush=True)
     return dist.broadcast_object(rec)
 
 

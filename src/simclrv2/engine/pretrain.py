@@ -26,7 +26,15 @@ from ..optim import Schedule, build_optimizer, set_lr
 from . import gradcache
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
-from .device import augment, autocast, choose_precision, resolve_device, seed_everything, step_generator
+from .device import (
+    augment,
+    autocast,
+    choose_precision,
+    grad_scaler,
+    resolve_device,
+    seed_everything,
+    step_generator,
+)
 from .evaluate import extract, knn_monitor_indices, knn_predict_sharded
 from .metrics import TrainLog
 from .models import distribute, model_meta, new_model
@@ -44,8 +52,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     p = build_parts(cfg, ds, source, schedule.peak_lr, device)
     views_shape = (2 * plan.local_batch, ds.channels, p.size, p.size)
-    precision = choose_precision(cfg.precision, run_dir, p.step_module, views_shape, device, cfg.channels_last)
-    cfg = dataclasses.replace(cfg, precision=precision["precision"])  # auto -> what was chosen; config.yaml keeps auto
+    cfg, precision = resolve_precision(cfg, run_dir, p, views_shape, device)
     if cfg.knn_every > 0 and bool((ds.labels >= 0).any()):
         p.monitor = KnnMonitor.make(cfg, ds, source, pool, device)
     meta = model_meta(p.model, ds, image_size=p.size)
@@ -61,7 +68,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 def build_parts(cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, peak_lr: float,
                 device: torch.device) -> PretrainParts:
     """The model, its step module (DDP, torch.compile), optimizer, probe, memory and augmentation
-    of a run (no kNN monitor); also what benchmarks/gradcache_memory.py times."""
+    of a run (no kNN monitor); also what the budget and the benchmarks time. The model's initial
+    weights are drawn from torch's global generator."""
     size = image_size_of(cfg, ds)
     model = new_model(
         cfg.model, ds, size, cfg.stem, proj_head_mode=cfg.proj_head_mode, num_proj_layers=cfg.num_proj_layers,
@@ -86,6 +94,17 @@ def build_parts(cfg: PretrainConfig, ds: ImageDataset, source: BatchSource, peak
     return PretrainParts(model, step_module, train_module, optimizer, probe, memory, aug, source, None, size)
 
 
+def resolve_precision(cfg: PretrainConfig, run_dir: Path, p: PretrainParts, views_shape: tuple[int, ...],
+                      device: torch.device, keep: bool = True) -> tuple[PretrainConfig, dict[str, Any]]:
+    """``cfg`` with the precision the run trains in (``auto``: the one measured on ``p``'s step
+    module with views of ``views_shape``, or kept in ``run_dir``), and the record of why
+    (:func:`~simclrv2.engine.device.choose_precision`; ``keep=False`` writes no record). The run's
+    config.yaml keeps ``auto``."""
+    precision = choose_precision(cfg.precision, run_dir, p.step_module, views_shape, device, cfg.channels_last,
+                                 keep=keep)
+    return dataclasses.replace(cfg, precision=precision["precision"]), precision
+
+
 @dataclass
 class PretrainParts:
     """What one pretraining step touches, built by :func:`run`."""
@@ -105,9 +124,7 @@ class PretrainParts:
 def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
            schedule: Schedule, meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``."""
-    # fp16: the loss is scaled before backward and each optimizer steps through the scaler, which
-    # unscales its gradients (skipping the step on inf/NaN); disabled, the scaler is a pass-through
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = grad_scaler(cfg.precision, device)
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
     checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
     start = checkpointer.resume()
@@ -136,7 +153,8 @@ def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: to
     loss and backward run in one pass, or with ``chunk_size`` through the gradient cache.
 
     Returns the loss and its statistics, still on the device (the loop syncs only to log).
-    benchmarks/throughput.py, gpu_benchmark.py and gradcache_memory.py time this function, not a copy.
+    The budget (simclrv2.budget), benchmarks/throughput.py, gpu_benchmark.py and gradcache_memory.py
+    time this function on parts from :func:`build_parts`, not a copy.
     """
     p.step_module.train()
     set_lr(p.optimizer, lr)
