@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from simclrv2 import config as C
 from simclrv2.data import index
 from simclrv2.data.datasets import load_dataset
 from simclrv2.data.folder import ImageFolderDataset, UnlabeledFolderDataset
@@ -272,9 +273,14 @@ def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels
     for method, stage in (("finetune", "finetune_100pct"), ("supervised", "supervised_100pct")):
         row = rows[method]
         assert row["rate_choice"]["how"] == "cross-validation" and row["folds"] == 2, row
-        assert f"{row['base_lr']:.4g}" in row["lr_search"] and len(row["lr_search"]) == 2
+        # a grid of two rates always has its best at an edge: one rate a grid step (4x) beyond it joins
+        centre = {"finetune": C.FinetuneConfig, "supervised": C.SupervisedConfig}[method]().base_lr
+        rates = sorted(float(r) for r in row["lr_search"])
+        assert row["lr_extended"] and len(rates) == 3 and f"{row['base_lr']:.4g}" in row["lr_search"]
+        assert {f"{centre * f:.4g}" for f in (0.5, 2.0)} <= set(row["lr_search"])
+        assert rates[1] / rates[0] == pytest.approx(4, rel=1e-3) and rates[2] / rates[1] == pytest.approx(4, rel=1e-3)
         folds = sorted((run / stage).glob("lr_*_fold*"))
-        assert len(folds) == 2 * 2  # two rates, two folds
+        assert len(folds) == 3 * 2  # three rates, two folds
         for fold in folds:
             trained = set((fold / "labelled_subset.txt").read_text().split())
             scored = set((fold / "validation_subset.txt").read_text().split())
@@ -378,8 +384,10 @@ def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[P
 
 
 def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 labels a class and 3 rates: 3 x 4 fold runs and the chosen rate on every label, 13 runs of
-    min_steps each, are what the budget plans for the search (not the 3 runs of a held-out search)."""
+    """4 labels a class and 3 rates: 3 x 4 fold runs, 4 more for a rate beyond an edge of the grid
+    and the chosen rate on every label, 17 runs of min_steps each, are what the budget plans for the
+    search (not the 3 runs of a held-out search). Every time is fixed here: nothing depends on the
+    machine's speed or load."""
     import dataclasses
 
     import yaml
@@ -393,21 +401,31 @@ def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.2)
     monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: step)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    opening = 0.01
+
+    class FixedSizes(budget._Sizes):
+        def __init__(self, cfg: object) -> None:
+            super().__init__(cfg)
+            self.open, self.load = opening, 0.0  # measured in wall-clock time otherwise
+
+    monkeypatch.setattr(budget, "_Sizes", FixedSizes)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], budget_minutes=60, embedding_points=0,
                   small_student="")
     values["common"].update(dataset="imagefolder", data_dir=str(data), image_size=16, model="r10_0.25x_sk0")
     pc = C.build(PipelineConfig, values)
     rec = budget.fit_pretraining(pc)
-    runs = len(pc.lr_search) * 4 + 1
+    runs = (len(pc.lr_search) + 1) * 4 + 1
     for stage, section in (("finetune_100pct", pc.finetune), ("supervised_100pct", pc.supervised)):
         train = runs * section["min_steps"] * step
-        assert train <= rec["stage_estimates"][stage] < train + runs * 0.5, rec["stage_estimates"]  # + opening
+        # + opening the data and scoring at most the 40 labels and 20 test images a run
+        assert train + runs * opening <= rec["stage_estimates"][stage] < train + runs * (opening + 0.01), \
+            rec["stage_estimates"]
     # and the plan the pipeline runs is that search
     from simclrv2.pipeline import plan_stages
 
     plan = next(p for p in plan_stages(dataclasses.replace(pc, budget_minutes=0)) if p.name == "finetune_100pct")
-    assert len(plan.candidates) == runs - 1 and plan.folds == 4
+    assert len(plan.candidates) == len(pc.lr_search) * 4 and plan.folds == 4
     assert {c.cfg.val_fold for c in plan.candidates} == {0, 1, 2, 3} and plan.cfg.val_fraction == 0.0
 
 
@@ -426,6 +444,14 @@ def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: 
     monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
     monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.1)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+    opening = 0.01
+
+    class FixedSizes(budget._Sizes):
+        def __init__(self, cfg: object) -> None:
+            super().__init__(cfg)
+            self.open, self.load = opening, 0.0  # measured in wall-clock time otherwise
+
+    monkeypatch.setattr(budget, "_Sizes", FixedSizes)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], embedding_points=0, small_student="",
                   self_distill=False)
@@ -476,3 +502,23 @@ def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
     assert len(picked) == 3 and len(set(picked)) == 3
     assert all((data / "unlabeled" / p).is_file() for p in picked)
     assert "`to_label.csv` proposes the 3 unlabeled images to label next" in (run / "report.md").read_text()
+
+
+def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> None:
+    """The rate added when the best planned rate is at an edge: a grid step beyond that edge, on
+    either side; none when the best is inside the grid or the grid was already extended."""
+    from simclrv2.pipeline import beyond_edge
+    from simclrv2.plan import StagePlan, fold_candidates
+
+    plan = StagePlan(name="finetune_100pct", stage="finetune", method="finetune", label_fraction=1.0,
+                     cfg=C.FinetuneConfig(run_dir="unused", base_lr=0.01))
+    plan.candidates = [c for lr in (0.0025, 0.01, 0.04) for c in fold_candidates(plan, lr, 3)]
+    assert len(plan.candidates) == 9 and plan.candidates[4].cfg.val_fold == 1
+    assert beyond_edge(plan, {0.0025: 50.0, 0.01: 60.0, 0.04: 55.0}) is None
+    assert beyond_edge(plan, {0.0025: 50.0, 0.01: 55.0, 0.04: 60.0}) == pytest.approx(0.16)
+    assert beyond_edge(plan, {0.0025: 60.0, 0.01: 55.0, 0.04: 50.0}) == pytest.approx(0.000625)
+    assert beyond_edge(plan, {0.0025: 60.0, 0.01: 60.0, 0.04: 50.0}) == pytest.approx(0.000625)  # ties: smaller
+    assert beyond_edge(plan, {0.0025: 50.0, 0.01: 55.0, 0.04: 60.0, 0.16: 61.0}) is None  # once only
+    single = StagePlan(name="s", stage="finetune", method="finetune", label_fraction=1.0, cfg=plan.cfg,
+                       candidates=fold_candidates(plan, 0.01, 3))
+    assert beyond_edge(single, {0.01: 50.0}) is None

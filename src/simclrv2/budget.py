@@ -351,6 +351,8 @@ class _StepTimer:
             return 0.0, 0.0
         # a search's candidates (cross-validated: rates x folds, then the chosen rate on every label)
         runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
+        if plan.folds and len({c.cfg.base_lr for c in plan.candidates}) > 1:  # a rate beyond the grid, if its best is at an edge
+            runs += [c.cfg for c in plan.candidates[:plan.folds]]
         teacher = encoder if plan.stage == "distill" else None
         train, rest = 0.0, 0.0
         for run in runs:

@@ -145,38 +145,62 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
     its fold; the rate with the best mean fold top-1 then trains on every label (and is tested).
 
     No fold's score comes from an image it trained on (``val_folds``: the fold is the validation
-    split, the other folds the labelled subset). Returns what :func:`run_search` returns; the
-    result's ``val_top1`` is the chosen rate's mean over folds, ``val_spread`` their standard deviation.
+    split, the other folds the labelled subset). When the best rate is the highest or the lowest
+    of the grid, the grid was centred for other data: one more rate, a grid step beyond that edge,
+    runs its folds too, and the best of all is chosen (:func:`beyond_edge`). Returns what
+    :func:`run_search` returns; the result's ``val_top1`` is the chosen rate's mean over folds,
+    ``val_spread`` their standard deviation.
     """
+    from .plan import fold_candidates
     from .search import spread
 
     folds: dict[float, list[float]] = {}
     dirs: dict[float, list[str]] = {}
     seconds, all_skipped, images = 0.0, True, 0
-    for cand in plan.candidates:
-        res, sec, skipped = run_stage(cand, upstream, test=False)
-        seconds += sec
-        all_skipped &= skipped
-        folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
-        dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
-        images += res.get("val_images", 0)
-    means = {lr: sum(v) / len(v) for lr, v in folds.items()}
-    best = next(lr for lr in means if means[lr] == max(means.values()))  # ties: the first (smaller) rate
+    candidates = list(plan.candidates)
+    while candidates:
+        for cand in candidates:
+            res, sec, skipped = run_stage(cand, upstream, test=False)
+            seconds += sec
+            all_skipped &= skipped
+            folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
+            dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
+            images += res.get("val_images", 0)
+        means = {lr: sum(v) / len(v) for lr, v in folds.items()}
+        extra = beyond_edge(plan, means)
+        candidates = fold_candidates(plan, extra, plan.folds) if extra is not None else []
+    best = min(lr for lr in means if means[lr] == max(means.values()))  # ties: the smaller rate
     name = f"lr_{best:.4g}"
     final = dataclasses.replace(plan, name=f"{plan.name}/{name}", candidates=[], folds=0,
                                 cfg=dataclasses.replace(plan.cfg, base_lr=best, run_dir=str(Path(plan.cfg.run_dir) / name)))
     result, sec, skipped = run_stage(final, upstream, test=True)
     seconds += sec
-    rates = list(means)
-    scores = {f"{lr:.4g}": round(m, 4) for lr, m in means.items()}
+    rates = sorted(means)
+    scores = {f"{lr:.4g}": round(means[lr], 4) for lr in rates}
     if dist.launch_rank() == 0:  # the stage folder stands for the run on every label
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": name, "base_lr": best, "val_top1": scores,
-            "folds": {f"{lr:.4g}": v for lr, v in folds.items()}}, indent=1))
-    result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=len(rates) > 1 and best in (min(rates), max(rates)),
+            "folds": {f"{lr:.4g}": folds[lr] for lr in rates}}, indent=1))
+    result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=len(rates) > 1 and best in (rates[0], rates[-1]),
+                  lr_extended=len(rates) > len({c.cfg.base_lr for c in plan.candidates}),
                   val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
                   val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
     return final, result, round(seconds, 2), all_skipped and skipped
+
+
+def beyond_edge(plan: StagePlan, means: dict[float, float]) -> float | None:
+    """The one rate a cross-validated search adds when its best mean is at an edge of the planned
+    grid: a grid step (the ratio of the two rates at that edge) beyond it. None when the best is
+    inside the grid, the grid has one rate, or the search has already gone beyond it once."""
+    planned = sorted({c.cfg.base_lr for c in plan.candidates})
+    if len(planned) < 2 or len(means) > len(planned):
+        return None
+    best = min(lr for lr in means if means[lr] == max(means.values()))
+    if best == planned[-1]:
+        return best * planned[-1] / planned[-2]
+    if best == planned[0]:
+        return best * planned[0] / planned[1]
+    return None
 
 
 def run_folds(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:
@@ -348,7 +372,7 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
         "num_classes": len(result.get("per_class_accuracy", [])) or _num_classes(result, plan) or None,
         "steps": result.get("steps"),
     }
-    for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "teacher_top1", "teacher_agreement",
+    for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "lr_extended", "teacher_top1", "teacher_agreement",
                 "rate_choice", "folds", "fold_dirs", "unscored"):
         if key in result:
             row[key] = result[key]

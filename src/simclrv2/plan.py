@@ -91,14 +91,20 @@ def _with_folds(plan: StagePlan, factors: list[float], folds: int) -> StagePlan:
     and scored on fold i, run folder ``<stage>/lr_<rate>_fold<i>``; the chosen rate's run on every
     label is made once it is known (:func:`run_cv_search`)."""
     for factor in factors:
-        lr = plan.cfg.base_lr * factor
-        for i in range(folds):
-            cfg = dataclasses.replace(plan.cfg, base_lr=lr, val_folds=folds, val_fold=i,
-                                      run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}_fold{i}"))
-            plan.candidates.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}_fold{i}", cfg=cfg,
-                                                       candidates=[]))
+        plan.candidates += fold_candidates(plan, plan.cfg.base_lr * factor, folds)
     plan.folds = folds
     return plan
+
+
+def fold_candidates(plan: StagePlan, lr: float, folds: int) -> list[StagePlan]:
+    """The ``folds`` runs of rate ``lr``: run ``i`` trains on the other folds and is scored on fold
+    ``i``, in ``<stage>/lr_<rate>_fold<i>``."""
+    runs = []
+    for i in range(folds):
+        cfg = dataclasses.replace(plan.cfg, base_lr=lr, val_folds=folds, val_fold=i,
+                                  run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}_fold{i}"))
+        runs.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}_fold{i}", cfg=cfg, candidates=[]))
+    return runs
 
 
 def _fold_runs(plan: StagePlan, folds: int) -> StagePlan:

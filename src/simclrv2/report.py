@@ -351,6 +351,9 @@ def _search_section(out: dict[str, Any]) -> list[str]:
             tried = ", ".join(f"{lr}: {v:.2f}" for lr, v in r["lr_search"].items())
             lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {tried} | {r['base_lr']:g} |")
         lines.append("")
+        if any(r.get("lr_extended") for r in rows):
+            lines += ["A rate outside lr_search was tried where the best planned rate was at an edge of the "
+                      "grid: one grid step beyond it, on the same folds.", ""]
     return lines
 
 
