@@ -282,33 +282,35 @@ class _StepTimer:
         return self._timed(key, _pretrain_step(cfg, self.sizes, batch, self.device))
 
     def classifier_step(self, cfg: Any, batch: int, teacher_cfg: Any = None) -> float:
-        """One optimizer step of fine-tuning or the supervised baseline on ``batch`` images, with
-        the forward pass of a frozen teacher (``teacher_cfg``'s model) for distillation.
-
-        A stand-in for those stages' own steps: LARS at lr 0, the squared projection as the loss,
-        no autocast, one crop-and-flip view."""
+        """One optimizer step of fine-tuning or the supervised baseline on ``batch`` images: their
+        own step (``engine.classify.classifier_step``) with the stage's optimizer at lr 0 and its
+        precision. With ``teacher_cfg``, a step of distillation: the forward pass of a frozen
+        teacher (``teacher_cfg``'s model) and the student's step, a classifier's step standing in
+        for the student's loss (the same passes; distillation keeps its own loop)."""
         from .data.augment import CropFlipAugment
+        from .engine.classify import classifier_step
+        from .engine.device import grad_scaler
         from .optim import build_optimizer
 
         key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale)
+               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last)
         if key in self._cache:
             return self._cache[key]
         aug = CropFlipAugment(self._image_size_of(cfg, self.sizes.train), crop_scale=(cfg.crop_min_scale, 1.0))
-        model = self._model(cfg, ft_proj_selector=0).train()
+        model = self._model(cfg, ft_proj_selector=0, num_classes=self.sizes.train.num_classes).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
-        opt = build_optimizer("lars", model, 0.0, 0.0)
+        opt = build_optimizer(cfg.optimizer, model, 0.0, cfg.weight_decay)
+        scaler = grad_scaler(cfg.precision, self.device)
         x = self._images(cfg, batch)
+        y = torch.randint(0, max(1, self.sizes.train.num_classes), (batch,), device=self.device)
+        gen = torch.Generator(self.device).manual_seed(0)
 
         def step() -> None:
-            view = aug(x)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher(view)
-            loss = model(view)["proj"].float().square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                    teacher(x.float() / 255)
+            classifier_step(model, opt, scaler, aug, x, y, gen, precision=cfg.precision,
+                            channels_last=cfg.channels_last)
 
         return self._timed(key, step)
 
