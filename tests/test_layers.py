@@ -264,3 +264,35 @@ def test_no_function_is_longer_than_a_reader_takes_in_at_once() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+# Issue 33, "one of each": the name each shared piece has, and the one module that defines it
+ONE_OF_EACH = {"train_classifier": "engine/classify.py", "classifier_step": "engine/classify.py",
+               "load_model": "modelfile.py", "STAGES": "stages.py", "train_step": "engine/pretrain.py",
+               "build_parts": "engine/pretrain.py"}
+
+
+def _definitions(path: Path) -> set[str]:
+    """Module-level functions and assigned names of ``path``."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+    return names
+
+
+def test_each_shared_piece_is_defined_once_and_the_timers_import_the_stage_step() -> None:
+    where = {name: [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py")) if name in _definitions(p)]
+             for name in ONE_OF_EACH}
+    assert where == {name: [module] for name, module in ONE_OF_EACH.items()}
+    # the budget and the throughput benchmark time the pretraining stage's own step, not a copy
+    budget_src = (PACKAGE / "budget.py").read_text()
+    bench_src = (PACKAGE.parents[1] / "benchmarks" / "throughput.py").read_text()
+    assert "from .engine import pretrain" in budget_src
+    assert "pretrain.build_parts(" in budget_src and "pretrain.train_step(" in budget_src
+    assert "from simclrv2.engine.pretrain import build_parts, contrastive_views, train_step" in bench_src
+    assert "from .engine.classify import classifier_step" in budget_src
