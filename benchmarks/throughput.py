@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclrv2.config import PretrainConfig
-from simclrv2.data.datasets import InMemoryDataset
+from simclrv2.data.base import InMemoryDataset
 from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.device import autocast, grad_scaler, step_generator
 from simclrv2.engine.models import stem_overrides

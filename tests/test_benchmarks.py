@@ -17,6 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import budget_precision as bp  # noqa: E402
 import dataloading as dl  # noqa: E402
 import gpu_benchmark as gb  # noqa: E402
 import knn_reference as kr  # noqa: E402
@@ -375,3 +376,27 @@ def test_table_survives_a_cpu_time_of_zero():
     lines = tp.format_table(rows, 8).splitlines()
     assert lines[2].startswith("| ours | 800 |") and lines[2].endswith("| 0 | - | - |")
     assert "| 2000 | - | 1.00x |" in lines[3]
+
+
+@pytest.mark.fashion_mnist
+def test_budget_precision_times_each_precision_through_the_stage_step(tmp_path, capsys, monkeypatch):
+    """benchmarks/budget_precision.py: one row per precision, each timed through the pretraining
+    stage's own step under that precision's autocast, and an epoch estimate of at least its steps."""
+    import yaml
+
+    from simclrv2.engine import pretrain
+
+    seen = []
+    stage_autocast = pretrain.autocast
+    monkeypatch.setattr(pretrain, "autocast", lambda device, prec: seen.append(prec) or stage_autocast(device, prec))
+    config = tmp_path / "tiny.yaml"
+    values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
+    values["common"]["model"] = "r10_0.25x_sk0"
+    values["pretrain"].update(batch_size=8, knn_every=0)
+    config.write_text(yaml.safe_dump(values))
+    rows = bp.main(["--config", str(config)])
+    assert set(rows) == {"fp32", "bf16"} and sorted(set(seen)) == ["bf16", "fp32"]
+    steps = 54_000 // 8  # the demo's pool: 60,000 images less the 10% validation split
+    for step, epoch in rows.values():
+        assert epoch >= steps * step > 0
+    assert "| bf16 | 8 | 6750 |" in capsys.readouterr().out
