@@ -40,6 +40,9 @@ def _data_except(*allowed: str) -> tuple[str, ...]:
 
 
 STAGES = ("pretrain", "finetune", "supervised", "distill", "probe")  # the engine's stage modules
+# the engine's shared modules, bottom-up: below the stages and classify, so they import neither
+ENGINE_PARTS = ("progress", "runfolder", "gradcache", "device", "batches", "splits", "models", "checkpointer",
+                "metrics", "evaluate", "labels")
 
 # layer: the modules (or packages, by prefix) it must not load or import, even late. "torch" is
 # checked in the fresh interpreter only: a layer that names it loads no torch when imported.
@@ -52,6 +55,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "simclrv2.data.datasets": _data_except("datasets", "base", "builtin", "folder", "index"),
     "simclrv2.runlock": (OURS,),
     "simclrv2.tfcheckpoint": (OURS,),
+    "simclrv2.selection": (OURS,),
     "simclrv2.released": ("simclrv2.convert", "simclrv2.pretrained", "simclrv2.models", "simclrv2.data",
                           "simclrv2.engine", "simclrv2.cli", "simclrv2.modelfile", "simclrv2.convert_command",
                           "torch"),
@@ -59,6 +63,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "simclrv2.stages": ("simclrv2.cli", "simclrv2.engine", "simclrv2.data", "simclrv2.convert", "simclrv2.plan",
                         "simclrv2.pipeline", "simclrv2.budget", "torch"),
     "simclrv2.plan": ("simclrv2.pipeline", "simclrv2.budget", "simclrv2.engine", "simclrv2.cli", "torch"),
+    # below the engine and the tools (plan imports it inside plan_stages; the reverse would be a cycle)
+    "simclrv2.search": ("simclrv2.engine", *(app for app in APPS if app not in ("simclrv2.search", "simclrv2.plan"))),
     "simclrv2.data": ("simclrv2.convert", "simclrv2.released", "simclrv2.pretrained", "simclrv2.cli",
                       "simclrv2.engine", "simclrv2.models", "simclrv2.modelfile", *APPS[1:]),
     "simclrv2.distributed": LIBRARY,
@@ -77,24 +83,28 @@ RULES: dict[str, tuple[str, ...]] = {
                                  "simclrv2.data"),
     **{f"simclrv2.engine.{stage}": (*APPS, "simclrv2.convert", "simclrv2.released")
        for stage in STAGES},
+    **{f"simclrv2.engine.{part}": (*APPS, "simclrv2.convert", "simclrv2.released", "simclrv2.engine.classify",
+                                   *(f"simclrv2.engine.{stage}" for stage in STAGES))
+       for part in ENGINE_PARTS},
     # the classifier stages' shared loop: below them, so it imports none of them
     "simclrv2.engine.classify": (*APPS, "simclrv2.convert", "simclrv2.released",
                                  *(f"simclrv2.engine.{stage}" for stage in STAGES)),
     "simclrv2.budget": ("simclrv2.pipeline", "simclrv2.cli"),
     **{app: ("simclrv2.cli",) for app in APPS[1:]
-       if app not in ("simclrv2.budget", "simclrv2.plan", "simclrv2.convert_command")},
+       if app not in ("simclrv2.budget", "simclrv2.plan", "simclrv2.search", "simclrv2.convert_command")},
 }
 
 # Each group runs in one fresh interpreter, lowest layer first: a layer is checked before anything
 # above it is imported, so what is loaded then is what it and the layers below it loaded.
 GROUPS = {
-    "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.stages", "simclrv2.plan"],
+    "bottom": ["simclrv2.host", "simclrv2.released", "simclrv2.config", "simclrv2.stages", "simclrv2.plan",
+               "simclrv2.search"],
     "data": ["simclrv2.data"],
     "library": ["simclrv2.distributed", "simclrv2.checkpoint", "simclrv2.models", "simclrv2.losses",
                 "simclrv2.optim", "simclrv2.memory", "simclrv2.modelfile", "simclrv2.convert",
                 "simclrv2.convert_command"],
-    "engine and tools": ["simclrv2.engine.classify", *(f"simclrv2.engine.{s}" for s in STAGES),
-                         "simclrv2.budget", "simclrv2.search", "simclrv2.report", "simclrv2.labelling",
+    "engine and tools": [*(f"simclrv2.engine.{p}" for p in ENGINE_PARTS), "simclrv2.engine.classify",
+                         *(f"simclrv2.engine.{s}" for s in STAGES), "simclrv2.budget", "simclrv2.report", "simclrv2.labelling",
                          "simclrv2.serve", "simclrv2.select", "simclrv2.pretrained", "simclrv2.pipeline"],
 }
 
@@ -148,7 +158,7 @@ def test_every_rule_is_checked_in_a_fresh_interpreter_or_by_source_only() -> Non
     # them all), and a "*" rule holds in a group only for its first layer (host), before anything
     # else of ours is loaded
     data_modules = {f"simclrv2.data.{m}" for m in ("images", "base", "builtin", "folder", "datasets")}
-    assert set(RULES) - grouped == {*data_modules, "simclrv2.runlock", "simclrv2.tfcheckpoint"}
+    assert set(RULES) - grouped == {*data_modules, "simclrv2.runlock", "simclrv2.tfcheckpoint", "simclrv2.selection"}
     assert all(OURS not in RULES[layer] for layers in GROUPS.values() for layer in layers[1:])
 
 
@@ -248,6 +258,12 @@ def test_no_layer_reaches_a_forbidden_module_even_late() -> None:
         if bad:
             broken[layer] = bad
     assert broken == {}, f"layers that reach what DESIGN.md 'Layers' forbids them: {broken}"
+
+
+def test_no_stage_imports_another_stage() -> None:
+    graph = import_graph()
+    stages = {f"simclrv2.engine.{stage}" for stage in STAGES}
+    assert {s: sorted(graph[s] & stages) for s in stages if graph[s] & stages} == {}
 
 
 MAX_FUNCTION_LINES = 80  # STYLE: a function a reader takes in at once

@@ -9,10 +9,12 @@ the epochs that fill what is left. A fast machine pretrains longer; a slow one s
 The measurement uses the stages' own models, batch sizes and augmentations on random images, a
 warm-up step first. A pretraining step is the stage's own (``engine.pretrain``'s parts, views and
 ``train_step``, in the precision the stage trains in, at learning rate 0 on parts built for the
-measurement); the other stages' steps are still a stand-in (:meth:`_StepTimer.classifier_step`).
-Measuring takes a few seconds and is counted in the budget. The choice is
-stored in ``<run_dir>/budget.json`` under a hash of the pipeline config, so running the same
-command again (to resume after an interruption, say) reuses it instead of measuring again.
+measurement); so is a fine-tuning or baseline step (``engine.classify.classifier_step``, the stage's
+optimizer at learning rate 0, its precision), and a distillation step is a frozen teacher's forward
+pass plus that step (:meth:`_StepTimer.classifier_step`). Measuring takes a few seconds and is
+counted in the budget. The choice is stored in ``<run_dir>/budget.json`` under a hash of the
+pipeline config, so running the same command again (to resume after an interruption, say) reuses
+it instead of measuring again.
 """
 
 from __future__ import annotations

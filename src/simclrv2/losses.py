@@ -1,7 +1,9 @@
-"""Pure loss functions: NT-Xent (METHOD.md 3) and distillation (METHOD.md 7).
+"""Loss functions: NT-Xent (METHOD.md 3) and distillation (METHOD.md 7).
 
 Losses take tensors and return tensors; state such as a negatives queue lives in
-``simclrv2.memory.MomentumMemory`` and is passed in as ``extra_negatives``.
+``simclrv2.memory.MomentumMemory`` and is passed in as ``extra_negatives``. The distillation losses
+are pure; ``nt_xent`` under torchrun gathers both views from every rank (a collective) and reads
+the rank to place each anchor's positive.
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ def nt_xent(
             the textbook normalisation; half the official value).
 
     Returns:
-        ``(loss, stats)``: scalar loss = mean over the N local anchors; ``stats``: the local
-        ``contrastive_acc`` and ``entropy`` (``_contrastive_stats``), averaged over ranks with
-        ``all_reduce_mean`` for logging.
+        ``(loss, stats)``: scalar loss = mean over the N local anchors; ``stats``: this rank's
+        ``contrastive_acc`` and ``entropy`` (``_contrastive_stats``), not averaged over ranks.
 
     Distributed: the loss is NOT divided by the world size. TF divides each replica's loss by the
     replica count because it sums gradients over replicas; DDP averages them instead, which gives
