@@ -273,14 +273,20 @@ def test_two_labels_search_by_folds_that_never_score_a_training_image(two_labels
     for method, stage in (("finetune", "finetune_100pct"), ("supervised", "supervised_100pct")):
         row = rows[method]
         assert row["rate_choice"]["how"] == "cross-validation" and row["folds"] == 2, row
-        # a grid of two rates always has its best at an edge: one rate a grid step (4x) beyond it joins
+        # a grid of two rates has its best at an edge unless they tie: then one rate a grid step (4x)
+        # beyond the better one joins, on the same folds
         centre = {"finetune": C.FinetuneConfig, "supervised": C.SupervisedConfig}[method]().base_lr
+        planned = {f"{centre * f:.4g}" for f in (0.5, 2.0)}
+        assert planned <= set(row["lr_search"]) and f"{row['base_lr']:.4g}" in row["lr_search"]
+        low, high = (row["lr_search"][r] for r in sorted(planned, key=float))
         rates = sorted(float(r) for r in row["lr_search"])
-        assert row["lr_extended"] and len(rates) == 3 and f"{row['base_lr']:.4g}" in row["lr_search"]
-        assert {f"{centre * f:.4g}" for f in (0.5, 2.0)} <= set(row["lr_search"])
-        assert rates[1] / rates[0] == pytest.approx(4, rel=1e-3) and rates[2] / rates[1] == pytest.approx(4, rel=1e-3)
+        assert row["lr_extended"] == (low != high) and len(rates) == 2 + (low != high)
+        if low != high:
+            beyond = rates[0] if low > high else rates[-1]
+            assert f"{beyond:.4g}" not in planned
+            assert rates[1] / rates[0] == pytest.approx(4, rel=1e-3) and rates[2] / rates[1] == pytest.approx(4, rel=1e-3)
         folds = sorted((run / stage).glob("lr_*_fold*"))
-        assert len(folds) == 3 * 2  # three rates, two folds
+        assert len(folds) == len(rates) * 2  # every rate, two folds
         for fold in folds:
             trained = set((fold / "labelled_subset.txt").read_text().split())
             scored = set((fold / "validation_subset.txt").read_text().split())
@@ -506,7 +512,7 @@ def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
 
 def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> None:
     """The rate added when the best planned rate is at an edge: a grid step beyond that edge, on
-    either side; none when the best is inside the grid or the grid was already extended."""
+    either side; none when the best is inside the grid, tied, or the grid was already extended."""
     from simclrv2.pipeline import beyond_edge
     from simclrv2.plan import StagePlan, fold_candidates
 
@@ -517,7 +523,8 @@ def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> No
     assert beyond_edge(plan, {0.0025: 50.0, 0.01: 60.0, 0.04: 55.0}) is None
     assert beyond_edge(plan, {0.0025: 50.0, 0.01: 55.0, 0.04: 60.0}) == pytest.approx(0.16)
     assert beyond_edge(plan, {0.0025: 60.0, 0.01: 55.0, 0.04: 50.0}) == pytest.approx(0.000625)
-    assert beyond_edge(plan, {0.0025: 60.0, 0.01: 60.0, 0.04: 50.0}) == pytest.approx(0.000625)  # ties: smaller
+    assert beyond_edge(plan, {0.0025: 60.0, 0.01: 60.0, 0.04: 50.0}) is None  # a tie points nowhere
+    assert beyond_edge(plan, {0.0025: 60.0, 0.01: 50.0, 0.04: 60.0}) is None
     assert beyond_edge(plan, {0.0025: 50.0, 0.01: 55.0, 0.04: 60.0, 0.16: 61.0}) is None  # once only
     single = StagePlan(name="s", stage="finetune", method="finetune", label_fraction=1.0, cfg=plan.cfg,
                        candidates=fold_candidates(plan, 0.01, 3))

@@ -190,12 +190,18 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
 
 def beyond_edge(plan: StagePlan, means: dict[float, float]) -> float | None:
     """The one rate a cross-validated search adds when its best mean is at an edge of the planned
-    grid: a grid step (the ratio of the two rates at that edge) beyond it. None when the best is
-    inside the grid, the grid has one rate, or the search has already gone beyond it once."""
+    grid, better than every other rate: a grid step (the ratio of the two rates at that edge)
+    beyond it. None when the best is inside the grid or tied with another rate (with 10 images a
+    fold, ties are common and say nothing of a direction), when the grid has one rate, or when the
+    search has already gone beyond it once."""
     planned = sorted({c.cfg.base_lr for c in plan.candidates})
     if len(planned) < 2 or len(means) > len(planned):
         return None
-    best = min(lr for lr in means if means[lr] == max(means.values()))
+    top = max(means.values())
+    best = [lr for lr in means if means[lr] == top]
+    if len(best) > 1:
+        return None
+    best = best[0]
     if best == planned[-1]:
         return best * planned[-1] / planned[-2]
     if best == planned[0]:
