@@ -208,6 +208,7 @@ def sgd_worker(rank: int, argvs: dict[str, list[str]]) -> dict:
     return {name: sgd_probe(argv) for name, argv in argvs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_sgd_linear_eval_shards_each_batch_and_trains_one_process_head(tmp_path, tmp_path_factory, data_dir,
                                                                        pretrained):

@@ -117,6 +117,7 @@ def test_probcover_same_seed_same_picks_and_second_round_never_repeats():
         probcover_picks(x, 300, labelled=first.indices)
 
 
+@pytest.mark.slow
 def test_coverage_radius_is_the_largest_pure_enough_radius_of_a_naive_scan():
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.normal(c, 0.6, size=(20, 3)) for c in ([2, 0, 0], [0, 2, 0], [0, 0, 2])])
