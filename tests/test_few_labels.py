@@ -389,6 +389,25 @@ def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[P
             assert abs(float(a[key]) - float(b[key])) <= 2e-6 and abs(float(a[key]) - float(c[key])) <= 2e-6
 
 
+
+def fix_budget_times(monkeypatch: pytest.MonkeyPatch, pretrain: float, classifier: float, opening: float) -> None:
+    """Every time the budget would measure, fixed: seconds a pretraining and a classifier step,
+    1e-5 s an evaluated image, ``opening`` s to open the data and none to read an image, so that
+    nothing depends on the machine's speed or load."""
+    from simclrv2 import budget
+
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: pretrain)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: classifier)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
+
+    class FixedSizes(budget._Sizes):
+        def __init__(self, cfg: object) -> None:
+            super().__init__(cfg)
+            self.open, self.load = opening, 0.0
+
+    monkeypatch.setattr(budget, "_Sizes", FixedSizes)
+
+
 def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 labels a class and 3 rates: 3 x 4 fold runs, 4 more for a rate beyond an edge of the grid
     and the chosen rate on every label, 17 runs of min_steps each, are what the budget plans for the
@@ -404,17 +423,8 @@ def test_budget_counts_every_fold_run_of_the_search(tmp_path: Path, monkeypatch:
 
     data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
     step = 0.05
-    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.2)
-    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: step)
-    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
     opening = 0.01
-
-    class FixedSizes(budget._Sizes):
-        def __init__(self, cfg: object) -> None:
-            super().__init__(cfg)
-            self.open, self.load = opening, 0.0  # measured in wall-clock time otherwise
-
-    monkeypatch.setattr(budget, "_Sizes", FixedSizes)
+    fix_budget_times(monkeypatch, pretrain=0.2, classifier=step, opening=opening)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], budget_minutes=60, embedding_points=0,
                   small_student="")
@@ -447,17 +457,7 @@ def test_a_tight_budget_searches_with_fewer_folds_rather_than_failing(tmp_path: 
     from simclrv2.pipeline import PipelineConfig, _fit_budget
 
     data = make_layout(tmp_path / "data", per_class=4, unlabeled=20)
-    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
-    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.1)
-    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-5)
-    opening = 0.01
-
-    class FixedSizes(budget._Sizes):
-        def __init__(self, cfg: object) -> None:
-            super().__init__(cfg)
-            self.open, self.load = opening, 0.0  # measured in wall-clock time otherwise
-
-    monkeypatch.setattr(budget, "_Sizes", FixedSizes)
+    fix_budget_times(monkeypatch, pretrain=0.5, classifier=0.1, opening=0.01)
     values = yaml.safe_load(Path("configs/fashion_mnist_demo.yaml").read_text())
     values.update(run_dir=str(tmp_path / "run"), label_fractions=[1.0], embedding_points=0, small_student="",
                   self_distill=False)
