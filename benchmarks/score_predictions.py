@@ -2,10 +2,12 @@
 
     python benchmarks/score_predictions.py RUN_DIR/predictions.csv OUT_DIR/<name>_fewlabels_truth.csv
 
-The truth file (``file,class``, written by ``benchmarks/heldout_datasets.py --layout fewlabels``)
-names every unlabeled image; the score is the share of them whose predicted class is right, with
-the files that have no prediction counted as wrong, plus the accuracy and coverage of the rows at
-or above a few confidence thresholds.
+``predictions.csv`` may also be what ``simclrv2 predict checkpoint=STAGE_DIR
+images=DIR/unlabeled out=F.csv`` writes for any one stage folder. The truth file (``file,class``,
+written by ``benchmarks/heldout_datasets.py --layout fewlabels``) names every unlabeled image; the
+score is the share of them whose predicted class is right, with the files that have no prediction
+counted as wrong, plus the accuracy and coverage of the rows at or above a few confidence
+thresholds.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from pathlib import Path
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV; those of ``simclrv2 predict --images UNLABELED_DIR`` (``image``,
+    ``pred_class``) are read as the pipeline's (``file``, ``class``), so one model's stage folder
+    can be scored the same way."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return [dict(r, file=r["image"], **{"class": r["pred_class"]}) if "pred_class" in r else r for r in rows]
 
 
 def score(predictions: list[dict[str, str]], truth: dict[str, str],

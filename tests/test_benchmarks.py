@@ -400,3 +400,21 @@ def test_budget_precision_times_each_precision_through_the_stage_step(tmp_path, 
     for step, epoch in rows.values():
         assert epoch >= steps * step > 0
     assert "| bf16 | 8 | 6750 |" in capsys.readouterr().out
+
+
+def test_score_predictions_reads_the_pipelines_csv_and_predicts_csv_alike(tmp_path):
+    """benchmarks/score_predictions.py: the pipeline's predictions.csv (file, class, confidence) and
+    `simclrv2 predict`'s CSV (image, pred_class, confidence) score the same, against a count by hand."""
+    import score_predictions as sp
+
+    truth = {"a/1.png": "cat", "a/2.png": "dog", "b/3.png": "cat", "b/4.png": "dog"}
+    pipeline = tmp_path / "pipeline.csv"
+    pipeline.write_text("file,class,confidence,margin\na/1.png,cat,0.9,0.8\na/2.png,cat,0.6,0.2\n"
+                        "b/3.png,cat,0.95,0.9\n")  # b/4.png has no row: counted wrong
+    predict = tmp_path / "predict.csv"
+    predict.write_text("image,label,pred_index,pred_class,confidence,p_cat,p_dog\n"
+                       "a/1.png,,0,cat,0.9,0.9,0.1\na/2.png,,0,cat,0.6,0.6,0.4\nb/3.png,,0,cat,0.95,0.95,0.05\n")
+    scores = [sp.score(sp.read_rows(p), truth) for p in (pipeline, predict)]
+    assert scores[0] == scores[1]
+    assert scores[0]["accuracy"] == 50.0 and scores[0]["predicted"] == 3  # 2 right of 4 files
+    assert scores[0]["at_least_0.7"] == {"images": 2, "accuracy": 100.0}

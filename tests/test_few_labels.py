@@ -390,6 +390,38 @@ def test_two_torchrun_processes_write_the_predictions_of_one(two_labels: tuple[P
 
 
 
+@pytest.mark.slow
+def test_frozen_ceiling_scores_the_pipelines_models_as_the_predictions_do(two_labels: tuple[Path, Path],
+                                                                         tmp_path: Path) -> None:
+    """benchmarks/frozen_ceiling.py reads each chosen stage folder itself (serve's image path); its
+    row for the model that wrote predictions.csv must equal that file's score."""
+    import subprocess
+    import sys
+
+    data, run = two_labels
+    truth = tmp_path / "truth.csv"
+    usable = [f for f in walk_reference(data / "unlabeled") if f not in ("part0/junk.png", "part1/cut.png")]
+    # make_layout's unlabeled image u{i} is drawn as class i % 2
+    truth.write_text("file,class\n" + "".join(f"{f},c{int(Path(f).stem[1:]) % 2}\n" for f in usable))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    out = subprocess.run([sys.executable, str(bench / "frozen_ceiling.py"), str(run), str(data), str(truth)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2]) for ln in out.stdout.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| Model")}
+    sys.path.insert(0, str(bench))
+    try:
+        from score_predictions import read_rows, score
+    finally:
+        sys.path.remove(str(bench))
+    expected = score(read_rows(run / "predictions.csv"), {r["file"]: r["class"] for r in read_rows(truth)})
+    assert rows["distill-self (r10_0.25x_sk0, 1 of the labels)"] == pytest.approx(expected["accuracy"], abs=0.01)
+    assert {name for name in rows if name.startswith("finetune") or name.startswith("supervised")} == {
+        "finetune (r10_0.25x_sk0, 1 of the labels)", "supervised (r10_0.25x_sk0, 1 of the labels)"}
+    probes = [acc for name, acc in rows.items() if name.startswith("linear probe")]
+    assert len(probes) == 4 and all(0.0 <= a <= 100.0 for a in probes)
+
+
 def fix_budget_times(monkeypatch: pytest.MonkeyPatch, pretrain: float, classifier: float, opening: float) -> None:
     """Every time the budget would measure, fixed: seconds a pretraining and a classifier step,
     1e-5 s an evaluated image, ``opening`` s to open the data and none to read an image, so that

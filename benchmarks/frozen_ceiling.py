@@ -1,0 +1,86 @@
+"""How far a classifier on the frozen pretrained encoder could go, beside what the pipeline's models reach.
+
+    python benchmarks/frozen_ceiling.py RUN_DIR DATA_DIR TRUTH_CSV
+
+``RUN_DIR`` is a finished ``simclrv2 pipeline`` run on a few-labels folder ``DATA_DIR`` (``train/``
+and ``unlabeled/``), and ``TRUTH_CSV`` the hidden classes of its unlabeled images, as
+``benchmarks/heldout_datasets.py --layout fewlabels`` writes them. Every number is accuracy on
+those unlabeled images, whose classes no stage saw:
+
+- each model the pipeline chose (fine-tuned, distilled, the supervised baseline), from its own
+  stage folder;
+- a logistic-regression probe on the pretrained encoder's pooled features, fitted on the labelled
+  images of ``train/`` (features standardised), for a few regularisation strengths. The best of
+  them is read off the hidden classes, so it is a ceiling for what a linear head on this frozen
+  encoder can do, not a result of the method.
+
+When the probe's ceiling is itself within a few points of the baseline, no head and no choice of
+rate on these labels can put fine-tuning far above it: the encoder is what limits the run.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from simclrv2.serve import folder_batches, list_images, load_for_serving, run_on_batches
+
+PROBE_C = (0.01, 0.1, 1.0, 10.0)
+
+
+def outputs(model_dir: Path, files: list[Path], output: str) -> tuple[np.ndarray, list[str]]:
+    """The model's ``output`` for each file, and its class names."""
+    model, info = load_for_serving(model_dir)
+    batches = folder_batches(files, info.channels, info.image_size, 256)
+    return run_on_batches(model, batches, output, torch.device("cpu")).numpy(), info.classes
+
+
+def probe_rows(run: Path, data: Path, unlabeled: list[Path], truth: list[str]) -> list[tuple[str, float]]:
+    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    train = [(f, c) for c in classes for f in list_images(data / "train" / c)]
+    x_train, _ = outputs(run / "pretrain", [f for f, _ in train], "features")
+    x_unl, _ = outputs(run / "pretrain", unlabeled, "features")
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    rows = []
+    for c in PROBE_C:
+        clf = LogisticRegression(C=c, max_iter=5000).fit((x_train - mu) / sd, [k for _, k in train])
+        pred = clf.predict((x_unl - mu) / sd)
+        rows.append((f"linear probe on the frozen encoder, C={c:g}", 100.0 * float(np.mean(pred == np.asarray(truth)))))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("truth", type=Path)
+    args = ap.parse_args()
+    with open(args.truth, newline="") as f:
+        hidden = list(csv.DictReader(f))
+    unlabeled = [args.data / "unlabeled" / r["file"] for r in hidden]
+    truth = [r["class"] for r in hidden]
+    results = json.loads((args.run / "results.json").read_text())["results"]
+    rows = []
+    for r in results:
+        if r["method"] in ("linear-eval", "knn"):
+            continue
+        logits, classes = outputs(Path(r["run_dir"]), unlabeled, "logits")
+        pred = [classes[k] for k in logits.argmax(1)]
+        rows.append((f"{r['method']} ({r['model']}, {r['label_fraction']:g} of the labels)",
+                     100.0 * float(np.mean(np.asarray(pred) == np.asarray(truth)))))
+    rows += probe_rows(args.run, args.data, unlabeled, truth)
+    print(f"{len(unlabeled)} unlabeled images of {args.data.name}, pretraining of {args.run}\n")
+    print("| Model | Accuracy on the unlabeled images (%) |\n|---|---|")
+    for name, acc in rows:
+        print(f"| {name} | {acc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
