@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import tempfile
 import time
@@ -29,11 +28,10 @@ def main(argv: list[str]) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     from simclrv2 import budget
     from simclrv2 import config as C
+    from simclrv2.host import cpu_name
     from simclrv2.plan import PipelineConfig, plan_stages
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if platform.system() == "Linux" else platform.processor()
-    print(f"{args.config}; {cpu}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{args.config}; {cpu_name()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     print("| precision | batch | steps an epoch | seconds a step | images/s | one epoch (estimate) | measured in |")
     print("|---|---|---|---|---|---|---|")
     rows = {}

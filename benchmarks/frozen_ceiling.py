@@ -35,18 +35,18 @@ from simclrv2.serve import folder_batches, list_images, load_for_serving, run_on
 PROBE_C = (0.01, 0.1, 1.0, 10.0)
 
 
-def outputs(model_dir: Path, files: list[Path], output: str) -> tuple[np.ndarray, list[str]]:
-    """The model's ``output`` for each file, and its class names."""
+def outputs(model_dir: Path, file_lists: list[list[Path]], output: str) -> tuple[list[np.ndarray], list[str]]:
+    """The model's ``output`` for each file of each list (the model loaded once), and its class names."""
     model, info = load_for_serving(model_dir)
-    batches = folder_batches(files, info.channels, info.image_size, 256)
-    return run_on_batches(model, batches, output, torch.device("cpu")).numpy(), info.classes
+    out = [run_on_batches(model, folder_batches(files, info.channels, info.image_size, 256), output,
+                          torch.device("cpu")).numpy() for files in file_lists]
+    return out, info.classes
 
 
 def probe_rows(run: Path, data: Path, unlabeled: list[Path], truth: list[str]) -> list[tuple[str, float]]:
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     train = [(f, c) for c in classes for f in list_images(data / "train" / c)]
-    x_train, _ = outputs(run / "pretrain", [f for f, _ in train], "features")
-    x_unl, _ = outputs(run / "pretrain", unlabeled, "features")
+    (x_train, x_unl), _ = outputs(run / "pretrain", [[f for f, _ in train], unlabeled], "features")
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     rows = []
     for c in PROBE_C:
@@ -71,7 +71,7 @@ def main() -> None:
     for r in results:
         if r["method"] in ("linear-eval", "knn"):
             continue
-        logits, classes = outputs(Path(r["run_dir"]), unlabeled, "logits")
+        (logits,), classes = outputs(Path(r["run_dir"]), [unlabeled], "logits")
         pred = [classes[k] for k in logits.argmax(1)]
         rows.append((f"{r['method']} ({r['model']}, {r['label_fraction']:g} of the labels)",
                      100.0 * float(np.mean(np.asarray(pred) == np.asarray(truth)))))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -112,15 +111,6 @@ def memory_limit_gb(args: argparse.Namespace) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def cpu_name() -> str:
-    """lscpu's model name (``/proc/cpuinfo``), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def describe(rec: dict) -> str:
     step = sum(rec["step_s"]) / len(rec["step_s"])
     return f"peak {rec['peak_gb']:.2f} GB, {step:.2f} s/step (mean of {len(rec['step_s'])})"
@@ -134,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.chunk <= 0 or args.batch % args.chunk:
         raise SystemExit(f"--chunk must be a positive divisor of --batch, got {args.chunk} for batch {args.batch}")
     limit = memory_limit_gb(args)
+    from simclrv2.host import cpu_name
+
     cpu = cpu_name()
     print(f"# {args.model} at {args.image_size} px, batch {args.batch}, {args.precision} on {args.device} "
           f"({cpu}, {os.cpu_count()} cores, torch {torch.__version__}); memory limit {limit:.1f} GB", flush=True)

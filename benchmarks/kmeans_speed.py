@@ -13,7 +13,6 @@ iterations), and gives their agreement (adjusted Rand index). Needs faiss-cpu (t
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
@@ -30,13 +29,13 @@ def main(argv: list[str]) -> int:
     import faiss
     from sklearn.metrics import adjusted_rand_score
 
+    from simclrv2.host import cpu_name
     from simclrv2.selection import cluster_features
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, args.dim)).astype(np.float32)
     x = centres[rng.integers(0, 50, args.images)] + rng.normal(scale=0.8, size=(args.images, args.dim)).astype(np.float32)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if platform.system() == "Linux" else platform.processor()
+    cpu = cpu_name()
     print(f"{args.images:,} x {args.dim} features; {cpu}, torch threads "
           f"{torch.get_num_threads()}, faiss {faiss.__version__} threads {faiss.omp_get_max_threads()}", flush=True)
     print("| clusters | scikit-learn | faiss-cpu | faiss / scikit-learn | adjusted Rand index |\n|---:|---:|---:|---:|---:|")

@@ -15,7 +15,6 @@ ratio (2) / (1) is the row of docs/BENCHMARKS.md (issue 31: at most 1.5).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from simclrv2.cli import main as cli_main
     from simclrv2.data.folder import UnlabeledFolderDataset
+    from simclrv2.host import cpu_name
     from simclrv2.select import embed_dataset
     from simclrv2.serve import load_for_serving
 
@@ -80,8 +80,7 @@ def main(argv: list[str]) -> int:
     feats = embed_dataset(model, ds, info.image_size, torch.device("cpu"), 256, args.num_workers)
     embed_s = time.perf_counter() - t
     print(f"embedding alone: {embed_s:.1f} s ({feats.shape[0] / embed_s:.0f} images/s)", flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = cpu_name()
     for method in args.methods:
         t = time.perf_counter()
         rc = cli_main(["select", f"checkpoint={encoder}", f"images={images}", f"budget={args.budget}",

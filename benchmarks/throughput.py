@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from simclrv2.engine.batches import BatchSource
 from simclrv2.engine.device import autocast, grad_scaler, step_generator
 from simclrv2.engine.models import stem_overrides
 from simclrv2.engine.pretrain import build_parts, contrastive_views, train_step
+from simclrv2.host import cpu_name
 from simclrv2.models import create_model
 from simclrv2.optim import LARS, lr_at, param_groups, scaled_lr
 
@@ -455,15 +455,8 @@ class Row:
 
 def machine_info(device: torch.device) -> dict[str, str]:
     """CPU model, cores, load, torch version, threads (and the GPU when there is one)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}",
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),

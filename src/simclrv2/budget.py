@@ -32,7 +32,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
-from .plan import FRACTION_SECTIONS, SECTIONS, PipelineConfig, plan_stages
+from .plan import FRACTION_SECTIONS, SECTIONS, PipelineConfig, plan_stages, planned_rates
 from .stages import STAGES
 
 # The estimate leaves this share of the budget unplanned: checkpoints, logging, the online probe
@@ -358,7 +358,7 @@ class _StepTimer:
             return 0.0, 0.0
         # a search's candidates (cross-validated: rates x folds, then the chosen rate on every label)
         runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
-        if plan.folds and len({c.cfg.base_lr for c in plan.candidates}) > 1:  # a rate beyond the grid, if its best is at an edge
+        if plan.folds and len(planned_rates(plan)) > 1:  # a rate beyond the grid, if its best is at an edge
             runs += [c.cfg for c in plan.candidates[:plan.folds]]
         teacher = encoder if plan.stage == "distill" else None
         train, rest = 0.0, 0.0

@@ -1,4 +1,4 @@
-"""This machine's shared pieces: the cache folder, atomic text writes, the cores we may use.
+"""This machine's shared pieces: the cache folder, atomic text writes, the cores we may use, the CPU's name.
 
 The bottom of the package: standard library only, nothing of ours (DESIGN.md "Layers"). The data
 layer, the release downloads and the checkpoints all need these, and none of them should have
@@ -8,6 +8,7 @@ to import another to get them.
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 
@@ -36,3 +37,12 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, as lscpu shows it), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

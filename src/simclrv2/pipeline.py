@@ -32,7 +32,7 @@ from . import distributed as dist
 from . import runlock
 from .checkpoint import atomic_write_text
 from .engine.progress import position
-from .plan import FRACTION_SECTIONS, PipelineConfig, StagePlan, plan_stages
+from .plan import FRACTION_SECTIONS, PipelineConfig, StagePlan, fold_candidates, plan_stages, planned_rates
 from .stages import STAGES
 
 
@@ -151,7 +151,6 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
     :func:`run_search` returns; the result's ``val_top1`` is the chosen rate's mean over folds,
     ``val_spread`` their standard deviation.
     """
-    from .plan import fold_candidates
     from .search import spread
 
     folds: dict[float, list[float]] = {}
@@ -182,7 +181,7 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
             "chosen": name, "base_lr": best, "val_top1": scores,
             "folds": {f"{lr:.4g}": folds[lr] for lr in rates}}, indent=1))
     result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=len(rates) > 1 and best in (rates[0], rates[-1]),
-                  lr_extended=len(rates) > len({c.cfg.base_lr for c in plan.candidates}),
+                  lr_extended=len(rates) > len(planned_rates(plan)),
                   val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
                   val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
     return final, result, round(seconds, 2), all_skipped and skipped
@@ -194,7 +193,7 @@ def beyond_edge(plan: StagePlan, means: dict[float, float]) -> float | None:
     beyond it. None when the best is inside the grid or tied with another rate (with 10 images a
     fold, ties are common and say nothing of a direction), when the grid has one rate, or when the
     search has already gone beyond it once."""
-    planned = sorted({c.cfg.base_lr for c in plan.candidates})
+    planned = planned_rates(plan)
     if len(planned) < 2 or len(means) > len(planned):
         return None
     top = max(means.values())

@@ -96,6 +96,11 @@ def _with_folds(plan: StagePlan, factors: list[float], folds: int) -> StagePlan:
     return plan
 
 
+def planned_rates(plan: StagePlan) -> list[float]:
+    """The rates of ``plan``'s search, in order (each fold's run of a rate counts once)."""
+    return sorted({c.cfg.base_lr for c in plan.candidates})
+
+
 def fold_candidates(plan: StagePlan, lr: float, folds: int) -> list[StagePlan]:
     """The ``folds`` runs of rate ``lr``: run ``i`` trains on the other folds and is scored on fold
     ``i``, in ``<stage>/lr_<rate>_fold<i>``."""

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import json
 import os
-import platform
 import shutil
 import socket
 import sys
@@ -26,6 +25,7 @@ from .. import config as C
 from .. import distributed as dist
 from .. import runlock
 from ..checkpoint import atomic_write_text
+from ..host import cpu_name
 
 
 class RunError(RuntimeError):
@@ -193,15 +193,7 @@ def set_aside_previous_run(run_dir: Path) -> None:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{socket.gethostname()}: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
+    desc = f"{socket.gethostname()}: {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return desc
