@@ -30,7 +30,9 @@ without ``test/``::
         common.data_dir=OUT_DIR/fmnist4k_fewlabels common.image_size=28 'label_fractions=[1.0]' \
         run_dir=runs/fewlabels_fmnist
 
-Every draw uses a fixed seed, so the folders are the same on every machine.
+Every draw uses a fixed seed (``--seed``, 0 by default), so the folders are the same on every
+machine; another seed draws another subset and other labelled images, to see how much a result
+owes to the draw.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def main() -> None:
                         help="fewlabels: also write <name>_fewlabels/ (train/ with a few labels, unlabeled/, test/)")
     parser.add_argument("--labels-per-class", type=int, default=4, help="labelled images a class (fewlabels)")
     parser.add_argument("--only", nargs="*", default=None, help="names of the datasets to write (default: all)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="draw other images (fmnist4k, shapes, the digits' split) and other labels (fewlabels)")
     args = parser.parse_args()
     for name, make in (("fmnist4k", fmnist4k), ("digits", digits), ("shapes", shapes)):
         if args.only and name not in args.only:
@@ -160,7 +164,7 @@ def main() -> None:
         if target.exists():
             print(f"{target}: exists, kept")
         else:
-            make(target, np.random.default_rng(0))
+            make(target, np.random.default_rng(args.seed))
             counts = {s: sum(1 for _ in (target / s).rglob("*.png")) for s in ("train", "test")}
             print(f"{target}: {counts['train']} training and {counts['test']} test images")
         if args.layout == "fewlabels":
@@ -169,7 +173,7 @@ def main() -> None:
                 print(f"{few}: exists, kept")
                 continue
             truth = args.out / f"{name}_fewlabels_truth.csv"
-            few_labels(target, few, truth, args.labels_per_class, np.random.default_rng(1))
+            few_labels(target, few, truth, args.labels_per_class, np.random.default_rng(args.seed + 1))
             n = sum(1 for _ in (few / "unlabeled").rglob("*.png"))
             print(f"{few}: {args.labels_per_class} labels a class in train/, {n} images in unlabeled/ (their classes "
                   f"in {truth}), test/; and {few}_notest without test/")

@@ -49,6 +49,10 @@ def main() -> None:
     parser.add_argument("predictions", type=Path)
     parser.add_argument("truth", type=Path)
     args = parser.parse_args()
+    for path in (args.predictions, args.truth):
+        if not path.is_file():
+            parser.error(f"{path}: no such file; pass a finished run's predictions.csv and the truth CSV "
+                         "that benchmarks/heldout_datasets.py --layout fewlabels wrote")
     truth = {r["file"]: r["class"] for r in read_rows(args.truth)}
     print(json.dumps(score(read_rows(args.predictions), truth), indent=1))
 

@@ -418,3 +418,32 @@ def test_score_predictions_reads_the_pipelines_csv_and_predicts_csv_alike(tmp_pa
     assert scores[0] == scores[1]
     assert scores[0]["accuracy"] == 50.0 and scores[0]["predicted"] == 3  # 2 right of 4 files
     assert scores[0]["at_least_0.7"] == {"images": 2, "accuracy": 100.0}
+
+
+def test_score_predictions_names_a_missing_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import score_predictions as sp
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("file,class\na/1.png,cat\n")
+    monkeypatch.setattr(sys, "argv", ["score_predictions.py", str(tmp_path / "run" / "predictions.csv"), str(truth)])
+    with pytest.raises(SystemExit) as exit_:
+        sp.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "predictions.csv: no such file" in err and "Traceback" not in err
+
+
+def test_heldout_datasets_seed_draws_other_labels_and_zero_is_the_default(tmp_path, monkeypatch):
+    """``--seed`` draws another split and other labelled images; no ``--seed`` is ``--seed 0``."""
+    import heldout_datasets as hd
+
+    def write(out: Path, *seed: str) -> tuple[list[str], str]:
+        monkeypatch.setattr(sys, "argv", ["heldout_datasets.py", str(out), "--layout", "fewlabels",
+                                          "--only", "digits", *seed])
+        hd.main()
+        train = sorted(str(p.relative_to(out)) for p in (out / "digits_fewlabels" / "train").rglob("*.png"))
+        return train, (out / "digits_fewlabels_truth.csv").read_text()
+
+    default, zero, one = write(tmp_path / "a"), write(tmp_path / "b", "--seed", "0"), write(tmp_path / "c", "--seed", "1")
+    assert default == zero
+    assert len(one[0]) == len(zero[0]) == 40 and one[0] != zero[0] and one[1] != zero[1]
