@@ -12,7 +12,10 @@ those unlabeled images, whose classes no stage saw:
 - a logistic-regression probe on the pretrained encoder's pooled features, fitted on the labelled
   images of ``train/`` (features standardised), for a few regularisation strengths. The best of
   them is read off the hidden classes, so it is a ceiling for what a linear head on this frozen
-  encoder can do, not a result of the method.
+  encoder can do, not a result of the method;
+- the same probe on the raw pixels (the encoder's input, flattened), as a reference: an encoder
+  whose probe is no better than the pixels' has learnt nothing a linear head could use from so
+  few labels.
 
 When the probe's ceiling is itself within a few points of the baseline, no head and no choice of
 rate on these labels can put fine-tuning far above it: the encoder is what limits the run.
@@ -44,15 +47,22 @@ def outputs(model_dir: Path, file_lists: list[list[Path]], output: str) -> tuple
 
 
 def probe_rows(run: Path, data: Path, unlabeled: list[Path], truth: list[str]) -> list[tuple[str, float]]:
+    """A logistic-regression probe per strength in ``PROBE_C``, fitted on ``train/``'s labelled images,
+    on the frozen encoder's features and on the pixels it reads (features standardised)."""
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     train = [(f, c) for c in classes for f in list_images(data / "train" / c)]
-    (x_train, x_unl), _ = outputs(run / "pretrain", [[f for f, _ in train], unlabeled], "features")
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    files = [[f for f, _ in train], unlabeled]
+    (x_train, x_unl), _ = outputs(run / "pretrain", files, "features")
+    _, info = load_for_serving(run / "pretrain")
+    p_train, p_unl = (torch.cat(list(folder_batches(fs, info.channels, info.image_size, 256))).flatten(1).numpy()
+                      for fs in files)
     rows = []
-    for c in PROBE_C:
-        clf = LogisticRegression(C=c, max_iter=5000).fit((x_train - mu) / sd, [k for _, k in train])
-        pred = clf.predict((x_unl - mu) / sd)
-        rows.append((f"linear probe on the frozen encoder, C={c:g}", 100.0 * float(np.mean(pred == np.asarray(truth)))))
+    for name, (xt, xu) in (("the frozen encoder", (x_train, x_unl)), ("the raw pixels", (p_train, p_unl))):
+        mu, sd = xt.mean(0), xt.std(0) + 1e-6
+        for c in PROBE_C:
+            clf = LogisticRegression(C=c, max_iter=5000).fit((xt - mu) / sd, [k for _, k in train])
+            pred = clf.predict((xu - mu) / sd)
+            rows.append((f"linear probe on {name}, C={c:g}", 100.0 * float(np.mean(pred == np.asarray(truth)))))
     return rows
 
 

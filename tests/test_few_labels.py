@@ -418,8 +418,9 @@ def test_frozen_ceiling_scores_the_pipelines_models_as_the_predictions_do(two_la
     assert rows["distill-self (r10_0.25x_sk0, 1 of the labels)"] == pytest.approx(expected["accuracy"], abs=0.01)
     assert {name for name in rows if name.startswith("finetune") or name.startswith("supervised")} == {
         "finetune (r10_0.25x_sk0, 1 of the labels)", "supervised (r10_0.25x_sk0, 1 of the labels)"}
-    probes = [acc for name, acc in rows.items() if name.startswith("linear probe")]
-    assert len(probes) == 4 and all(0.0 <= a <= 100.0 for a in probes)
+    for on in ("the frozen encoder", "the raw pixels"):
+        probes = [acc for name, acc in rows.items() if name.startswith(f"linear probe on {on}")]
+        assert len(probes) == 4 and all(0.0 <= a <= 100.0 for a in probes)
 
 
 def fix_budget_times(monkeypatch: pytest.MonkeyPatch, pretrain: float, classifier: float, opening: float) -> None:
