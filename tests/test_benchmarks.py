@@ -447,3 +447,37 @@ def test_heldout_datasets_seed_draws_other_labels_and_zero_is_the_default(tmp_pa
     default, zero, one = write(tmp_path / "a"), write(tmp_path / "b", "--seed", "0"), write(tmp_path / "c", "--seed", "1")
     assert default == zero
     assert len(one[0]) == len(zero[0]) == 40 and one[0] != zero[0] and one[1] != zero[1]
+
+
+def test_few_label_probe_pairs_its_draws_and_reads_a_class_from_the_pixels(tmp_path, capsys):
+    """benchmarks/few_label_probe.py on dark against bright images: the pixel probe separates them
+    from 2 labels a class; an encoder probed twice gives the same row (the same draws); a missing
+    val/ is a one-line error."""
+    import few_label_probe as flp
+    import numpy as np
+    from PIL import Image
+
+    from simclrv2.checkpoint import write_model_file
+    from simclrv2.models import create_model
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 4)):
+        for k, (lo, hi) in enumerate(((0, 60), (190, 256))):
+            (tmp_path / "data" / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(lo, hi, (28, 28), dtype=np.uint8), "L").save(
+                    tmp_path / "data" / split / f"c{k}" / f"{i}.png")
+    torch.manual_seed(0)
+    model = create_model("r10_0.25x_sk0", in_chans=1, cifar_stem=True, num_classes=0, ft_proj_selector=-1,
+                         proj_out_dim=16)
+    enc = tmp_path / "enc.safetensors"
+    write_model_file(enc, model.eval().state_dict(), {"model_name": model.name, "model_config": model.config,
+                                                      "image_size": 28, "classes": [], "num_classes": 0})
+    assert flp.main([str(tmp_path / "data"), str(enc), str(enc), "--per-class", "2", "--draws", "3"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "Features" not in ln]
+    assert len(rows) == 3 and rows[0] == rows[1]
+    assert rows[2].startswith("| raw pixels | 100.00 ± 0.00") and rows[2].endswith("| 100.00 |")
+    (tmp_path / "data" / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit) as exit_:
+        flp.main([str(tmp_path / "data"), str(enc)])
+    assert exit_.value.code == 2 and "val is missing" in capsys.readouterr().err
