@@ -51,11 +51,10 @@ def probe_rows(run: Path, data: Path, unlabeled: list[Path], truth: list[str]) -
     on the frozen encoder's features and on the pixels it reads (features standardised)."""
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     train = [(f, c) for c in classes for f in list_images(data / "train" / c)]
-    files = [[f for f, _ in train], unlabeled]
-    (x_train, x_unl), _ = outputs(run / "pretrain", files, "features")
-    _, info = load_for_serving(run / "pretrain")
-    p_train, p_unl = (torch.cat(list(folder_batches(fs, info.channels, info.image_size, 256))).flatten(1).numpy()
-                      for fs in files)
+    model, info = load_for_serving(run / "pretrain")  # loaded once, each image decoded once for both rows
+    batches = [list(folder_batches(fs, info.channels, info.image_size, 256)) for fs in ([f for f, _ in train], unlabeled)]
+    x_train, x_unl = (run_on_batches(model, iter(b), "features", torch.device("cpu")).numpy() for b in batches)
+    p_train, p_unl = (torch.cat(b).flatten(1).numpy() for b in batches)
     rows = []
     for name, (xt, xu) in (("the frozen encoder", (x_train, x_unl)), ("the raw pixels", (p_train, p_unl))):
         mu, sd = xt.mean(0), xt.std(0) + 1e-6
