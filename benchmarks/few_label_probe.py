@@ -31,11 +31,26 @@ from simclrv2.serve import folder_batches, list_images, load_for_serving, run_on
 PROBE_C = 0.1
 
 
-def labelled(folder: Path) -> tuple[list[Path], np.ndarray]:
-    """The image files under ``folder/<class>/`` and their class indices (classes sorted by name)."""
+def labelled(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The image files under ``folder/<class>/``, their class indices, and the classes (sorted by name)."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     pairs = [(f, k) for k, c in enumerate(classes) for f in list_images(folder / c)]
-    return [f for f, _ in pairs], np.array([k for _, k in pairs])
+    return [f for f, _ in pairs], np.array([k for _, k in pairs]), classes
+
+
+def features_and_pixels(encoder: Path, file_lists: list[list[Path]],
+                        decoded: dict | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The encoder's pooled features and the flattened pixels it reads, for each list of files: the
+    encoder loaded once, each image decoded once (``decoded`` keeps the decoded batches for the next
+    encoder of the same input size)."""
+    model, info = load_for_serving(encoder)
+    decoded = {} if decoded is None else decoded
+    key = (info.channels, info.image_size)
+    if key not in decoded:
+        decoded[key] = [list(folder_batches(fs, info.channels, info.image_size, 256)) for fs in file_lists]
+    batches = decoded[key]
+    feats = [run_on_batches(model, iter(b), "features", torch.device("cpu")).numpy() for b in batches]
+    return feats, [torch.cat(b).flatten(1).numpy() for b in batches]
 
 
 def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -59,19 +74,16 @@ def draw_labels(y: np.ndarray, per_class: int, draws: int, seed: int = 0) -> lis
 
 
 def table(data: Path, encoders: list[Path], per_class: int, draws: int) -> str:
-    train_files, y_train = labelled(data / "train")
-    val_files, y_val = labelled(data / "val")
+    train_files, y_train, _ = labelled(data / "train")
+    val_files, y_val, _ = labelled(data / "val")
     picks = draw_labels(y_train, per_class, draws)
     lines = [f"{per_class} labels a class of {data / 'train'}, {draws} draws; scored on {len(val_files)} images of "
              f"{data / 'val'}\n", f"| Features | {per_class} a class: mean ± s.e. (spread) | every label ({len(y_train)}) |",
              "|---|---|---|"]
-    pixels = None
+    pixels, decoded = None, {}
     for enc in encoders:
-        model, info = load_for_serving(enc)
-        batches = [list(folder_batches(fs, info.channels, info.image_size, 256)) for fs in (train_files, val_files)]
-        if pixels is None:
-            pixels = [torch.cat(b).flatten(1).numpy() for b in batches]
-        feats = [run_on_batches(model, iter(b), "features", torch.device("cpu")).numpy() for b in batches]
+        feats, enc_pixels = features_and_pixels(enc, [train_files, val_files], decoded)
+        pixels = pixels or enc_pixels  # the first encoder's input size
         lines.append(_row(str(enc), *probe_scores(feats[0], y_train, feats[1], y_val, picks)))
     assert pixels is not None, "argparse asks for at least one encoder"
     lines.append(_row("raw pixels", *probe_scores(pixels[0], y_train, pixels[1], y_val, picks)))

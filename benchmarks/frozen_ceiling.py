@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from few_label_probe import features_and_pixels, labelled  # beside this file
 from sklearn.linear_model import LogisticRegression
 
-from simclrv2.serve import folder_batches, list_images, load_for_serving, run_on_batches
+from simclrv2.serve import folder_batches, load_for_serving, run_on_batches
 
 PROBE_C = (0.01, 0.1, 1.0, 10.0)
 
@@ -49,17 +50,13 @@ def outputs(model_dir: Path, file_lists: list[list[Path]], output: str) -> tuple
 def probe_rows(run: Path, data: Path, unlabeled: list[Path], truth: list[str]) -> list[tuple[str, float]]:
     """A logistic-regression probe per strength in ``PROBE_C``, fitted on ``train/``'s labelled images,
     on the frozen encoder's features and on the pixels it reads (features standardised)."""
-    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
-    train = [(f, c) for c in classes for f in list_images(data / "train" / c)]
-    model, info = load_for_serving(run / "pretrain")  # loaded once, each image decoded once for both rows
-    batches = [list(folder_batches(fs, info.channels, info.image_size, 256)) for fs in ([f for f, _ in train], unlabeled)]
-    x_train, x_unl = (run_on_batches(model, iter(b), "features", torch.device("cpu")).numpy() for b in batches)
-    p_train, p_unl = (torch.cat(b).flatten(1).numpy() for b in batches)
+    train_files, y_train, classes = labelled(data / "train")
+    (x_train, x_unl), (p_train, p_unl) = features_and_pixels(run / "pretrain", [train_files, unlabeled])
     rows = []
     for name, (xt, xu) in (("the frozen encoder", (x_train, x_unl)), ("the raw pixels", (p_train, p_unl))):
         mu, sd = xt.mean(0), xt.std(0) + 1e-6
         for c in PROBE_C:
-            clf = LogisticRegression(C=c, max_iter=5000).fit((xt - mu) / sd, [k for _, k in train])
+            clf = LogisticRegression(C=c, max_iter=5000).fit((xt - mu) / sd, np.asarray(classes)[y_train])
             pred = clf.predict((xu - mu) / sd)
             rows.append((f"linear probe on {name}, C={c:g}", 100.0 * float(np.mean(pred == np.asarray(truth)))))
     return rows
