@@ -151,9 +151,10 @@ def test_mixed_distillation():
     s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     labels = torch.tensor([2, -1, 0, -1, 3, 1])
     tau, alpha = 0.7, 0.3
-    # Naive CE over the labeled rows only.
+    # The paper's sums: CE summed over the labeled rows, both terms over the batch size (6), so a
+    # labeled row weighs 1 - alpha and every row alpha whatever share of the batch is labeled.
     ce_rows = [-F.log_softmax(s[i], dim=0)[int(labels[i])].item() for i in range(6) if labels[i] >= 0]
-    ce = sum(ce_rows) / len(ce_rows)
+    ce = sum(ce_rows) / 6
     expected = (1 - alpha) * ce + alpha * naive_distill(s, t, tau)
     assert mixed_distillation_loss(s, t, labels, tau, alpha).item() == pytest.approx(expected, rel=1e-5)
     pure = distillation_loss(s, t, tau)

@@ -151,17 +151,20 @@ def mixed_distillation_loss(
     alpha: float,
     scale_by_tau_sq: bool = False,
 ) -> torch.Tensor:
-    """Distillation with labels (METHOD.md 7): ``(1 - alpha) * CE(labels) + alpha * distill``.
+    """Distillation with labels (METHOD.md 7): the paper's
+    ``-(1 - alpha) * sum_labelled log P_S(y|x) - alpha * sum_all sum_y P_T log P_S``, divided by N.
 
-    ``labels`` is ``(N,)`` int64; negative values (-1) mark unlabeled samples. The CE term (at temperature 1,
-    as ``log P_S(y_i|x_i)`` in the paper's formula) is the mean over labeled samples only and is 0
-    when none are labeled; the distillation term is the mean over all N samples. The paper's main
-    results use alpha = 1 (distillation only).
+    ``labels`` is ``(N,)`` int64; negative values (-1) mark unlabeled samples. Both sums run over
+    the batch and are divided by its size N, as the paper's sums over the data are: each labelled
+    image weighs ``1 - alpha`` and each image ``alpha``, whatever share of the batch is labelled.
+    (Dividing the CE by the labelled count instead would weigh the two or three labelled images of a
+    batch drawn from 40 labels among 4,000 images about a hundred times more than an unlabeled one.)
+    The CE is at temperature 1, as ``log P_S(y_i|x_i)`` in the formula, and 0 when no row is
+    labelled. The paper's main results use alpha = 1 (distillation only).
     """
     distill = distillation_loss(student_logits, teacher_logits, tau, scale_by_tau_sq)
     labeled = labels >= 0  # (N,) bool
-    # Per-sample CE (unlabeled rows get a dummy class 0 and are masked out), then
-    # sum / max(count, 1): no host sync and no NaN when the batch has no labels.
+    # Per-sample CE (unlabeled rows get a dummy class 0 and are masked out), summed, over N.
     ce_each = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")  # (N,)
-    ce = (ce_each * labeled).sum() / labeled.sum().clamp(min=1)
+    ce = (ce_each * labeled).sum() / len(labels)
     return (1.0 - alpha) * ce + alpha * distill
