@@ -229,6 +229,17 @@ def test_unknown_or_mistyped_config_key(tmp_path: Path, capsys, override: str, n
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("student_view=noisy", "student_view must be same or strong, got 'noisy'"),
+    ("student_crop_min_scale=0", "student_crop_min_scale must be in (0, 1], got 0.0"),
+    ("student_color_strength=-1", "student_color_strength must be >= 0, got -1.0"),
+])
+def test_bad_student_view(tmp_path: Path, capsys, override: str, needle: str) -> None:
+    rc, err = cli(capsys, "distill", override, "teacher_checkpoint=x", f"run_dir={tmp_path / 'run'}")
+    assert_error(rc, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_key_in_config_file(tmp_path: Path, capsys) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 1\nlearning_rate: 0.1\n")

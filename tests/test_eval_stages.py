@@ -394,3 +394,61 @@ def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, 
     assert _file_digest(teacher_dir) == digest
     assert result["teacher_top1"] == pytest.approx(json.loads((teacher_dir / "metrics.json").read_text())["top1"])
     check_eval_outputs(tmp_path / "student", test_labels)
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.parametrize("view", ["same", "strong"])
+def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, view):
+    """Through the real distill stage: with ``student_view=same`` the student's input at every step is
+    the teacher's; with ``strong`` it is ``student_augment`` of the same images the teacher's view was
+    cut from (its own crop, flip and colour distortion), drawn from the step's generator with salt 1,
+    and differs from the teacher's."""
+    from simclrv2.config import DistillConfig, FinetuneConfig
+    from simclrv2.data.augment import CropFlipAugment
+    from simclrv2.engine.device import step_generator
+
+    teacher_dir = tmp_path / "teacher"
+    finetune.run(load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
+                                                    "label_fraction=0.2", "max_steps=1"]))
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": [], "images": []}
+
+    def recorder(name):
+        def hook(module, args):
+            if module.training or name == "teacher":  # the student's evaluation passes are not steps
+                seen[name].append(args[0].detach().clone())
+        return hook
+
+    load, make_student, augment = distill.load_model, distill._student, distill.augment
+
+    def load_teacher(*args, **kwargs):
+        model, meta = load(*args, **kwargs)
+        model.register_forward_pre_hook(recorder("teacher"))
+        return model, meta
+
+    def student(*args, **kwargs):
+        model = make_student(*args, **kwargs)
+        model.register_forward_pre_hook(recorder("student"))
+        return model
+
+    def recording_augment(aug, x, *args, **kwargs):
+        if isinstance(aug, CropFlipAugment):  # the teacher's view: cut from the step's stored images
+            seen["images"].append(x.clone())
+        return augment(aug, x, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "load_model", load_teacher)
+    monkeypatch.setattr(distill, "_student", student)
+    monkeypatch.setattr(distill, "augment", recording_augment)
+    cfg = load_config(DistillConfig, None, [*_common(data_dir, tmp_path / "student"), f"teacher_checkpoint={teacher_dir}",
+                                            "max_steps=2", "warmup_epochs=0", "tau=1.0", f"student_view={view}",
+                                            "student_crop_min_scale=0.3", "student_color_strength=1.0",
+                                            "channels_last=false"])
+    distill.run(cfg, test=False)
+    assert len(seen["student"]) == len(seen["images"]) == 2
+    for step, (t, s, x) in enumerate(zip(seen["teacher"], seen["student"], seen["images"])):
+        if view == "same":
+            assert torch.equal(s, t)
+            continue
+        expected = distill.student_augment(cfg, t.shape[-1])(x, generator=step_generator(torch.device("cpu"), 0, step,
+                                                                                         salt=1))
+        assert s.shape == t.shape and not torch.allclose(s, t)
+        torch.testing.assert_close(s, expected)

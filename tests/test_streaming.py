@@ -181,3 +181,49 @@ def test_fractional_epochs_end_with_a_knn_measurement(tmp_path: Path, jpegs: Pat
     knn_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                  if "knn_top1" in r]
     assert knn_steps == [3, 5]
+
+
+def test_each_view_can_have_its_own_crop(tmp_path: Path) -> None:
+    """A tuple of crop specs gives view v the crop of spec v (distillation's teacher and student
+    views): each view is what a one-spec dataset cuts for that view with the same randomness. PNGs,
+    so that no JPEG draft (set by the smallest of an image's crops) changes the decoded pixels."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / "c0").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "c0" / f"{i}.png")
+    folder = ImageFolderDataset(tmp_path, image_size=24)
+    whole, small = CropSpec(24, scale=(0.9, 1.0)), CropSpec(24, scale=(0.08, 0.1))
+    both = ViewDataset(folder, 24, (whole, small), views=2, seed=5)
+    for key in ((0, 0), (3, 1), (2, 4)):
+        x = both[key][0]
+        assert torch.equal(x[0], ViewDataset(folder, 24, whole, views=2, seed=5)[key][0][0])
+        assert torch.equal(x[1], ViewDataset(folder, 24, small, views=2, seed=5)[key][0][1])
+        assert not torch.equal(x[1], ViewDataset(folder, 24, whole, views=2, seed=5)[key][0][1])
+
+
+@pytest.mark.slow
+def test_distill_with_a_strong_student_view_streams(tmp_path: Path, jpegs: Path, monkeypatch) -> None:
+    """``student_view=strong`` on a streaming folder: the workers cut the teacher's and the student's
+    crops, and the student learns on its own view, not the teacher's."""
+    from simclrv2.engine import distill
+
+    data = stream_args(jpegs, 2)
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    cli("pretrain", "model=r10_0.25x_sk0", *data, "batch_size=8", "max_steps=2", "knn_every=0", f"run_dir={pre}")
+    cli("finetune", f"init_checkpoint={pre}", *data, "label_fraction=1.0", "batch_size=8", "max_steps=1",
+        f"run_dir={ft}")
+    views: list[tuple[str, torch.Tensor, bool]] = []
+    augment = distill.augment
+
+    def record(aug, x, *args, **kwargs):
+        out = augment(aug, x, *args, **kwargs)
+        views.append((type(aug).__name__, out, kwargs.get("cropped", False)))
+        return out
+
+    monkeypatch.setattr(distill, "augment", record)
+    cli("distill", f"teacher_checkpoint={ft}", "model=r10_0.25x_sk0", *data, "batch_size=8", "max_steps=2",
+        "warmup_epochs=0", "student_view=strong", f"run_dir={tmp_path / 'ds'}")
+    assert [(name, cropped) for name, _, cropped in views] == [("CropFlipAugment", True), ("SimCLRAugment", True)] * 2
+    for (_, teacher, _), (_, student, _) in zip(views[0::2], views[1::2]):
+        assert teacher.shape == student.shape == (8, 3, 24, 24) and not torch.allclose(teacher, student)
+    assert json.loads((tmp_path / "ds" / "metrics.json").read_text())["steps"] == 2

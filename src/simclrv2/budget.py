@@ -291,14 +291,17 @@ class _StepTimer:
         own step (``engine.classify.classifier_step``) with the stage's optimizer at lr 0 and its
         precision. With ``teacher_cfg``, a step of distillation: the forward pass of a frozen
         teacher (``teacher_cfg``'s model) and the student's step, a classifier's step standing in
-        for the student's loss (the same passes; distillation keeps its own loop)."""
+        for the student's loss (the same passes; distillation keeps its own loop), plus the
+        student's own view where ``student_view`` is ``strong``."""
         from .data.augment import CropFlipAugment
         from .engine.classify import classifier_step
         from .engine.device import grad_scaler
+        from .engine.distill import student_augment
         from .optim import build_optimizer
 
+        strong = teacher_cfg is not None and cfg.student_view == "strong"
         key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last)
+               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong)
         if key in self._cache:
             return self._cache[key]
         aug = CropFlipAugment(self._image_size_of(cfg, self.sizes.train), crop_scale=(cfg.crop_min_scale, 1.0))
@@ -309,11 +312,14 @@ class _StepTimer:
         x = self._images(cfg, batch)
         y = torch.randint(0, max(1, self.sizes.train.num_classes), (batch,), device=self.device)
         gen = torch.Generator(self.device).manual_seed(0)
+        student_aug = student_augment(cfg, aug.image_size) if strong else None
 
         def step() -> None:
             if teacher is not None:
                 with torch.no_grad():
                     teacher(x.float() / 255)
+            if student_aug is not None:
+                student_aug(x, generator=torch.Generator().manual_seed(0))
             classifier_step(model, opt, scaler, aug, x, y, gen, precision=cfg.precision,
                             channels_last=cfg.channels_last)
 

@@ -137,12 +137,14 @@ def crop_resize(img: Image.Image, boxes: list[tuple[float, float, float, float]]
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
-def train_views(img: Image.Image, spec: CropSpec, rngs: list[np.random.Generator]) -> torch.Tensor:
+def train_views(img: Image.Image, spec: CropSpec | tuple[CropSpec, ...], rngs: list[np.random.Generator]) -> torch.Tensor:
     """One random resized crop per generator of the opened (not yet decoded) ``img``
-    -> ``uint8`` (len(rngs), 3, S, S)."""
+    -> ``uint8`` (len(rngs), 3, S, S). A tuple of specs gives each view its own area and aspect
+    ranges (one spec a generator; the first spec's side and resampling for all)."""
+    specs = spec if isinstance(spec, tuple) else (spec,) * len(rngs)
     width, height = upright_size(img)
-    boxes = [crop_box(width, height, spec.scale, spec.ratio, rng) for rng in rngs]
-    return crop_resize(img, boxes, spec.size, _RESAMPLE[spec.resample])
+    boxes = [crop_box(width, height, s.scale, s.ratio, rng) for s, rng in zip(specs, rngs, strict=True)]
+    return crop_resize(img, boxes, specs[0].size, _RESAMPLE[specs[0].resample])
 
 
 def train_view(img: Image.Image, spec: CropSpec, rng: np.random.Generator) -> torch.Tensor:
@@ -172,13 +174,15 @@ class ViewDataset(torch.utils.data.Dataset):
     """Views of an image folder, cut in DataLoader workers (keys from ``BatchSource``).
 
     Training (``crop`` given): ``dataset[(index, step)]`` -> (``uint8`` (views, 3, S, S), index used,
-    index), each view from :func:`train_view` with :func:`view_rng`. Evaluation (``crop=None``):
+    index), each view from :func:`train_views` with :func:`view_rng` (``crop`` a tuple: one spec a
+    view). Evaluation (``crop=None``):
     ``dataset[(index, -1)]`` -> (``uint8`` (1, 3, S, S) from :func:`eval_view`, index used, index).
     The index used differs from the one asked for only when a bad file was replaced
     (``skip_bad_images``).
     """
 
-    def __init__(self, folder: Any, size: int, crop: CropSpec | None, views: int = 1, seed: int = 0) -> None:
+    def __init__(self, folder: Any, size: int, crop: CropSpec | tuple[CropSpec, ...] | None, views: int = 1,
+                 seed: int = 0) -> None:
         self.folder = folder
         self.size = size
         self.crop = crop

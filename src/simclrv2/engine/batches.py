@@ -131,15 +131,16 @@ class BatchSource:
         """``idx`` on the device: one copy, asynchronous from pinned memory on a GPU."""
         return to_device([idx], self.device)[0]
 
-    def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec, views: int = 1,
+    def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec | tuple[CropSpec, ...],
+                      views: int = 1,
                       seed: int = 0, targets: torch.Tensor | None = None,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, y)`` for each ``(step, indices)`` of ``batches``, in order.
 
         In memory: ``x`` is the stored images (N, C, H, W), which the stage's augmentation crops.
-        Streaming: ``views`` random resized crops (``crop``) of each image, cut from the original
-        files in workers with randomness drawn from (seed, step, index, view): (views * N, C, S, S),
-        view 1 of every image, then view 2. ``targets`` replaces the dataset's labels (-1 for images
+        Streaming: ``views`` random resized crops (``crop``, or ``crop[v]`` for view v) of each image,
+        cut from the original files in workers with randomness drawn from (seed, step, index, view):
+        (views * N, C, S, S), view 1 of every image, then view 2. ``targets`` replaces the dataset's labels (-1 for images
         a stage may not see the label of).
         """
         labels = self.labels if targets is None else targets.to(self.device)
@@ -148,7 +149,8 @@ class BatchSource:
                 idx = self._indices(idx)  # once, not once for the images and again for the labels
                 yield self.images[idx], labels[idx]
             return
-        data = ViewDataset(self.dataset, crop.size, crop, views, seed)
+        size = crop[0].size if isinstance(crop, tuple) else crop.size
+        data = ViewDataset(self.dataset, size, crop, views, seed)
         yield from self._stream(data, ([(int(i), step) for i in idx] for step, idx in batches), labels)
 
     def eval_batches(self, batches: Iterable[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,9 @@
 """``simclrv2 distill``: distil a frozen fine-tuned teacher into a student (METHOD.md 7).
 
 The student learns the teacher's temperature-softened predictions on every training image but
-the validation split (labels unseen), plus, with ``alpha > 0``, cross-entropy on the labelled
-subset. The teacher runs in eval mode, without gradients, outside DDP, under autocast where the
+the validation split (labels unseen), plus, with ``alpha < 1``, cross-entropy on the labelled
+subset. The teacher labels a crop-and-flip view; the student learns on that view (the paper) or,
+with ``student_view: strong``, on its own crop of the same image with colour distortion. The teacher runs in eval mode, without gradients, outside DDP, under autocast where the
 config asks for it. The student has no projection head and starts from random weights, or from
 ``student_init``.
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import DistillConfig
-from ..data.augment import CropFlipAugment
+from ..data.augment import CropFlipAugment, SimCLRAugment
 from ..losses import mixed_distillation_loss
 from ..modelfile import load_model
 from ..models import SimCLRModel
@@ -62,13 +63,26 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, student, schedule.peak_lr, cfg.weight_decay)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+    student_aug = student_augment(cfg, size)
     meta = model_meta(student, ds, image_size=size, teacher_checkpoint=cfg.teacher_checkpoint,
                       teacher_model=teacher_meta.get("model_name"))
-    _train(cfg, teacher, student, train_module, optimizer, aug, source, pool, targets, plan, schedule, run_dir, meta)
+    _train(cfg, teacher, student, train_module, optimizer, (aug, student_aug), source, pool, targets, plan, schedule,
+           run_dir, meta)
     metrics: dict[str, Any] = dict(stage="distill", model=student.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
                                    **selection_metrics(cfg, ds, labelled.cpu()))
     return evaluate_stage(cfg, student, ds, source, size, run_dir, metrics, test, teacher=teacher)
+
+
+def student_augment(cfg: DistillConfig, size: int) -> SimCLRAugment | None:
+    """The student's own view for ``student_view: strong``: a crop of the image from
+    ``student_crop_min_scale`` of it (not of the teacher's view: a crop of a 28 px view resized back
+    up is blurred), a flip, and SimCLR's colour distortion at ``student_color_strength`` (no blur).
+    ``None`` for ``same``: the student sees the teacher's view."""
+    if cfg.student_view == "same":
+        return None
+    return SimCLRAugment(size, color_strength=cfg.student_color_strength, blur=False,
+                         crop_scale=(cfg.student_crop_min_scale, 1.0))
 
 
 def _student(cfg: DistillConfig, ds: Any, size: int, device: torch.device) -> SimCLRModel:
@@ -85,29 +99,42 @@ def _student(cfg: DistillConfig, ds: Any, size: int, device: torch.device) -> Si
 
 
 def _train(cfg: DistillConfig, teacher: nn.Module, student: nn.Module, train_module: nn.Module,
-           optimizer: torch.optim.Optimizer, aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor,
+           optimizer: torch.optim.Optimizer, augs: tuple[CropFlipAugment, SimCLRAugment | None], source: BatchSource,
+           pool: torch.Tensor,
            targets: torch.Tensor, plan: StepPlan, schedule: Schedule, run_dir: Path, meta: dict[str, Any]) -> None:
     """The step loop: the teacher's soft labels (and the labelled subset's labels) on crop-and-flip views.
 
-    ``targets`` holds each training image's label, -1 where the student may not see it.
+    ``augs``: the crop-and-flip view the teacher labels, and the student's own view of the same
+    image (``None``: the student sees the teacher's view). ``targets`` holds each training image's
+    label, -1 where the student may not see it.
     """
+    aug, student_aug = augs
     device = source.device
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a pass-through unless fp16
     checkpointer = Checkpointer("distill", cfg, run_dir, plan, student, optimizer, scaler, meta)
     start = checkpointer.resume()
     log = TrainLog("distill", cfg, run_dir, plan, start, device)
-    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(aug), 1, cfg.seed, targets)
+    # a streaming source cuts both crops in its workers: the teacher's, then the student's
+    crops = crop_spec(aug) if student_aug is None else (crop_spec(aug), crop_spec(student_aug))
+    batches = source.train_batches(plan.steps(pool, cfg.seed, start), crops, 1 if student_aug is None else 2, cfg.seed,
+                                   targets)
     for step, (x, y) in zip(range(start, plan.total_steps), batches):
         student.train()
         lr = schedule(step)
         set_lr(optimizer, lr)
         with autocast(device, cfg.precision):
             # fp32 views, outside autocast; a streaming source has cut the crops in its workers
-            views = augment(aug, x, step_generator(device, cfg.seed, step), cropped=source.streams)
+            x_teacher, x_student = (x, x) if student_aug is None or not source.streams else x.chunk(2)
+            views = augment(aug, x_teacher, step_generator(device, cfg.seed, step), cropped=source.streams)
             if cfg.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 t_logits = teacher(views)["logits"].float()
+            if student_aug is not None:  # its own draw (salt 1), so the two views' parameters differ
+                views = augment(student_aug, x_student, step_generator(device, cfg.seed, step, salt=1),
+                                cropped=source.streams)
+                if cfg.channels_last:
+                    views = views.contiguous(memory_format=torch.channels_last)
             s_logits = train_module(views)["logits"].float()
             loss = mixed_distillation_loss(s_logits, t_logits, y, cfg.tau, cfg.alpha,
                                            scale_by_tau_sq=cfg.scale_by_tau_sq)
