@@ -230,7 +230,7 @@ def test_unknown_or_mistyped_config_key(tmp_path: Path, capsys, override: str, n
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("student_view=noisy", "student_view must be same or strong, got 'noisy'"),
+    ("student_view=noisy", "student_view must be same, strong or auto, got 'noisy'"),
     ("student_crop_min_scale=0", "student_crop_min_scale must be in (0, 1], got 0.0"),
     ("student_color_strength=-1", "student_color_strength must be >= 0, got -1.0"),
 ])

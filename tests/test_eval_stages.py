@@ -397,12 +397,18 @@ def test_distill_teacher_gets_no_gradient_and_keeps_bn_statistics(pretrain_dir, 
 
 
 @pytest.mark.fashion_mnist
-@pytest.mark.parametrize("view", ["same", "strong"])
-def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, view):
+@pytest.mark.parametrize("view, length, expected", [
+    ("same", [], "same"),
+    ("strong", [], "strong"),
+    ("auto", ["epochs=1", "min_steps=0"], "same"),  # about one pass over the pool
+    ("auto", ["epochs=1", "min_steps=300"], "strong"),  # 300 steps: many passes
+])
+def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, view, length, expected):
     """Through the real distill stage: with ``student_view=same`` the student's input at every step is
     the teacher's; with ``strong`` it is ``student_augment`` of the same images the teacher's view was
     cut from (its own crop, flip and colour distortion), drawn from the step's generator with salt 1,
-    and differs from the teacher's."""
+    and differs from the teacher's. ``auto`` is ``strong`` from 10 planned passes over the pool (the
+    schedule's, not ``max_steps``'s, so a resumed run chooses as the whole one did)."""
     from simclrv2.config import DistillConfig, FinetuneConfig
     from simclrv2.data.augment import CropFlipAugment
     from simclrv2.engine.device import step_generator
@@ -441,14 +447,17 @@ def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, vie
     cfg = load_config(DistillConfig, None, [*_common(data_dir, tmp_path / "student"), f"teacher_checkpoint={teacher_dir}",
                                             "max_steps=2", "warmup_epochs=0", "tau=1.0", f"student_view={view}",
                                             "student_crop_min_scale=0.3", "student_color_strength=1.0",
-                                            "channels_last=false"])
-    distill.run(cfg, test=False)
+                                            "channels_last=false", *length])
+    metrics = distill.run(cfg, test=False)
+    assert metrics["student_view"] == expected
+    if view == "auto":
+        assert (metrics["passes"] >= distill.STRONG_VIEW_MIN_PASSES) == (expected == "strong")
     assert len(seen["student"]) == len(seen["images"]) == 2
     for step, (t, s, x) in enumerate(zip(seen["teacher"], seen["student"], seen["images"])):
-        if view == "same":
+        if expected == "same":
             assert torch.equal(s, t)
             continue
-        expected = distill.student_augment(cfg, t.shape[-1])(x, generator=step_generator(torch.device("cpu"), 0, step,
-                                                                                         salt=1))
+        reference = distill.student_augment(cfg, t.shape[-1], "strong")(
+            x, generator=step_generator(torch.device("cpu"), 0, step, salt=1))
         assert s.shape == t.shape and not torch.allclose(s, t)
-        torch.testing.assert_close(s, expected)
+        torch.testing.assert_close(s, reference)

@@ -299,7 +299,7 @@ class _StepTimer:
         from .engine.distill import student_augment
         from .optim import build_optimizer
 
-        strong = teacher_cfg is not None and cfg.student_view == "strong"
+        strong = teacher_cfg is not None and cfg.student_view != "same"  # auto: timed as strong, the dearer
         key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
                cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong)
         if key in self._cache:
@@ -312,7 +312,7 @@ class _StepTimer:
         x = self._images(cfg, batch)
         y = torch.randint(0, max(1, self.sizes.train.num_classes), (batch,), device=self.device)
         gen = torch.Generator(self.device).manual_seed(0)
-        student_aug = student_augment(cfg, aug.image_size) if strong else None
+        student_aug = student_augment(cfg, aug.image_size, "strong") if strong else None
 
         def step() -> None:
             if teacher is not None:

@@ -183,8 +183,9 @@ class DistillConfig(CommonConfig, LabelConfig):
     warmup_epochs: float = 1.0
     crop_min_scale: float = 0.08
     # "same": the student learns on the teacher's crop-and-flip view (the paper). "strong": the
-    # teacher labels that view and the student sees it cropped again (from student_crop_min_scale of
-    # it) and colour-distorted (SimCLR's jitter and grayscale at student_color_strength, no blur)
+    # teacher labels that view and the student sees its own crop of the image (from
+    # student_crop_min_scale of it), colour-distorted (SimCLR's jitter and grayscale at
+    # student_color_strength, no blur). "auto": strong from 10 passes over the pool, else same
     student_view: str = "same"
     student_crop_min_scale: float = 0.5
     student_color_strength: float = 1.0
@@ -463,7 +464,8 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, DistillConfig):
         need(cfg.tau > 0, f"tau must be positive, got {cfg.tau}")
         need(0.0 <= cfg.alpha <= 1.0, f"alpha must be in [0, 1], got {cfg.alpha}")
-        need(cfg.student_view in ("same", "strong"), f"student_view must be same or strong, got '{cfg.student_view}'")
+        need(cfg.student_view in ("same", "strong", "auto"),
+             f"student_view must be same, strong or auto, got '{cfg.student_view}'")
         need(0.0 < cfg.student_crop_min_scale <= 1.0,
              f"student_crop_min_scale must be in (0, 1], got {cfg.student_crop_min_scale}")
         need(cfg.student_color_strength >= 0.0,

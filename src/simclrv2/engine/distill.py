@@ -63,23 +63,42 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, student, schedule.peak_lr, cfg.weight_decay)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
-    student_aug = student_augment(cfg, size)
+    passes = plan.schedule_steps * plan.global_batch / len(pool)  # the planned length: resume-safe
+    view = student_view_for(cfg, passes)
+    student_aug = student_augment(cfg, size, view)
     meta = model_meta(student, ds, image_size=size, teacher_checkpoint=cfg.teacher_checkpoint,
                       teacher_model=teacher_meta.get("model_name"))
     _train(cfg, teacher, student, train_module, optimizer, (aug, student_aug), source, pool, targets, plan, schedule,
            run_dir, meta)
     metrics: dict[str, Any] = dict(stage="distill", model=student.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
+                                   student_view=view, passes=round(passes, 2),
                                    **selection_metrics(cfg, ds, labelled.cpu()))
     return evaluate_stage(cfg, student, ds, source, size, run_dir, metrics, test, teacher=teacher)
 
 
-def student_augment(cfg: DistillConfig, size: int) -> SimCLRAugment | None:
+# ``student_view: auto`` takes the strong view from this many passes over the pool. A student on a
+# harder view than its teacher's needs many passes to profit: on the tuning folder (docs/
+# EXPERIMENTS.md, "Few labels: a noisy student") it lost 2.35-12.85 points at 2.6 passes, moved by
+# -0.10 to +1.70 at 9.6 and gained 1.85-2.70 at 38; on the demo's 1.8 passes over 54,000 images it
+# ended about 1.5 points lower against its teacher.
+STRONG_VIEW_MIN_PASSES = 10.0
+
+
+def student_view_for(cfg: DistillConfig, passes: float) -> str:
+    """``same`` or ``strong``: the config's, or for ``auto`` strong from ``STRONG_VIEW_MIN_PASSES``
+    passes over the pool (the distillation's planned steps times its global batch, over the pool)."""
+    if cfg.student_view != "auto":
+        return cfg.student_view
+    return "strong" if passes >= STRONG_VIEW_MIN_PASSES else "same"
+
+
+def student_augment(cfg: DistillConfig, size: int, view: str) -> SimCLRAugment | None:
     """The student's own view for ``student_view: strong``: a crop of the image from
     ``student_crop_min_scale`` of it (not of the teacher's view: a crop of a 28 px view resized back
     up is blurred), a flip, and SimCLR's colour distortion at ``student_color_strength`` (no blur).
     ``None`` for ``same``: the student sees the teacher's view."""
-    if cfg.student_view == "same":
+    if view == "same":
         return None
     return SimCLRAugment(size, color_strength=cfg.student_color_strength, blur=False,
                          crop_scale=(cfg.student_crop_min_scale, 1.0))
