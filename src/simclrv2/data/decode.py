@@ -137,7 +137,8 @@ def crop_resize(img: Image.Image, boxes: list[tuple[float, float, float, float]]
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
-def train_views(img: Image.Image, spec: CropSpec | tuple[CropSpec, ...], rngs: list[np.random.Generator]) -> torch.Tensor:
+def train_views(img: Image.Image, spec: CropSpec | tuple[CropSpec, ...],
+                rngs: list[np.random.Generator]) -> torch.Tensor:
     """One random resized crop per generator of the opened (not yet decoded) ``img``
     -> ``uint8`` (len(rngs), 3, S, S). A tuple of specs gives each view its own area and aspect
     ranges (one spec a generator; the first spec's side and resampling for all)."""

@@ -132,16 +132,15 @@ class BatchSource:
         return to_device([idx], self.device)[0]
 
     def train_batches(self, batches: Iterable[tuple[int, torch.Tensor]], crop: CropSpec | tuple[CropSpec, ...],
-                      views: int = 1,
-                      seed: int = 0, targets: torch.Tensor | None = None,
+                      views: int = 1, seed: int = 0, targets: torch.Tensor | None = None,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, y)`` for each ``(step, indices)`` of ``batches``, in order.
 
         In memory: ``x`` is the stored images (N, C, H, W), which the stage's augmentation crops.
-        Streaming: ``views`` random resized crops (``crop``, or ``crop[v]`` for view v) of each image,
-        cut from the original files in workers with randomness drawn from (seed, step, index, view):
-        (views * N, C, S, S), view 1 of every image, then view 2. ``targets`` replaces the dataset's labels (-1 for images
-        a stage may not see the label of).
+        Streaming: ``views`` random resized crops (``crop``, or ``crop[v]`` for view v) of each
+        image, cut from the original files in workers with randomness drawn from (seed, step,
+        index, view): (views * N, C, S, S), view 1 of every image, then view 2. ``targets``
+        replaces the dataset's labels (-1 for images a stage may not see the label of).
         """
         labels = self.labels if targets is None else targets.to(self.device)
         if not self.streams:

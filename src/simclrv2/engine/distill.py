@@ -3,9 +3,10 @@
 The student learns the teacher's temperature-softened predictions on every training image but
 the validation split (labels unseen), plus, with ``alpha < 1``, cross-entropy on the labelled
 subset. The teacher labels a crop-and-flip view; the student learns on that view (the paper) or,
-with ``student_view: strong``, on its own crop of the same image with colour distortion. The teacher runs in eval mode, without gradients, outside DDP, under autocast where the
-config asks for it. The student has no projection head and starts from random weights, or from
-``student_init``.
+with ``student_view: strong`` (or ``auto`` over enough passes), on its own crop of the same image
+with colour distortion. The teacher runs in eval mode, without gradients, outside DDP, under
+autocast where the config asks for it. The student has no projection head and starts from random
+weights, or from ``student_init``.
 """
 
 from __future__ import annotations
@@ -118,9 +119,8 @@ def _student(cfg: DistillConfig, ds: Any, size: int, device: torch.device) -> Si
 
 
 def _train(cfg: DistillConfig, teacher: nn.Module, student: nn.Module, train_module: nn.Module,
-           optimizer: torch.optim.Optimizer, augs: tuple[CropFlipAugment, SimCLRAugment | None], source: BatchSource,
-           pool: torch.Tensor,
-           targets: torch.Tensor, plan: StepPlan, schedule: Schedule, run_dir: Path, meta: dict[str, Any]) -> None:
+           optimizer: torch.optim.Optimizer, augs: tuple[CropFlipAugment, SimCLRAugment | None],
+           source: BatchSource, pool: torch.Tensor, targets: torch.Tensor, plan: StepPlan, schedule: Schedule, run_dir: Path, meta: dict[str, Any]) -> None:
     """The step loop: the teacher's soft labels (and the labelled subset's labels) on crop-and-flip views.
 
     ``augs``: the crop-and-flip view the teacher labels, and the student's own view of the same
