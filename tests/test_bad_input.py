@@ -233,6 +233,7 @@ def test_unknown_or_mistyped_config_key(tmp_path: Path, capsys, override: str, n
     ("student_view=noisy", "student_view must be same, strong or auto, got 'noisy'"),
     ("student_crop_min_scale=0", "student_crop_min_scale must be in (0, 1], got 0.0"),
     ("student_color_strength=-1", "student_color_strength must be >= 0, got -1.0"),
+    ("rounds=-1", "rounds must be 1 or more, or 0 for auto, got -1"),
 ])
 def test_bad_student_view(tmp_path: Path, capsys, override: str, needle: str) -> None:
     rc, err = cli(capsys, "distill", override, "teacher_checkpoint=x", f"run_dir={tmp_path / 'run'}")

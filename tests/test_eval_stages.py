@@ -461,3 +461,62 @@ def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, vie
             x, generator=step_generator(torch.device("cpu"), 0, step, salt=1))
         assert s.shape == t.shape and not torch.allclose(s, t)
         torch.testing.assert_close(s, reference)
+
+
+@pytest.mark.parametrize("rounds, length, expected", [
+    ("2", [], 2),
+    ("0", ["epochs=1", "min_steps=0"], 1),  # auto, about one pass over the pool: the teacher's view, one round
+    ("0", ["epochs=1", "min_steps=300"], 2),  # auto, many passes: the strong view, two rounds
+])
+def test_distill_rounds(pretrain_dir, data_dir, tmp_path, monkeypatch, rounds, length, expected):
+    """Through the real distill stage: round 1 learns from the stage's teacher in ``run_dir/round1``,
+    the last round from round 1's trained student, and the stage is scored against its own teacher;
+    ``rounds=0`` takes two rounds where the student's view resolves to strong. A rerun trains
+    nothing again."""
+    from simclrv2.config import DistillConfig, FinetuneConfig
+    from simclrv2.modelfile import load_model
+
+    teacher_dir = tmp_path / "teacher"
+    tuned = finetune.run(load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir),
+                                                            f"init_checkpoint={pretrain_dir}",
+                                                            "label_fraction=0.2", "max_steps=1"]))
+    labellers: list[tuple[Path, torch.nn.Module]] = []
+    train = distill._train
+
+    def recording_train(cfg, teacher, *args, **kwargs):
+        labellers.append((Path(cfg.run_dir), copy.deepcopy(teacher)))
+        return train(cfg, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "_train", recording_train)
+    student_dir = tmp_path / "student"
+    cfg = load_config(DistillConfig, None, [*_common(data_dir, student_dir), f"teacher_checkpoint={teacher_dir}",
+                                            "max_steps=2", "warmup_epochs=0", "tau=1.0", "student_view=auto",
+                                            f"rounds={rounds}", *length])
+    metrics = distill.run(cfg)
+    assert metrics["rounds"] == expected
+    assert [d for d, _ in labellers] == [student_dir / "round1", student_dir][2 - expected:]
+    assert (student_dir / "round1").is_dir() == (expected == 2)
+    # the stage is scored against the teacher it was given, whatever taught its last round
+    assert metrics["teacher_top1"] == tuned["top1"]
+
+    def same_weights(model, path):
+        loaded, _ = load_model(str(path), torch.device("cpu"))
+        want = loaded.state_dict()
+        return all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+    assert same_weights(labellers[0][1], teacher_dir)
+    if expected == 2:
+        first = json.loads((student_dir / "round1" / "metrics.json").read_text())
+        assert metrics["earlier_rounds"] == [{"top1": first["top1"]}]
+        assert first["student_view"] == metrics["student_view"] == "strong" or rounds == "2"
+        assert same_weights(labellers[1][1], student_dir / "round1")
+        assert not same_weights(labellers[1][1], teacher_dir)
+
+    def checkpoints():
+        return sorted((str(p), p.stat().st_mtime_ns) for p in student_dir.rglob("*")
+                      if "checkpoints" in p.parts and p.is_file())
+
+    saved = checkpoints()
+    assert len({Path(p).parts[len(student_dir.parts)] for p, _ in saved}) == expected  # round1/ and checkpoints/
+    assert distill.run(cfg)["top1"] == metrics["top1"]  # resumed at the last step of each round
+    assert checkpoints() == saved

@@ -293,6 +293,25 @@ def test_budget_fills_what_the_other_stages_leave(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.fashion_mnist
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_budget_times_every_distillation_round(data, tmp_path, monkeypatch, rounds):
+    """A distillation of two rounds trains twice and is scored twice: the budget counts both, and
+    ``rounds=0`` (auto) counts the two that the strong view of many passes takes."""
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.01)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    estimates = {}
+    for value in (1, rounds, 0):
+        pc = _budget_config(data, tmp_path / f"run{value}", minutes=2)
+        pc.distill_self.update(rounds=value, student_view="auto")
+        estimates[value] = budget.fit_pretraining(pc)["stage_estimates"]
+    # 1,800 pool images, the demo's 600 steps of 256: 85 passes, the strong view, so auto takes two rounds
+    assert estimates[rounds]["distill_self_2pct"] == pytest.approx(rounds * estimates[1]["distill_self_2pct"], rel=0.05)
+    assert estimates[0]["distill_self_2pct"] == pytest.approx(2 * estimates[1]["distill_self_2pct"], rel=0.05)
+    assert estimates[rounds]["finetune_2pct"] == pytest.approx(estimates[1]["finetune_2pct"], rel=0.05)
+
+
+@pytest.mark.fashion_mnist
 def test_budget_shrinks_the_other_stages_on_a_slow_machine(data, tmp_path, monkeypatch):
     """When the stages after pretraining would take more than OTHER_SHARE of the budget, their
     steps shrink by one factor (min_steps and epochs), so a slow machine still finishes."""

@@ -366,14 +366,20 @@ class _StepTimer:
         runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
         if plan.folds and len(planned_rates(plan)) > 1:  # a rate beyond the grid, if its best is at an edge
             runs += [c.cfg for c in plan.candidates[:plan.folds]]
+        from .engine.distill import rounds_for, student_view_for
+
         teacher = encoder if plan.stage == "distill" else None
         train, rest = 0.0, 0.0
         for run in runs:
             pool = s.pool if plan.stage == "distill" else s.labelled(run)
             batch = min(run.batch_size, pool)
             steps = max(math.ceil(run.epochs * max(1, pool // batch)), run.min_steps)
-            train += steps * (self.classifier_step(run, batch, teacher) + batch * s.load)
-            rest += s.open + s.validation(run) * self.per_image(run)
+            rounds = 1
+            if plan.stage == "distill":  # each round trains as long, and is scored (with its teacher) as the last
+                rounds = rounds_for(run, student_view_for(run, steps * batch / pool))
+                rest += (rounds - 1) * s.test * (self.per_image(run) + self.per_image(teacher))
+            train += rounds * steps * (self.classifier_step(run, batch, teacher) + batch * s.load)
+            rest += rounds * (s.open + s.validation(run) * self.per_image(run))
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             rest += s.test * self.per_image(teacher)

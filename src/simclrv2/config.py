@@ -189,6 +189,10 @@ class DistillConfig(CommonConfig, LabelConfig):
     student_view: str = "same"
     student_crop_min_scale: float = 0.5
     student_color_strength: float = 1.0
+    # rounds of distillation: each round's student is the next round's teacher, and the last round's
+    # is the stage's student (earlier rounds in run_dir/round<k>). 0 = auto: 2 where the student's
+    # view is strong (a noisy student iterated), else 1
+    rounds: int = 1
     global_bn: bool = True
 
 
@@ -470,6 +474,7 @@ def validate(cfg: Any) -> None:
              f"student_crop_min_scale must be in (0, 1], got {cfg.student_crop_min_scale}")
         need(cfg.student_color_strength >= 0.0,
              f"student_color_strength must be >= 0, got {cfg.student_color_strength}")
+        need(cfg.rounds >= 0, f"rounds must be 1 or more, or 0 for auto, got {cfg.rounds}")
 
 
 def _check_model_name(name: str) -> None:
