@@ -6,6 +6,7 @@ Folders are tiny PNGs written here. Listings are checked against a naive referen
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -249,11 +250,12 @@ def run_pipeline(tmp: Path, data: Path, name: str, **over) -> Path:
 
 @pytest.fixture(scope="module")
 def two_labels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """2 labels a class, 24 unlabeled images (two of them unusable), a test split."""
+    """2 labels a class, 24 unlabeled images (two of them unusable), a test split; the
+    self-distillation in two rounds."""
     tmp = tmp_path_factory.mktemp("two_labels")
     data = make_layout(tmp / "data", per_class=2, unlabeled=24)
     plant_bad_files(data)
-    return data, run_pipeline(tmp, data, "run")
+    return data, run_pipeline(tmp, data, "run", distill_self={"epochs": 1, "min_steps": 0, "rounds": 2})
 
 
 def results(run: Path) -> dict:
@@ -317,6 +319,11 @@ def test_predictions_have_one_row_per_unlabeled_file_and_name_the_bad_ones(two_l
     assert pred["method"] == "distill-self" and "no honest comparison" in pred["reason"]
     assert sum(b["held_out"] for b in pred["calibration"]) == 4  # the out-of-fold predictions of 4 labels
     assert sum(b["unlabeled"] for b in pred["calibration"]) == 24
+    # the self-distilled student of the second round wrote them; the report gives both rounds
+    student = next(r for r in results(run)["results"] if r["method"] == "distill-self")
+    assert student["rounds"] == 2 and (run / "distill_self_100pct" / "round1" / "metrics.json").is_file()
+    first = json.loads((run / "distill_self_100pct" / "round1" / "metrics.json").read_text())["top1"]
+    assert table(report, "## Distillation: student against teacher")[0][-1] == f"2, round 1 {first:.2f}"
 
 
 def table(report: str, heading: str) -> list[list[str]]:

@@ -378,7 +378,7 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
         "steps": result.get("steps"),
     }
     for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "lr_extended", "teacher_top1", "teacher_agreement",
-                "rate_choice", "folds", "fold_dirs", "unscored"):
+                "student_view", "passes", "rounds", "earlier_rounds", "rate_choice", "folds", "fold_dirs", "unscored"):
         if key in result:
             row[key] = result[key]
     if "val_top1" in result:

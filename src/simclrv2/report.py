@@ -362,10 +362,17 @@ def _distill_section(out: dict[str, Any]) -> list[str]:
     if not distilled:
         return []
     lines = ["## Distillation: student against teacher", "",
-             "| Method | Labels | Student | Teacher top-1 | Student top-1 | Agreement |", "|---|---|---|---|---|---|"]
+             "| Method | Labels | Student | Teacher top-1 | Student top-1 | Agreement | Student's view | Rounds |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in distilled:
+        earlier = "".join(f", round {k} {e['top1']:.2f}" for k, e in enumerate(r.get("earlier_rounds", []), 1)
+                          if e.get("top1") is not None)
         lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
-                     f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} |")
+                     f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} | {r.get('student_view', 'same')} | "
+                     f"{r.get('rounds', 1)}{earlier} |")
+    lines += ["", "Student's view: `same` is the teacher's crop (the paper); `strong` the student's own crop with "
+              "colour distortion (a noisy student). With 2 rounds the second student learns from the first, "
+              "whose top-1 follows the count."]
     return lines + [""]
 
 
