@@ -519,3 +519,30 @@ def test_image_folder_keeps_its_own_size(tmp_path, sides, expected):
     ds = load_dataset("imagefolder", data_dir=str(tmp_path))
     assert ds.image_size == expected and ds[0][0].shape == (3, expected, expected)
     assert load_dataset("imagefolder", data_dir=str(tmp_path), image_size=32)[0][0].shape == (3, 32, 32)
+
+
+def test_report_names_the_searches_that_their_held_out_images_cannot_decide():
+    """A search whose chosen rate leads the runner-up by less than the binomial standard error of
+    a top-1 on its scored images is named; a clear lead, or one on many images, is not."""
+    from simclrv2.report import _search_section
+
+    def searched(method, fraction, scores, images, folds):
+        best = max(scores, key=scores.get)
+        return _row(method, fraction, 60.0, base_lr=float(best), lr_search=scores, folds=folds,
+                    estimate={"kind": "4-fold cross-validation" if folds else "validation split",
+                              "top1": scores[best], "images": images})
+
+    out = {"results": [
+        searched("finetune", 1.0, {"0.0025": 55.0, "0.01": 55.0, "0.04": 57.5, "0.16": 62.5}, 40, 4),
+        searched("supervised", 1.0, {"0.025": 30.0, "0.1": 50.0, "0.4": 32.5}, 40, 4),
+        searched("finetune", 0.1, {"0.0025": 80.1, "0.01": 81.0, "0.04": 79.0}, 5400, 0),
+    ]}
+    text = "\n".join(_search_section(out))
+    se = 100 * (0.625 * 0.375 / 40) ** 0.5  # 7.65: a lead of 5.00 on 40 images is a close call
+    assert (f"- finetune (100%): the chosen rate leads the next by 5.00 points, less than the standard error "
+            f"of a top-1 on 40 held-out images ({se:.2f})." in text)
+    assert "- supervised (100%)" not in text  # a lead of 20 points on 40 images
+    assert "- finetune (10%)" not in text  # 0.90 points on 5,400 images: standard error 0.53
+    assert text.count("Close calls:") == 1
+    clear = {"results": out["results"][1:]}
+    assert "Close calls" not in "\n".join(_search_section(clear))

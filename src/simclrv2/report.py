@@ -354,7 +354,30 @@ def _search_section(out: dict[str, Any]) -> list[str]:
         if any(r.get("lr_extended") for r in rows):
             lines += ["A rate outside lr_search was tried where the best planned rate was at an edge of the "
                       "grid: one grid step beyond it, on the same folds.", ""]
+        lines += _close_calls(rows)
     return lines
+
+
+def _close_calls(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning for each search whose chosen rate leads the runner-up by less than the standard
+    error of a top-1 on the images it was scored on: those images cannot tell the rates apart."""
+    from .search import binomial_spread
+
+    close = []
+    for r in rows:
+        scores = sorted(r["lr_search"].values(), reverse=True)
+        images = (r.get("estimate") or {}).get("images") or 0
+        if len(scores) < 2 or not images:
+            continue
+        se = binomial_spread(scores[0], images)
+        if scores[0] - scores[1] < se:
+            close.append(f"- {r['method']} ({_tag(r['label_fraction'])}): the chosen rate leads the next by "
+                         f"{scores[0] - scores[1]:.2f} points, less than the standard error of a top-1 on "
+                         f"{images} held-out images ({se:.2f}).")
+    if not close:
+        return []
+    return ["Close calls: another draw of as many labels could have chosen another rate. More labels make "
+            "the choice firmer.", ""] + close + [""]
 
 
 def _distill_section(out: dict[str, Any]) -> list[str]:
