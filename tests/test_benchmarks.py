@@ -481,3 +481,43 @@ def test_few_label_probe_pairs_its_draws_and_reads_a_class_from_the_pixels(tmp_p
     with pytest.raises(SystemExit) as exit_:
         flp.main([str(tmp_path / "data"), str(enc)])
     assert exit_.value.code == 2 and "val is missing" in capsys.readouterr().err
+
+
+def test_cv_rate_choice_scores_folds_and_chooses_as_the_pipeline_does(tmp_path):
+    """benchmarks/cv_rate_choice.py: each score of a fold's ``validation.npz`` against a naive
+    computation, the pipeline's grid of three with one step beyond an edge, and the paired rule."""
+    import cv_rate_choice as cv
+    import numpy as np
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25], [0.2, 0.6, 0.2]], dtype=np.float32)
+    labels = np.array([0, 1, 2, 1])
+    for k, rows in enumerate(([0, 1], [2, 3])):
+        (tmp_path / f"f{k}").mkdir()
+        np.savez(tmp_path / f"f{k}" / "validation.npz", index=np.array(rows), label=labels[rows], probs=probs[rows])
+    s = cv.fold_scores([tmp_path / "f0", tmp_path / "f1"])
+    p_true = [0.7, 0.1, 0.25, 0.6]
+    assert s["top-1"] == pytest.approx((50.0 + 50.0) / 2)
+    assert s["cross-entropy"] == pytest.approx(-np.mean([-np.mean(np.log(p_true[:2])), -np.mean(np.log(p_true[2:]))]))
+    brier = [sum((p - (c == y)) ** 2 for c, p in enumerate(row)) for row, y in zip(probs.tolist(), labels)]
+    assert s["Brier score"] == pytest.approx(-np.mean([np.mean(brier[:2]), np.mean(brier[2:])]), rel=1e-6)
+    assert s["mean probability of the true class"] == pytest.approx(np.mean(p_true), rel=1e-6)
+    assert s["correct"] == {0: 1.0, 1: 0.0, 2: 0.0, 3: 1.0}
+
+    def grid(*top1):  # scores of the rates 1/16 .. 16 of a centre of 1.0
+        return {lr: {"top-1": t} for lr, t in zip((1 / 16, 1 / 4, 1.0, 4.0, 16.0), top1)}
+
+    assert cv.choose(grid(90, 50, 60, 55, 99), "top-1", 1.0) == 1.0  # the centre wins; 1/16 and 16 never run
+    assert cv.choose(grid(40, 60, 50, 55, 99), "top-1", 1.0) == 1 / 4  # the low edge, and 1/16 is worse
+    assert cv.choose(grid(70, 60, 50, 55, 99), "top-1", 1.0) == 1 / 16  # one step beyond the low edge
+    assert cv.choose(grid(0, 50, 50, 60, 70), "top-1", 1.0) == 16.0
+    assert cv.choose(grid(99, 60, 50, 60, 99), "top-1", 1.0) == 1 / 4  # a tie of the edges: no step, the smaller
+    right, wrong = {i: 1.0 for i in range(40)}, {i: float(i % 2) for i in range(40)}
+    assert cv.beats({"correct": right}, {"correct": wrong}, 2.0)
+    assert not cv.beats({"correct": wrong}, {"correct": right}, 2.0)
+    noisy = {i: float(i % 2 == 0 or i == 1) for i in range(40)}  # one image more than `wrong`
+    assert not cv.beats({"correct": noisy}, {"correct": wrong}, 2.0)
+    scores = {1 / 4: {"top-1": 60.0, "correct": noisy}, 1.0: {"top-1": 50.0, "correct": wrong},
+              4.0: {"top-1": 40.0, "correct": wrong}}
+    assert cv.choose_centre(scores, 1.0) == 1.0
+    scores[1 / 4]["correct"] = right
+    assert cv.choose_centre(scores, 1.0) == 1 / 4
