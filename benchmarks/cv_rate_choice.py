@@ -12,7 +12,8 @@ or ``--supervised-lr``, times 1/16, 1/4, 1, 4, 16), the real stage runs once per
 folds, scored on its own) and once on every label (scored on ``test/``), in ``OUT/<draw>_<arm>_<rate>``
 (``_f<k>`` for a fold); a run with ``metrics.json`` already there is read, not run again.
 
-Prints two markdown tables: each rate's top-1 on ``test/`` with its folds' mean top-1, and, for
+Prints two markdown tables: each rate's top-1 on ``test/``, with in brackets its folds' mean top-1
+on their held-out labels and the fold models' mean top-1 on ``test/``; and, for
 each way of scoring the folds (top-1, as the pipeline does; cross-entropy; Brier score; mean
 probability of the true class; the centre unless a rate beats it by two paired standard errors),
 the rate it chooses on the pipeline's grid of three (one step beyond an edge, as
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 scores[lr] = fold_scores(dirs)
                 final = run(args.out, arm, config, draw, lr, None, args.folds, args.min_steps, extra)
                 tests[lr] = json.loads((final / "metrics.json").read_text())["top1"]
-                rows.append((arm, lr, draw.name, tests[lr], scores[lr]["top-1"]))
+                fold_tests = [json.loads((d / "metrics.json").read_text()).get("top1") for d in dirs]
+                fold_test = float(np.mean(fold_tests)) if None not in fold_tests else float("nan")
+                rows.append((arm, lr, draw.name, tests[lr], scores[lr]["top-1"], fold_test))
             for key in ("top-1", "cross-entropy", "Brier score", "mean probability of the true class"):
                 lr = choose(scores, key, centre)
                 choices.setdefault((arm, key), []).append((lr, tests[lr]))
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|" + "---|" * len(names))
     for arm in arms:
         for lr in sorted({r[1] for r in rows if r[0] == arm}):
-            cells = {r[2]: f"{r[3]:.2f} ({r[4]:.1f})" for r in rows if r[0] == arm and r[1] == lr}
+            cells = {r[2]: f"{r[3]:.2f} ({r[4]:.1f} / {r[5]:.1f})" for r in rows if r[0] == arm and r[1] == lr}
             print(f"| {arm} | {lr:g} | {' | '.join(cells[n] for n in names)} |")
     print()
     print("| Folds scored by | Arm | chosen rate: test top-1, per draw | mean |")
