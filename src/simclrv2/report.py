@@ -376,8 +376,9 @@ def _close_calls(rows: list[dict[str, Any]]) -> list[str]:
                          f"{images} held-out images ({se:.2f}).")
     if not close:
         return []
-    return ["Close calls: another draw of as many labels could have chosen another rate. More labels make "
-            "the choice firmer.", ""] + close + [""]
+    return ["Close calls: the images these rates were scored on cannot tell them apart, and another draw of as "
+            "many could have chosen another rate. More held-out images (more labels) make the choice firmer.",
+            ""] + close + [""]
 
 
 def _distill_section(out: dict[str, Any]) -> list[str]:
