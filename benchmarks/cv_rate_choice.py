@@ -8,9 +8,10 @@ Each ``DRAW`` is a folder in the few-labels layout with a ``test/`` split that i
 (the tuning folder of ``few_label_probe.py``, laid out by ``heldout_datasets.few_labels``; never a
 held-out test split). For every draw, arm (fine-tuning from ``ENC`` with ``FT_CONFIG``, the
 supervised baseline with ``SUP_CONFIG``) and rate of the arm's grid (its centre, ``--finetune-lr``
-or ``--supervised-lr``, times 1/16, 1/4, 1, 4, 16), the real stage runs once per fold (``val_folds``/``val_fold``: trained on the other
-folds, scored on its own) and once on every label (scored on ``test/``), in ``OUT/<draw>_<arm>_<rate>``
-(``_f<k>`` for a fold); a run with ``metrics.json`` already there is read, not run again.
+or ``--supervised-lr``, times 1/16, 1/4, 1, 4, 16), the real stage runs once per fold
+(``val_folds``/``val_fold``: trained on the other folds, scored on its own) and once on every
+label (scored on ``test/``), in ``OUT/<draw>_<stage>_<rate>`` (``_f<k>`` for a fold); a run with
+``metrics.json`` already there is read, not run again.
 
 Prints two markdown tables: each rate's top-1 on ``test/``, with in brackets its folds' mean top-1
 on their held-out labels and the fold models' mean top-1 on ``test/``; and, for
@@ -36,8 +37,7 @@ FACTORS = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)  # the pipeline's grid is the middle t
 def run(out: Path, stage: str, config: str, draw: Path, lr: float, fold: int | None, folds: int, min_steps: int,
         extra: list[str]) -> Path:
     """One stage run (a fold, or every label when ``fold`` is None); returns its folder."""
-    arm = "finetune" if stage == "finetune" else "supervised"
-    name = f"{draw.name}_{arm}_{lr:.6g}" + ("" if fold is None else f"_f{fold}")
+    name = f"{draw.name}_{stage}_{lr:.6g}" + ("" if fold is None else f"_f{fold}")
     run_dir = out / name
     if not (run_dir / "metrics.json").exists():
         cmd = [sys.executable, "-m", "simclrv2", stage, "--config", config, f"data_dir={draw}",
