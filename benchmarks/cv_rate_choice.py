@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def run(out: Path, stage: str, config: str, draw: Path, lr: float, fold: int | N
     return run_dir
 
 
-def fold_scores(dirs: list[Path]) -> dict[str, float]:
+def fold_scores(dirs: list[Path]) -> dict[str, Any]:
     """Mean over folds of each score (higher is better) from the folds' ``validation.npz``, plus
     each image's correctness (``correct``, by dataset index) for the paired rule."""
     acc, ce, brier, true_p, correct = [], [], [], [], {}
@@ -69,14 +70,19 @@ def fold_scores(dirs: list[Path]) -> dict[str, float]:
 
 def choose(scores: dict[float, dict], key: str, centre: float) -> float:
     """The rate the pipeline's search would choose scoring the folds by ``key``: the best of the
-    grid of three around ``centre``, ties to the smaller rate, one grid step beyond an edge when
-    the best is there alone."""
-    grid = [centre / 4, centre, centre * 4]
-    pick = {lr: scores[lr][key] for lr in grid}
-    best = max(pick.values())
-    top = [lr for lr in grid if pick[lr] == best]
-    if len(top) == 1 and top[0] != centre:
-        beyond = top[0] * 4 if top[0] > centre else top[0] / 4
+    grid of three around ``centre``, ties to the smaller rate, plus the rate that
+    :func:`simclrv2.pipeline.beyond_edge` adds when the best is alone at an edge."""
+    from simclrv2.config import FinetuneConfig
+    from simclrv2.pipeline import beyond_edge
+    from simclrv2.plan import StagePlan, fold_candidates
+
+    plan = StagePlan(name="grid", stage="finetune", method="finetune", label_fraction=1.0,
+                     cfg=FinetuneConfig(run_dir="unused", base_lr=centre))
+    plan.candidates = [c for lr in (centre / 4, centre, centre * 4) for c in fold_candidates(plan, lr, 2)]
+    pick = {lr: scores[lr][key] for lr in (centre / 4, centre, centre * 4)}
+    extra = beyond_edge(plan, pick)
+    if extra is not None:  # the same rate as a key of ``scores``, up to float rounding
+        beyond = min(scores, key=lambda lr: abs(np.log(lr / extra)))
         pick[beyond] = scores[beyond][key]
     best = max(pick.values())
     return min(lr for lr in pick if pick[lr] == best)
