@@ -2,7 +2,7 @@
 
     python benchmarks/heldout_datasets.py OUT_DIR
 
-writes three datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png``:
+writes four datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png``:
 
 - ``fmnist4k``: 4,000 training and 1,000 test images of Fashion-MNIST (grey, 28 px, 10 classes), a
   subset drawn with a fixed seed: 400 images a class, so the demo's label fractions give 1, 4 and
@@ -11,7 +11,13 @@ writes three datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png`
   classes, 1,437 training and 360 test images;
 - ``shapes``: 3,000 training and 600 test RGB images of 32 px drawn here: six shape classes
   (disc, square, triangle, cross, ring, bar) in random colours, sizes and places on a noisy
-  background of another random colour.
+  background of another random colour;
+- ``textures``: 3,000 training and 600 test grey 32 px patches of eight photographs that ship with
+  scikit-image (``pip install scikit-image``): brick, grass, gravel, the moon's surface, coins, a
+  printed page, the Hubble deep field and a stained tissue section. Each patch is a square of 40-80
+  px (at most the region's size) at a random place, mirrored at random and scaled to 32 px; the
+  training patches come from the left three quarters of each photograph and the test patches from
+  the right quarter, so that no test patch overlaps a training one.
 
 Then run the demo recipe on one of them as a user would::
 
@@ -117,6 +123,39 @@ def shapes(root: Path, rng: np.random.Generator) -> None:
         _write(root, split, images, labels, list(SHAPES))
 
 
+TEXTURES = ("brick", "grass", "gravel", "moon", "coins", "page", "hubble_deep_field", "immunohistochemistry")
+
+
+def _patches(photo: np.ndarray, n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """``n`` grey ``size`` px patches of ``photo`` (H x W), each a random square of 40-80 px (at most
+    the photo's size), mirrored at random."""
+    h, w = photo.shape
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(min(40, h, w), min(80, h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        patch = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(patch.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else patch))
+    return np.stack(out)
+
+
+def textures(root: Path, rng: np.random.Generator) -> None:
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("textures needs scikit-image: pip install scikit-image (or '.[bench]')") from None
+    images, labels = {"train": [], "test": []}, {"train": [], "test": []}
+    for y, name in enumerate(TEXTURES):
+        photo = np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("L"))
+        cut = photo.shape[1] * 3 // 4  # left three quarters: training patches; right quarter: test patches
+        for split, region, n in (("train", photo[:, :cut], 375), ("test", photo[:, cut:], 75)):
+            images[split].append(_patches(region, n, rng))
+            labels[split] += [y] * n
+    for split in ("train", "test"):
+        order = rng.permutation(len(labels[split]))  # the file names hold an index, not the class
+        _write(root, split, np.concatenate(images[split])[order], np.array(labels[split])[order], list(TEXTURES))
+
+
 UNLABELED_GROUP = 1000  # unlabeled images a sub-folder: the layout allows any sub-folders
 
 
@@ -155,9 +194,10 @@ def main() -> None:
     parser.add_argument("--labels-per-class", type=int, default=4, help="labelled images a class (fewlabels)")
     parser.add_argument("--only", nargs="*", default=None, help="names of the datasets to write (default: all)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="draw other images (fmnist4k, shapes, the digits' split) and other labels (fewlabels)")
+                        help="draw other images (fmnist4k, shapes, textures, the digits' split) and other labels (fewlabels)")
     args = parser.parse_args()
-    for name, make in (("fmnist4k", fmnist4k), ("digits", digits), ("shapes", shapes)):
+    for name, make in (("fmnist4k", fmnist4k), ("digits", digits), ("shapes", shapes),
+                       ("textures", textures)):
         if args.only and name not in args.only:
             continue
         target = args.out / name

@@ -449,6 +449,39 @@ def test_heldout_datasets_seed_draws_other_labels_and_zero_is_the_default(tmp_pa
     assert len(one[0]) == len(zero[0]) == 40 and one[0] != zero[0] and one[1] != zero[1]
 
 
+def test_heldout_textures_cut_test_patches_from_another_region_than_the_training_ones(tmp_path, monkeypatch):
+    """``textures`` on stand-in photographs whose pixels are their column index: every training
+    patch comes from the left three quarters and every test patch from the right quarter, 375 and 75
+    grey 32 px patches a class, in the few-labels layout too."""
+    import types
+
+    import heldout_datasets as hd
+    import numpy as np
+    from PIL import Image
+
+    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))  # 100 x 240; the cut is at column 180
+    fake = types.ModuleType("skimage.data")
+    for name in hd.TEXTURES:
+        setattr(fake, name, lambda c=columns: c.copy())
+    package = types.ModuleType("skimage")
+    package.data = fake
+    monkeypatch.setitem(sys.modules, "skimage", package)
+    monkeypatch.setitem(sys.modules, "skimage.data", fake)
+    monkeypatch.setattr(sys, "argv", ["heldout_datasets.py", str(tmp_path), "--layout", "fewlabels", "--only", "textures"])
+    hd.main()
+    for split, n, lo, hi in (("train", 375, 0, 179), ("test", 75, 180, 239)):
+        classes = sorted(p.name for p in (tmp_path / "textures" / split).iterdir())
+        assert classes == sorted(hd.TEXTURES)
+        for c in classes:
+            files = sorted((tmp_path / "textures" / split / c).glob("*.png"))
+            assert len(files) == n
+            for f in files[:20]:
+                img = np.asarray(Image.open(f))
+                assert img.shape == (32, 32) and lo <= img.min() and img.max() <= hi
+    few = tmp_path / "textures_fewlabels"
+    assert len(list((few / "train").rglob("*.png"))) == 32 and len(list((few / "unlabeled").rglob("*.png"))) == 2968
+
+
 def test_few_label_probe_pairs_its_draws_and_reads_a_class_from_the_pixels(tmp_path, capsys):
     """benchmarks/few_label_probe.py on dark against bright images: the pixel probe separates them
     from 2 labels a class; an encoder probed twice gives the same row (the same draws); a missing
