@@ -521,6 +521,22 @@ def test_image_folder_keeps_its_own_size(tmp_path, sides, expected):
     assert load_dataset("imagefolder", data_dir=str(tmp_path), image_size=32)[0][0].shape == (3, 32, 32)
 
 
+def test_report_explains_rounds_only_where_a_student_had_more_than_one():
+    """The distillation table's footnote speaks of a second round only when a row has one."""
+    from simclrv2.report import _distill_section
+
+    def student(method, rounds):
+        row = _row(method, 0.01, 70.0, teacher_top1=68.0, teacher_agreement=90.0, student_view="strong", rounds=rounds)
+        if rounds > 1:
+            row["earlier_rounds"] = [{"top1": 69.0}]
+        return row
+
+    one = "\n".join(_distill_section({"results": [student("distill-self", 1), student("distill-small", 1)]}))
+    assert "Student's view:" in one and "round" not in one.split("Student's view:")[1]
+    two = "\n".join(_distill_section({"results": [student("distill-self", 2), student("distill-small", 1)]}))
+    assert "| 2, round 1 69.00 |" in two and "With 2 rounds the second student learns from the first" in two
+
+
 def test_report_names_the_searches_that_their_held_out_images_cannot_decide():
     """A search whose chosen rate leads the runner-up by less than the binomial standard error of
     a top-1 on its scored images is named; a clear lead, or one on many images, is not."""

@@ -394,10 +394,11 @@ def _distill_section(out: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['method']} | {_tag(r['label_fraction'])} | {r['model']} | {r['teacher_top1']:.2f} | "
                      f"{r['top1']:.2f} | {r['teacher_agreement']:.2f} | {r.get('student_view', 'same')} | "
                      f"{r.get('rounds', 1)}{earlier} |")
-    lines += ["", "Student's view: `same` is the teacher's crop (the paper); `strong` the student's own crop with "
-              "colour distortion (a noisy student). With 2 rounds the second student learns from the first, "
-              "whose top-1 follows the count."]
-    return lines + [""]
+    note = ("Student's view: `same` is the teacher's crop (the paper); `strong` the student's own crop with "
+            "colour distortion (a noisy student).")
+    if any(r.get("rounds", 1) > 1 for r in distilled):
+        note += " With 2 rounds the second student learns from the first, whose top-1 follows the count."
+    return lines + ["", note, ""]
 
 
 def predictions_section(out: dict[str, Any]) -> list[str]:
