@@ -104,3 +104,18 @@ def test_a_run_stopped_and_resumed_ends_where_one_run_ends(source: BatchSource, 
     _run(source, tmp_path / "twice", twice, momentum=0.9)
     for name, want in once.state_dict().items():
         assert torch.equal(twice.state_dict()[name], want), name
+
+
+def test_a_stretched_warmup_keeps_its_share_of_the_schedule() -> None:
+    """``min_steps`` stretches 2 steps by epochs to 300: the warmup of 0.4 steps stays 0 unless
+    ``stretch_warmup``, which stretches it 150-fold; an unstretched plan is the same either way,
+    and the warmup is never more than half the schedule."""
+    plan = StepPlan.make(100, batch_size=50, epochs=1.0, max_steps=0, min_steps=300)
+    assert (plan.steps_per_epoch, plan.epoch_steps, plan.schedule_steps) == (2, 2, 300)
+    assert plan.schedule(1.0, "none", warmup_epochs=0.2).warmup_steps == 0
+    assert plan.schedule(1.0, "none", warmup_epochs=0.2, stretch_warmup=True).warmup_steps == 60
+    assert plan.schedule(1.0, "none", warmup_epochs=5.0, stretch_warmup=True).warmup_steps == 150
+    long = StepPlan.make(1000, batch_size=50, epochs=20.0, max_steps=0, min_steps=300)  # 400 steps: not stretched
+    assert long.epoch_steps == long.schedule_steps == 400
+    for stretch in (False, True):
+        assert long.schedule(1.0, "none", warmup_epochs=0.5, stretch_warmup=stretch).warmup_steps == 10

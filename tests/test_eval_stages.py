@@ -463,6 +463,36 @@ def test_distill_student_view(pretrain_dir, data_dir, tmp_path, monkeypatch, vie
         torch.testing.assert_close(s, reference)
 
 
+@pytest.mark.fashion_mnist
+def test_distill_warmup_keeps_its_share_when_min_steps_stretches_the_run(pretrain_dir, data_dir, tmp_path):
+    """Through the real distill stage: ``epochs`` that give two steps, stretched to 300 by
+    ``min_steps``, with a warmup of a fraction of a step in epochs: the warmup stretches 150-fold,
+    so the first step runs well below the peak rate (unstretched it would run at the peak, where a
+    random student can diverge)."""
+    from simclrv2.config import DistillConfig, FinetuneConfig
+
+    teacher_dir = tmp_path / "teacher"
+    finetune.run(load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
+                                                    "label_fraction=0.2", "max_steps=1"]))
+    run_dir = tmp_path / "student"
+    cfg = load_config(DistillConfig, None, [*_common(data_dir, run_dir), f"teacher_checkpoint={teacher_dir}",
+                                            "max_steps=1", "log_every=1", "lr_scaling=none", "base_lr=1.0",
+                                            "student_view=same", "rounds=1", "channels_last=false"])
+    pool = len(distill.training_pool(cfg, distill.open_split(cfg, cfg.train_split, torch.device("cpu"))[0]))
+    steps_per_epoch = pool // cfg.batch_size
+    epochs = 1.5 / steps_per_epoch  # two steps
+    warmup_epochs = 0.4 / steps_per_epoch  # 0.4 steps: no warmup at all unstretched
+    cfg = load_config(DistillConfig, None, [*_common(data_dir, run_dir), f"teacher_checkpoint={teacher_dir}",
+                                            "max_steps=2", "log_every=1", "lr_scaling=none", "base_lr=1.0",
+                                            "student_view=same", "rounds=1", "channels_last=false",
+                                            f"epochs={epochs}", "min_steps=300", f"warmup_epochs={warmup_epochs}"])
+    distill.run(cfg, test=False)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    warmup = round(0.4 * 300 / 2)  # 60 steps: 0.4 steps stretched as 2 steps are to 300
+    # each line's rate is its last step's: step k (from 0) of the warmup runs at k / warmup of the peak
+    assert [(m["step"], m["lr"]) for m in lines[:2]] == [(1, 0.0), (2, pytest.approx(1.0 / warmup, rel=1e-6))]
+
+
 @pytest.mark.parametrize("rounds, length, expected", [
     ("2", [], 2),
     ("0", ["epochs=1", "min_steps=0"], 1),  # auto, about one pass over the pool: the teacher's view, one round

@@ -33,10 +33,13 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int  # steps this run takes (``epochs``, capped by ``max_steps``)
     schedule_steps: int = 0  # length of the learning-rate schedule; 0 = total_steps
+    epoch_steps: int = 0  # what ``epochs`` alone would give, before ``min_steps``; 0 = schedule_steps
 
     def __post_init__(self) -> None:
         if self.schedule_steps <= 0:
             self.schedule_steps = self.total_steps
+        if self.epoch_steps <= 0:
+            self.epoch_steps = self.schedule_steps
 
     @classmethod
     def make(cls, pool_size: int, batch_size: int, epochs: float, max_steps: int, min_steps: int = 0) -> StepPlan:
@@ -57,18 +60,26 @@ class StepPlan:
         if global_batch <= 0:
             raise RunError(f"{pool_size} training images cannot be split over {ws} processes")
         steps_per_epoch = max(1, pool_size // global_batch)
-        planned = math.ceil(epochs * steps_per_epoch) if epochs > 0 else max_steps
-        planned = max(1, planned, min_steps)
+        by_epochs = max(1, math.ceil(epochs * steps_per_epoch) if epochs > 0 else max_steps)
+        planned = max(by_epochs, min_steps)
         total = min(planned, max_steps) if max_steps > 0 else planned
-        return cls(global_batch, global_batch // ws, steps_per_epoch, total, planned)
+        return cls(global_batch, global_batch // ws, steps_per_epoch, total, planned, by_epochs)
 
-    def schedule(self, base_lr: float, lr_scaling: str, warmup_epochs: float) -> Schedule:
+    def schedule(self, base_lr: float, lr_scaling: str, warmup_epochs: float,
+                 stretch_warmup: bool = False) -> Schedule:
         """Warmup then cosine over the planned length, peaking at ``base_lr`` scaled to the global batch.
 
         The warmup is at most half the schedule: when ``min_steps`` stretches a stage over a small
-        pool, ``warmup_epochs`` of a large one would otherwise leave no steps at the peak.
+        pool, ``warmup_epochs`` of a large one would otherwise leave no steps at the peak. With
+        ``stretch_warmup`` the warmup stretches as the schedule does, keeping its share of it: a
+        student from random weights at LARS's peak rate after a warmup of one step (0.1 epoch of
+        3,000 images) can diverge and stay at chance (docs/EXPERIMENTS.md, "A distillation that
+        never warmed up").
         """
-        warmup = min(round(warmup_epochs * self.steps_per_epoch), self.schedule_steps // 2)
+        warmup_steps = warmup_epochs * self.steps_per_epoch
+        if stretch_warmup:
+            warmup_steps *= self.schedule_steps / self.epoch_steps
+        warmup = min(round(warmup_steps), self.schedule_steps // 2)
         return Schedule(scaled_lr(base_lr, self.global_batch, lr_scaling), warmup, self.schedule_steps)
 
     def is_epoch_end(self, done: int) -> bool:
