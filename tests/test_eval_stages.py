@@ -475,17 +475,14 @@ def test_distill_warmup_keeps_its_share_when_min_steps_stretches_the_run(pretrai
     finetune.run(load_config(FinetuneConfig, None, [*_common(data_dir, teacher_dir), f"init_checkpoint={pretrain_dir}",
                                                     "label_fraction=0.2", "max_steps=1"]))
     run_dir = tmp_path / "student"
-    cfg = load_config(DistillConfig, None, [*_common(data_dir, run_dir), f"teacher_checkpoint={teacher_dir}",
-                                            "max_steps=1", "log_every=1", "lr_scaling=none", "base_lr=1.0",
-                                            "student_view=same", "rounds=1", "channels_last=false"])
+    keys = [*_common(data_dir, run_dir), f"teacher_checkpoint={teacher_dir}", "max_steps=2", "log_every=1",
+            "lr_scaling=none", "base_lr=1.0", "student_view=same", "rounds=1", "channels_last=false"]
+    cfg = load_config(DistillConfig, None, keys)
     pool = len(distill.training_pool(cfg, distill.open_split(cfg, cfg.train_split, torch.device("cpu"))[0]))
     steps_per_epoch = pool // cfg.batch_size
     epochs = 1.5 / steps_per_epoch  # two steps
     warmup_epochs = 0.4 / steps_per_epoch  # 0.4 steps: no warmup at all unstretched
-    cfg = load_config(DistillConfig, None, [*_common(data_dir, run_dir), f"teacher_checkpoint={teacher_dir}",
-                                            "max_steps=2", "log_every=1", "lr_scaling=none", "base_lr=1.0",
-                                            "student_view=same", "rounds=1", "channels_last=false",
-                                            f"epochs={epochs}", "min_steps=300", f"warmup_epochs={warmup_epochs}"])
+    cfg = load_config(DistillConfig, None, [*keys, f"epochs={epochs}", "min_steps=300", f"warmup_epochs={warmup_epochs}"])
     distill.run(cfg, test=False)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     warmup = round(0.4 * 300 / 2)  # 60 steps: 0.4 steps stretched as 2 steps are to 300

@@ -62,7 +62,8 @@ def run(cfg: DistillConfig, test: bool = True) -> dict[str, Any]:
     targets = torch.full_like(source.labels, -1)  # labels only for the labelled subset
     targets[labelled] = source.labels[labelled]
     plan = StepPlan.make(len(pool), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
-    # the student starts from random weights: its warmup keeps its share when min_steps stretches the run
+    # a student from random weights (the default) diverges at the peak rate without a warmup: the
+    # warmup keeps its share of the schedule when min_steps stretches the run
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs, stretch_warmup=True)
     optimizer = build_optimizer(cfg.optimizer, student, schedule.peak_lr, cfg.weight_decay)
     aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
