@@ -79,8 +79,20 @@ def results_table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _gain_cell(r: dict[str, Any], base: dict[str, Any]) -> str:
+    """The difference of two test top-1, or of two estimates, marked, with a bound on its spread:
+    the standard deviation of a difference is at most the sum of the two standard deviations."""
+    gain = f"{score(r) - score(base):+.2f}"
+    if r.get("top1") is not None and base.get("top1") is not None:
+        return gain
+    kind = "CV" if "cross-validation" in (r.get("estimate") or base.get("estimate") or {}).get("kind", "") else "val"
+    bound = sum((x.get("estimate") or {}).get("spread", 0.0) for x in (r, base))
+    return f"{gain} ± {bound:.2f} at most ({kind} estimates)"
+
+
 def gains_table(out: dict[str, Any]) -> str:
-    """Points over the supervised baseline at each label fraction."""
+    """Points over the supervised baseline at each label fraction; without a test split each cell
+    is the difference of the two estimates, marked as such."""
     fr = _fractions(out)
     lines = ["| Method | " + " | ".join(f"{_tag(f)} labels" for f in fr) + " |", "|" + "---|" * (len(fr) + 1)]
     for method, title in METHOD_ROWS[1:]:
@@ -88,7 +100,7 @@ def gains_table(out: dict[str, Any]) -> str:
         for f in fr:
             r, base = _lookup(out, method, f), _lookup(out, "supervised", f)
             ok = r and base and score(r) is not None and score(base) is not None
-            cells.append(f"{score(r) - score(base):+.2f}" if ok else "-")
+            cells.append(_gain_cell(r, base) if ok else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
     if len(lines) == 2:
@@ -445,7 +457,8 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         *_accuracy_heading(out),
         results_table(out),
         "",
-        "## Gain over the supervised baseline (points)",
+        "## Gain over the supervised baseline (points)" if tested(out) else
+        "## Estimated gain over the supervised baseline (points): no test split",
         "",
         gains_table(out),
         "",
