@@ -52,8 +52,12 @@ def _cell(r: dict[str, Any] | None) -> str:
     est = r.get("estimate")
     if est is None:
         return "no estimate (nothing held out)"
-    kind = "CV" if "cross-validation" in est["kind"] else "val"
-    return f"{est['top1']:.2f} ± {est['spread']:.2f} ({kind} estimate)"
+    return f"{est['top1']:.2f} ± {est['spread']:.2f} ({_kind(est)} estimate)"
+
+
+def _kind(est: dict[str, Any]) -> str:
+    """How an estimate was held out, as a cell names it."""
+    return "CV" if "cross-validation" in est.get("kind", "") else "val"
 
 
 def results_table(out: dict[str, Any]) -> str:
@@ -85,9 +89,8 @@ def _gain_cell(r: dict[str, Any], base: dict[str, Any]) -> str:
     gain = f"{score(r) - score(base):+.2f}"
     if r.get("top1") is not None and base.get("top1") is not None:
         return gain
-    kind = "CV" if "cross-validation" in (r.get("estimate") or base.get("estimate") or {}).get("kind", "") else "val"
     bound = sum((x.get("estimate") or {}).get("spread", 0.0) for x in (r, base))
-    return f"{gain} ± {bound:.2f} at most ({kind} estimates)"
+    return f"{gain} ± {bound:.2f} at most ({_kind(r.get('estimate') or base.get('estimate') or {})} estimates)"
 
 
 def gains_table(out: dict[str, Any]) -> str:
