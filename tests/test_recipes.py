@@ -510,6 +510,22 @@ def test_chance_warning_uses_the_number_of_classes():
     assert warnings(out) == []
 
 
+def test_warning_names_the_augmentations_when_the_frozen_encoder_is_below_the_baseline():
+    """Textures of grey photographs (docs/EXPERIMENTS.md): the frozen encoder's probes below a
+    baseline trained from scratch on the same labels point at what pretraining learned to ignore,
+    not only at its length."""
+    out = {"pretrain": {"epochs": 247.5, "knn_top1": 51.8},
+           "results": [_row("supervised", 1.0, 73.67), _row("finetune", 1.0, 70.33),
+                       _row("linear-eval", 1.0, 59.33, steps=None), _row("knn", 1.0, 51.83, steps=None)]}
+    found = warnings(out)
+    assert len(found) == 1 and "fine-tuned (70.33) is below the supervised baseline (73.67)" in found[0]
+    assert "pretraining may be too short (247.5 epochs" in found[0]
+    assert "best probe (59.33) is below the baseline" in found[0] and "pretrain.color_strength=0" in found[0]
+    out["results"][3]["top1"] = 74.0  # kNN above the baseline: the features hold what the labels need
+    found = warnings(out)
+    assert len(found) == 1 and "pretraining may be too short" in found[0] and "color_strength" not in found[0]
+
+
 # ------------------------------------------------------------------ image folders at their own size
 
 

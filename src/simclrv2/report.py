@@ -131,7 +131,20 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
         if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
             causes.append(f"pretraining may be too short ({pre['epochs']:g} epochs, kNN monitor "
                           f"{pre['knn_top1']:.1f}%): raise budget_minutes or pretrain.epochs")
+        probe = _best_probe(out, row["label_fraction"])
+        base = _lookup(out, "supervised", row["label_fraction"])
+        if probe is not None and base is not None and score(base) is not None and probe < score(base):
+            causes.append(f"the frozen encoder's best probe ({probe:.2f}) is below the baseline: pretraining's "
+                          "augmentations may remove what tells these classes apart; where brightness or "
+                          "contrast differ by class (grey photographs, say), try pretrain.color_strength=0")
     return causes or ["no simple cause found: read the stage's metrics.jsonl"]
+
+
+def _best_probe(out: dict[str, Any], fraction: float) -> float | None:
+    """The better of linear eval and kNN on the frozen encoder at ``fraction``, if either ran."""
+    found = [score(r) for r in (_lookup(out, m, fraction) for m in ("linear-eval", "knn")) if r is not None]
+    found = [s for s in found if s is not None]
+    return max(found) if found else None
 
 
 def warnings(out: dict[str, Any]) -> list[str]:
