@@ -526,6 +526,20 @@ def test_warning_names_the_augmentations_when_the_frozen_encoder_is_below_the_ba
     assert len(found) == 1 and "pretraining may be too short" in found[0] and "color_strength" not in found[0]
 
 
+def test_warning_names_no_edge_when_the_best_rate_is_tied():
+    """Folds that tie every rate keep the smallest (textures seed 0, docs/EXPERIMENTS.md): an edge
+    by the tie-break alone, where widening the search is no advice."""
+    out = {"pretrain": {"epochs": 214, "knn_top1": 43.5},
+           "results": [_row("supervised", 1.0, 64.5), _row("finetune", 1.0, 62.67)]}
+    out["results"][1].update(base_lr=0.000625, lr_search={"0.000625": 56.25, "0.0025": 56.25, "0.01": 56.25},
+                             lr_at_edge=True)
+    found = warnings(out)
+    assert "edge of the search" not in found[0] and "pretraining may be too short" in found[0]
+    out["results"][1]["lr_search"]["0.0025"] = 50.0
+    out["results"][1]["lr_search"]["0.01"] = 50.0
+    assert "edge of the search (0.000625-0.01)" in warnings(out)[0]
+
+
 # ------------------------------------------------------------------ image folders at their own size
 
 
