@@ -122,7 +122,7 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     causes = []
     scores = list(row.get("lr_search", {}).values())
     # a best rate tied with another says nothing of a direction (the tie went to the smaller rate)
-    if row.get("lr_at_edge") and scores.count(max(scores)) == 1:
+    if row.get("lr_at_edge") and scores and scores.count(max(scores)) == 1:
         rates = sorted(float(r) for r in row.get("lr_search", {}))
         causes.append(f"base_lr {row['base_lr']:g} is at the edge of the search ({rates[0]:g}-{rates[-1]:g}): "
                       "widen lr_search")
