@@ -120,10 +120,11 @@ FEW_STEPS = 100
 def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """Likely causes of a weak result, from what results.json knows about the run."""
     causes = []
-    scores = list(row.get("lr_search", {}).values())
+    search = row.get("lr_search", {})
+    scores = list(search.values())
     # a best rate tied with another says nothing of a direction (the tie went to the smaller rate)
     if row.get("lr_at_edge") and scores and scores.count(max(scores)) == 1:
-        rates = sorted(float(r) for r in row.get("lr_search", {}))
+        rates = sorted(float(r) for r in search)
         causes.append(f"base_lr {row['base_lr']:g} is at the edge of the search ({rates[0]:g}-{rates[-1]:g}): "
                       "widen lr_search")
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
@@ -144,9 +145,8 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 def _best_probe(out: dict[str, Any], fraction: float) -> float | None:
     """The better of linear eval and kNN on the frozen encoder at ``fraction``, if either ran."""
-    found = [score(r) for r in (_lookup(out, m, fraction) for m in ("linear-eval", "knn")) if r is not None]
-    found = [s for s in found if s is not None]
-    return max(found) if found else None
+    found = [s for m in ("linear-eval", "knn") if (r := _lookup(out, m, fraction)) and (s := score(r)) is not None]
+    return max(found, default=None)
 
 
 def warnings(out: dict[str, Any]) -> list[str]:
