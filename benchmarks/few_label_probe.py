@@ -1,13 +1,16 @@
 """How well pretrained encoders do with a few labels a class, against the raw pixels, on validation data.
 
-    python benchmarks/few_label_probe.py --make-fmnist DATA
+    python benchmarks/few_label_probe.py --make-fmnist DATA   (or --make-photos DATA)
     simclrv2 pretrain --config RUN/pretrain/config.yaml data_dir=DATA test_split=val run_dir=ENC [key=value ...]
     python benchmarks/few_label_probe.py DATA ENC [ENC ...] [--per-class 4] [--draws 20]
 
 ``DATA`` holds ``train/<class>/`` and ``val/<class>/``. ``--make-fmnist`` writes one from
 Fashion-MNIST's training split only (400 images a class in ``train/`` to pretrain on, 200 other
 images a class in ``val/``; no test image), so that a pretraining setting can be chosen on it
-without the test split. Each ``ENC`` is a pretraining folder (or a model file).
+without the test split. ``--make-photos`` writes grey photographs instead: 32 px patches of eight
+photographs that ship with scikit-image, none of them among ``heldout_datasets.py``'s ``textures``
+(400 patches a class from the left three quarters of each photograph in ``train/``, 200 from the
+right quarter in ``val/``). Each ``ENC`` is a pretraining folder (or a model file).
 
 For each encoder, and for the pixels it reads (flattened), a logistic-regression probe (features
 standardised on ``train/``, C = 0.1) is fitted on ``--per-class`` labelled images a class of
@@ -112,19 +115,47 @@ def make_fmnist(out: Path, train_per_class: int = 400, val_per_class: int = 200,
                 Image.fromarray(ds.images[i, 0].numpy()).save(folder / f"{i:05d}.png")
 
 
+PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "cell", "clock", "retina")
+
+
+def make_photos(out: Path, train_per_class: int = 400, val_per_class: int = 200, seed: int = 12345) -> None:
+    from PIL import Image
+
+    from heldout_datasets import TEXTURES, _patches, _write
+
+    assert not set(PHOTOS) & set(TEXTURES), "the tuning photographs must not be the held-out ones"
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("--make-photos needs scikit-image: pip install scikit-image (or '.[bench]')") from None
+    rng = np.random.default_rng(seed)
+    images, labels = {"train": [], "val": []}, {"train": [], "val": []}
+    for y, name in enumerate(PHOTOS):
+        photo = np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("L"))
+        cut = photo.shape[1] * 3 // 4
+        for split, region, n in (("train", photo[:, :cut], train_per_class), ("val", photo[:, cut:], val_per_class)):
+            images[split].append(_patches(region, n, rng))
+            labels[split] += [y] * n
+    for split in ("train", "val"):
+        _write(out, split, np.concatenate(images[split]), np.array(labels[split]), list(PHOTOS))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path, help="folder with train/<class>/ and val/<class>/")
     ap.add_argument("encoders", type=Path, nargs="*", help="pretraining folders or model files")
     ap.add_argument("--make-fmnist", action="store_true", help="write DATA from Fashion-MNIST's training split, then stop")
+    ap.add_argument("--make-photos", action="store_true",
+                    help="write DATA from scikit-image's photographs (not the held-out textures), then stop")
     ap.add_argument("--per-class", type=int, default=4)
     ap.add_argument("--draws", type=int, default=20)
     args = ap.parse_args(argv)
-    if args.make_fmnist:
+    if args.make_fmnist or args.make_photos:
         if args.data.exists():
-            ap.error(f"{args.data} exists; pass a new folder to --make-fmnist")
-        make_fmnist(args.data)
-        print(f"{args.data}: train/ and val/ from Fashion-MNIST's training split")
+            ap.error(f"{args.data} exists; pass a new folder to write")
+        (make_fmnist if args.make_fmnist else make_photos)(args.data)
+        print(f"{args.data}: train/ and val/ from " + ("Fashion-MNIST's training split" if args.make_fmnist
+                                                        else "scikit-image's photographs"))
         return 0
     if not args.encoders:
         ap.error("name at least one pretraining folder to probe")

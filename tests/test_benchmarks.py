@@ -482,6 +482,41 @@ def test_heldout_textures_cut_test_patches_from_another_region_than_the_training
     assert len(list((few / "train").rglob("*.png"))) == 32 and len(list((few / "unlabeled").rglob("*.png"))) == 2968
 
 
+def test_few_label_probe_photos_are_not_the_held_out_textures_and_val_is_another_region(tmp_path, monkeypatch):
+    """``--make-photos`` on stand-in photographs whose pixels are their column index: none of its
+    photographs is a held-out ``textures`` one, every ``train/`` patch comes from the left three
+    quarters and every ``val/`` patch from the right quarter, 400 and 200 grey 32 px patches a class."""
+    import types
+
+    import few_label_probe as flp
+    import heldout_datasets as hd
+    import numpy as np
+    from PIL import Image
+
+    assert not set(flp.PHOTOS) & set(hd.TEXTURES)
+    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))  # 100 x 240; the cut is at column 180
+    fake = types.ModuleType("skimage.data")
+    for name in flp.PHOTOS:
+        setattr(fake, name, lambda c=columns: c.copy())
+    package = types.ModuleType("skimage")
+    package.data = fake
+    monkeypatch.setitem(sys.modules, "skimage", package)
+    monkeypatch.setitem(sys.modules, "skimage.data", fake)
+    assert flp.main([str(tmp_path / "photos"), "--make-photos"]) == 0
+    for split, n, lo, hi in (("train", 400, 0, 179), ("val", 200, 180, 239)):
+        classes = sorted(p.name for p in (tmp_path / "photos" / split).iterdir())
+        assert classes == sorted(flp.PHOTOS)
+        for c in classes:
+            files = sorted((tmp_path / "photos" / split / c).glob("*.png"))
+            assert len(files) == n
+            for f in files[:20]:
+                img = np.asarray(Image.open(f))
+                assert img.shape == (32, 32) and lo <= img.min() and img.max() <= hi
+    with pytest.raises(SystemExit) as exit_:
+        flp.main([str(tmp_path / "photos"), "--make-photos"])
+    assert exit_.value.code == 2
+
+
 def test_few_label_probe_pairs_its_draws_and_reads_a_class_from_the_pixels(tmp_path, capsys):
     """benchmarks/few_label_probe.py on dark against bright images: the pixel probe separates them
     from 2 labels a class; an encoder probed twice gives the same row (the same draws); a missing
