@@ -119,9 +119,8 @@ PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "cell", "clock",
 
 
 def make_photos(out: Path, train_per_class: int = 400, val_per_class: int = 200, seed: int = 12345) -> None:
-    from PIL import Image
-
     from heldout_datasets import TEXTURES, _patches, _write
+    from PIL import Image
 
     assert not set(PHOTOS) & set(TEXTURES), "the tuning photographs must not be the held-out ones"
     try:

@@ -554,6 +554,39 @@ def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
     assert "`to_label.csv` proposes the 3 unlabeled images to label next" in (run / "report.md").read_text()
 
 
+@pytest.mark.parametrize("folds", [0, 3])
+def test_a_search_records_an_edge_only_for_an_untied_best_rate(tmp_path, monkeypatch, folds) -> None:
+    """``lr_at_edge`` in results.json, from both searches (a validation split, folds) run with
+    planted scores: true for a best rate at an edge and better than the others, false when the
+    smaller rate won a tie (every rate tied, as on held-out textures seed 0) or the best is inside."""
+    import dataclasses
+
+    from simclrv2 import pipeline as P
+    from simclrv2.plan import StagePlan, fold_candidates
+
+    def search(scores: dict[float, float]) -> dict:
+        monkeypatch.setattr(P, "run_stage", lambda cand, upstream, test: (
+            {"top1": 1.0} if test else {"val_top1": scores.get(cand.cfg.base_lr, 0.0), "val_images": 4}, 1.0, False))
+        plan = StagePlan(name="finetune_100pct", stage="finetune", method="finetune", label_fraction=1.0,
+                         cfg=C.FinetuneConfig(run_dir=str(tmp_path / f"s{len(list(tmp_path.iterdir()))}"), base_lr=0.01),
+                         folds=folds)
+        rates = (0.0025, 0.01, 0.04)
+        plan.candidates = ([c for lr in rates for c in fold_candidates(plan, lr, folds)] if folds else
+                           [dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, base_lr=lr)) for lr in rates])
+        Path(plan.cfg.run_dir).mkdir()
+        return (P.run_cv_search if folds else P.run_search)(plan, None)[1]
+
+    tied = search({0.0025: 56.25, 0.01: 56.25, 0.04: 56.25})
+    assert tied["base_lr"] == 0.0025 and not tied["lr_at_edge"]
+    assert search({0.0025: 50.0, 0.01: 60.0, 0.04: 55.0})["lr_at_edge"] is False
+    top = search({0.0025: 50.0, 0.01: 55.0, 0.04: 60.0, 0.16: 58.0})
+    # folds also ran a step beyond each edge (0.16, 0.000625), which then lies outside the best rate
+    assert top["base_lr"] == 0.04 and top["lr_at_edge"] is (folds == 0)
+    low = search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 58.0})
+    assert low["base_lr"] == 0.0025 and low["lr_at_edge"] is (folds == 0)
+    assert search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 61.0})["lr_at_edge"] is True
+
+
 def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> None:
     """The rate added when the best planned rate is at an edge: a grid step beyond that edge, on
     either side; none when the best is inside the grid, tied, or the grid was already extended."""

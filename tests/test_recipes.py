@@ -228,7 +228,7 @@ def test_lr_search_chooses_on_validation(searched):
         assert sorted(scores) == pytest.approx([base * 0.5, base * 2.0])
         best = max(scores.values())
         assert row["base_lr"] == pytest.approx(min(lr for lr, v in scores.items() if v == best))
-        assert row["val_top1"] == best and row["lr_at_edge"]
+        assert row["val_top1"] == best and row["lr_at_edge"] == (list(scores.values()).count(best) == 1)
         stage_dir = searched / f"{method}_2pct"
         for lr in scores:
             metrics = json.loads((stage_dir / f"lr_{lr:.4g}" / "metrics.json").read_text())
@@ -528,16 +528,19 @@ def test_warning_names_the_augmentations_when_the_frozen_encoder_is_below_the_ba
 
 def test_warning_names_no_edge_when_the_best_rate_is_tied():
     """Folds that tie every rate keep the smallest (textures seed 0, docs/EXPERIMENTS.md): an edge
-    by the tie-break alone, where widening the search is no advice."""
+    by the tie-break alone, where widening the search is no advice. The report follows the
+    pipeline's ``lr_at_edge`` (pipeline.at_edge) for the search scores given."""
+    from simclrv2.pipeline import at_edge
+
     out = {"pretrain": {"epochs": 214, "knn_top1": 43.5},
            "results": [_row("supervised", 1.0, 64.5), _row("finetune", 1.0, 62.67)]}
-    out["results"][1].update(base_lr=0.000625, lr_search={"0.000625": 56.25, "0.0025": 56.25, "0.01": 56.25},
-                             lr_at_edge=True)
-    found = warnings(out)
-    assert "edge of the search" not in found[0] and "pretraining may be too short" in found[0]
-    out["results"][1]["lr_search"]["0.0025"] = 50.0
-    out["results"][1]["lr_search"]["0.01"] = 50.0
-    assert "edge of the search (0.000625-0.01)" in warnings(out)[0]
+    row = out["results"][1]
+    for scores, edge in (((56.25, 56.25, 56.25), False), ((56.25, 50.0, 50.0), True)):
+        search = dict(zip((0.000625, 0.0025, 0.01), scores))
+        row.update(base_lr=0.000625, lr_search={f"{lr:.4g}": v for lr, v in search.items()}, lr_at_edge=at_edge(search))
+        found = warnings(out)[0]
+        assert ("edge of the search (0.000625-0.01)" in found) is edge
+        assert ("pretraining may be too short" in found) is not edge
 
 
 # ------------------------------------------------------------------ image folders at their own size

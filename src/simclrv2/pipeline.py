@@ -118,25 +118,24 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     whether everything was done before). Ties go to the smaller rate (candidates run in order).
     """
     scores: dict[str, float] = {}
+    by_rate: dict[float, float] = {}
     seconds, all_skipped = 0.0, True
     best: tuple[float, float, StagePlan] | None = None  # (val top-1, training seconds, candidate)
     for cand in plan.candidates:
         res, sec, skipped = run_stage(cand, upstream, test=False)
         seconds += sec
         all_skipped &= skipped
-        scores[f"{cand.cfg.base_lr:.4g}"] = res["val_top1"]
+        scores[f"{cand.cfg.base_lr:.4g}"] = by_rate[cand.cfg.base_lr] = res["val_top1"]
         if best is None or res["val_top1"] > best[0]:
             best = (res["val_top1"], sec, cand)
     assert best is not None, "a search plan has at least one candidate"
     _, trained, chosen = best
     result, sec, skipped = run_stage(chosen, upstream, test=True)
     seconds += sec - trained  # the chosen one's seconds include its training, counted above
-    rates = [c.cfg.base_lr for c in plan.candidates]
-    edge = len(rates) > 1 and chosen.cfg.base_lr in (min(rates), max(rates))
     if dist.launch_rank() == 0:  # the stage folder stands for its choice: predict, export and friends read it
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": Path(chosen.cfg.run_dir).name, "base_lr": chosen.cfg.base_lr, "val_top1": scores}, indent=1))
-    result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=edge)
+    result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=at_edge(by_rate))
     return chosen, result, round(seconds, 2), all_skipped and skipped
 
 
@@ -180,32 +179,32 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": name, "base_lr": best, "val_top1": scores,
             "folds": {f"{lr:.4g}": folds[lr] for lr in rates}}, indent=1))
-    result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=len(rates) > 1 and best in (rates[0], rates[-1]),
+    result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=at_edge(means),
                   lr_extended=len(rates) > len(planned_rates(plan)),
                   val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
                   val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
     return final, result, round(seconds, 2), all_skipped and skipped
 
 
+def at_edge(scores: dict[float, float]) -> bool:
+    """Whether a search's best rate is its lowest or its highest and better than every other rate:
+    the one case where the data point beyond the grid. A tie (common with 10 images a fold, and
+    broken towards the smaller rate) says nothing of a direction. ``results.json`` records it as
+    ``lr_at_edge``; the report's advice to widen ``lr_search`` reads it."""
+    top = max(scores.values())
+    best = [lr for lr, v in scores.items() if v == top]
+    return len(scores) > 1 and len(best) == 1 and best[0] in (min(scores), max(scores))
+
+
 def beyond_edge(plan: StagePlan, means: dict[float, float]) -> float | None:
     """The one rate a cross-validated search adds when its best mean is at an edge of the planned
-    grid, better than every other rate: a grid step (the ratio of the two rates at that edge)
-    beyond it. None when the best is inside the grid or tied with another rate (with 10 images a
-    fold, ties are common and say nothing of a direction), when the grid has one rate, or when the
-    search has already gone beyond it once."""
+    grid (:func:`at_edge`): a grid step (the ratio of the two rates at that edge) beyond it. None
+    otherwise, when the grid has one rate, or when the search has already gone beyond it once."""
     planned = planned_rates(plan)
-    if len(planned) < 2 or len(means) > len(planned):
+    if len(planned) < 2 or len(means) > len(planned) or not at_edge(means):
         return None
-    top = max(means.values())
-    best = [lr for lr in means if means[lr] == top]
-    if len(best) > 1:
-        return None
-    best = best[0]
-    if best == planned[-1]:
-        return best * planned[-1] / planned[-2]
-    if best == planned[0]:
-        return best * planned[0] / planned[1]
-    return None
+    best = max(means, key=means.__getitem__)
+    return best * (planned[-1] / planned[-2] if best == planned[-1] else planned[0] / planned[1])
 
 
 def run_folds(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:

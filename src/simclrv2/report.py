@@ -120,11 +120,8 @@ FEW_STEPS = 100
 def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """Likely causes of a weak result, from what results.json knows about the run."""
     causes = []
-    search = row.get("lr_search", {})
-    scores = list(search.values())
-    # a best rate tied with another says nothing of a direction (the tie went to the smaller rate)
-    if row.get("lr_at_edge") and scores and scores.count(max(scores)) == 1:
-        rates = sorted(float(r) for r in search)
+    if row.get("lr_at_edge"):  # the best rate at an edge and tied with no other (pipeline.at_edge)
+        rates = sorted(float(r) for r in row["lr_search"])
         causes.append(f"base_lr {row['base_lr']:g} is at the edge of the search ({rates[0]:g}-{rates[-1]:g}): "
                       "widen lr_search")
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
