@@ -119,24 +119,11 @@ PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "cell", "clock",
 
 
 def make_photos(out: Path, train_per_class: int = 400, val_per_class: int = 200, seed: int = 12345) -> None:
-    from heldout_datasets import TEXTURES, _patches, _write
-    from PIL import Image
+    from heldout_datasets import TEXTURES, photo_patches
 
     assert not set(PHOTOS) & set(TEXTURES), "the tuning photographs must not be the held-out ones"
-    try:
-        import skimage.data
-    except ImportError:
-        raise SystemExit("--make-photos needs scikit-image: pip install scikit-image (or '.[bench]')") from None
-    rng = np.random.default_rng(seed)
-    images, labels = {"train": [], "val": []}, {"train": [], "val": []}
-    for y, name in enumerate(PHOTOS):
-        photo = np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("L"))
-        cut = photo.shape[1] * 3 // 4
-        for split, region, n in (("train", photo[:, :cut], train_per_class), ("val", photo[:, cut:], val_per_class)):
-            images[split].append(_patches(region, n, rng))
-            labels[split] += [y] * n
-    for split in ("train", "val"):
-        _write(out, split, np.concatenate(images[split]), np.array(labels[split]), list(PHOTOS))
+    photo_patches(out, PHOTOS, (("train", train_per_class), ("val", val_per_class)), np.random.default_rng(seed),
+                  shuffle=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,21 +139,30 @@ def _patches(photo: np.ndarray, n: int, rng: np.random.Generator, size: int = 32
     return np.stack(out)
 
 
-def textures(root: Path, rng: np.random.Generator) -> None:
+def photo_patches(root: Path, names: tuple[str, ...], splits: tuple[tuple[str, int], tuple[str, int]],
+                  rng: np.random.Generator, shuffle: bool = True) -> None:
+    """Grey 32 px patches of the scikit-image photographs ``names``, one class each, written under
+    ``root``: for ``splits`` ((first, n), (second, m)), n patches a photograph from its left three
+    quarters and m from its right quarter, so that no patch of one split overlaps one of the other.
+    ``shuffle``: file names hold an index, not the class."""
     try:
         import skimage.data
     except ImportError:
-        raise SystemExit("textures needs scikit-image: pip install scikit-image (or '.[bench]')") from None
-    images, labels = {"train": [], "test": []}, {"train": [], "test": []}
-    for y, name in enumerate(TEXTURES):
+        raise SystemExit("these photographs need scikit-image: pip install scikit-image (or '.[bench]')") from None
+    images, labels = {s: [] for s, _ in splits}, {s: [] for s, _ in splits}
+    for y, name in enumerate(names):
         photo = np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("L"))
-        cut = photo.shape[1] * 3 // 4  # left three quarters: training patches; right quarter: test patches
-        for split, region, n in (("train", photo[:, :cut], 375), ("test", photo[:, cut:], 75)):
+        cut = photo.shape[1] * 3 // 4
+        for (split, n), region in zip(splits, (photo[:, :cut], photo[:, cut:])):
             images[split].append(_patches(region, n, rng))
             labels[split] += [y] * n
-    for split in ("train", "test"):
-        order = rng.permutation(len(labels[split]))  # the file names hold an index, not the class
-        _write(root, split, np.concatenate(images[split])[order], np.array(labels[split])[order], list(TEXTURES))
+    for split, _ in splits:
+        order = rng.permutation(len(labels[split])) if shuffle else np.arange(len(labels[split]))
+        _write(root, split, np.concatenate(images[split])[order], np.array(labels[split])[order], list(names))
+
+
+def textures(root: Path, rng: np.random.Generator) -> None:
+    photo_patches(root, TEXTURES, (("train", 375), ("test", 75)), rng)
 
 
 UNLABELED_GROUP = 1000  # unlabeled images a sub-folder: the layout allows any sub-folders
