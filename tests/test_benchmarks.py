@@ -449,35 +449,49 @@ def test_heldout_datasets_seed_draws_other_labels_and_zero_is_the_default(tmp_pa
     assert len(one[0]) == len(zero[0]) == 40 and one[0] != zero[0] and one[1] != zero[1]
 
 
-def test_heldout_textures_cut_test_patches_from_another_region_than_the_training_ones(tmp_path, monkeypatch):
-    """``textures`` on stand-in photographs whose pixels are their column index: every training
-    patch comes from the left three quarters and every test patch from the right quarter, 375 and 75
-    grey 32 px patches a class, in the few-labels layout too."""
+def _stand_in_photographs(monkeypatch, names) -> None:
+    """A stand-in ``skimage.data`` whose photographs ``names`` are 100 x 240, each pixel its column
+    index, so a patch's values tell where it was cut (the cut is at column 180)."""
     import types
 
-    import heldout_datasets as hd
     import numpy as np
-    from PIL import Image
 
-    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))  # 100 x 240; the cut is at column 180
+    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))
     fake = types.ModuleType("skimage.data")
-    for name in hd.TEXTURES:
+    for name in names:
         setattr(fake, name, lambda c=columns: c.copy())
     package = types.ModuleType("skimage")
     package.data = fake
     monkeypatch.setitem(sys.modules, "skimage", package)
     monkeypatch.setitem(sys.modules, "skimage.data", fake)
-    monkeypatch.setattr(sys, "argv", ["heldout_datasets.py", str(tmp_path), "--layout", "fewlabels", "--only", "textures"])
-    hd.main()
-    for split, n, lo, hi in (("train", 375, 0, 179), ("test", 75, 180, 239)):
-        classes = sorted(p.name for p in (tmp_path / "textures" / split).iterdir())
-        assert classes == sorted(hd.TEXTURES)
+
+
+def _assert_patches(root: Path, classes, splits) -> None:
+    """``root/<split>/<class>/`` holds ``n`` grey 32 px patches for each (split, n, lo, hi) of
+    ``splits``, with every pixel (a column index) in ``[lo, hi]``."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n, lo, hi in splits:
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(classes)
         for c in classes:
-            files = sorted((tmp_path / "textures" / split / c).glob("*.png"))
+            files = sorted((root / split / c).glob("*.png"))
             assert len(files) == n
             for f in files[:20]:
                 img = np.asarray(Image.open(f))
                 assert img.shape == (32, 32) and lo <= img.min() and img.max() <= hi
+
+
+def test_heldout_textures_cut_test_patches_from_another_region_than_the_training_ones(tmp_path, monkeypatch):
+    """``textures`` on stand-in photographs whose pixels are their column index: every training
+    patch comes from the left three quarters and every test patch from the right quarter, 375 and 75
+    grey 32 px patches a class, in the few-labels layout too."""
+    import heldout_datasets as hd
+
+    _stand_in_photographs(monkeypatch, hd.TEXTURES)
+    monkeypatch.setattr(sys, "argv", ["heldout_datasets.py", str(tmp_path), "--layout", "fewlabels", "--only", "textures"])
+    hd.main()
+    _assert_patches(tmp_path / "textures", hd.TEXTURES, (("train", 375, 0, 179), ("test", 75, 180, 239)))
     few = tmp_path / "textures_fewlabels"
     assert len(list((few / "train").rglob("*.png"))) == 32 and len(list((few / "unlabeled").rglob("*.png"))) == 2968
 
@@ -486,32 +500,13 @@ def test_few_label_probe_photos_are_not_the_held_out_textures_and_val_is_another
     """``--make-photos`` on stand-in photographs whose pixels are their column index: none of its
     photographs is a held-out ``textures`` one, every ``train/`` patch comes from the left three
     quarters and every ``val/`` patch from the right quarter, 400 and 200 grey 32 px patches a class."""
-    import types
-
     import few_label_probe as flp
     import heldout_datasets as hd
-    import numpy as np
-    from PIL import Image
 
     assert not set(flp.PHOTOS) & set(hd.TEXTURES)
-    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))  # 100 x 240; the cut is at column 180
-    fake = types.ModuleType("skimage.data")
-    for name in flp.PHOTOS:
-        setattr(fake, name, lambda c=columns: c.copy())
-    package = types.ModuleType("skimage")
-    package.data = fake
-    monkeypatch.setitem(sys.modules, "skimage", package)
-    monkeypatch.setitem(sys.modules, "skimage.data", fake)
+    _stand_in_photographs(monkeypatch, flp.PHOTOS)
     assert flp.main([str(tmp_path / "photos"), "--make-photos"]) == 0
-    for split, n, lo, hi in (("train", 400, 0, 179), ("val", 200, 180, 239)):
-        classes = sorted(p.name for p in (tmp_path / "photos" / split).iterdir())
-        assert classes == sorted(flp.PHOTOS)
-        for c in classes:
-            files = sorted((tmp_path / "photos" / split / c).glob("*.png"))
-            assert len(files) == n
-            for f in files[:20]:
-                img = np.asarray(Image.open(f))
-                assert img.shape == (32, 32) and lo <= img.min() and img.max() <= hi
+    _assert_patches(tmp_path / "photos", flp.PHOTOS, (("train", 400, 0, 179), ("val", 200, 180, 239)))
     with pytest.raises(SystemExit) as exit_:
         flp.main([str(tmp_path / "photos"), "--make-photos"])
     assert exit_.value.code == 2
