@@ -117,7 +117,6 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     Returns (chosen candidate, its result with the search recorded, seconds of all candidates,
     whether everything was done before). Ties go to the smaller rate (candidates run in order).
     """
-    scores: dict[str, float] = {}
     by_rate: dict[float, float] = {}
     seconds, all_skipped = 0.0, True
     best: tuple[float, float, StagePlan] | None = None  # (val top-1, training seconds, candidate)
@@ -125,13 +124,14 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
         res, sec, skipped = run_stage(cand, upstream, test=False)
         seconds += sec
         all_skipped &= skipped
-        scores[f"{cand.cfg.base_lr:.4g}"] = by_rate[cand.cfg.base_lr] = res["val_top1"]
+        by_rate[cand.cfg.base_lr] = res["val_top1"]
         if best is None or res["val_top1"] > best[0]:
             best = (res["val_top1"], sec, cand)
     assert best is not None, "a search plan has at least one candidate"
     _, trained, chosen = best
     result, sec, skipped = run_stage(chosen, upstream, test=True)
     seconds += sec - trained  # the chosen one's seconds include its training, counted above
+    scores = {f"{lr:.4g}": v for lr, v in by_rate.items()}
     if dist.launch_rank() == 0:  # the stage folder stands for its choice: predict, export and friends read it
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": Path(chosen.cfg.run_dir).name, "base_lr": chosen.cfg.base_lr, "val_top1": scores}, indent=1))

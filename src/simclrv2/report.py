@@ -133,7 +133,8 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
                           f"{pre['knn_top1']:.1f}%): raise budget_minutes or pretrain.epochs")
         probe = _best_probe(out, row["label_fraction"])
         base = _lookup(out, "supervised", row["label_fraction"])
-        if probe is not None and base is not None and score(base) is not None and probe < score(base):
+        base_top1 = score(base) if base is not None else None
+        if probe is not None and base_top1 is not None and probe < base_top1:
             causes.append(f"the frozen encoder's best probe ({probe:.2f}) is below the baseline: pretraining's "
                           "augmentations may remove what tells these classes apart; where brightness or "
                           "contrast differ by class (grey photographs, say), try pretrain.color_strength=0")
