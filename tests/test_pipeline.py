@@ -111,6 +111,10 @@ def test_results_json_shape(pipeline_run: tuple[Path, str]) -> None:
     # the frozen encoder after 2 short epochs is far better than chance (10 classes); the label-subset
     # stages train for a few steps only, so they are not checked for accuracy here
     assert min(r["top1"] for r in out["results"] if r["method"] in ("linear-eval", "knn")) > 30.0
+    # the monitor's best over the first half of the two epochs, read back from pretraining's own log
+    rows = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    first = max(r["knn_top1"] for r in rows if "knn_top1" in r and r["epoch"] <= 1.0)
+    assert out["pretrain"]["knn_first_half"] == {"epoch": 1.0, "top1": first}
 
 
 def _table_rows(report: str, heading: str) -> list[list[str]]:

@@ -526,6 +526,25 @@ def test_warning_names_the_augmentations_when_the_frozen_encoder_is_below_the_ba
     assert len(found) == 1 and "pretraining may be too short" in found[0] and "color_strength" not in found[0]
 
 
+def test_warning_advises_longer_pretraining_only_while_the_monitor_still_rose():
+    """fmnist4k seed 4 (docs/EXPERIMENTS.md): the kNN monitor's best by epoch 90 was 63.6 and it
+    ended at 62.4 after 180 epochs, so a longer pretraining is no advice; textures seed 2 rose from
+    49.8 by epoch 120 to 51.8 at the end, so it is."""
+    from simclrv2.report import knn_first_half
+
+    flat = [(5.0, 54.1), (40.0, 63.6), (90.0, 61.4), (135.0, 61.8), (180.0, 62.4)]
+    rising = [(5.0, 35.7), (105.0, 49.8), (120.0, 44.0), (190.0, 51.5), (247.5, 51.8)]
+    assert knn_first_half(flat) == {"epoch": 40.0, "top1": 63.6}
+    assert knn_first_half(rising) == {"epoch": 105.0, "top1": 49.8}
+    assert knn_first_half([(5.0, 50.0)]) is None and knn_first_half([]) is None
+    for curve, stopped in ((flat, True), (rising, False)):
+        out = {"pretrain": {"epochs": curve[-1][0], "knn_top1": curve[-1][1], "knn_first_half": knn_first_half(curve)},
+               "results": [_row("supervised", 1.0, 59.7), _row("finetune", 1.0, 57.0)]}
+        found = warnings(out)[0]
+        assert ("pretraining may be too short" in found) is not stopped
+        assert ("(kNN monitor 63.6% at epoch 40, 62.4% at the end, epoch 180): a longer one is unlikely to help" in found) is stopped
+
+
 def test_warning_names_no_edge_when_the_best_rate_is_tied():
     """Folds that tie every rate keep the smallest (textures seed 0, docs/EXPERIMENTS.md): an edge
     by the tie-break alone, where widening the search is no advice. The report follows the

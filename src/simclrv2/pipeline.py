@@ -306,8 +306,12 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
             if plan.method is not None:
                 results.append(_result_row(plan, plans[0], result, seconds, out_dir))
             elif plan.stage == "pretrain":
+                from .report import knn_curve, knn_first_half, pretraining_metrics
+
+                # whether the monitor still rose over the second half: the report's advice on length
+                early = knn_first_half(knn_curve(pretraining_metrics(Path(out_dir)))) if out_dir else None
                 pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
-                              "knn_top1": result.get("knn_top1")}
+                              "knn_top1": result.get("knn_top1"), "knn_first_half": early}
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),

@@ -115,6 +115,11 @@ def gains_table(out: dict[str, Any]) -> str:
 CHANCE_MARGIN = 5.0
 # Fewer optimizer steps than this are named as a likely cause of a weak classifier.
 FEW_STEPS = 100
+# the kNN monitor must end more than this many points above its best over the first half of
+# pretraining for "too short" to be advice: on a few thousand images it flattens by epoch 25-35
+# (docs/EXPERIMENTS.md, "The encoder against the pixels over 20 draws"), where the budget may
+# still give 200
+KNN_RISE = 1.0
 
 
 def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
@@ -127,10 +132,16 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
     if row["method"] != "supervised" and not causes:
-        pre = out.get("pretrain", {})
+        pre = out.get("pretrain") or {}
+        early = pre.get("knn_first_half")
         if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
-            causes.append(f"pretraining may be too short ({pre['epochs']:g} epochs, kNN monitor "
-                          f"{pre['knn_top1']:.1f}%): raise budget_minutes or pretrain.epochs")
+            if early is not None and pre["knn_top1"] <= early["top1"] + KNN_RISE:
+                causes.append(f"pretraining had stopped improving (kNN monitor {early['top1']:.1f}% at epoch "
+                              f"{early['epoch']:g}, {pre['knn_top1']:.1f}% at the end, epoch {pre['epochs']:g}): "
+                              "a longer one is unlikely to help")
+            else:
+                causes.append(f"pretraining may be too short ({pre['epochs']:g} epochs, kNN monitor "
+                              f"{pre['knn_top1']:.1f}%): raise budget_minutes or pretrain.epochs")
         probe = _best_probe(out, row["label_fraction"])
         base = _lookup(out, "supervised", row["label_fraction"])
         base_top1 = score(base) if base is not None else None
@@ -188,17 +199,37 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def knn_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """``(epoch, kNN top-1)`` at each monitored epoch, from a pretraining run's metrics rows."""
+    return [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+
+
+def pretraining_metrics(pretrain_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a pretraining run's ``metrics.jsonl`` (none if it has no such file)."""
+    return _read_jsonl(pretrain_dir / "metrics.jsonl")
+
+
+def knn_first_half(curve: list[tuple[float, float]]) -> dict[str, float] | None:
+    """The best kNN top-1 at an epoch in the first half of pretraining, with its epoch; ``None``
+    when no monitored epoch lies there."""
+    early = [p for p in curve if p[0] <= max(e for e, _ in curve) / 2] if curve else []
+    if not early:
+        return None
+    epoch, top1 = max(early, key=lambda p: p[1])
+    return {"epoch": epoch, "top1": top1}
+
+
 def plot_pretraining(run_dir: Path, dest: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
+    rows = pretraining_metrics(run_dir / "pretrain")
     # the NT-Xent term alone: "loss" also holds the online probe's cross-entropy
     key = "contrastive_loss" if any("contrastive_loss" in r for r in rows) else "loss"
     loss = [(r["epoch"], r[key]) for r in rows if key in r]
-    knn = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    knn = knn_curve(rows)
     if not loss:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4))
