@@ -135,7 +135,8 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
         pre = out.get("pretrain") or {}
         early = pre.get("knn_first_half")
         if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
-            if early is not None and pre["knn_top1"] <= early["top1"] + KNN_RISE:
+            # the monitor logs 3 decimals: rounded, a rise of exactly KNN_RISE is not one float above it
+            if early is not None and round(pre["knn_top1"] - early["top1"], 3) <= KNN_RISE:
                 causes.append(f"pretraining had stopped improving (kNN monitor {early['top1']:.1f}% at epoch "
                               f"{early['epoch']:g}, {pre['knn_top1']:.1f}% at the end, epoch {pre['epochs']:g}): "
                               "a longer one is unlikely to help")
