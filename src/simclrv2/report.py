@@ -132,9 +132,9 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
     if row["method"] != "supervised" and not causes:
-        pre = out.get("pretrain") or {}
-        early = pre.get("knn_first_half")
+        pre = out.get("pretrain", {})
         if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
+            early = pre.get("knn_first_half")
             # the monitor logs 3 decimals: rounded, a rise of exactly KNN_RISE is not one float above it
             if early is not None and round(pre["knn_top1"] - early["top1"], 3) <= KNN_RISE:
                 causes.append(f"pretraining had stopped improving (kNN monitor {early['top1']:.1f}% at epoch "
@@ -213,7 +213,8 @@ def pretraining_metrics(pretrain_dir: Path) -> list[dict[str, Any]]:
 def knn_first_half(curve: list[tuple[float, float]]) -> dict[str, float] | None:
     """The best kNN top-1 at an epoch in the first half of pretraining, with its epoch; ``None``
     when no monitored epoch lies there."""
-    early = [p for p in curve if p[0] <= max(e for e, _ in curve) / 2] if curve else []
+    half = max((e for e, _ in curve), default=0.0) / 2
+    early = [p for p in curve if p[0] <= half]
     if not early:
         return None
     epoch, top1 = max(early, key=lambda p: p[1])
