@@ -110,3 +110,19 @@ def test_pipeline_help_documents_the_fraction_syntax(capsys: pytest.CaptureFixtu
         main(["pipeline", "--help"])
     out = capsys.readouterr().out
     assert "by_fraction.0.01.finetune.epochs=1" in out
+
+
+def test_self_distill_init_starts_only_the_self_distilled_student_from_the_pretrained_encoder(
+        demo: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    pre = plans(demo)["pretrain"].cfg.run_dir
+    got = plans(demo, "self_distill_init=pretrained")
+    assert [got[f"distill_self_{t}"].cfg.student_init for t in ("0.1pct", "1pct", "10pct")] == [pre] * 3
+    assert got["distill_small_1pct"].cfg.student_init == ""  # another architecture: it cannot start there
+    assert plans(demo, "self_distill_init=random")["distill_self_1pct"].cfg.student_init == ""
+    mine = str(tmp_path / "encoder")
+    assert plans(demo, "self_distill_init=pretrained",
+                 f"distill_self.student_init={mine}")["distill_self_1pct"].cfg.student_init == mine
+    assert main(["pipeline", "--config", str(demo), f"run_dir={tmp_path / 'run'}", "self_distill_init=teacher"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "self_distill_init must be random or pretrained, got 'teacher'" in err, err
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,9 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
     self_distill: bool = True  # distil each teacher into its own architecture
+    # where the self-distilled student starts: random (random weights) | pretrained (the pipeline's
+    # pretrained encoder, where its teacher started; distill_self.student_init, if set, wins)
+    self_distill_init: str = "random"
     small_student: str = ""  # registry name of the big-to-small student; "" = skip
     common: dict = field(default_factory=dict)  # keys given to every stage (model, dataset, seed, ...)
     pretrain: dict = field(default_factory=dict)
@@ -193,6 +196,8 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
     check_sections(pc)
     if pc.cv_folds < 2:
         raise C.ConfigError(f"cv_folds must be 2 or more, got {pc.cv_folds}")
+    if pc.self_distill_init not in ("random", "pretrained"):
+        raise C.ConfigError(f"self_distill_init must be random or pretrained, got {pc.self_distill_init!r}")
     modes = search_modes(pc)  # how each fraction's rates are chosen (simclrv2.search)
     few = few_labels_dir(pc.common)
     # folds or no search at all: no image is held out of the labels, and pretraining sees every image
@@ -231,6 +236,8 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
                             _fraction_layer(pc, f, "distill_self"), lab,
                             {"teacher_checkpoint": ft.run_dir, "model": model}, split)
             ds = _typical_from(ds, pre_dir)
+            if pc.self_distill_init == "pretrained" and not ds.student_init:
+                ds = dataclasses.replace(ds, student_init=pre_dir)
             plans.append(searched(StagePlan(f"distill_self_{tag}", "distill", ds, "distill-self", f, ft_name), f))
         if pc.small_student:
             dsm = _stage_cfg("distill", pc, run_dir, f"distill_small_{tag}", pc.distill_small,
