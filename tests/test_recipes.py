@@ -160,8 +160,9 @@ def test_small_data_gets_min_steps(data, encoder, teacher, tmp_path, monkeypatch
         cfg = plans[name].cfg
         if stage_fn is finetune:
             cfg = dataclasses.replace(cfg, init_checkpoint=str(encoder))
-        if stage_fn is distill:
-            cfg = dataclasses.replace(cfg, teacher_checkpoint=str(teacher))
+        if stage_fn is distill:  # the self-distilled student starts from the pipeline's encoder
+            cfg = dataclasses.replace(cfg, teacher_checkpoint=str(teacher),
+                                      student_init=str(encoder) if cfg.student_init else "")
         job = built_job(monkeypatch, stage_fn, cfg)
         pool = 40 if stage_fn is not distill else 1800
         assert len(job.pool) == pool, name
