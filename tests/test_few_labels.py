@@ -587,6 +587,30 @@ def test_a_search_records_an_edge_only_for_an_untied_best_rate(tmp_path, monkeyp
     assert search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 61.0})["lr_at_edge"] is True
 
 
+def test_a_cross_validated_search_ties_means_that_differ_only_by_rounding(tmp_path, monkeypatch) -> None:
+    """Two rates right on as many images of each 6-image fold tie, though their means of 4-decimal
+    fold scores differ in the fifth decimal. The fold scores of held-out shapes seed 0's baseline,
+    where 1.6 (16.6667) beat 0.4 (16.666675) and the report advised widening lr_search: the grid
+    goes one step beyond 0.4 (untied among 0.025 / 0.1 / 0.4), 1.6 ties it, and 0.4 is chosen."""
+    from simclrv2 import pipeline as P
+    from simclrv2.plan import StagePlan, fold_candidates
+
+    third, sixth = 33.3333, 16.6667
+    folds = {0.025: [0.0, sixth, 0.0, sixth], 0.1: [0.0, sixth, sixth, sixth],
+             0.4: [0.0, third, sixth, sixth], 1.6: [sixth] * 4}
+    monkeypatch.setattr(P, "run_stage", lambda cand, upstream, test: (
+        {"top1": 1.0} if test else {"val_top1": folds[cand.cfg.base_lr][cand.cfg.val_fold], "val_images": 6},
+        1.0, False))
+    plan = StagePlan(name="supervised_100pct", stage="supervised", method="supervised", label_fraction=1.0,
+                     cfg=C.SupervisedConfig(run_dir=str(tmp_path / "s"), base_lr=0.1), folds=4)
+    plan.candidates = [c for lr in (0.025, 0.1, 0.4) for c in fold_candidates(plan, lr, 4)]
+    Path(plan.cfg.run_dir).mkdir()
+    chosen, result, _, _ = P.run_cv_search(plan, None)
+    assert result["lr_extended"] and set(result["lr_search"]) == {"0.025", "0.1", "0.4", "1.6"}
+    assert chosen.cfg.base_lr == 0.4 and result["base_lr"] == 0.4 and not result["lr_at_edge"]
+    assert P.at_edge({0.025: 10.0, 0.1: 12.5, 0.4: 16.6667}) and not P.at_edge({0.4: 16.666675, 1.6: 16.6667})
+
+
 def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> None:
     """The rate added when the best planned rate is at an edge: a grid step beyond that edge, on
     either side; none when the best is inside the grid, tied, or the grid was already extended."""
