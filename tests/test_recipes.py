@@ -550,6 +550,21 @@ def test_warning_advises_longer_pretraining_only_while_the_monitor_still_rose():
         assert ("a longer one is unlikely to help" in warnings(out)[0]) is stopped
 
 
+def test_warning_says_when_no_rate_of_the_baseline_search_learned():
+    """Held-out shapes seed 0 (docs/EXPERIMENTS.md): the baseline's folds scored 8.33-16.67 at every
+    rate, six classes; the warning says the labels are too few to train from random weights, and
+    not that the search should be wider. One rate clear of chance on the folds: no such cause."""
+    rates = {"0.025": 8.3333, "0.1": 12.5, "0.4": 16.6667, "1.6": 16.6667}
+    out = {"results": [dict(_row("supervised", 1.0, 16.83, base_lr=0.4, lr_search=rates, lr_at_edge=False),
+                            num_classes=6)]}
+    found = warnings(out)
+    assert len(found) == 1 and "within 5 points of chance (16.7)" in found[0]
+    assert "no rate of the search learned on the held-out labels (best 16.67)" in found[0]
+    assert "edge of the search" not in found[0] and "no simple cause" not in found[0]
+    out["results"][0]["lr_search"] = dict(rates, **{"0.1": 25.0})
+    assert "no rate of the search learned" not in warnings(out)[0]
+
+
 def test_warning_names_no_edge_when_the_best_rate_is_tied():
     """Folds that tie every rate keep the smallest (textures seed 0, docs/EXPERIMENTS.md): an edge
     by the tie-break alone, where widening the search is no advice. The report follows the

@@ -131,6 +131,14 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
                       "widen lr_search")
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
+    search = [float(v) for v in (row.get("lr_search") or {}).values()]
+    if row["method"] == "supervised" and search and row.get("num_classes") and \
+            max(search) < 100.0 / row["num_classes"] + CHANCE_MARGIN:
+        # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
+        # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
+        causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}): from "
+                      "random weights these labels are likely too few for this model; the SimCLRv2 rows "
+                      "start from the pretrained encoder")
     if row["method"] != "supervised" and not causes:
         pre = out.get("pretrain", {})
         if pre.get("epochs") is not None and pre.get("knn_top1") is not None:
