@@ -122,6 +122,11 @@ FEW_STEPS = 100
 KNN_RISE = 1.0
 
 
+def near_chance(row: dict[str, Any], top1: float) -> bool:
+    """Whether ``top1`` lies within :data:`CHANCE_MARGIN` points of chance for ``row``'s classes."""
+    return bool(row.get("num_classes")) and top1 < 100.0 / row["num_classes"] + CHANCE_MARGIN
+
+
 def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     """Likely causes of a weak result, from what results.json knows about the run."""
     causes = []
@@ -132,8 +137,7 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
     search = [float(v) for v in (row.get("lr_search") or {}).values()]
-    if row["method"] == "supervised" and search and row.get("num_classes") and \
-            max(search) < 100.0 / row["num_classes"] + CHANCE_MARGIN:
+    if row["method"] == "supervised" and search and near_chance(row, max(search)):
         # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
         # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
         causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}): from "
@@ -180,12 +184,10 @@ def warnings(out: dict[str, Any]) -> list[str]:
         top1 = score(r)
         if top1 is None:
             continue
-        if r.get("num_classes"):
-            chance = 100.0 / r["num_classes"]
-            if top1 < chance + CHANCE_MARGIN:
-                lines.append(f"{where}: top-1 {top1:.2f} is within {CHANCE_MARGIN:g} points of chance "
-                             f"({chance:.1f}); " + "; ".join(_causes(r, out)))
-                continue
+        if near_chance(r, top1):
+            lines.append(f"{where}: top-1 {top1:.2f} is within {CHANCE_MARGIN:g} points of chance "
+                         f"({100.0 / r['num_classes']:.1f}); " + "; ".join(_causes(r, out)))
+            continue
         if "teacher_top1" in r and top1 < r["teacher_top1"] - 1.0:
             lines.append(f"{where}: the student ({top1:.2f}) ends {r['teacher_top1'] - top1:.2f} points "
                          f"below its teacher ({r['teacher_top1']:.2f}); " + "; ".join(_causes(r, out)))
