@@ -6,6 +6,7 @@ Folders are tiny PNGs written here. Listings are checked against a naive referen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -630,3 +631,103 @@ def test_a_cross_validated_search_goes_one_grid_step_beyond_an_edge_once() -> No
     single = StagePlan(name="s", stage="finetune", method="finetune", label_fraction=1.0, cfg=plan.cfg,
                        candidates=fold_candidates(plan, 0.01, 3))
     assert beyond_edge(single, {0.01: 50.0}) is None
+
+
+def planted_baseline_search(tmp_path: Path, monkeypatch, scores) -> tuple[dict, list]:
+    """The baseline's cross-validated search (``_run_plan`` on a planned ``supervised`` stage, with
+    its colour retry) where each run scores ``scores(lr, color_strength)``: returns the result and
+    the configs that ran."""
+    from simclrv2 import pipeline as P
+    from simclrv2.plan import StagePlan, fold_candidates
+
+    ran = []
+
+    def run_stage(cand, upstream, test):
+        ran.append(cand.cfg)
+        if test:
+            return {"top1": 50.0, "num_classes": 6, "color_strength": cand.cfg.color_strength}, 1.0, False
+        return {"val_top1": scores(cand.cfg.base_lr, cand.cfg.color_strength), "val_images": 6}, 1.0, False
+
+    monkeypatch.setattr(P, "run_stage", run_stage)
+    base = C.SupervisedConfig(run_dir=str(tmp_path / "supervised_100pct"), base_lr=0.1)
+    plan = StagePlan(name="supervised_100pct", stage="supervised", method="supervised", label_fraction=1.0,
+                     cfg=base, folds=4)
+    plan.candidates = [c for lr in (0.025, 0.1, 0.4) for c in fold_candidates(plan, lr, 4)]
+    coloured = dataclasses.replace(base, color_strength=1.0, run_dir=str(tmp_path / "supervised_100pct" / "color"))
+    plan.retry = StagePlan(name="supervised_100pct/color", stage="supervised", method="supervised",
+                           label_fraction=1.0, cfg=coloured, folds=4)
+    plan.retry.candidates = [c for lr in (0.025, 0.1, 0.4) for c in fold_candidates(plan.retry, lr, 4)]
+    Path(coloured.run_dir).mkdir(parents=True)
+    result, _, _, out_dir = P._run_plan(plan, None)
+    return dict(result, out_dir=out_dir), ran
+
+
+def test_a_baseline_that_learned_nothing_searches_again_with_colour_distortion(tmp_path, monkeypatch) -> None:
+    """Held-out shapes seed 0 (docs/EXPERIMENTS.md): six shapes in random colours, 4 labels a class,
+    every rate within 5 points of chance on the folds with crops and flips. The search runs again
+    with colour-distorted views and keeps them only where they score better on the same folds; a
+    baseline that learned is never searched again."""
+    import json
+
+    learned, ran = planted_baseline_search(tmp_path / "a", monkeypatch, lambda lr, s: 40.0 if lr == 0.1 else 30.0)
+    assert "color_retry" not in learned and all(c.color_strength == 0 for c in ran)
+
+    colour_helps = planted_baseline_search(tmp_path / "b", monkeypatch,
+                                           lambda lr, s: (29.17 if lr == 0.1 else 20.0) if s else 16.6667)[0]
+    retry = colour_helps["color_retry"]
+    assert retry["kept"] and retry["best_without"] == pytest.approx(16.6667) and retry["best_with"] == pytest.approx(29.17)
+    assert colour_helps["base_lr"] == 0.1 and colour_helps["color_strength"] == 1.0
+    assert colour_helps["out_dir"] == str(tmp_path / "b" / "supervised_100pct" / "color" / "lr_0.1")
+    chosen = json.loads((tmp_path / "b" / "supervised_100pct" / "chosen.json").read_text())
+    assert chosen["chosen"] == "color/lr_0.1" and chosen["color_strength"] == 1.0
+
+    neither, ran = planted_baseline_search(tmp_path / "c", monkeypatch, lambda lr, s: 16.6667)
+    assert neither["color_retry"]["kept"] is False and neither["color_strength"] == 0
+    assert {c.color_strength for c in ran} == {0.0, 1.0} and neither["base_lr"] == 0.025  # a tie: the smaller rate
+    chosen = json.loads((tmp_path / "c" / "supervised_100pct" / "chosen.json").read_text())
+    assert chosen["chosen"] == "lr_0.025"
+
+
+def test_the_baseline_plan_holds_a_colour_retry_at_the_pretraining_strength(tmp_path: Path) -> None:
+    """plan_stages gives a searched baseline the same search with pretraining's colour strength, in
+    ``<stage>/color``; none where there is no search (1 label a class) or the baseline already
+    distorts colours."""
+    from simclrv2.plan import PipelineConfig, plan_stages
+
+    def baseline(per_class: int, **sup):
+        data = make_layout(tmp_path / f"d{per_class}_{len(sup)}", per_class=per_class, unlabeled=4)
+        pc = C.build(PipelineConfig, {"run_dir": str(tmp_path / "run"), "label_fractions": [1.0], "lr_search": [0.5, 2.0],
+                                      "common": {"dataset": "imagefolder", "data_dir": str(data)},
+                                      "pretrain": {"color_strength": 0.5}, "supervised": sup})
+        return next(p for p in plan_stages(pc) if p.stage == "supervised")
+
+    plan = baseline(2)
+    retry = plan.retry
+    assert retry is not None and retry.cfg.color_strength == 0.5 and plan.cfg.color_strength == 0
+    assert retry.cfg.run_dir == str(Path(plan.cfg.run_dir) / "color") and retry.folds == plan.folds == 2
+    assert [(c.cfg.base_lr, c.cfg.val_fold) for c in retry.candidates] == [(c.cfg.base_lr, c.cfg.val_fold)
+                                                                        for c in plan.candidates]
+    assert all(c.cfg.color_strength == 0.5 for c in retry.candidates)
+    assert baseline(1).retry is None
+    assert baseline(2, color_strength=1.0).retry is None
+
+
+def test_the_baseline_with_colour_strength_distorts_colours_and_fine_tuning_does_not() -> None:
+    """The baseline's training view: crops and flips alone at color_strength 0 (as fine-tuning's),
+    colour jitter and grayscale on them as well above it. Solid red images keep their colour
+    through the first and lose it in some of the second."""
+    import torch
+
+    from simclrv2.engine.supervised import training_view
+
+    red = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    red[:, 0] = 200
+    for strength, changed in ((0.0, False), (1.0, True)):
+        view = training_view(C.SupervisedConfig(color_strength=strength, crop_min_scale=0.5), 16)
+        out = view(red, generator=torch.Generator().manual_seed(0))
+        moved = (out - out.new_tensor([200 / 255, 0, 0]).view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)) > 0.02
+        assert bool(moved.any()) is changed
+        if changed:
+            assert 0 < int(moved.sum()) < 64  # jitter and grayscale each apply to some images only
+    with pytest.raises(C.ConfigError, match="color_strength must be >= 0"):
+        C.validate(C.SupervisedConfig(color_strength=-1.0))

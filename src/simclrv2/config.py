@@ -160,6 +160,10 @@ class SupervisedConfig(CommonConfig, LabelConfig):
     weight_decay: float = 1e-4
     warmup_epochs: float = 2.0
     crop_min_scale: float = 0.08
+    # 0: fine-tuning's crop-and-flip views. > 0: SimCLR's colour jitter and grayscale at this
+    # strength on them as well (no blur). The pipeline tries the pretraining's strength when no
+    # rate learned anything with crops and flips (pipeline.run_plan)
+    color_strength: float = 0.0
     global_bn: bool = True
 
 
@@ -463,6 +467,8 @@ def validate(cfg: Any) -> None:
             "the exact large-batch loss through a gradient cache), or memory.enabled=true for a queue of negatives",
         )
         need(cfg.chunk_size >= 0, f"chunk_size must be >= 0 (0 = off), got {cfg.chunk_size}")
+    if isinstance(cfg, (PretrainConfig, SupervisedConfig)):
+        need(cfg.color_strength >= 0.0, f"color_strength must be >= 0 (0 = none), got {cfg.color_strength}")
     if isinstance(cfg, LinearEvalConfig):
         need(cfg.method in ("cached", "sgd"), f"method must be cached or sgd, got '{cfg.method}'")
     if isinstance(cfg, DistillConfig):

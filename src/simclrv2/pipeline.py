@@ -236,10 +236,45 @@ def run_folds(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
     return result, round(seconds, 2), all_skipped, plan.fold_plans[-1].cfg.run_dir
 
 
+def learned_nothing(result: dict[str, Any]) -> bool:
+    """Whether every rate of a search scored within the report's chance margin of chance (one in
+    ``num_classes``) on its held-out labels."""
+    from .report import CHANCE_MARGIN
+
+    classes = result.get("num_classes")
+    return bool(classes) and max(result["lr_search"].values()) < 100.0 / classes + CHANCE_MARGIN
+
+
+def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bool],
+              upstream: str | None) -> tuple[StagePlan, dict[str, Any], float, bool]:
+    """The search of ``plan.retry`` (colour-distorted views) after ``first``, the result of ``plan``'s
+    search, learned nothing. The retry's best rate is kept only where its held-out score beats the
+    first search's (ties keep crops and flips); ``color_retry`` in the result records both. Returns
+    what :func:`run_search` returns, the seconds of both searches together."""
+    assert plan.retry is not None
+    chosen, result, seconds, skipped = first
+    r_chosen, r_result, r_seconds, r_skipped = (run_cv_search if plan.folds else run_search)(plan.retry, upstream)
+    before, after = max(result["lr_search"].values()), max(r_result["lr_search"].values())
+    won = after > before + TIE_POINTS
+    record = {"color_strength": plan.retry.cfg.color_strength, "best_without": before, "best_with": after,
+              "kept": won, "lr_search": r_result["lr_search"]}
+    if won:
+        chosen, result = r_chosen, r_result
+        if dist.launch_rank() == 0:  # the stage folder now stands for the coloured run
+            retry_dir = Path(plan.retry.cfg.run_dir)
+            rec = json.loads((retry_dir / "chosen.json").read_text())
+            rec = dict(rec, chosen=f"{retry_dir.name}/{rec['chosen']}", color_strength=record["color_strength"])
+            atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps(rec, indent=1))
+    return chosen, dict(result, color_retry=record), round(seconds + r_seconds, 2), skipped and r_skipped
+
+
 def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:
     """One planned stage, its search or its folds; (result, seconds, skipped, the folder that stands for it)."""
     if plan.candidates:
-        chosen, result, seconds, skipped = (run_cv_search if plan.folds else run_search)(plan, upstream)
+        searched = (run_cv_search if plan.folds else run_search)(plan, upstream)
+        if plan.retry is not None and learned_nothing(searched[1]):
+            searched = run_retry(plan, searched, upstream)
+        chosen, result, seconds, skipped = searched
         return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir
     if plan.fold_plans:
         result, seconds, skipped, out_dir = run_folds(plan, upstream)
@@ -393,7 +428,8 @@ def _result_row(plan: StagePlan, pretrain: StagePlan, result: dict[str, Any], se
         "steps": result.get("steps"),
     }
     for key in ("val_top1", "base_lr", "lr_search", "lr_at_edge", "lr_extended", "teacher_top1", "teacher_agreement",
-                "student_view", "passes", "rounds", "earlier_rounds", "rate_choice", "folds", "fold_dirs", "unscored"):
+                "student_view", "passes", "rounds", "earlier_rounds", "rate_choice", "folds", "fold_dirs", "unscored",
+                "color_retry"):
         if key in result:
             row[key] = result[key]
     if "val_top1" in result:

@@ -53,6 +53,10 @@ class PipelineConfig:
     propose_labels: int = 0
 
 
+# the sub-folder of a supervised stage that holds its search with colour-distorted views (StagePlan.retry)
+COLOUR_RETRY = "color"
+
+
 def fraction_tag(f: float) -> str:
     """0.01 -> '1pct', 0.001 -> '0.1pct' (folder names and report columns)."""
     return f"{f * 100:g}pct"
@@ -78,6 +82,9 @@ class StagePlan:
     # why the stage is not run: a probe with no test split and no label to hold out has nothing to be
     # scored on; its row says so instead
     unscored: str = ""
+    # the supervised baseline: the same search with colour-distorted views (pretraining's strength),
+    # in <stage>/color; run only when no rate of this search learned (pipeline.learned_nothing)
+    retry: StagePlan | None = None
 
 
 def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
@@ -260,7 +267,13 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
                          _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model}, split)
         sup = _typical_from(sup, pre_dir)
-        plans.append(searched(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), f))
+        plan = searched(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), f)
+        if plan.candidates and sup.color_strength == 0 and pre.color_strength > 0:
+            coloured = dataclasses.replace(sup, color_strength=pre.color_strength,
+                                           run_dir=str(Path(sup.run_dir) / COLOUR_RETRY))
+            plan.retry = searched(StagePlan(f"supervised_{tag}/{COLOUR_RETRY}", "supervised", coloured,
+                                            "supervised", f), f)
+        plans.append(plan)
     if pc.lr_search and not pre.val_fraction > 0 and not few:
         raise C.ConfigError("lr_search needs a validation split to choose on; set common.val_fraction "
                             "(e.g. 0.1), or lr_search=[] to train each stage at its base_lr")

@@ -140,8 +140,11 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row["method"] == "supervised" and search and near_chance(row, max(search)):
         # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
         # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
-        causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}): from "
-                      "random weights these labels are likely too few for this model; the SimCLRv2 rows "
+        retry = row.get("color_retry")
+        tried = (f", with crops and flips or with colour distortion (best {retry['best_with']:.2f})"
+                 if retry and not retry["kept"] else "")
+        causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}{tried}): "
+                      "from random weights these labels are likely too few for this model; the SimCLRv2 rows "
                       "start from the pretrained encoder")
     if row["method"] != "supervised" and not causes:
         pre = out.get("pretrain", {})
@@ -426,7 +429,27 @@ def _search_section(out: dict[str, Any]) -> list[str]:
             lines += ["A rate outside lr_search was tried where the best planned rate was at an edge of the "
                       "grid: one grid step beyond it, on the same folds.", ""]
         lines += _close_calls(rows)
+        lines += _colour_retries(rows)
     return lines
+
+
+def _colour_retries(rows: list[dict[str, Any]]) -> list[str]:
+    """What the baseline's second search, with colour-distorted views, found where the first
+    learned nothing (pipeline.run_retry)."""
+    lines = []
+    for r in rows:
+        retry = r.get("color_retry")
+        if not retry:
+            continue
+        rates = ", ".join(f"{lr}: {v:.2f}" for lr, v in retry["lr_search"].items())
+        verdict = ("so it trains with colour distortion" if retry["kept"] else
+                   "no better, so it keeps crops and flips")
+        lines.append(f"- {r['method']} ({_tag(r['label_fraction'])}): no rate learned with crops and flips (best "
+                     f"{retry['best_without']:.2f}, within {CHANCE_MARGIN:g} points of chance), so the search ran "
+                     f"again with the pretraining's colour distortion (strength {retry['color_strength']:g}): "
+                     f"{rates}; {verdict}.")
+    return ["From random weights, a few labels of objects in random colours can teach colour alone."] + [""] + \
+        lines + [""] if lines else []
 
 
 def _close_calls(rows: list[dict[str, Any]]) -> list[str]:

@@ -2,7 +2,8 @@
 
 It trains through fine-tuning's loop (:func:`.classify.train_classifier`: crop-and-flip views,
 cross-entropy) with the same schedule and optimizer choices, so the two differ only in where the
-weights start.
+weights start. ``color_strength`` > 0 adds SimCLR's colour distortion to those views: from random
+weights, a few labels of objects in random colours can teach colour alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import SupervisedConfig
-from ..data.augment import CropFlipAugment
+from ..data.augment import CropFlipAugment, SimCLRAugment
 from ..optim import build_optimizer
 from .batches import StepPlan, image_size_of, open_split
 from .classify import train_classifier
@@ -21,6 +22,14 @@ from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir
+
+
+def training_view(cfg: SupervisedConfig, size: int) -> CropFlipAugment | SimCLRAugment:
+    """The baseline's training view: crop and flip, colour-distorted too where ``color_strength`` > 0."""
+    crop = (cfg.crop_min_scale, 1.0)
+    if cfg.color_strength > 0:
+        return SimCLRAugment(size, color_strength=cfg.color_strength, blur=False, crop_scale=crop)
+    return CropFlipAugment(size, crop_scale=crop)
 
 
 def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
@@ -43,11 +52,12 @@ def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
     plan = StepPlan.make(len(labelled), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, model, schedule.peak_lr, cfg.weight_decay)
-    aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+    aug = training_view(cfg, size)
     meta = model_meta(model, ds, image_size=size)
     train_classifier("supervised", cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule,
                      run_dir, meta)
     metrics: dict[str, Any] = dict(stage="supervised", model=model.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
+                                   color_strength=cfg.color_strength, num_classes=ds.num_classes,
                                    **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
