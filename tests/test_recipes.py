@@ -643,3 +643,29 @@ def test_report_names_the_searches_that_their_held_out_images_cannot_decide():
     assert text.count("Close calls:") == 1
     clear = {"results": out["results"][1:]}
     assert "Close calls" not in "\n".join(_search_section(clear))
+
+
+def test_report_says_what_the_baseline_search_with_colour_distortion_found():
+    """The baseline's second search (pipeline.run_retry): the report gives both searches' best and
+    whether colour distortion was kept; the chance warning names both when neither learned."""
+    from simclrv2.report import _search_section
+
+    first = {"0.025": 8.3333, "0.1": 12.5, "0.4": 16.6667}
+    coloured = {"0.025": 20.8333, "0.1": 29.1667, "0.4": 25.0}
+    kept = _row("supervised", 1.0, 31.0, base_lr=0.1, lr_search=coloured, folds=4, num_classes=6,
+                color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 29.1667, "kept": True,
+                             "lr_search": coloured})
+    text = "\n".join(_search_section({"results": [kept]}))
+    assert ("- supervised (100%): no rate learned with crops and flips (best 16.67, within 5 points of chance), so "
+            "the search ran again with the pretraining's colour distortion (strength 1): 0.025: 20.83, 0.1: 29.17, "
+            "0.4: 25.00; so it trains with colour distortion." in text)
+    assert warnings({"results": [kept]}) == []
+    flat = {"0.025": 16.6667, "0.1": 16.6667, "0.4": 12.5}
+    neither = _row("supervised", 1.0, 17.0, base_lr=0.025, lr_search=first, folds=4, num_classes=6,
+                   color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 16.6667, "kept": False,
+                                "lr_search": flat})
+    assert "no better, so it keeps crops and flips." in "\n".join(_search_section({"results": [neither]}))
+    found = warnings({"results": [neither]})
+    assert len(found) == 1 and "(best 16.67, with crops and flips or with colour distortion (best 16.67))" in found[0]
+    assert "colour distortion" not in "\n".join(_search_section({"results": [_row("supervised", 1.0, 31.0,
+                                                                                  base_lr=0.1, lr_search=first)]}))
