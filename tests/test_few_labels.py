@@ -731,3 +731,35 @@ def test_the_baseline_with_colour_strength_distorts_colours_and_fine_tuning_does
             assert 0 < int(moved.sum()) < 64  # jitter and grayscale each apply to some images only
     with pytest.raises(C.ConfigError, match="color_strength must be >= 0"):
         C.validate(C.SupervisedConfig(color_strength=-1.0))
+
+
+@pytest.mark.slow
+def test_a_baseline_on_labels_it_cannot_tell_apart_runs_both_searches_and_keeps_crops(tmp_path: Path) -> None:
+    """The planned baseline, run for real on labelled images that are all one image: every fold
+    scores exactly chance (one class predicted for all), so the search runs again with colour
+    distortion in ``<stage>/color`` (trained, with the strength recorded), ties, and the stage keeps
+    crops and flips."""
+    import shutil
+
+    from simclrv2.pipeline import _run_plan
+    from simclrv2.plan import PipelineConfig, plan_stages
+
+    data = make_layout(tmp_path / "data", per_class=2, unlabeled=4, test=False)
+    one = data / "train" / "c0" / "t0_0.png"
+    for f in sorted((data / "train").rglob("*.png")):
+        if f != one:
+            shutil.copyfile(one, f)
+    pc = C.build(PipelineConfig, {
+        "run_dir": str(tmp_path / "run"), "label_fractions": [1.0], "lr_search": [1.0],
+        "common": {"dataset": "imagefolder", "data_dir": str(data), "model": "r10_0.25x_sk0", "stem": "cifar",
+                   "image_size": 16, "num_workers": 0, "progress": False},
+        "pretrain": {"color_strength": 0.5},
+        "supervised": {"epochs": 1, "batch_size": 4, "min_steps": 2}})
+    plan = next(p for p in plan_stages(pc) if p.stage == "supervised")
+    result, _, _, out_dir = _run_plan(plan, None)
+    retry = result["color_retry"]
+    assert retry["best_without"] == retry["best_with"] == 50.0 and retry["kept"] is False
+    assert result["color_strength"] == 0 and out_dir == str(Path(plan.cfg.run_dir) / "lr_0.05")
+    coloured = json.loads((Path(plan.cfg.run_dir) / "color" / "lr_0.05_fold0" / "metrics.json").read_text())
+    assert coloured["color_strength"] == 0.5 and coloured["val_top1"] == 50.0
+    assert json.loads((Path(plan.cfg.run_dir) / "chosen.json").read_text())["chosen"] == "lr_0.05"
