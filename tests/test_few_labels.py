@@ -681,6 +681,15 @@ def test_a_baseline_that_learned_nothing_searches_again_with_colour_distortion(t
     chosen = json.loads((tmp_path / "b" / "supervised_100pct" / "chosen.json").read_text())
     assert chosen["chosen"] == "color/lr_0.1" and chosen["color_strength"] == 1.0
 
+    assert retry["chance"] == pytest.approx(16.6667) and retry["margin"] == 7.61  # the SE of 16.67 on 24 images, above 5
+    # held-out shapes seed 1: the best rate's folds read 25.00 (6 of 24 images), above chance by less
+    # than the standard error of a top-1 on 24 images (8.84): that learned nothing either
+    unclear = planted_baseline_search(tmp_path / "d", monkeypatch,
+                                      lambda lr, s: (37.5 if lr == 0.1 else 20.0) if s else (25.0 if lr == 0.4 else 12.5))[0]
+    assert unclear["color_retry"]["kept"] and unclear["color_retry"]["margin"] == pytest.approx(8.84)
+    clear = planted_baseline_search(tmp_path / "e", monkeypatch, lambda lr, s: 29.17 if lr == 0.4 else 12.5)[0]
+    assert "color_retry" not in clear  # 29.17 on 24 images: SE 9.28, and 12.50 above chance
+
     neither, ran = planted_baseline_search(tmp_path / "c", monkeypatch, lambda lr, s: 16.6667)
     assert neither["color_retry"]["kept"] is False and neither["color_strength"] == 0
     assert {c.color_strength for c in ran} == {0.0, 1.0} and neither["base_lr"] == 0.025  # a tie: the smaller rate

@@ -162,7 +162,7 @@ class SupervisedConfig(CommonConfig, LabelConfig):
     crop_min_scale: float = 0.08
     # 0: fine-tuning's crop-and-flip views. > 0: SimCLR's colour jitter and grayscale at this
     # strength on them as well (no blur). The pipeline tries the pretraining's strength when no
-    # rate learned anything with crops and flips (pipeline.run_plan)
+    # rate learned anything with crops and flips (pipeline.learned_nothing, run_retry)
     color_strength: float = 0.0
     global_bn: bool = True
 

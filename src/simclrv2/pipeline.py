@@ -236,13 +236,26 @@ def run_folds(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
     return result, round(seconds, 2), all_skipped, plan.fold_plans[-1].cfg.run_dir
 
 
-def learned_nothing(result: dict[str, Any]) -> bool:
-    """Whether every rate of a search scored within the report's chance margin of chance (one in
-    ``num_classes``) on its held-out labels."""
+def chance_margin(result: dict[str, Any]) -> tuple[float, float] | None:
+    """(chance, margin) in points for a search's result: one in ``num_classes``, and how far above it
+    a score must lie to show that something was learned: the report's :data:`CHANCE_MARGIN`, or
+    the standard error of the best score on the ``val_images`` it was scored on where that is
+    larger (24 images cannot tell 25.00 from a chance of 16.67). None without ``num_classes``."""
     from .report import CHANCE_MARGIN
+    from .search import binomial_spread
 
     classes = result.get("num_classes")
-    return bool(classes) and max(result["lr_search"].values()) < 100.0 / classes + CHANCE_MARGIN
+    if not classes:
+        return None
+    images = result.get("val_images") or 0
+    se = binomial_spread(max(result["lr_search"].values()), images) if images else 0.0
+    return 100.0 / classes, max(CHANCE_MARGIN, se)
+
+
+def learned_nothing(result: dict[str, Any]) -> bool:
+    """Whether no rate of a search scored clear of chance on its held-out labels (:func:`chance_margin`)."""
+    bounds = chance_margin(result)
+    return bounds is not None and max(result["lr_search"].values()) < bounds[0] + bounds[1]
 
 
 def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bool],
@@ -256,8 +269,9 @@ def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bo
     r_chosen, r_result, r_seconds, r_skipped = (run_cv_search if plan.folds else run_search)(plan.retry, upstream)
     before, after = max(result["lr_search"].values()), max(r_result["lr_search"].values())
     won = after > before + TIE_POINTS
+    chance, margin = chance_margin(result) or (0.0, 0.0)
     record = {"color_strength": plan.retry.cfg.color_strength, "best_without": before, "best_with": after,
-              "kept": won, "lr_search": r_result["lr_search"]}
+              "kept": won, "lr_search": r_result["lr_search"], "chance": round(chance, 4), "margin": round(margin, 2)}
     if won:
         chosen, result = r_chosen, r_result
         if dist.launch_rank() == 0:  # the stage folder now stands for the coloured run
