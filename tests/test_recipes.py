@@ -654,16 +654,17 @@ def test_report_says_what_the_baseline_search_with_colour_distortion_found():
     coloured = {"0.025": 20.8333, "0.1": 29.1667, "0.4": 25.0}
     kept = _row("supervised", 1.0, 31.0, base_lr=0.1, lr_search=coloured, folds=4, num_classes=6,
                 color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 29.1667, "kept": True,
-                             "lr_search": coloured, "chance": 16.6667, "margin": 7.61})
+                             "lr_search": coloured, "chance": 16.6667, "images": 24, "p_value": 1.0})
     text = "\n".join(_search_section({"results": [kept]}))
-    assert ("- supervised (100%): no rate learned with crops and flips (best 16.67, within 7.61 points of chance, 16.67), so "
+    assert ("- supervised (100%): no rate learned with crops and flips (best 16.67 on 24 held-out images against a chance "
+            "of 16.67; p = 1 over the rates), so "
             "the search ran again with the pretraining's colour distortion (strength 1): 0.025: 20.83, 0.1: 29.17, "
             "0.4: 25.00; so it trains with colour distortion." in text)
     assert warnings({"results": [kept]}) == []
     flat = {"0.025": 16.6667, "0.1": 16.6667, "0.4": 12.5}
     neither = _row("supervised", 1.0, 17.0, base_lr=0.025, lr_search=first, folds=4, num_classes=6,
                    color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 16.6667, "kept": False,
-                                "lr_search": flat, "chance": 16.6667, "margin": 7.61})
+                                "lr_search": flat, "chance": 16.6667, "images": 24, "p_value": 1.0})
     assert "no better, so it keeps crops and flips." in "\n".join(_search_section({"results": [neither]}))
     found = warnings({"results": [neither]})
     assert len(found) == 1 and "(best 16.67, with crops and flips or with colour distortion (best 16.67))" in found[0]

@@ -445,8 +445,8 @@ def _colour_retries(rows: list[dict[str, Any]]) -> list[str]:
         verdict = ("so it trains with colour distortion" if retry["kept"] else
                    "no better, so it keeps crops and flips")
         lines.append(f"- {r['method']} ({_tag(r['label_fraction'])}): no rate learned with crops and flips (best "
-                     f"{retry['best_without']:.2f}, within {retry['margin']:g} points of chance, "
-                     f"{retry['chance']:.2f}), so the search ran "
+                     f"{retry['best_without']:.2f} on {retry['images']} held-out images against a chance of "
+                     f"{retry['chance']:.2f}; p = {retry['p_value']:.2g} over the rates), so the search ran "
                      f"again with the pretraining's colour distortion (strength {retry['color_strength']:g}): "
                      f"{rates}; {verdict}.")
     return ["From random weights, a few labels of objects in random colours can teach colour alone."] + [""] + \
