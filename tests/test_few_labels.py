@@ -667,8 +667,6 @@ def test_a_baseline_that_learned_nothing_searches_again_with_colour_distortion(t
     every rate within 5 points of chance on the folds with crops and flips. The search runs again
     with colour-distorted views and keeps them only where they score better on the same folds; a
     baseline that learned is never searched again."""
-    import json
-
     learned, ran = planted_baseline_search(tmp_path / "a", monkeypatch, lambda lr, s: 40.0 if lr == 0.1 else 30.0)
     assert "color_retry" not in learned and all(c.color_strength == 0 for c in ran)
 
