@@ -137,6 +137,18 @@ SECTIONS = {section: stage.name for stage in STAGES.values() for section in stag
 FRACTION_SECTIONS = tuple(section for stage in STAGES.values() if stage.per_fraction for section in stage.sections)
 
 
+def _with_colour_retry(plan: StagePlan, strength: float, searched: Any) -> StagePlan:
+    """The baseline ``plan`` with its search planned again at colour ``strength`` (pretraining's)
+    in ``<stage>/color`` (``plan.retry``), where it has a search and distorts no colours itself;
+    ``searched(plan, fraction)`` plans a search as ``plan``'s was."""
+    sup = plan.cfg
+    if plan.candidates and sup.color_strength == 0 and strength > 0:
+        coloured = dataclasses.replace(sup, color_strength=strength, run_dir=str(Path(sup.run_dir) / COLOUR_RETRY))
+        plan.retry = searched(StagePlan(f"{plan.name}/{COLOUR_RETRY}", "supervised", coloured, "supervised",
+                                        plan.label_fraction), plan.label_fraction)
+    return plan
+
+
 def check_sections(pc: PipelineConfig) -> None:
     """Every key of ``common``, the stage sections and ``by_fraction`` names a config key of its
     stage with a value of its type; else a one-line :class:`~simclrv2.config.ConfigError`."""
@@ -267,13 +279,8 @@ def plan_stages(pc: PipelineConfig) -> list[StagePlan]:
         sup = _stage_cfg("supervised", pc, run_dir, f"supervised_{tag}", pc.supervised,
                          _fraction_layer(pc, f, "supervised"), {"label_fraction": f, "model": model}, split)
         sup = _typical_from(sup, pre_dir)
-        plan = searched(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), f)
-        if plan.candidates and sup.color_strength == 0 and pre.color_strength > 0:
-            coloured = dataclasses.replace(sup, color_strength=pre.color_strength,
-                                           run_dir=str(Path(sup.run_dir) / COLOUR_RETRY))
-            plan.retry = searched(StagePlan(f"supervised_{tag}/{COLOUR_RETRY}", "supervised", coloured,
-                                            "supervised", f), f)
-        plans.append(plan)
+        plans.append(_with_colour_retry(searched(StagePlan(f"supervised_{tag}", "supervised", sup, "supervised", f), f),
+                                        pre.color_strength, searched))
     if pc.lr_search and not pre.val_fraction > 0 and not few:
         raise C.ConfigError("lr_search needs a validation split to choose on; set common.val_fraction "
                             "(e.g. 0.1), or lr_search=[] to train each stage at its base_lr")
