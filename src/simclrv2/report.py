@@ -137,10 +137,11 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row.get("steps") is not None and row["steps"] < FEW_STEPS:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
     search = [float(v) for v in (row.get("lr_search") or {}).values()]
-    if row["method"] == "supervised" and search and near_chance(row, max(search)):
+    retry = row.get("color_retry")
+    found_nothing = retry is not None and not retry["kept"]  # the pipeline's binomial test said so too
+    if row["method"] == "supervised" and search and (near_chance(row, max(search)) or found_nothing):
         # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
         # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
-        retry = row.get("color_retry")
         tried = (f", with crops and flips or with colour distortion (best {retry['best_with']:.2f})"
                  if retry and not retry["kept"] else "")
         causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}{tried}): "
