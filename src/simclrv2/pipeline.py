@@ -264,21 +264,22 @@ def chance_test(result: dict[str, Any]) -> dict[str, float] | None:
 def learned_nothing(result: dict[str, Any]) -> bool:
     """Whether no rate of a search scored clear of chance on its held-out labels: by less than the
     report's CHANCE_MARGIN points, or by a margin chance alone would often give (:func:`chance_test`)."""
-    from .report import CHANCE_MARGIN
+    from .report import near_chance
 
     test = chance_test(result)
-    return test is not None and (test["best"] < test["chance"] + CHANCE_MARGIN or test["p_value"] >= LEARNED_P)
+    return test is not None and (near_chance(result, test["best"]) or test["p_value"] >= LEARNED_P)
 
 
-def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bool],
-              upstream: str | None) -> tuple[StagePlan, dict[str, Any], float, bool]:
+def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bool], upstream: str | None,
+              search: Any) -> tuple[StagePlan, dict[str, Any], float, bool]:
     """The search of ``plan.retry`` (colour-distorted views) after ``first``, the result of ``plan``'s
     search, learned nothing. The retry's best rate is kept only where its held-out score beats the
     first search's (ties keep crops and flips); ``color_retry`` in the result records both. Returns
-    what :func:`run_search` returns, the seconds of both searches together."""
+    what :func:`run_search` returns, the seconds of both searches together; ``search`` is the
+    search function of ``first`` (:func:`run_search` or :func:`run_cv_search`)."""
     assert plan.retry is not None
     chosen, result, seconds, skipped = first
-    r_chosen, r_result, r_seconds, r_skipped = (run_cv_search if plan.folds else run_search)(plan.retry, upstream)
+    r_chosen, r_result, r_seconds, r_skipped = search(plan.retry, upstream)
     before, after = max(result["lr_search"].values()), max(r_result["lr_search"].values())
     won = after > before + TIE_POINTS
     test = chance_test(result) or {}
@@ -298,9 +299,10 @@ def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bo
 def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], float, bool, str]:
     """One planned stage, its search or its folds; (result, seconds, skipped, the folder that stands for it)."""
     if plan.candidates:
-        searched = (run_cv_search if plan.folds else run_search)(plan, upstream)
+        search = run_cv_search if plan.folds else run_search
+        searched = search(plan, upstream)
         if plan.retry is not None and learned_nothing(searched[1]):
-            searched = run_retry(plan, searched, upstream)
+            searched = run_retry(plan, searched, upstream, search)
         chosen, result, seconds, skipped = searched
         return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir
     if plan.fold_plans:

@@ -142,8 +142,7 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if row["method"] == "supervised" and search and (near_chance(row, max(search)) or found_nothing):
         # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
         # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
-        tried = (f", with crops and flips or with colour distortion (best {retry['best_with']:.2f})"
-                 if retry and not retry["kept"] else "")
+        tried = f", with crops and flips or with colour distortion (best {retry['best_with']:.2f})" if found_nothing else ""
         causes.append(f"no rate of the search learned on the held-out labels (best {max(search):.2f}{tried}): "
                       "from random weights these labels are likely too few for this model; the SimCLRv2 rows "
                       "start from the pretrained encoder")
@@ -450,8 +449,9 @@ def _colour_retries(rows: list[dict[str, Any]]) -> list[str]:
                      f"{retry['chance']:.2f}; p = {retry['p_value']:.2g} over the rates), so the search ran "
                      f"again with the pretraining's colour distortion (strength {retry['color_strength']:g}): "
                      f"{rates}; {verdict}.")
-    return ["From random weights, a few labels of objects in random colours can teach colour alone."] + [""] + \
-        lines + [""] if lines else []
+    if not lines:
+        return []
+    return ["From random weights, a few labels of objects in random colours can teach colour alone.", ""] + lines + [""]
 
 
 def _close_calls(rows: list[dict[str, Any]]) -> list[str]:
