@@ -192,6 +192,33 @@ def test_distill_from_student_init_under_ddp(tmp_path):
     assert head and all(torch.equal(before[k], after[k]) for k in head)
 
 
+def _deadline_worker(rank: int, argv: list[str]) -> int:
+    from simclrv2.cli import main
+    from simclrv2.engine.deadline import Deadline, pretraining_deadline
+
+    # rank 0's clock says the deadline is past, rank 1's that it is an hour away: rank 0 decides
+    end = time.time() + (-1 if rank == 0 else 3600)
+    with pretraining_deadline(Deadline(end, epoch_seconds=1.0, after_seconds=0.0)):
+        return main(argv)
+
+
+def test_a_deadline_cuts_pretraining_on_every_rank_where_rank_0_says_so(tmp_path):
+    """The pipeline's budget deadline (engine.deadline) shortens pretraining at an epoch end; every
+    rank must stop at the same step, or one would wait in a collective the other never joins."""
+    from test_resume import make_image_folder
+
+    from simclrv2 import checkpoint as ckpt
+
+    run = tmp_path / "pre"
+    argv = ["pretrain", "dataset=imagefolder", f"data_dir={make_image_folder(tmp_path / 'images')}",
+            "image_size=16", "num_workers=0", "progress=false", "model=r10_0.25x_sk0", "batch_size=8",
+            "epochs=4", "warmup_epochs=0.5", "knn_every=0", f"run_dir={run}"]
+    for r, got in enumerate(run_ranks(_deadline_worker, tmp_path, argv, timeout=90)):
+        assert got.get("ok") == 0, f"rank {r}: {str(got.get('error', got))[:300]}"
+    # 48 images at batch 8: 6 steps an epoch; cut at the end of the first to one more step
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["step"] == 7
+
+
 # ---------------------------------------------------------------- defect 10: ranks on different devices
 
 

@@ -32,6 +32,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 from .checkpoint import atomic_write_text
+from .engine.deadline import Deadline
 from .plan import FRACTION_SECTIONS, SECTIONS, PipelineConfig, plan_stages, planned_rates
 from .stages import STAGES
 
@@ -80,6 +81,14 @@ def fit_pretraining(pc: PipelineConfig, device: torch.device = CPU) -> dict[str,
     if error is not None:
         raise C.ConfigError(error if dist.is_main() else f"rank 0 stopped: {error}")
     return rec
+
+
+def deadline(rec: dict[str, Any], started: float) -> Deadline:
+    """The end that pretraining keeps (:mod:`~simclrv2.engine.deadline`) for the budget ``rec``
+    fitted from ``started`` (``time.time()``): half of the margin past the planned end, so that a
+    run at the measured pace never meets it, and one that slows down still ends in the budget."""
+    return Deadline(started + rec["budget_minutes"] * 60 * (1 - MARGIN / 2), rec["epoch_seconds"],
+                    rec["other_seconds"])
 
 
 def _read_or_fit(pc: PipelineConfig, device: torch.device) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -233,9 +234,36 @@ class Schedule:
     peak_lr: float
     warmup_steps: int
     total_steps: int
+    # (step, new total) of each time a run was cut short (``engine.deadline``), in order
+    shortened: tuple[tuple[int, int], ...] = ()
 
     def __call__(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+        if not self.shortened or step < self.shortened[0][0]:
+            return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+
+    def shorten(self, at: int, total: int) -> Schedule:
+        """The schedule of a run cut at step ``at`` (after the warmup) to end at ``total``: the same
+        rates before ``at``; from there the cosine goes on from where it was and reaches 0 at
+        ``total`` instead, so the rate has no jump. A pure function of the step, as before."""
+        if at < self.warmup_steps or not at < total < self.end:
+            raise ValueError(f"cannot cut a schedule ending at {self.end} to {total} at step {at}")
+        return dataclasses.replace(self, shortened=(*self.shortened, (at, total)))
+
+    @property
+    def end(self) -> int:
+        """The step at which the rate reaches 0: the total, or the last cut's."""
+        return self.shortened[-1][1] if self.shortened else self.total_steps
+
+    def _progress(self, step: int) -> float:
+        """The cosine's progress (0 after the warmup, 1 at the end) at ``step``, through the cuts."""
+        anchor, progress, end = self.warmup_steps, 0.0, self.total_steps
+        for at, total in self.shortened:
+            if step < at:
+                break
+            progress += (1.0 - progress) * (at - anchor) / max(end - anchor, 1)
+            anchor, end = at, total
+        return min(progress + (1.0 - progress) * (step - anchor) / max(end - anchor, 1), 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

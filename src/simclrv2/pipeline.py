@@ -334,6 +334,8 @@ def _fit_budget(pc: PipelineConfig, device: Any) -> tuple[PipelineConfig, dict[s
 
 
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
+    from .budget import deadline as budget_deadline
+    from .engine.deadline import pretraining_deadline
     from .engine.device import resolve_device
     from .engine.runfolder import check_shared_run_dir, machine_description
 
@@ -346,6 +348,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     # budget's epochs) instead of deciding alone, and they all see one run folder or all stop.
     device = resolve_device(plans[0].cfg.device)
     check_shared_run_dir(run_dir)
+    started = time.time()
     pc, budget = _fit_budget(pc, device)
     if budget is not None:
         plans = plan_stages(pc)
@@ -369,7 +372,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 plan = dataclasses.replace(plan, cfg=dataclasses.replace(
                     plan.cfg, teacher_checkpoint=chosen_dirs[plan.upstream]))
             upstream = prints[plan.upstream] if plan.upstream else None
-            with position(f"[{i}/{len(plans)}] {plan.name}"):  # the stage's progress bar or lines say where it is
+            end = budget_deadline(budget, started) if budget is not None and plan.stage == "pretrain" else None
+            with position(f"[{i}/{len(plans)}] {plan.name}"), pretraining_deadline(end):  # where the bar or lines are
                 result, seconds, skipped, out_dir = _run_plan(plan, upstream)
             if plan.candidates:
                 chosen_dirs[plan.name] = out_dir
@@ -388,6 +392,8 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 early = knn_first_half(knn_curve(pretraining_metrics(Path(out_dir)))) if out_dir else None
                 pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
                               "knn_top1": result.get("knn_top1"), "knn_first_half": early}
+                if "shortened" in result:  # the deadline cut it: the epochs it ran
+                    pretrained.update(epochs=round(result["shortened"]["epochs"], 4), planned_epochs=plan.cfg.epochs)
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),

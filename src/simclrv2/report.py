@@ -567,6 +567,9 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         if budget and "native_image_size" in budget:
             chosen += (f"; every stage trained at {budget['image_size']} px, as the images' own "
                        f"{budget['native_image_size']} px would not fit")
+        if pre.get("planned_epochs") is not None:
+            chosen += (f"; the budget had planned {pre['planned_epochs']:g} epochs, and pretraining ended early "
+                       "because this machine ran slower than measured at the start")
         lines += [f"Pretraining: {pre['epochs']:g} epochs, {pre['steps']} steps{knn}{chosen}.", ""]
     lines += ["| Stage | Seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in out["stages"].items()]

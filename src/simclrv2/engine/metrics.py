@@ -111,6 +111,10 @@ class TrainLog:
         self.progress.metrics(done, self.last["loss"], lr, rec["images_per_s"])
         self.sums, self.count, self.t0 = {}, 0, time.time()
 
+    def shorten(self, total: int) -> None:
+        """The run now ends at ``total`` steps (a deadline cut it): the progress bar follows."""
+        self.progress.shorten(total)
+
     def extra(self, done: int, metrics: dict[str, float]) -> None:
         """Metrics of an epoch end (the kNN monitor), in their own record."""
         if metrics:

@@ -8,6 +8,8 @@ and a kNN monitor on the validation split show progress without shaping the repr
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,10 @@ from ..data.base import ImageDataset
 from ..losses import nt_xent
 from ..memory import MomentumMemory
 from ..optim import Schedule, build_optimizer, set_lr
-from . import gradcache
+from . import deadline, gradcache
 from .batches import BatchSource, StepPlan, crop_spec, image_size_of, open_split
 from .checkpointer import Checkpointer
+from .deadline import ScheduleCuts
 from .device import (
     augment,
     autocast,
@@ -123,12 +126,18 @@ class PretrainParts:
 
 def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Tensor, plan: StepPlan,
            schedule: Schedule, meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``."""
+    """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``, which a
+    :mod:`~simclrv2.engine.deadline` may shorten (``plan`` then holds the new length)."""
     scaler = grad_scaler(cfg.precision, device)
+    cuts = ScheduleCuts()
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
-    checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta, extra)
+    checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta,
+                                dict(extra, schedule=cuts))
     start = checkpointer.resume()
+    for at, total in cuts.cuts:  # a resumed run that was cut goes on with the shortened schedule
+        schedule, plan.total_steps = schedule.shorten(at, total), total
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
+    clock = _Clock(deadline.current(), start, plan.total_steps)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
     for step, (x, y) in zip(range(start, plan.total_steps), batches):
         lr = schedule(step)
@@ -140,11 +149,49 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
             log.write(done, lr)
         if plan.is_epoch_end(done) and p.monitor is not None:
             log.extra(done, p.monitor.measure(p.model, done // plan.steps_per_epoch, done == plan.total_steps))
+        total = clock.steps_that_fit(done, plan, schedule)
+        if total < plan.total_steps:
+            schedule, plan.total_steps = schedule.shorten(done, total), total
+            cuts.cuts.append((done, total))
+            log.shorten(total)
         checkpointer.save_if_due(done)
+        if done >= plan.total_steps:
+            break
     batches.close()  # stops the workers
     last = log.close(p.source)
+    if cuts.cuts:
+        last["shortened"] = {"planned_epochs": schedule.total_steps / plan.steps_per_epoch,
+                             "epochs": plan.total_steps / plan.steps_per_epoch, "cuts": [list(c) for c in cuts.cuts]}
     dist.barrier()
     return last
+
+
+class _Clock:
+    """The pace of this process's steps, and the deadline's answer to it at epoch ends."""
+
+    def __init__(self, end: deadline.Deadline | None, start: int, planned: int) -> None:
+        self.deadline, self.start, self.planned = end, start, planned
+        self.t0 = time.time()
+
+    def steps_that_fit(self, done: int, plan: StepPlan, schedule: Schedule) -> int:
+        """``plan.total_steps``, or fewer where the deadline says so. Asked at epoch ends past the
+        warmup, once a tenth of the steps left at the start has run (the first steps' pace is not
+        the run's); rank 0 answers for every process."""
+        ran = done - self.start
+        if (self.deadline is None or not plan.is_epoch_end(done) or done >= plan.total_steps
+                or done < schedule.warmup_steps or ran < max(1, (self.planned - self.start) // 10)):
+            return plan.total_steps
+        total = plan.total_steps
+        if dist.is_main():
+            now = time.time()
+            pace = (now - self.t0) / ran
+            total = self.deadline.steps_that_fit(done, plan.total_steps, pace, plan.steps_per_epoch, now)
+            if total < plan.total_steps:
+                print(f"pretrain: {pace * plan.steps_per_epoch:.1f} s an epoch where the budget measured "
+                      f"{self.deadline.epoch_seconds:.1f}; ending at epoch {total / plan.steps_per_epoch:.2f} "
+                      f"instead of {plan.total_steps / plan.steps_per_epoch:g} to end within budget_minutes",
+                      file=sys.stderr, flush=True)
+        return dist.broadcast_object(total)
 
 
 def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor, lr: float,

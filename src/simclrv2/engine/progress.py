@@ -96,6 +96,13 @@ class Progress:
         else:
             print(line, file=self.stream, flush=True)
 
+    def shorten(self, total: int) -> None:
+        """The loop now ends at ``total`` steps."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
