@@ -65,7 +65,8 @@ def test_the_deadline_keeps_the_steps_that_end_in_time():
     # 10 steps an epoch, the budget measured 10 s an epoch and 100 s for the later stages
     d = Deadline(end=1000.0, epoch_seconds=10.0, after_seconds=100.0)
     assert d.steps_that_fit(100, 500, 1.0, 10, now=500.0) == 500  # on pace: 400 s + 100 s end at 1000
-    assert d.steps_that_fit(100, 500, 1.0, 10, now=501.0) == 499
+    assert d.steps_that_fit(100, 500, 1.0, 10, now=504.0) == 500  # 4 steps over: under half an epoch
+    assert d.steps_that_fit(100, 500, 1.0, 10, now=505.0) == 495
     # 1.5x slower: 1.5 x 100 s for the later stages leaves 350 s, 233 steps at 1.5 s
     assert d.steps_that_fit(100, 500, 1.5, 10, now=500.0) == 100 + 233
     assert d.steps_that_fit(100, 2000, 0.5, 10, now=500.0) == 100 + 800  # never assumed faster later

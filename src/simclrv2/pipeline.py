@@ -393,7 +393,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
                 pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
                               "knn_top1": result.get("knn_top1"), "knn_first_half": early}
                 if "shortened" in result:  # the deadline cut it: the epochs it ran
-                    pretrained.update(epochs=round(result["shortened"]["epochs"], 4), planned_epochs=plan.cfg.epochs)
+                    pretrained.update(epochs=round(result["shortened"]["epochs"], 2), planned_epochs=plan.cfg.epochs)
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),

@@ -40,10 +40,13 @@ class Deadline:
         ``step_seconds`` a step from here on (the pace so far, the kNN monitor and checkpoints
         included, as the budget's epoch estimate includes the monitor). The later stages are
         assumed as much slower than the budget's estimate as pretraining is (never faster). At
-        least one more step."""
+        least one more step; and ``total`` itself where less than half an epoch would not fit, so
+        that the pace's jitter does not cut a run by a few steps at every epoch end (the deadline
+        keeps half the budget's margin, so half an epoch past it still ends within the budget)."""
         slower = max(1.0, step_seconds * steps_per_epoch / self.epoch_seconds)
         left = self.end - now - slower * self.after_seconds
-        return min(total, done + max(1, math.floor(left / step_seconds)))
+        fit = done + max(1, math.floor(left / step_seconds))
+        return total if total - fit < steps_per_epoch / 2 else fit
 
 
 @contextlib.contextmanager

@@ -189,7 +189,7 @@ class _Clock:
             if total < plan.total_steps:
                 print(f"pretrain: {pace * plan.steps_per_epoch:.1f} s an epoch where the budget measured "
                       f"{self.deadline.epoch_seconds:.1f}; ending at epoch {total / plan.steps_per_epoch:.2f} "
-                      f"instead of {plan.total_steps / plan.steps_per_epoch:g} to end within budget_minutes",
+                      f"instead of {plan.total_steps / plan.steps_per_epoch:.2f} to end within budget_minutes",
                       file=sys.stderr, flush=True)
         return dist.broadcast_object(total)
 
