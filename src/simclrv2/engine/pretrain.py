@@ -159,6 +159,7 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
             break
     batches.close()  # stops the workers
     last = log.close(p.source)
+    clock.close(plan, schedule)
     if cuts.cuts:
         last["shortened"] = {"planned_epochs": schedule.total_steps / plan.steps_per_epoch,
                              "epochs": plan.total_steps / plan.steps_per_epoch, "cuts": [list(c) for c in cuts.cuts]}
@@ -171,7 +172,7 @@ class _Clock:
 
     def __init__(self, end: deadline.Deadline | None, start: int, planned: int) -> None:
         self.deadline, self.start, self.planned = end, start, planned
-        self.t0 = time.time()
+        self.t0, self.cuts = time.time(), 0
 
     def steps_that_fit(self, done: int, plan: StepPlan, schedule: Schedule) -> int:
         """``plan.total_steps``, or fewer where the deadline says so. Asked at epoch ends past the
@@ -186,12 +187,20 @@ class _Clock:
             now = time.time()
             pace = (now - self.t0) / ran
             total = self.deadline.steps_that_fit(done, plan.total_steps, pace, plan.steps_per_epoch, now)
-            if total < plan.total_steps:
+            if total < plan.total_steps and not self.cuts:  # later cuts: one line at the end (close)
                 print(f"pretrain: {pace * plan.steps_per_epoch:.1f} s an epoch where the budget measured "
                       f"{self.deadline.epoch_seconds:.1f}; ending at epoch {total / plan.steps_per_epoch:.2f} "
                       f"instead of {plan.total_steps / plan.steps_per_epoch:.2f} to end within budget_minutes",
                       file=sys.stderr, flush=True)
-        return dist.broadcast_object(total)
+        total = dist.broadcast_object(total)
+        self.cuts += total < plan.total_steps
+        return total
+
+    def close(self, plan: StepPlan, schedule: Schedule) -> None:
+        if self.cuts > 1 and dist.is_main():
+            print(f"pretrain: ended at epoch {plan.total_steps / plan.steps_per_epoch:.2f} of the "
+                  f"{schedule.total_steps / plan.steps_per_epoch:.2f} planned, cut {self.cuts} times as the "
+                  "pace kept falling, to end within budget_minutes", file=sys.stderr, flush=True)
 
 
 def train_step(cfg: PretrainConfig, p: PretrainParts, views: torch.Tensor, y: torch.Tensor, lr: float,
