@@ -37,7 +37,7 @@ class Deadline:
 
     def steps_that_fit(self, done: int, total: int, step_seconds: float, steps_per_epoch: int, now: float) -> int:
         """The total steps (at most ``total``) that end by :attr:`end`, ``done`` steps in, at
-        ``step_seconds`` a step from here on (the pace so far, the kNN monitor and checkpoints
+        ``step_seconds`` a step from here on (the recent pace, the kNN monitor and checkpoints
         included, as the budget's epoch estimate includes the monitor). The later stages are
         assumed as much slower than the budget's estimate as pretraining is (never faster). At
         least one more step; and ``total`` itself where less than half an epoch would not fit, so

@@ -168,24 +168,29 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
 
 
 class _Clock:
-    """The pace of this process's steps, and the deadline's answer to it at epoch ends."""
+    """The pace of this process's recent steps, and the deadline's answer to it at epoch ends."""
 
     def __init__(self, end: deadline.Deadline | None, start: int, planned: int) -> None:
         self.deadline, self.start, self.planned = end, start, planned
-        self.t0, self.cuts = time.time(), 0
+        self.marks = [(start, time.time())]  # (steps done, time) at each epoch end
+        self.cuts = 0
 
     def steps_that_fit(self, done: int, plan: StepPlan, schedule: Schedule) -> int:
         """``plan.total_steps``, or fewer where the deadline says so. Asked at epoch ends past the
-        warmup, once a tenth of the steps left at the start has run (the first steps' pace is not
-        the run's); rank 0 answers for every process."""
-        ran = done - self.start
-        if (self.deadline is None or not plan.is_epoch_end(done) or done >= plan.total_steps
-                or done < schedule.warmup_steps or ran < max(1, (self.planned - self.start) // 10)):
+        warmup, at the pace of the last tenth of the steps planned at the start (at least an
+        epoch): recent enough to see a machine slow down, long enough not to chase one slow step.
+        Rank 0 answers for every process."""
+        if self.deadline is None or not plan.is_epoch_end(done):
+            return plan.total_steps
+        now = time.time()
+        self.marks.append((done, now))
+        window = max(plan.steps_per_epoch, (self.planned - self.start) // 10)
+        if done >= plan.total_steps or done < schedule.warmup_steps or done - self.start < window:
             return plan.total_steps
         total = plan.total_steps
         if dist.is_main():
-            now = time.time()
-            pace = (now - self.t0) / ran
+            since, then = next((d, t) for d, t in reversed(self.marks) if done - d >= window)
+            pace = (now - then) / (done - since)
             total = self.deadline.steps_that_fit(done, plan.total_steps, pace, plan.steps_per_epoch, now)
             if total < plan.total_steps and not self.cuts:  # later cuts: one line at the end (close)
                 print(f"pretrain: {pace * plan.steps_per_epoch:.1f} s an epoch where the budget measured "
