@@ -4,7 +4,7 @@ The budget sizes pretraining from step times measured in the run's first minute.
 then slows down (another job, a noisy neighbour of a VM, heat) would carry the pipeline past its
 budget: a demo measured at 23.4 s an epoch ran at 30, and ended at 955 s of a 900 s budget
 (docs/EXPERIMENTS.md, "The demo on a fresh clone of e7586f4"). So the pipeline gives pretraining a
-:class:`Deadline`, and at epoch ends pretraining compares its own pace with the budget's estimate:
+:class:`Deadline`, and at epoch ends pretraining compares its recent pace with the budget's estimate:
 
 - the steps left at the measured pace, plus the later stages' estimate slowed by the same ratio,
   must end by the deadline;
