@@ -78,11 +78,11 @@ def images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("deadline"))
 
 
-def pretrain(images: Path, run_dir: Path, deadline: Deadline | None) -> None:
+def pretrain(images: Path, run_dir: Path, deadline: Deadline | None, *extra: str) -> None:
     # 48 images at batch 8: 6 steps an epoch, 4 epochs = 24 steps, a warmup of 3
     args = ["pretrain", "model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={images}", "image_size=16",
             "num_workers=0", "progress=false", "batch_size=8", "epochs=4", "warmup_epochs=0.5", "knn_every=1",
-            "log_every=1", "checkpoint_every=3", f"run_dir={run_dir}"]
+            "log_every=1", "checkpoint_every=3", f"run_dir={run_dir}", *extra]
     with pretraining_deadline(deadline):
         assert main(args) == 0
     assert current() is None
@@ -110,6 +110,8 @@ def test_pretraining_past_its_deadline_ends_early_and_resumes_on_the_shortened_s
     shutil.copytree(cut, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000007")
     (resumed / "summary.json").unlink()
+    pretrain(images, resumed, None, "max_steps=6")  # a cap below the cut's end still holds
+    assert ckpt.latest_checkpoint(resumed).name == "step-00000006"
     pretrain(images, resumed, None)
     assert_same_checkpoint(ckpt.latest_checkpoint(cut), ckpt.latest_checkpoint(resumed))
     # a deadline far away changes nothing

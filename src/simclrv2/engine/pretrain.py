@@ -135,7 +135,7 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
                                 dict(extra, schedule=cuts))
     start = checkpointer.resume()
     for at, total in cuts.cuts:  # a resumed run that was cut goes on with the shortened schedule
-        schedule, plan.total_steps = schedule.shorten(at, total), total
+        schedule, plan.total_steps = schedule.shorten(at, total), min(plan.total_steps, total)  # max_steps holds
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
     clock = _Clock(deadline.current(), start, plan.total_steps)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
