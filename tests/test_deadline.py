@@ -88,9 +88,17 @@ def pretrain(images: Path, run_dir: Path, deadline: Deadline | None, *extra: str
     assert current() is None
 
 
-@pytest.mark.slow
-def test_pretraining_past_its_deadline_ends_early_and_resumes_on_the_shortened_schedule(images, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    # one intra-op thread: bitwise comparisons within a process (as in test_resume)
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_pretraining_past_its_deadline_ends_early_and_resumes_on_the_shortened_schedule(images, tmp_path, capsys,
+                                                                                        one_thread):
     past = Deadline(end=time.time() - 1, epoch_seconds=1.0, after_seconds=0.0)
     cut = tmp_path / "cut"
     pretrain(images, cut, past)
