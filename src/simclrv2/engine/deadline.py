@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..optim import Schedule
+
 _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("simclrv2_deadline", default=None)
 
 
@@ -64,14 +66,17 @@ def current() -> Deadline | None:
 
 
 class ScheduleCuts:
-    """The checkpointed record of the cuts, ``(step, new total)`` pairs (a checkpoint extra)."""
+    """A run's schedule as a checkpoint extra: its state is the schedule's cuts
+    (:attr:`~simclrv2.optim.Schedule.shortened`), and loading it cuts the planned schedule again."""
 
-    def __init__(self) -> None:
-        self.cuts: list[tuple[int, int]] = []
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"cuts": torch.tensor(self.cuts, dtype=torch.int64)} if self.cuts else {}
+        cuts = self.schedule.shortened
+        return {"cuts": torch.tensor(cuts, dtype=torch.int64)} if cuts else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         cuts = state.get("cuts")
-        self.cuts = [] if cuts is None else [(int(a), int(b)) for a, b in cuts.tolist()]
+        for at, total in [] if cuts is None else cuts.tolist():
+            self.schedule = self.schedule.shorten(int(at), int(total))

@@ -129,13 +129,13 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
     """The step loop, from the newest checkpoint (or step 0) to ``plan.total_steps``, which a
     :mod:`~simclrv2.engine.deadline` may shorten (``plan`` then holds the new length)."""
     scaler = grad_scaler(cfg.precision, device)
-    cuts = ScheduleCuts()
+    cuts = ScheduleCuts(schedule)
     extra = {name: obj for name, obj in (("memory", p.memory), ("probe", p.probe)) if obj is not None}
     checkpointer = Checkpointer("pretrain", cfg, run_dir, plan, p.model, p.optimizer, scaler, meta,
                                 dict(extra, schedule=cuts))
     start = checkpointer.resume()
-    for at, total in cuts.cuts:  # a resumed run that was cut goes on with the shortened schedule
-        schedule, plan.total_steps = schedule.shorten(at, total), min(plan.total_steps, total)  # max_steps holds
+    schedule = cuts.schedule  # a resumed run that was cut goes on with the shortened schedule
+    plan.total_steps = min(plan.total_steps, schedule.end)  # and a max_steps cap below its end holds
     log = TrainLog("pretrain", cfg, run_dir, plan, start, device)
     clock = _Clock(deadline.current(), start, plan.total_steps)
     batches = p.source.train_batches(plan.steps(pool, cfg.seed, start), crop_spec(p.aug), 2, cfg.seed)
@@ -151,8 +151,8 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
             log.extra(done, p.monitor.measure(p.model, done // plan.steps_per_epoch, done == plan.total_steps))
         total = clock.steps_that_fit(done, plan, schedule)
         if total < plan.total_steps:
-            schedule, plan.total_steps = schedule.shorten(done, total), total
-            cuts.cuts.append((done, total))
+            schedule = cuts.schedule = schedule.shorten(done, total)
+            plan.total_steps = total
             log.shorten(total)
         checkpointer.save_if_due(done)
         if done >= plan.total_steps:
@@ -160,9 +160,10 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
     batches.close()  # stops the workers
     last = log.close(p.source)
     clock.close(plan, schedule)
-    if cuts.cuts:
+    if schedule.shortened:
         last["shortened"] = {"planned_epochs": schedule.total_steps / plan.steps_per_epoch,
-                             "epochs": plan.total_steps / plan.steps_per_epoch, "cuts": [list(c) for c in cuts.cuts]}
+                             "epochs": plan.total_steps / plan.steps_per_epoch,
+                             "cuts": [list(c) for c in schedule.shortened]}
     dist.barrier()
     return last
 
