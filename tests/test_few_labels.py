@@ -722,25 +722,26 @@ def test_the_baseline_plan_holds_a_colour_retry_at_the_pretraining_strength(tmp_
     assert baseline(2, color_strength=1.0).retry is None
 
 
-def test_the_baseline_with_colour_strength_distorts_colours_and_fine_tuning_does_not() -> None:
-    """The baseline's training view: crops and flips alone at color_strength 0 (as fine-tuning's),
+@pytest.mark.parametrize("stage", [C.SupervisedConfig, C.FinetuneConfig])
+def test_a_classifier_with_colour_strength_distorts_colours_and_without_does_not(stage) -> None:
+    """The baseline's and fine-tuning's training view: crops and flips alone at color_strength 0,
     colour jitter and grayscale on them as well above it. Solid red images keep their colour
     through the first and lose it in some of the second."""
     import torch
 
-    from simclrv2.engine.supervised import training_view
+    from simclrv2.engine.classify import training_view
 
     red = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
     red[:, 0] = 200
     for strength, changed in ((0.0, False), (1.0, True)):
-        view = training_view(C.SupervisedConfig(color_strength=strength, crop_min_scale=0.5), 16)
+        view = training_view(stage(color_strength=strength, crop_min_scale=0.5), 16)
         out = view(red, generator=torch.Generator().manual_seed(0))
         moved = (out - out.new_tensor([200 / 255, 0, 0]).view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)) > 0.02
         assert bool(moved.any()) is changed
         if changed:
             assert 0 < int(moved.sum()) < 64  # jitter and grayscale each apply to some images only
     with pytest.raises(C.ConfigError, match="color_strength must be >= 0"):
-        C.validate(C.SupervisedConfig(color_strength=-1.0))
+        C.validate(stage(color_strength=-1.0))
 
 
 @pytest.mark.slow
@@ -773,3 +774,26 @@ def test_a_baseline_on_labels_it_cannot_tell_apart_runs_both_searches_and_keeps_
     coloured = json.loads((Path(plan.cfg.run_dir) / "color" / "lr_0.05_fold0" / "metrics.json").read_text())
     assert coloured["color_strength"] == 0.5 and coloured["val_top1"] == 50.0
     assert json.loads((Path(plan.cfg.run_dir) / "chosen.json").read_text())["chosen"] == "lr_0.05"
+
+
+@pytest.mark.slow
+def test_fine_tuning_trains_on_the_view_its_colour_strength_asks_for(two_labels: tuple[Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view fine-tuning hands its step loop, from the pipeline's own encoder: colour-distorted
+    at color_strength > 0, crops and flips alone at 0; metrics.json records the strength."""
+    import simclrv2.engine.finetune as ft
+    from simclrv2.data.augment import CropFlipAugment, SimCLRAugment
+
+    data, run = two_labels
+    seen = []
+    real = ft.train_classifier
+    monkeypatch.setattr(ft, "train_classifier", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
+    for strength, view in ((0.5, SimCLRAugment), (0.0, CropFlipAugment)):
+        cfg = C.load_config(C.FinetuneConfig, None, [
+            f"data_dir={data}", "dataset=imagefolder", f"init_checkpoint={run / 'pretrain'}", "image_size=16",
+            "model=r10_0.25x_sk0", "stem=cifar", "epochs=1", "batch_size=8", "min_steps=2", "num_workers=0",
+            "progress=false", "label_fraction=1.0", "val_fraction=0", f"run_dir={run.parent / f'ft_colour_{strength}'}",
+            f"color_strength={strength}"])
+        metrics = ft.run(cfg, test=False)
+        assert type(seen[-1]) is view and metrics["color_strength"] == strength
+        assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["color_strength"] == strength

@@ -142,6 +142,9 @@ class FinetuneConfig(CommonConfig, LabelConfig):
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
     crop_min_scale: float = 0.08
+    # 0: crop-and-flip views (the paper). > 0: SimCLR's colour jitter and grayscale at this strength
+    # on them as well (no blur), as the baseline's color_strength
+    color_strength: float = 0.0
     zero_init_classifier: bool = True
     global_bn: bool = True
 
@@ -467,7 +470,7 @@ def validate(cfg: Any) -> None:
             "the exact large-batch loss through a gradient cache), or memory.enabled=true for a queue of negatives",
         )
         need(cfg.chunk_size >= 0, f"chunk_size must be >= 0 (0 = off), got {cfg.chunk_size}")
-    if isinstance(cfg, (PretrainConfig, SupervisedConfig)):
+    if isinstance(cfg, (PretrainConfig, SupervisedConfig, FinetuneConfig)):
         need(cfg.color_strength >= 0.0, f"color_strength must be >= 0 (0 = none), got {cfg.color_strength}")
     if isinstance(cfg, LinearEvalConfig):
         need(cfg.method in ("cached", "sgd"), f"method must be cached or sgd, got '{cfg.method}'")

@@ -23,12 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
-from ..data.augment import CropFlipAugment
+from ..data.augment import CropFlipAugment, SimCLRAugment
 from ..optim import Schedule, set_lr
 from .batches import BatchSource, StepPlan, crop_spec
 from .checkpointer import Checkpointer
 from .device import augment, autocast, step_generator
 from .metrics import TrainLog
+
+
+def training_view(cfg: Any, size: int) -> CropFlipAugment | SimCLRAugment:
+    """A classifier's training view (fine-tuning, the baseline): crop and flip, colour-distorted too
+    where ``cfg.color_strength`` > 0 (SimCLR's jitter and grayscale, no blur)."""
+    crop = (cfg.crop_min_scale, 1.0)
+    if cfg.color_strength > 0:
+        return SimCLRAugment(size, color_strength=cfg.color_strength, blur=False, crop_scale=crop)
+    return CropFlipAugment(size, crop_scale=crop)
 
 
 def classifier_step(train_module: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -15,12 +15,11 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import CommonConfig, FinetuneConfig
-from ..data.augment import CropFlipAugment
 from ..modelfile import load_model
 from ..models import SimCLRModel
 from ..optim import build_optimizer
 from .batches import StepPlan, image_size_of, open_split
-from .classify import train_classifier
+from .classify import train_classifier, training_view
 from .device import resolve_device, seed_everything
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
@@ -55,13 +54,13 @@ def run(cfg: FinetuneConfig, test: bool = True) -> dict[str, Any]:
     plan = StepPlan.make(len(labelled), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.min_steps)
     schedule = plan.schedule(cfg.base_lr, cfg.lr_scaling, cfg.warmup_epochs)
     optimizer = build_optimizer(cfg.optimizer, trainable, schedule.peak_lr, cfg.weight_decay)
-    aug = CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+    aug = training_view(cfg, size)
     meta = model_meta(model, ds, image_size=size, init_checkpoint=cfg.init_checkpoint)
     train_classifier("finetune", cfg, model, train_module, optimizer, aug, source, labelled, plan, schedule,
                      run_dir, meta)
     metrics: dict[str, Any] = dict(stage="finetune", model=model.name, label_fraction=cfg.label_fraction,
                                    labelled_images=len(labelled), steps=plan.total_steps, peak_lr=schedule.peak_lr,
-                                   **selection_metrics(cfg, ds, labelled))
+                                   color_strength=cfg.color_strength, **selection_metrics(cfg, ds, labelled))
     return evaluate_stage(cfg, model, ds, source, size, run_dir, metrics, test)
 
 

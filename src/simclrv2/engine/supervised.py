@@ -13,23 +13,14 @@ from typing import Any
 import torch
 
 from ..config import SupervisedConfig
-from ..data.augment import CropFlipAugment, SimCLRAugment
 from ..optim import build_optimizer
 from .batches import StepPlan, image_size_of, open_split
-from .classify import train_classifier
+from .classify import train_classifier, training_view
 from .device import resolve_device, seed_everything
 from .evaluate import evaluate_stage
 from .labels import labelled_subset, selection_metrics
 from .models import distribute, model_meta, new_model
 from .runfolder import prepare_run_dir
-
-
-def training_view(cfg: SupervisedConfig, size: int) -> CropFlipAugment | SimCLRAugment:
-    """The baseline's training view: crop and flip, colour-distorted too where ``color_strength`` > 0."""
-    crop = (cfg.crop_min_scale, 1.0)
-    if cfg.color_strength > 0:
-        return SimCLRAugment(size, color_strength=cfg.color_strength, blur=False, crop_scale=crop)
-    return CropFlipAugment(size, crop_scale=crop)
 
 
 def run(cfg: SupervisedConfig, test: bool = True) -> dict[str, Any]:
