@@ -359,7 +359,7 @@ def test_budget_trains_smaller_images_rather_than_fewer_steps(tmp_path, monkeypa
                         0.06 * (self.image_size(cfg) / 32) ** 2)
     monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
     values = yaml.safe_load(DEMO.read_text())
-    values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.1], budget_minutes=9, embedding_points=0,
+    values.update(run_dir=str(tmp_path / "run"), label_fractions=[0.1], budget_minutes=10, embedding_points=0,
                   small_student="")
     values["common"].update(dataset="imagefolder", data_dir=str(root), model=MODEL)
     pc = C.build(PipelineConfig, values)
@@ -646,31 +646,43 @@ def test_report_names_the_searches_that_their_held_out_images_cannot_decide():
 
 
 def test_report_says_what_the_baseline_search_with_colour_distortion_found():
-    """The baseline's second search (pipeline.run_retry): the report gives both searches' best and
-    whether colour distortion was kept; the chance warning names both when neither learned."""
+    """The baseline's two searches (pipeline.run_retry): the report gives both searches' best and
+    which one it kept; the chance warning names both when the kept one learned nothing."""
     from simclrv2.report import _search_section
 
     first = {"0.025": 8.3333, "0.1": 12.5, "0.4": 16.6667}
     coloured = {"0.025": 20.8333, "0.1": 29.1667, "0.4": 25.0}
     kept = _row("supervised", 1.0, 31.0, base_lr=0.1, lr_search=coloured, folds=4, num_classes=6,
                 color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 29.1667, "kept": True,
-                             "lr_search": coloured, "chance": 16.6667, "images": 24, "p_value": 1.0})
+                             "lr_search": coloured, "chance": 16.6667, "images": 24, "p_value": 1.0,
+                             "learned_nothing": False})
     text = "\n".join(_search_section({"results": [kept]}))
-    assert ("- supervised (100%): no rate learned with crops and flips (best 16.67 on 24 held-out images against a chance "
-            "of 16.67; p = 1 over the rates), so "
-            "the search ran again with the pretraining's colour distortion (strength 1): 0.025: 20.83, 0.1: 29.17, "
-            "0.4: 25.00; so it trains with colour distortion." in text)
+    assert ("- supervised (100%): best 16.67 with crops and flips on 24 held-out images; with the pretraining's "
+            "colour distortion (strength 1) 0.025: 20.83, 0.1: 29.17, 0.4: 25.00; so it trains with colour "
+            "distortion." in text)
+    assert text.count("The baseline searched its rates twice") == 1
     assert warnings({"results": [kept]}) == []
+    # grey textures: colour distortion removes what tells the classes apart, and crops and flips stay
+    plain = _row("supervised", 1.0, 70.0, base_lr=0.1, lr_search={"0.025": 65.0, "0.1": 72.5}, folds=4,
+                 num_classes=8, color_retry={"color_strength": 1.0, "best_without": 72.5, "best_with": 55.0,
+                                             "kept": False, "lr_search": {"0.025": 55.0, "0.1": 47.5},
+                                             "learned_nothing": False})
+    text = "\n".join(_search_section({"results": [plain]}))
+    assert "best 72.50 with crops and flips; with the pretraining's colour distortion (strength 1) " in text
+    assert "0.025: 55.00, 0.1: 47.50; so it keeps crops and flips." in text
+    assert warnings({"results": [plain]}) == []
     flat = {"0.025": 16.6667, "0.1": 16.6667, "0.4": 12.5}
     neither = _row("supervised", 1.0, 17.0, base_lr=0.025, lr_search=first, folds=4, num_classes=6,
                    color_retry={"color_strength": 1.0, "best_without": 16.6667, "best_with": 16.6667, "kept": False,
-                                "lr_search": flat, "chance": 16.6667, "images": 24, "p_value": 1.0})
-    assert "no better, so it keeps crops and flips." in "\n".join(_search_section({"results": [neither]}))
+                                "lr_search": flat, "chance": 16.6667, "images": 24, "p_value": 1.0,
+                                "learned_nothing": True})
+    assert "so it keeps crops and flips." in "\n".join(_search_section({"results": [neither]}))
     found = warnings({"results": [neither]})
-    assert len(found) == 1 and "(best 16.67, with crops and flips or with colour distortion (best 16.67))" in found[0]
+    assert len(found) == 1 and "(best 16.67, with crops and flips 16.67, with colour distortion 16.67)" in found[0]
     # held-out shapes seed 2: 29.17 on the folds, 5 points over chance but not by the binomial test
-    unclear = dict(neither, lr_search={"0.025": 20.8333, "0.1": 29.1667, "0.4": 16.6667})
+    unclear = dict(neither, lr_search={"0.025": 20.8333, "0.1": 29.1667, "0.4": 16.6667},
+                   color_retry=dict(neither["color_retry"], best_without=29.1667))
     found = warnings({"results": [unclear]})
-    assert len(found) == 1 and "(best 29.17, with crops and flips or with colour distortion" in found[0]
+    assert len(found) == 1 and "(best 29.17, with crops and flips 29.17, with colour distortion 16.67)" in found[0]
     assert "colour distortion" not in "\n".join(_search_section({"results": [_row("supervised", 1.0, 31.0,
                                                                                   base_lr=0.1, lr_search=first)]}))

@@ -303,17 +303,19 @@ class _StepTimer:
         for the student's loss (the same passes; distillation keeps its own loop), plus the
         student's own view where ``student_view`` is ``strong``."""
         from .data.augment import CropFlipAugment
-        from .engine.classify import classifier_step
+        from .engine.classify import classifier_step, training_view
         from .engine.device import grad_scaler
         from .engine.distill import student_augment
         from .optim import build_optimizer
 
         strong = teacher_cfg is not None and cfg.student_view != "same"  # auto: timed as strong, the dearer
+        colour = getattr(cfg, "color_strength", 0.0) if teacher_cfg is None else 0.0  # a classifier's own view
         key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong)
+               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong, colour)
         if key in self._cache:
             return self._cache[key]
-        aug = CropFlipAugment(self._image_size_of(cfg, self.sizes.train), crop_scale=(cfg.crop_min_scale, 1.0))
+        size = self._image_size_of(cfg, self.sizes.train)
+        aug = training_view(cfg, size) if colour else CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
         model = self._model(cfg, ft_proj_selector=0, num_classes=self.sizes.train.num_classes).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
         opt = build_optimizer(cfg.optimizer, model, 0.0, cfg.weight_decay)
@@ -321,7 +323,7 @@ class _StepTimer:
         x = self._images(cfg, batch)
         y = torch.randint(0, max(1, self.sizes.train.num_classes), (batch,), device=self.device)
         gen = torch.Generator(self.device).manual_seed(0)
-        student_aug = student_augment(cfg, aug.image_size, "strong") if strong else None
+        student_aug = student_augment(cfg, size, "strong") if strong else None
 
         def step() -> None:
             if teacher is not None:
@@ -392,6 +394,9 @@ class _StepTimer:
         rest += s.test * self.per_image(cfg)  # the test split, once: the chosen candidate
         if teacher is not None:  # the teacher is evaluated on the test split too
             rest += s.test * self.per_image(teacher)
+        if plan.retry is not None:  # the baseline's search with colour-distorted views (pipeline.run_retry)
+            more = self.stage(plan.retry, encoder)
+            train, rest = train + more[0], rest + more[1]
         return train, rest
 
 

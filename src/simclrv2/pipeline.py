@@ -267,14 +267,15 @@ def learned_nothing(result: dict[str, Any]) -> bool:
     from .report import near_chance
 
     test = chance_test(result)
-    return test is not None and (near_chance(result, test["best"]) or test["p_value"] >= LEARNED_P)
+    return bool(test is not None and (near_chance(result, test["best"]) or test["p_value"] >= LEARNED_P))
 
 
 def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bool], upstream: str | None,
               search: Any) -> tuple[StagePlan, dict[str, Any], float, bool]:
     """The search of ``plan.retry`` (colour-distorted views) after ``first``, the result of ``plan``'s
-    search, learned nothing. The retry's best rate is kept only where its held-out score beats the
-    first search's (ties keep crops and flips); ``color_retry`` in the result records both. Returns
+    search (crops and flips). The retry's best rate is kept only where its held-out score beats the
+    first search's (ties keep crops and flips); ``color_retry`` in the result records both, with
+    whether the first learned anything (:func:`chance_test`). Returns
     what :func:`run_search` returns, the seconds of both searches together; ``search`` is the
     search function of ``first`` (:func:`run_search` or :func:`run_cv_search`)."""
     assert plan.retry is not None
@@ -288,6 +289,8 @@ def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bo
               **{k: test[k] for k in ("chance", "images", "p_value") if k in test}}
     if won:
         chosen, result = r_chosen, r_result
+    record["learned_nothing"] = bool(learned_nothing(result))  # the search kept: the report names it as a cause
+    if won:
         if dist.launch_rank() == 0:  # the stage folder now stands for the coloured run
             retry_dir = Path(plan.retry.cfg.run_dir)
             rec = json.loads((retry_dir / "chosen.json").read_text())
@@ -301,7 +304,7 @@ def _run_plan(plan: StagePlan, upstream: str | None) -> tuple[dict[str, Any], fl
     if plan.candidates:
         search = run_cv_search if plan.folds else run_search
         searched = search(plan, upstream)
-        if plan.retry is not None and learned_nothing(searched[1]):
+        if plan.retry is not None:
             searched = run_retry(plan, searched, upstream, search)
         chosen, result, seconds, skipped = searched
         return dict(result, rate_choice=plan.rate_choice), seconds, skipped, chosen.cfg.run_dir

@@ -83,7 +83,7 @@ class StagePlan:
     # scored on; its row says so instead
     unscored: str = ""
     # the supervised baseline: the same search with colour-distorted views (pretraining's strength),
-    # in <stage>/color; run only when no rate of this search learned (pipeline.learned_nothing)
+    # in <stage>/color; the better of the two searches is kept (pipeline.run_retry)
     retry: StagePlan | None = None
 
 
