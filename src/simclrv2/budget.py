@@ -309,13 +309,14 @@ class _StepTimer:
         from .optim import build_optimizer
 
         strong = teacher_cfg is not None and cfg.student_view != "same"  # auto: timed as strong, the dearer
-        colour = getattr(cfg, "color_strength", 0.0) if teacher_cfg is None else 0.0  # a classifier's own view
         key = ("train", cfg.model, cfg.stem, batch, teacher_cfg and (teacher_cfg.model, teacher_cfg.stem),
-               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong, colour)
+               cfg.crop_min_scale, cfg.optimizer, cfg.precision, cfg.channels_last, strong,
+               getattr(cfg, "color_strength", 0.0))
         if key in self._cache:
             return self._cache[key]
         size = self._image_size_of(cfg, self.sizes.train)
-        aug = training_view(cfg, size) if colour else CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
+        # a classifier's own view (colour-distorted where it asks); distillation's teacher view
+        aug = training_view(cfg, size) if teacher_cfg is None else CropFlipAugment(size, crop_scale=(cfg.crop_min_scale, 1.0))
         model = self._model(cfg, ft_proj_selector=0, num_classes=self.sizes.train.num_classes).train()
         teacher = self._model(teacher_cfg).eval() if teacher_cfg is not None else None
         opt = build_optimizer(cfg.optimizer, model, 0.0, cfg.weight_decay)

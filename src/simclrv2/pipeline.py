@@ -274,8 +274,8 @@ def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bo
               search: Any) -> tuple[StagePlan, dict[str, Any], float, bool]:
     """The search of ``plan.retry`` (colour-distorted views) after ``first``, the result of ``plan``'s
     search (crops and flips). The retry's best rate is kept only where its held-out score beats the
-    first search's (ties keep crops and flips); ``color_retry`` in the result records both, with
-    whether the first learned anything (:func:`chance_test`). Returns
+    first search's (ties keep crops and flips); ``color_retry`` in the result records both, the
+    first one's :func:`chance_test`, and whether the one kept learned anything. Returns
     what :func:`run_search` returns, the seconds of both searches together; ``search`` is the
     search function of ``first`` (:func:`run_search` or :func:`run_cv_search`)."""
     assert plan.retry is not None
@@ -289,13 +289,12 @@ def run_retry(plan: StagePlan, first: tuple[StagePlan, dict[str, Any], float, bo
               **{k: test[k] for k in ("chance", "images", "p_value") if k in test}}
     if won:
         chosen, result = r_chosen, r_result
-    record["learned_nothing"] = bool(learned_nothing(result))  # the search kept: the report names it as a cause
-    if won:
         if dist.launch_rank() == 0:  # the stage folder now stands for the coloured run
             retry_dir = Path(plan.retry.cfg.run_dir)
             rec = json.loads((retry_dir / "chosen.json").read_text())
             rec = dict(rec, chosen=f"{retry_dir.name}/{rec['chosen']}", color_strength=record["color_strength"])
             atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps(rec, indent=1))
+    record["learned_nothing"] = learned_nothing(result)  # of the search kept: the report names it as a cause
     return chosen, dict(result, color_retry=record), round(seconds + r_seconds, 2), skipped and r_skipped
 
 
