@@ -11,7 +11,7 @@ from PIL import Image
 
 from simclrv2.cli import main
 from simclrv2.data.augment import CropFlipAugment, EvalTransform, SimCLRAugment
-from simclrv2.engine import supervised
+from simclrv2.engine import classify
 from simclrv2.engine.device import augment, step_generator
 
 
@@ -69,7 +69,7 @@ def test_classifier_stage_augments_outside_autocast(tmp_path: Path, monkeypatch)
             seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
             return out
 
-    monkeypatch.setattr(supervised, "CropFlipAugment", Recording)
+    monkeypatch.setattr(classify, "CropFlipAugment", Recording)  # the view training_view builds
     data = _image_folder(tmp_path / "images")
     rc = main(["supervised", "model=r10_0.25x_sk0", "dataset=imagefolder", f"data_dir={data}", "image_size=16",
                "num_workers=0", "progress=false", "batch_size=8", "label_fraction=1.0", "max_steps=1",
