@@ -679,6 +679,8 @@ def test_report_says_what_the_baseline_search_with_colour_distortion_found():
     assert "so it keeps crops and flips." in "\n".join(_search_section({"results": [neither]}))
     found = warnings({"results": [neither]})
     assert len(found) == 1 and "(best 16.67, with crops and flips 16.67, with colour distortion 16.67)" in found[0]
+    older = dict(neither, color_retry={k: v for k, v in neither["color_retry"].items() if k != "learned_nothing"})
+    assert warnings({"results": [older]}) == found  # a results.json written before both searches always ran
     # held-out shapes seed 2: 29.17 on the folds, 5 points over chance but not by the binomial test
     unclear = dict(neither, lr_search={"0.025": 20.8333, "0.1": 29.1667, "0.4": 16.6667},
                    color_retry=dict(neither["color_retry"], best_without=29.1667))

@@ -138,7 +138,9 @@ def _causes(row: dict[str, Any], out: dict[str, Any]) -> list[str]:
         causes.append(f"too few steps ({row['steps']}): raise min_steps or epochs")
     search = [float(v) for v in (row.get("lr_search") or {}).values()]
     retry = row.get("color_retry")
-    found_nothing = retry is not None and retry.get("learned_nothing", not retry["kept"])  # the binomial test's
+    # the pipeline's binomial test of the search kept; results.json from before both searches always
+    # ran has no such key, and there a second search ran only where the first had learned nothing
+    found_nothing = retry is not None and retry.get("learned_nothing", not retry["kept"])
     if row["method"] == "supervised" and search and (near_chance(row, max(search)) or found_nothing):
         # held-out shapes (docs/EXPERIMENTS.md): from random weights, 4 labels a class of six shapes
         # in random colours scored 8.33-16.67 on the folds at every rate from 0.025 to 1.6
