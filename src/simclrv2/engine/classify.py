@@ -64,7 +64,7 @@ def classifier_step(train_module: nn.Module, optimizer: torch.optim.Optimizer, s
 
 
 def train_classifier(stage: str, cfg: Any, model: nn.Module, train_module: nn.Module,
-                     optimizer: torch.optim.Optimizer, aug: CropFlipAugment, source: BatchSource, pool: torch.Tensor,
+                     optimizer: torch.optim.Optimizer, aug: SimCLRAugment, source: BatchSource, pool: torch.Tensor,
                      plan: StepPlan, schedule: Schedule, run_dir: Path, meta: dict[str, Any]) -> None:
     """Train ``model`` for ``plan``'s steps on batches of ``pool`` (indices into ``source``).
 

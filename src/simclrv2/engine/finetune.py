@@ -1,7 +1,8 @@
 """``simclrv2 finetune``: fine-tune a pretrained model from a projection-head layer (METHOD.md 6).
 
 The classifier sits on head layer ``ft_proj_selector`` and the whole network below it trains on
-the labelled subset with crop-and-flip views; layers the classifier does not use are frozen.
+the labelled subset with crop-and-flip views (colour-distorted too where ``color_strength`` > 0:
+:func:`.classify.training_view`, as the baseline's); layers the classifier does not use are frozen.
 """
 
 from __future__ import annotations
