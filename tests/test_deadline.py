@@ -173,3 +173,85 @@ def test_the_report_says_that_pretraining_ended_before_the_budget_planned(tmp_pa
             "budget (estimates on this machine: 23.4 s an epoch, 392 s for the other stages); the budget had "
             "planned 16.5 epochs, and pretraining ended early because this machine ran slower than measured "
             "at the start.") in report
+
+
+def test_the_later_stages_get_the_share_of_their_steps_that_fills_the_time_left():
+    """budget.regrown_scale against the arithmetic by hand: a 10-minute budget plans to end at
+    528 s (the margin unplanned); the later stages take 40 s plus 400 s of training at full length."""
+    rec = {"budget_minutes": 10, "other_scale": 0.5, "other_train_seconds": 400.0, "other_fixed_seconds": 40.0}
+    assert 600 * (1 - budget.MARGIN) == pytest.approx(528)
+    assert budget.regrown_scale(rec, 0.0, 200.0, 1.0) == pytest.approx((328 - 40) / 400)  # 0.72
+    assert budget.regrown_scale(rec, 1000.0, 1200.0, 0.8) == pytest.approx((328 / 0.8 - 40) / 400)  # 0.925
+    assert budget.regrown_scale(rec, 0.0, 100.0, 0.5) == 1.0  # never past the configured steps
+    assert budget.regrown_scale(rec, 0.0, 300.0, 1.0) is None  # (228 - 40) / 400 is below the planned 0.5
+    assert budget.regrown_scale(dict(rec, other_scale=1.0), 0.0, 100.0, 0.5) is None  # nothing was shrunk
+    assert budget.regrown_scale({"budget_minutes": 10, "other_scale": 0.5}, 0.0, 100.0, 0.5) is None  # old record
+
+
+def test_the_later_stages_take_the_time_that_a_fast_pretraining_left(tmp_path, monkeypatch, capsys):
+    """A budget that shrank the stages after pretraining, on a machine measured slower than
+    pretraining then ran: those stages are planned again at the end of pretraining with the steps
+    that the time left affords, the choice is pinned in budget.json and pipeline.yaml, and a rerun
+    (pretraining done before) repeats it. Without a pin a rerun keeps the budget's first scale."""
+    from simclrv2 import config as C
+
+    data = tiny_fashion_mnist(tmp_path / "fmnist")
+    monkeypatch.setattr(budget._StepTimer, "pretrain_step", lambda self, cfg, batch: 0.5)
+    monkeypatch.setattr(budget._StepTimer, "classifier_step", lambda self, cfg, batch, teacher_cfg=None: 0.05)
+    monkeypatch.setattr(budget._StepTimer, "per_image", lambda self, cfg: 1e-4)
+    seen: list = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake(pace: float, skipped: bool):
+        def run_stage(plan, upstream=None, test=True):
+            if plan.stage != "pretrain":
+                seen.append(plan.cfg)
+                raise _Stop
+            Path(plan.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(plan.cfg.run_dir) / "done.json").write_text("{}")
+            rec = json.loads((tmp_path / "run" / "budget.json").read_text())
+            return {"steps": 1}, pace * plan.cfg.epochs * rec["epoch_seconds"], skipped
+        return run_stage
+
+    pc = _budget_config(data, tmp_path / "run", minutes=2)
+    configured = pc.finetune["min_steps"]
+    monkeypatch.setattr(P, "run_stage", fake(0.25, False))
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    rec = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert budget.MIN_SCALE < rec["other_scale"] < 1 and rec["regrown_scale"] == 1.0
+    assert "the later stages get 100% of their steps, not" in capsys.readouterr().out
+    assert seen[-1].min_steps == configured  # the stage after pretraining, at its configured length
+    pinned = C.load_yaml(tmp_path / "run" / "pipeline.yaml")
+    assert pinned["finetune"]["min_steps"] == configured and pinned["pretrain"]["epochs"] == rec["epochs"]
+    # a rerun: pretraining done before (no time to measure a pace by), the pin repeats the steps
+    monkeypatch.setattr(budget, "_measure_and_fit", lambda *args: pytest.fail("measured again"))
+    monkeypatch.setattr(P, "run_stage", fake(0.0, True))
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    assert seen[-1].min_steps == configured
+    del rec["regrown_scale"]
+    (tmp_path / "run" / "budget.json").write_text(json.dumps(rec))
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    assert seen[-1].min_steps == round(configured * rec["other_scale"])
+    assert "regrown_scale" not in json.loads((tmp_path / "run" / "budget.json").read_text())
+
+
+def test_the_report_says_what_share_of_their_steps_the_later_stages_trained(tmp_path):
+    from simclrv2 import config as C
+    from simclrv2.pipeline import PipelineConfig
+    from simclrv2.report import write_report
+
+    pre = {"epochs": 11.5, "steps": 1208, "knn_top1": 78.7}
+    rec = {"budget_minutes": 15, "epoch_seconds": 33.8, "other_seconds": 391.0, "epochs": 11.5, "other_scale": 0.4087}
+    texts = []
+    for extra in ({}, {"regrown_scale": 0.56}):
+        out = {"config_hash": "x", "machine": "test", "total_seconds": 1.0, "stages": {}, "results": [],
+               "pretrain": pre, "budget": dict(rec, **extra)}
+        texts.append(write_report(tmp_path, out, C.build(PipelineConfig, {"plots": False})).read_text())
+    assert "; the later stages trained 41% of their configured steps, as the budget planned." in texts[0]
+    assert ("; the budget gave the later stages 41% of their configured steps, and 56% once pretraining had "
+            "ended ahead of its estimate.") in texts[1]

@@ -91,6 +91,31 @@ def deadline(rec: dict[str, Any], started: float) -> Deadline:
                     rec["other_seconds"])
 
 
+def regrown_scale(rec: dict[str, Any], started: float, now: float, pace: float) -> float | None:
+    """The later stages' share of their steps once pretraining has ended, ``now``, where the budget
+    ``rec`` (fitted from ``started``) had shrunk them (``other_scale`` below 1) and pretraining ran
+    at ``pace`` times its estimate (its seconds over its epochs' estimated seconds). The
+    measurement in the run's first minute can catch the machine slow: the demo once measured 33.8 s
+    an epoch and pretrained at 29.2, so its later stages got 41% of their steps and it ended 229 s
+    early (docs/EXPERIMENTS.md, "The later stages take the time pretraining left"). So their
+    estimate, slowed or sped by the same pace, gets the time left to the planned end: the share
+    that fills it, at most 1. None where that is no more than ``other_scale`` (pretraining's
+    deadline already saw to a slower machine), or where ``rec`` predates the split of its estimate."""
+    scale, train, fixed = rec.get("other_scale", 1.0), rec.get("other_train_seconds"), rec.get("other_fixed_seconds")
+    if scale >= 1.0 or not train or fixed is None or pace <= 0:
+        return None
+    left = started + rec["budget_minutes"] * 60 * (1 - MARGIN) - now
+    grown = round(min(1.0, (left / pace - fixed) / train), 4)
+    return grown if grown > scale else None
+
+
+def pin(run_dir: str | Path, rec: dict[str, Any]) -> None:
+    """Write ``rec`` back to ``<run_dir>/budget.json``, so that a rerun of the same config repeats
+    what was added to it during the run (rank 0 alone)."""
+    if dist.launch_rank() == 0:
+        atomic_write_text(Path(run_dir) / "budget.json", json.dumps(rec, indent=1))
+
+
 def _read_or_fit(pc: PipelineConfig, device: torch.device) -> dict[str, Any]:
     """Rank 0's part of :func:`fit_pretraining`: the stored choice for this config, or a new one."""
     path = Path(pc.run_dir) / "budget.json"
@@ -202,6 +227,7 @@ def _fit(pc: PipelineConfig, t0: float, device: torch.device, reuse: dict[str, A
     return {"budget_minutes": pc.budget_minutes, "epochs": epochs, "image_size": timer.image_size(plans[0].cfg),
             "epoch_seconds": round(epoch, 4),
             "other_seconds": round(other, 3), "other_scale": round(scale, 4), "measure_seconds": round(measured, 3),
+            "other_train_seconds": round(train, 3), "other_fixed_seconds": round(fixed, 3),
             "stage_estimates": {k: round(v, 1) for k, v in stages.items()}}
 
 

@@ -323,16 +323,47 @@ def _fit_budget(pc: PipelineConfig, device: Any) -> tuple[PipelineConfig, dict[s
     measured on ``device``; under torchrun rank 0 measures and every rank gets its answer."""
     if pc.budget_minutes <= 0:
         return pc, None
-    from .budget import fit_pretraining, scale_stages
+    from .budget import fit_pretraining
 
     budget = fit_pretraining(pc, device)
-    pc = dataclasses.replace(scale_stages(pc, budget.get("other_scale", 1.0)), budget_minutes=0.0,
-                             pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
+    return _budgeted(pc, budget, budget.get("regrown_scale", budget.get("other_scale", 1.0))), budget
+
+
+def _budgeted(pc: PipelineConfig, budget: dict[str, Any], scale: float) -> PipelineConfig:
+    """``pc`` (with its ``budget_minutes``) as ``budget`` sized it: pretraining's epochs, the later
+    stages' steps times ``scale``, and the image size and folds where those did not fit."""
+    from .budget import scale_stages
+
+    pc = dataclasses.replace(scale_stages(pc, scale), budget_minutes=0.0, pretrain=dict(pc.pretrain, epochs=budget["epochs"]))
     if "native_image_size" in budget:  # the images' own size did not fit; pinned like the epochs
         pc = dataclasses.replace(pc, common=dict(pc.common, image_size=budget["image_size"]))
     if "cv_folds" in budget:  # the search's folds did not fit; fewer, pinned like the epochs
         pc = dataclasses.replace(pc, cv_folds=budget["cv_folds"])
-    return pc, budget
+    return pc
+
+
+def _regrow(given: PipelineConfig, budget: dict[str, Any], started: float, plan: StagePlan,
+            result: dict[str, Any], seconds: float, skipped: bool) -> PipelineConfig | None:
+    """After pretraining: ``given`` (the command's config) with the later stages' steps that the time
+    left affords (:func:`~simclrv2.budget.regrown_scale`), pinned in ``budget.json`` so that a rerun
+    repeats them; None where they keep the scale they have. Rank 0 decides, every rank follows."""
+    from .budget import pin, regrown_scale
+
+    scale, line = None, ""
+    if "regrown_scale" not in budget and dist.launch_rank() == 0 and not skipped:
+        epochs = result.get("shortened", {}).get("epochs", plan.cfg.epochs)
+        pace = seconds / max(1e-9, epochs * budget["epoch_seconds"])
+        scale = regrown_scale(budget, started, time.time(), pace)
+        if scale is not None:
+            pin(given.run_dir, dict(budget, regrown_scale=scale))
+            line = (f"budget: pretraining ran at {pace:.2f} times its estimate; the later stages get "
+                    f"{scale:.0%} of their steps, not {budget['other_scale']:.0%}")
+            print(line, flush=True)
+    scale = dist.broadcast_object(scale)
+    if scale is None:
+        return None
+    budget["regrown_scale"] = scale
+    return _budgeted(given, budget, scale)
 
 
 def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
@@ -351,6 +382,7 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
     device = resolve_device(plans[0].cfg.device)
     check_shared_run_dir(run_dir)
     started = time.time()
+    given = pc
     pc, budget = _fit_budget(pc, device)
     if budget is not None:
         plans = plan_stages(pc)
@@ -388,14 +420,13 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
             if plan.method is not None:
                 results.append(_result_row(plan, plans[0], result, seconds, out_dir))
             elif plan.stage == "pretrain":
-                from .report import knn_curve, knn_first_half, pretraining_metrics
-
-                # whether the monitor still rose over the second half: the report's advice on length
-                early = knn_first_half(knn_curve(pretraining_metrics(Path(out_dir)))) if out_dir else None
-                pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
-                              "knn_top1": result.get("knn_top1"), "knn_first_half": early}
-                if "shortened" in result:  # the deadline cut it: the epochs it ran
-                    pretrained.update(epochs=round(result["shortened"]["epochs"], 2), planned_epochs=plan.cfg.epochs)
+                pretrained = _pretrained(plan, result, out_dir)
+                grown = _regrow(given, budget, started, plan, result, seconds, skipped) if budget else None
+                if grown is not None:  # pretraining ended ahead of the estimate: the later stages get the time
+                    pc = grown
+                    plans[i:] = plan_stages(pc)[i:]  # the same stages, longer (the loop reads the list as it goes)
+                    if dist.launch_rank() == 0:
+                        atomic_write_text(run_dir / "pipeline.yaml", C.dump_yaml(dataclasses.asdict(pc)))
     out = {
         "config_hash": C.config_hash(dataclasses.asdict(pc)),
         "machine": machine_description(),
@@ -413,6 +444,19 @@ def run_pipeline(pc: PipelineConfig) -> dict[str, Any]:
 
         write_report(run_dir, out, pc)
     return out
+
+
+def _pretrained(plan: StagePlan, result: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """What results.json and the report say of pretraining."""
+    from .report import knn_curve, knn_first_half, pretraining_metrics
+
+    # whether the monitor still rose over the second half: the report's advice on length
+    early = knn_first_half(knn_curve(pretraining_metrics(Path(out_dir)))) if out_dir else None
+    pretrained = {"epochs": plan.cfg.epochs, "steps": result.get("steps"),
+                  "knn_top1": result.get("knn_top1"), "knn_first_half": early}
+    if "shortened" in result:  # the deadline cut it: the epochs it ran
+        pretrained.update(epochs=round(result["shortened"]["epochs"], 2), planned_epochs=plan.cfg.epochs)
+    return pretrained
 
 
 def _stage_line(result: dict[str, Any], seconds: float, skipped: bool) -> str:

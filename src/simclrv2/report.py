@@ -533,6 +533,14 @@ def predictions_section(out: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _later_steps(budget: dict[str, Any]) -> str:
+    """How much of their configured steps the stages after pretraining trained, under the budget."""
+    if "regrown_scale" in budget:
+        return (f"; the budget gave the later stages {budget['other_scale']:.0%} of their configured steps, and "
+                f"{budget['regrown_scale']:.0%} once pretraining had ended ahead of its estimate")
+    return f"; the later stages trained {budget['other_scale']:.0%} of their configured steps, as the budget planned"
+
+
 def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
     plots = _plots(run_dir, out, pc)
     lines = [
@@ -570,6 +578,8 @@ def write_report(run_dir: Path, out: dict[str, Any], pc: Any) -> Path:
         if budget and "native_image_size" in budget:
             chosen += (f"; every stage trained at {budget['image_size']} px, as the images' own "
                        f"{budget['native_image_size']} px would not fit")
+        if budget and budget.get("other_scale", 1.0) < 1.0:
+            chosen += _later_steps(budget)
         if pre.get("planned_epochs") is not None:
             chosen += (f"; the budget had planned {pre['planned_epochs']:g} epochs, and pretraining ended early "
                        "because this machine ran slower than measured at the start")
