@@ -1,11 +1,14 @@
-"""The pipeline under ``budget_minutes`` on a machine that slows down after the budget measured it.
+"""The pipeline under ``budget_minutes`` on a machine that slows down after the budget measured it
+(or, with ``--while-measuring``, one that is slow only while the budget measures it).
 
 Runs ``simclrv2 pipeline`` with the demo's config on an image folder and, a while after
 pretraining starts (so after the budget's measurement), starts a process that keeps one core busy
-part of the time, until the pipeline ends. Then prints what the budget planned and what ran::
+part of the time, until the pipeline ends. With ``--while-measuring`` that process runs from the
+start until pretraining starts instead: the budget then measures a slower machine than the one
+that trains. Then prints what the budget planned and what ran::
 
     python benchmarks/deadline_under_load.py DATA_DIR RUN_DIR [--budget-minutes 5] [--busy 0.6]
-        [--after 30] [--src OTHER_CHECKOUT/src] [override ...]
+        [--after 30 | --while-measuring] [--src OTHER_CHECKOUT/src] [override ...]
 
 ``--src`` runs another checkout's package (an older commit, for a comparison); extra arguments are
 pipeline overrides. docs/EXPERIMENTS.md ("A machine that slows down during pretraining") has runs.
@@ -42,6 +45,8 @@ def main() -> int:
     ap.add_argument("--budget-minutes", type=float, default=5.0)
     ap.add_argument("--busy", type=float, default=0.6, help="share of the time the load keeps a core busy")
     ap.add_argument("--after", type=float, default=30.0, help="seconds after pretraining starts")
+    ap.add_argument("--while-measuring", action="store_true",
+                    help="the load runs from the start until pretraining starts, not after")
     ap.add_argument("--src", default=str(ROOT / "src"), help="the package's source folder to run")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -52,10 +57,14 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=args.src)
     load = mp.Process(target=busy, args=(args.busy,), daemon=True)
     timer = threading.Timer(args.after, load.start)
+    if args.while_measuring:
+        load.start()
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
         for line in run.stdout:
             print(line, end="", flush=True)
-            if "(pretrain) ..." in line:
+            if "(pretrain) ..." in line and args.while_measuring:
+                load.terminate()
+            elif "(pretrain) ..." in line:
                 timer.start()
         rc = run.wait()
     timer.cancel()
@@ -66,11 +75,14 @@ def main() -> int:
     out = json.loads((Path(args.run_dir) / "results.json").read_text())
     stages, plan, pre = out["stages"], out["budget"], out["pretrain"]
     later = sum(stages.values()) - stages["pretrain"]
-    print("\n| Budget | Planned epochs (s each) | Pretraining epochs run | Pretraining s | Later stages s (estimate) "
-          "| Pipeline s |")
-    print("|---|---|---|---|---|---|")
+    # the later stages' share of their configured steps: as planned, then (where pretraining ended
+    # ahead of its estimate) as planned again
+    share = f"{plan.get('other_scale', 1.0):.0%}" + (f" then {plan['regrown_scale']:.0%}" if "regrown_scale" in plan else "")
+    print("\n| Budget | Planned epochs (s each) | Pretraining epochs run | Pretraining s | Later stages' steps "
+          "| Later stages s (estimate) | Pipeline s |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.budget_minutes * 60:.0f} s | {plan['epochs']:g} ({plan['epoch_seconds']:.2f}) | {pre['epochs']:g} | "
-          f"{stages['pretrain']:.0f} | {later:.0f} ({plan['other_seconds']:.0f}) | {out['total_seconds']:.0f} |")
+          f"{stages['pretrain']:.0f} | {share} | {later:.0f} ({plan['other_seconds']:.0f}) | {out['total_seconds']:.0f} |")
     if load.pid is None:
         print("(the pipeline ended before the load started)")
     return 0

@@ -562,15 +562,25 @@ def test_the_pipeline_proposes_the_next_images_to_label(tmp_path: Path) -> None:
 def test_a_search_records_an_edge_only_for_an_untied_best_rate(tmp_path, monkeypatch, folds) -> None:
     """``lr_at_edge`` in results.json, from both searches (a validation split, folds) run with
     planted scores: true for a best rate at an edge and better than the others, false when the
-    smaller rate won a tie (every rate tied, as on held-out textures seed 0) or the best is inside."""
+    smaller rate won a tie (every rate tied, as on held-out textures seed 0) or the best is inside.
+    Both go a grid step beyond an untied edge first, and keep the best of all."""
     import dataclasses
 
     from simclrv2 import pipeline as P
     from simclrv2.plan import StagePlan, fold_candidates
 
+    tested: list[float] = []  # the rates that met the test split
+    planted: dict[float, float] = {}
+
+    def run_stage(cand, upstream, test):
+        if test:
+            tested.append(cand.cfg.base_lr)
+        return ({"top1": 1.0} if test else {"val_top1": planted.get(cand.cfg.base_lr, 0.0), "val_images": 4}), 1.0, False
+
     def search(scores: dict[float, float]) -> dict:
-        monkeypatch.setattr(P, "run_stage", lambda cand, upstream, test: (
-            {"top1": 1.0} if test else {"val_top1": scores.get(cand.cfg.base_lr, 0.0), "val_images": 4}, 1.0, False))
+        planted.clear()
+        planted.update(scores)
+        monkeypatch.setattr(P, "run_stage", run_stage)
         plan = StagePlan(name="finetune_100pct", stage="finetune", method="finetune", label_fraction=1.0,
                          cfg=C.FinetuneConfig(run_dir=str(tmp_path / f"s{len(list(tmp_path.iterdir()))}"), base_lr=0.01),
                          folds=folds)
@@ -584,11 +594,16 @@ def test_a_search_records_an_edge_only_for_an_untied_best_rate(tmp_path, monkeyp
     assert tied["base_lr"] == 0.0025 and not tied["lr_at_edge"]
     assert search({0.0025: 50.0, 0.01: 60.0, 0.04: 55.0})["lr_at_edge"] is False
     top = search({0.0025: 50.0, 0.01: 55.0, 0.04: 60.0, 0.16: 58.0})
-    # folds also ran a step beyond each edge (0.16, 0.000625), which then lies outside the best rate
-    assert top["base_lr"] == 0.04 and top["lr_at_edge"] is (folds == 0)
+    # a step beyond each edge (0.16, 0.000625) ran, which then lies outside the best rate
+    assert top["base_lr"] == 0.04 and top["lr_at_edge"] is False and top["lr_extended"]
+    assert set(top["lr_search"]) == {"0.0025", "0.01", "0.04", "0.16"}
     low = search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 58.0})
-    assert low["base_lr"] == 0.0025 and low["lr_at_edge"] is (folds == 0)
-    assert search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 61.0})["lr_at_edge"] is True
+    assert low["base_lr"] == 0.0025 and low["lr_at_edge"] is False and low["lr_extended"]
+    lower = search({0.0025: 60.0, 0.01: 55.0, 0.04: 50.0, 0.000625: 61.0})
+    assert lower["base_lr"] == 0.000625 and lower["lr_at_edge"] is True
+    assert not tied["lr_extended"] and set(tied["lr_search"]) == {"0.0025", "0.01", "0.04"}
+    # the chosen rate alone meets the test split, a rate beyond the edge as any other
+    assert tested == [0.0025, 0.01, 0.04, 0.0025, 0.000625]
 
 
 def test_a_cross_validated_search_ties_means_that_differ_only_by_rounding(tmp_path, monkeypatch) -> None:

@@ -402,8 +402,8 @@ class _StepTimer:
             return 0.0, 0.0
         # a search's candidates (cross-validated: rates x folds, then the chosen rate on every label)
         runs = [c.cfg for c in plan.candidates] + ([cfg] if plan.folds or not plan.candidates else [])
-        if plan.folds and len(planned_rates(plan)) > 1:  # a rate beyond the grid, if its best is at an edge
-            runs += [c.cfg for c in plan.candidates[:plan.folds]]
+        if len(planned_rates(plan)) > 1:  # a rate beyond the grid, if its best is at an edge (its folds)
+            runs += [c.cfg for c in plan.candidates[:max(1, plan.folds)]]
         from .engine.distill import rounds_for, student_view_for
 
         teacher = encoder if plan.stage == "distill" else None

@@ -89,11 +89,14 @@ class StagePlan:
 
 def _with_search(plan: StagePlan, factors: list[float]) -> StagePlan:
     """``plan`` with one candidate per factor: base_lr * factor, run folder ``<stage>/lr_<rate>``."""
-    for factor in factors:
-        lr = plan.cfg.base_lr * factor
-        cfg = dataclasses.replace(plan.cfg, base_lr=lr, run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}"))
-        plan.candidates.append(dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}", cfg=cfg, candidates=[]))
+    plan.candidates += [rate_candidate(plan, plan.cfg.base_lr * factor) for factor in factors]
     return plan
+
+
+def rate_candidate(plan: StagePlan, lr: float) -> StagePlan:
+    """The run of rate ``lr`` in a search on the validation split, in ``<stage>/lr_<rate>``."""
+    cfg = dataclasses.replace(plan.cfg, base_lr=lr, run_dir=str(Path(plan.cfg.run_dir) / f"lr_{lr:.4g}"))
+    return dataclasses.replace(plan, name=f"{plan.name}/lr_{lr:.4g}", cfg=cfg, candidates=[])
 
 
 def _with_folds(plan: StagePlan, factors: list[float], folds: int) -> StagePlan:

@@ -430,7 +430,7 @@ def _search_section(out: dict[str, Any]) -> list[str]:
         lines.append("")
         if any(r.get("lr_extended") for r in rows):
             lines += ["A rate outside lr_search was tried where the best planned rate was at an edge of the "
-                      "grid: one grid step beyond it, on the same folds.", ""]
+                      "grid: one grid step beyond it, scored on the same validation images or folds.", ""]
         lines += _close_calls(rows)
         lines += _colour_retries(rows)
     return lines
