@@ -121,6 +121,8 @@ def test_pretraining_past_its_deadline_ends_early_and_resumes_on_the_shortened_s
     pretrain(images, resumed, None, "max_steps=6")  # a cap below the cut's end still holds
     assert ckpt.latest_checkpoint(resumed).name == "step-00000006"
     pretrain(images, resumed, None)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_at"] == 6  # the budget's pace skips it
+    assert "resumed_at" not in summary
     assert_same_checkpoint(ckpt.latest_checkpoint(cut), ckpt.latest_checkpoint(resumed))
     # a deadline far away changes nothing
     far, none = tmp_path / "far", tmp_path / "none"
@@ -204,7 +206,7 @@ def test_the_later_stages_take_the_time_that_a_fast_pretraining_left(tmp_path, m
     class _Stop(Exception):
         pass
 
-    def fake(pace: float, skipped: bool):
+    def fake(pace: float, skipped: bool, **more):
         def run_stage(plan, upstream=None, test=True):
             if plan.stage != "pretrain":
                 seen.append(plan.cfg)
@@ -212,7 +214,7 @@ def test_the_later_stages_take_the_time_that_a_fast_pretraining_left(tmp_path, m
             Path(plan.cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(plan.cfg.run_dir) / "done.json").write_text("{}")
             rec = json.loads((tmp_path / "run" / "budget.json").read_text())
-            return {"steps": 1}, pace * plan.cfg.epochs * rec["epoch_seconds"], skipped
+            return {"steps": 1, **more}, pace * plan.cfg.epochs * rec["epoch_seconds"], skipped
         return run_stage
 
     pc = _budget_config(data, tmp_path / "run", minutes=2)
@@ -234,6 +236,12 @@ def test_the_later_stages_take_the_time_that_a_fast_pretraining_left(tmp_path, m
     assert seen[-1].min_steps == configured
     del rec["regrown_scale"]
     (tmp_path / "run" / "budget.json").write_text(json.dumps(rec))
+    with pytest.raises(_Stop):
+        P.run_pipeline(pc)
+    assert seen[-1].min_steps == round(configured * rec["other_scale"])
+    assert "regrown_scale" not in json.loads((tmp_path / "run" / "budget.json").read_text())
+    # nor does a resumed pretraining, however fast: its seconds cover only the steps after the resume
+    monkeypatch.setattr(P, "run_stage", fake(0.25, False, resumed_at=5))
     with pytest.raises(_Stop):
         P.run_pipeline(pc)
     assert seen[-1].min_steps == round(configured * rec["other_scale"])

@@ -364,16 +364,16 @@ def _regrow(given: PipelineConfig, budget: dict[str, Any], started: float, plan:
     repeats them; None where they keep the scale they have. Rank 0 decides, every rank follows."""
     from .budget import pin, regrown_scale
 
-    scale, line = None, ""
-    if "regrown_scale" not in budget and dist.launch_rank() == 0 and not skipped:
+    scale = None
+    # a pretraining done before, or resumed, has no pace to go by: its seconds are not its epochs'
+    if "regrown_scale" not in budget and dist.launch_rank() == 0 and not skipped and not result.get("resumed_at"):
         epochs = result.get("shortened", {}).get("epochs", plan.cfg.epochs)
         pace = seconds / max(1e-9, epochs * budget["epoch_seconds"])
         scale = regrown_scale(budget, started, time.time(), pace)
         if scale is not None:
             pin(given.run_dir, dict(budget, regrown_scale=scale))
-            line = (f"budget: pretraining ran at {pace:.2f} times its estimate; the later stages get "
-                    f"{scale:.0%} of their steps, not {budget['other_scale']:.0%}")
-            print(line, flush=True)
+            print(f"budget: pretraining ran at {pace:.2f} times its estimate; the later stages get "
+                  f"{scale:.0%} of their steps, not {budget['other_scale']:.0%}", flush=True)
     scale = dist.broadcast_object(scale)
     if scale is None:
         return None

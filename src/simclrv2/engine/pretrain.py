@@ -160,6 +160,8 @@ def _train(cfg: PretrainConfig, p: PretrainParts, run_dir: Path, pool: torch.Ten
     batches.close()  # stops the workers
     last = log.close(p.source)
     clock.close(plan, schedule)
+    if start:  # resumed: this run's seconds cover only the steps after it (the budget's pace skips it)
+        last["resumed_at"] = start
     if schedule.shortened:
         last["shortened"] = {"planned_epochs": schedule.total_steps / plan.steps_per_epoch,
                              "epochs": plan.total_steps / plan.steps_per_epoch,
