@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,17 +131,13 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
     """
     by_rate: dict[float, float] = {}
     runs: dict[float, tuple[float, StagePlan]] = {}  # rate: (training seconds, candidate)
-    seconds, all_skipped = 0.0, True
-    candidates = list(plan.candidates)
-    while candidates:
-        for cand in candidates:
-            res, sec, skipped = run_stage(cand, upstream, test=False)
-            seconds += sec
-            all_skipped &= skipped
-            by_rate[cand.cfg.base_lr] = res["val_top1"]
-            runs[cand.cfg.base_lr] = (sec, cand)
-        extra = beyond_edge(plan, by_rate)
-        candidates = [rate_candidate(plan, extra)] if extra is not None else []
+
+    def record(cand: StagePlan, res: dict[str, Any], sec: float) -> dict[float, float]:
+        by_rate[cand.cfg.base_lr] = res["val_top1"]
+        runs[cand.cfg.base_lr] = (sec, cand)
+        return by_rate
+
+    seconds, all_skipped = _run_grid(plan, upstream, record, lambda lr: [rate_candidate(plan, lr)])
     assert by_rate, "a search plan has at least one candidate"
     trained, chosen = runs[best_rates(by_rate)[0]]
     result, sec, skipped = run_stage(chosen, upstream, test=True)
@@ -169,19 +166,16 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
 
     folds: dict[float, list[float]] = {}
     dirs: dict[float, list[str]] = {}
-    seconds, all_skipped, images = 0.0, True, 0
-    candidates = list(plan.candidates)
-    while candidates:
-        for cand in candidates:
-            res, sec, skipped = run_stage(cand, upstream, test=False)
-            seconds += sec
-            all_skipped &= skipped
-            folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
-            dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
-            images += res.get("val_images", 0)
-        means = {lr: sum(v) / len(v) for lr, v in folds.items()}
-        extra = beyond_edge(plan, means)
-        candidates = fold_candidates(plan, extra, plan.folds) if extra is not None else []
+    images = [0]  # validation images over every run
+
+    def record(cand: StagePlan, res: dict[str, Any], sec: float) -> dict[float, float]:
+        folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
+        dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
+        images[0] += res.get("val_images", 0)
+        return {lr: sum(v) / len(v) for lr, v in folds.items()}  # the mean over folds so far
+
+    seconds, all_skipped = _run_grid(plan, upstream, record, lambda lr: fold_candidates(plan, lr, plan.folds))
+    means = {lr: sum(v) / len(v) for lr, v in folds.items()}
     best = best_rates(means)[0]  # ties: the smaller rate
     name = f"lr_{best:.4g}"
     final = dataclasses.replace(plan, name=f"{plan.name}/{name}", candidates=[], folds=0,
@@ -197,8 +191,28 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
     result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=at_edge(means),
                   lr_extended=len(rates) > len(planned_rates(plan)),
                   val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
-                  val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
+                  val_images=images[0] // len(rates), folds=plan.folds, fold_dirs=dirs[best])
     return final, result, round(seconds, 2), all_skipped and skipped
+
+
+def _run_grid(plan: StagePlan, upstream: str | None,
+              record: Callable[[StagePlan, dict[str, Any], float], dict[float, float]],
+              beyond: Callable[[float], list[StagePlan]]) -> tuple[float, bool]:
+    """A search's runs, none tested: ``plan``'s candidates, then, where the scores by rate that
+    ``record`` returns after them put the best at an untied edge, the runs ``beyond`` gives for one
+    rate a grid step past it (:func:`beyond_edge`). ``record`` takes each run's candidate, result
+    and seconds. Returns (seconds of every run, whether all were done before)."""
+    seconds, all_skipped, scores = 0.0, True, {}
+    candidates = list(plan.candidates)
+    while candidates:
+        for cand in candidates:
+            res, sec, skipped = run_stage(cand, upstream, test=False)
+            seconds += sec
+            all_skipped &= skipped
+            scores = record(cand, res, sec)
+        extra = beyond_edge(plan, scores)
+        candidates = beyond(extra) if extra is not None else []
+    return seconds, all_skipped
 
 
 # Mean fold scores this close (in points) are a tie. Each fold's top-1 comes rounded to 4 decimals,
