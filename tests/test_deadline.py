@@ -194,7 +194,8 @@ def test_the_later_stages_take_the_time_that_a_fast_pretraining_left(tmp_path, m
     """A budget that shrank the stages after pretraining, on a machine measured slower than
     pretraining then ran: those stages are planned again at the end of pretraining with the steps
     that the time left affords, the choice is pinned in budget.json and pipeline.yaml, and a rerun
-    (pretraining done before) repeats it. Without a pin a rerun keeps the budget's first scale."""
+    (pretraining done before) repeats it. Without a pin a rerun keeps the budget's first scale, as
+    does a run whose pretraining resumed (its seconds are not its epochs')."""
     from simclrv2 import config as C
 
     data = tiny_fashion_mnist(tmp_path / "fmnist")
