@@ -110,9 +110,10 @@ def regrown_scale(rec: dict[str, Any], started: float, now: float, pace: float) 
 
 
 def pin(run_dir: str | Path, rec: dict[str, Any]) -> None:
-    """Write ``rec`` back to ``<run_dir>/budget.json``, so that a rerun of the same config repeats
-    what was added to it during the run (rank 0 alone)."""
+    """Write ``rec`` to ``<run_dir>/budget.json``: the budget's choice, and what is added to it
+    during the run, so that a rerun of the same config repeats both (rank 0 alone)."""
     if dist.launch_rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(run_dir) / "budget.json", json.dumps(rec, indent=1))
 
 
@@ -126,8 +127,7 @@ def _read_or_fit(pc: PipelineConfig, device: torch.device) -> dict[str, Any]:
         rec = None
     if not isinstance(rec, dict) or rec.get("config_hash") != key:
         rec = dict(_measure_and_fit(pc, device), config_hash=key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(rec, indent=1))
+        pin(pc.run_dir, rec)
         if "native_image_size" in rec:
             print(f"budget: {rec['native_image_size']} px images would leave too little of "
                   f"{pc.budget_minutes:g} min; training at {rec['image_size']} px (set common.image_size "

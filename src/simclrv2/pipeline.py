@@ -147,7 +147,7 @@ def run_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dict[s
         atomic_write_text(Path(plan.cfg.run_dir) / "chosen.json", json.dumps({
             "chosen": Path(chosen.cfg.run_dir).name, "base_lr": chosen.cfg.base_lr, "val_top1": scores}, indent=1))
     result = dict(result, base_lr=chosen.cfg.base_lr, lr_search=scores, lr_at_edge=at_edge(by_rate),
-                  lr_extended=len(by_rate) > len(plan.candidates))
+                  lr_extended=len(by_rate) > len(planned_rates(plan)))
     return chosen, result, round(seconds, 2), all_skipped and skipped
 
 
@@ -166,12 +166,13 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
 
     folds: dict[float, list[float]] = {}
     dirs: dict[float, list[str]] = {}
-    images = [0]  # validation images over every run
+    images = 0  # validation images over every run
 
     def record(cand: StagePlan, res: dict[str, Any], sec: float) -> dict[float, float]:
+        nonlocal images
         folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
         dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
-        images[0] += res.get("val_images", 0)
+        images += res.get("val_images", 0)
         return {lr: sum(v) / len(v) for lr, v in folds.items()}  # the mean over folds so far
 
     seconds, all_skipped = _run_grid(plan, upstream, record, lambda lr: fold_candidates(plan, lr, plan.folds))
@@ -191,7 +192,7 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
     result = dict(result, base_lr=best, lr_search=scores, lr_at_edge=at_edge(means),
                   lr_extended=len(rates) > len(planned_rates(plan)),
                   val_top1=round(means[best], 4), val_spread=round(spread(folds[best]), 4),
-                  val_images=images[0] // len(rates), folds=plan.folds, fold_dirs=dirs[best])
+                  val_images=images // len(rates), folds=plan.folds, fold_dirs=dirs[best])
     return final, result, round(seconds, 2), all_skipped and skipped
 
 
