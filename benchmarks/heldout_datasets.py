@@ -15,9 +15,12 @@ writes four datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png``
 - ``textures``: 3,000 training and 600 test grey 32 px patches of eight photographs that ship with
   scikit-image (``pip install scikit-image``): brick, grass, gravel, the moon's surface, coins, a
   printed page, the Hubble deep field and a stained tissue section. Each patch is a square of 40-80
-  px (at most the region's size) at a random place, mirrored at random and scaled to 32 px; the
-  training patches come from the left three quarters of each photograph and the test patches from
-  the right quarter, so that no test patch overlaps a training one.
+  px (at most the block's size) at a random place inside one block of a 2 x 4 grid over the
+  photograph, mirrored at random and scaled to 32 px; two blocks of each photograph, drawn at
+  random, give the test patches and the other six the training ones, so that no test patch overlaps
+  a training one and both come from all over the photographs. (Until 2026-12-07 the test patches
+  came from each photograph's right quarter: the unlabeled patches then differed from the test
+  ones, and ``predictions.csv`` could not be compared with the test split; docs/EXPERIMENTS.md.)
 
 Then run the demo recipe on one of them as a user would::
 
@@ -139,11 +142,40 @@ def _patches(photo: np.ndarray, n: int, rng: np.random.Generator, size: int = 32
     return np.stack(out)
 
 
+GRID = (2, 4)  # rows and columns of blocks over a photograph, for ``photo_patches(blocks=True)``
+TEST_BLOCKS = 2  # of the grid's eight: a quarter of each photograph, as the right quarter was
+
+
+def _block_patches(photo: np.ndarray, blocks: list[int], n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` patches (:func:`_patches`) of ``photo``, each inside one of ``blocks`` (indices into
+    the :data:`GRID` over it, row by row), the block drawn at random for each patch."""
+    h, w = photo.shape[0] // GRID[0], photo.shape[1] // GRID[1]
+    which = rng.choice(blocks, n)
+    out = [_patches(photo[b // GRID[1] * h:(b // GRID[1] + 1) * h, b % GRID[1] * w:(b % GRID[1] + 1) * w], 1, rng)
+           for b in which]
+    return np.concatenate(out)
+
+
+def _regions(photo: np.ndarray, splits: tuple[tuple[str, int], tuple[str, int]], rng: np.random.Generator,
+             blocks: bool) -> list[np.ndarray]:
+    """Patches of ``photo`` for each of ``splits``: from the left three quarters and the right
+    quarter, or (``blocks``) from :data:`TEST_BLOCKS` blocks of the grid drawn for the second split
+    and the other blocks for the first."""
+    (_, n), (_, m) = splits
+    if not blocks:
+        cut = photo.shape[1] * 3 // 4
+        return [_patches(photo[:, :cut], n, rng), _patches(photo[:, cut:], m, rng)]
+    second = set(rng.choice(GRID[0] * GRID[1], TEST_BLOCKS, replace=False).tolist())
+    first = [b for b in range(GRID[0] * GRID[1]) if b not in second]
+    return [_block_patches(photo, first, n, rng), _block_patches(photo, sorted(second), m, rng)]
+
+
 def photo_patches(root: Path, names: tuple[str, ...], splits: tuple[tuple[str, int], tuple[str, int]],
-                  rng: np.random.Generator, shuffle: bool = True) -> None:
+                  rng: np.random.Generator, shuffle: bool = True, blocks: bool = False) -> None:
     """Grey 32 px patches of the scikit-image photographs ``names``, one class each, written under
     ``root``: for ``splits`` ((first, n), (second, m)), n patches a photograph from its left three
-    quarters and m from its right quarter, so that no patch of one split overlaps one of the other.
+    quarters and m from its right quarter, or (``blocks``) from blocks of a grid over it drawn for
+    each split (:func:`_regions`), so that no patch of one split overlaps one of the other.
     ``shuffle``: file names hold an index, not the class."""
     try:
         import skimage.data
@@ -152,9 +184,8 @@ def photo_patches(root: Path, names: tuple[str, ...], splits: tuple[tuple[str, i
     images, labels = {s: [] for s, _ in splits}, {s: [] for s, _ in splits}
     for y, name in enumerate(names):
         photo = np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("L"))
-        cut = photo.shape[1] * 3 // 4
-        for (split, n), region in zip(splits, (photo[:, :cut], photo[:, cut:])):
-            images[split].append(_patches(region, n, rng))
+        for (split, n), patches in zip(splits, _regions(photo, splits, rng, blocks)):
+            images[split].append(patches)
             labels[split] += [y] * n
     for split, _ in splits:
         order = rng.permutation(len(labels[split])) if shuffle else np.arange(len(labels[split]))
@@ -162,7 +193,7 @@ def photo_patches(root: Path, names: tuple[str, ...], splits: tuple[tuple[str, i
 
 
 def textures(root: Path, rng: np.random.Generator) -> None:
-    photo_patches(root, TEXTURES, (("train", 375), ("test", 75)), rng)
+    photo_patches(root, TEXTURES, (("train", 375), ("test", 75)), rng, blocks=True)
 
 
 UNLABELED_GROUP = 1000  # unlabeled images a sub-folder: the layout allows any sub-folders

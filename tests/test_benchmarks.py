@@ -449,14 +449,15 @@ def test_heldout_datasets_seed_draws_other_labels_and_zero_is_the_default(tmp_pa
     assert len(one[0]) == len(zero[0]) == 40 and one[0] != zero[0] and one[1] != zero[1]
 
 
-def _stand_in_photographs(monkeypatch, names) -> None:
-    """A stand-in ``skimage.data`` whose photographs ``names`` are 100 x 240, each pixel its column
-    index, so a patch's values tell where it was cut (the cut is at column 180)."""
+def _stand_in_photographs(monkeypatch, names, photo=None) -> None:
+    """A stand-in ``skimage.data`` whose photographs ``names`` are ``photo``, by default 100 x 240
+    with each pixel its column index, so a patch's values tell where it was cut (the cut is at
+    column 180)."""
     import types
 
     import numpy as np
 
-    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1))
+    columns = np.tile(np.arange(240, dtype=np.uint8), (100, 1)) if photo is None else photo
     fake = types.ModuleType("skimage.data")
     for name in names:
         setattr(fake, name, lambda c=columns: c.copy())
@@ -482,16 +483,31 @@ def _assert_patches(root: Path, classes, splits) -> None:
                 assert img.shape == (32, 32) and lo <= img.min() and img.max() <= hi
 
 
-def test_heldout_textures_cut_test_patches_from_another_region_than_the_training_ones(tmp_path, monkeypatch):
-    """``textures`` on stand-in photographs whose pixels are their column index: every training
-    patch comes from the left three quarters and every test patch from the right quarter, 375 and 75
-    grey 32 px patches a class, in the few-labels layout too."""
+def test_heldout_textures_cut_test_patches_from_other_blocks_drawn_for_each_photograph(tmp_path, monkeypatch):
+    """``textures`` on stand-in photographs of 2 x 4 blocks, each block one grey level: every patch
+    lies inside one block, a class's test patches come from two blocks and its training patches from
+    the six others, and the test blocks differ between photographs (not one region of each, which
+    made the unlabeled patches unlike the test ones); 375 and 75 grey 32 px patches a class, in the
+    few-labels layout too."""
     import heldout_datasets as hd
+    import numpy as np
+    from PIL import Image
 
-    _stand_in_photographs(monkeypatch, hd.TEXTURES)
+    levels = (np.arange(8, dtype=np.uint8) * 30).reshape(2, 4)
+    _stand_in_photographs(monkeypatch, hd.TEXTURES, np.kron(levels, np.ones((50, 60), dtype=np.uint8)))
     monkeypatch.setattr(sys, "argv", ["heldout_datasets.py", str(tmp_path), "--layout", "fewlabels", "--only", "textures"])
     hd.main()
-    _assert_patches(tmp_path / "textures", hd.TEXTURES, (("train", 375, 0, 179), ("test", 75, 180, 239)))
+    _assert_patches(tmp_path / "textures", hd.TEXTURES, (("train", 375, 0, 210), ("test", 75, 0, 210)))
+    test_blocks = set()
+    for c in hd.TEXTURES:
+        seen = {}
+        for split in ("train", "test"):
+            patches = [np.asarray(Image.open(f)) for f in (tmp_path / "textures" / split / c).glob("*.png")]
+            assert all(p.min() == p.max() for p in patches)  # inside one block
+            seen[split] = {int(p[0, 0]) for p in patches}
+        assert len(seen["test"]) == 2 and len(seen["train"]) == 6 and not seen["train"] & seen["test"]
+        test_blocks.add(frozenset(seen["test"]))
+    assert len(test_blocks) > 1
     few = tmp_path / "textures_fewlabels"
     assert len(list((few / "train").rglob("*.png"))) == 32 and len(list((few / "unlabeled").rglob("*.png"))) == 2968
 
