@@ -18,9 +18,8 @@ writes four datasets, each as ``OUT_DIR/<name>/{train,test}/<class>/<file>.png``
   px (at most the block's size) at a random place inside one block of a 2 x 4 grid over the
   photograph, mirrored at random and scaled to 32 px; two blocks of each photograph, drawn at
   random, give the test patches and the other six the training ones, so that no test patch overlaps
-  a training one and both come from all over the photographs. (Until 2026-12-07 the test patches
-  came from each photograph's right quarter: the unlabeled patches then differed from the test
-  ones, and ``predictions.csv`` could not be compared with the test split; docs/EXPERIMENTS.md.)
+  a training one and both come from all over the photographs (a test region of its own would make
+  ``unlabeled/`` unlike ``test/``, and ``predictions.csv`` then not comparable with the test split).
 
 Then run the demo recipe on one of them as a user would::
 
@@ -150,9 +149,10 @@ def _block_patches(photo: np.ndarray, blocks: list[int], n: int, rng: np.random.
     """``n`` patches (:func:`_patches`) of ``photo``, each inside one of ``blocks`` (indices into
     the :data:`GRID` over it, row by row), the block drawn at random for each patch."""
     h, w = photo.shape[0] // GRID[0], photo.shape[1] // GRID[1]
-    which = rng.choice(blocks, n)
-    out = [_patches(photo[b // GRID[1] * h:(b // GRID[1] + 1) * h, b % GRID[1] * w:(b % GRID[1] + 1) * w], 1, rng)
-           for b in which]
+    out = []
+    for b in rng.choice(blocks, n):
+        row, col = divmod(int(b), GRID[1])
+        out.append(_patches(photo[row * h:(row + 1) * h, col * w:(col + 1) * w], 1, rng))
     return np.concatenate(out)
 
 
