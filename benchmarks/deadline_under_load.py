@@ -62,10 +62,8 @@ def main() -> int:
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
         for line in run.stdout:
             print(line, end="", flush=True)
-            if "(pretrain) ..." in line and args.while_measuring:
-                load.terminate()
-            elif "(pretrain) ..." in line:
-                timer.start()
+            if "(pretrain) ..." in line:
+                load.terminate() if args.while_measuring else timer.start()
         rc = run.wait()
     timer.cancel()
     if load.is_alive():

@@ -168,15 +168,18 @@ def run_cv_search(plan: StagePlan, upstream: str | None) -> tuple[StagePlan, dic
     dirs: dict[float, list[str]] = {}
     images = 0  # validation images over every run
 
+    def mean_scores() -> dict[float, float]:  # each rate's mean over its folds so far
+        return {lr: sum(v) / len(v) for lr, v in folds.items()}
+
     def record(cand: StagePlan, res: dict[str, Any], sec: float) -> dict[float, float]:
         nonlocal images
         folds.setdefault(cand.cfg.base_lr, []).append(res["val_top1"])
         dirs.setdefault(cand.cfg.base_lr, []).append(cand.cfg.run_dir)
         images += res.get("val_images", 0)
-        return {lr: sum(v) / len(v) for lr, v in folds.items()}  # the mean over folds so far
+        return mean_scores()
 
     seconds, all_skipped = _run_grid(plan, upstream, record, lambda lr: fold_candidates(plan, lr, plan.folds))
-    means = {lr: sum(v) / len(v) for lr, v in folds.items()}
+    means = mean_scores()
     best = best_rates(means)[0]  # ties: the smaller rate
     name = f"lr_{best:.4g}"
     final = dataclasses.replace(plan, name=f"{plan.name}/{name}", candidates=[], folds=0,
