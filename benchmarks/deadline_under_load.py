@@ -62,8 +62,12 @@ def main() -> int:
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
         for line in run.stdout:
             print(line, end="", flush=True)
-            if "(pretrain) ..." in line:
-                load.terminate() if args.while_measuring else timer.start()
+            if "(pretrain) ..." not in line:
+                continue
+            if args.while_measuring:
+                load.terminate()  # the load ends as pretraining starts
+            else:
+                timer.start()  # the load starts --after seconds into pretraining
         rc = run.wait()
     timer.cancel()
     if load.is_alive():
