@@ -9,6 +9,7 @@ references computed here.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -600,3 +601,38 @@ def test_cv_rate_choice_scores_folds_and_chooses_as_the_pipeline_does(tmp_path):
     assert cv.choose_centre(scores, 1.0) == 1.0
     scores[1 / 4]["correct"] = right
     assert cv.choose_centre(scores, 1.0) == 1 / 4
+
+
+def test_baseline_views_pairs_the_best_rates_on_the_same_images(tmp_path, capsys, monkeypatch):
+    """baseline_views.py reads a baseline stage's fold runs of both views, takes each view's best
+    rate, and tests the images the two got differently against a naive sign test; the final run on
+    every label (no validation.npz) is left out."""
+    import baseline_views as bv
+    import numpy as np
+
+    def plant(run: Path, right: list[bool], fold: int) -> None:
+        run.mkdir(parents=True)
+        labels = np.zeros(len(right), dtype=np.int64)
+        probs = np.eye(2, dtype=np.float32)[[0 if r else 1 for r in right]]
+        np.savez(run / "validation.npz", index=np.arange(len(right)) + 10 * fold, label=labels, probs=probs)
+
+    stage = tmp_path / "supervised_100pct"
+    for fold in range(2):  # crops and flips: 0.1 right on 4 + 4 of 5 + 5, 0.4 on 1 + 1
+        plant(stage / f"lr_0.1_fold{fold}", [True] * 4 + [False], fold)
+        plant(stage / f"lr_0.4_fold{fold}", [True] + [False] * 4, fold)
+        plant(stage / "color" / f"lr_0.025_fold{fold}", [False, True, False, False, False], fold)
+        plant(stage / "color" / f"lr_0.1_fold{fold}", [True, True, False, False, False], fold)
+    (stage / "lr_0.1").mkdir()  # the chosen rate on every label: nothing held out
+    r = bv.compare(stage)
+    assert (r["images"], r["plain_rate"], r["colour_rate"]) == (10, 0.1, 0.1)
+    assert (r["plain_top1"], r["colour_top1"], r["only_plain"], r["only_colour"]) == (80.0, 40.0, 4, 0)
+    assert r["p_plain_better"] == pytest.approx(1 / 16)  # four heads in four tosses
+    assert r["plain_test"] is None  # the pipeline tests no fold run
+    monkeypatch.setattr(sys, "argv", ["baseline_views.py", str(stage)])
+    bv.main()
+    assert f"| {stage} | 10 | 0.1, 80.00 | 0.1, 40.00 | 4 | 0 | 0.062 | - |" in capsys.readouterr().out
+    for fold, (plain, colour) in enumerate(((60.0, 70.0), (62.0, 71.0))):  # runs tested by hand
+        (stage / f"lr_0.1_fold{fold}" / "metrics.json").write_text(json.dumps({"top1": plain}))
+        (stage / "color" / f"lr_0.1_fold{fold}" / "metrics.json").write_text(json.dumps({"top1": colour}))
+    (stage / "lr_0.4_fold0" / "metrics.json").write_text(json.dumps({"top1": 10.0}))
+    assert (bv.compare(stage)["plain_test"], bv.compare(stage)["colour_test"]) == (61.0, 70.5)

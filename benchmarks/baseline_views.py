@@ -1,0 +1,95 @@
+"""Whether a baseline's held-out images can tell its two views apart: crops and flips against the
+pretraining's colour distortion, each at its best rate, compared image by image.
+
+    python benchmarks/baseline_views.py RUN/supervised_100pct [RUN2/supervised_1pct ...]
+
+Each folder is a baseline stage as the pipeline lays it out: ``lr_<rate>_fold<k>/`` (or
+``lr_<rate>/`` on a validation split) for crops and flips, and the same under ``color/``, each with
+the ``validation.npz`` its run wrote. For each view the best rate is the one with the most held-out
+images right (ties: the smaller rate), as the pipeline's search counts them. On the images both best
+rates scored, the table gives how many only crops and flips got right, how many only colour
+distortion did, and the one-sided exact p-value of the first being so many or more if the views
+were equally good (McNemar's test: a binomial on the images the two got differently). Where the
+runs were also tested (``simclrv2 supervised`` by hand; the pipeline tests only the chosen rate's
+run on every label), the last column is each best rate's mean test top-1 over its runs: on a tuning
+folder whose ``test/`` serves as its validation data, what the choice would have cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+
+_RUN = re.compile(r"^lr_([0-9.e+-]+?)(?:_fold\d+)?$")
+
+
+def right_by_rate(folder: Path) -> dict[float, dict[int, bool]]:
+    """For each rate run in ``folder``: whether each held-out image (by dataset index) was right,
+    over every run of that rate that wrote ``validation.npz``."""
+    rates: dict[float, dict[int, bool]] = {}
+    for run in sorted(p for p in folder.iterdir() if p.is_dir()):
+        match = _RUN.match(run.name)
+        if match is None or not (run / "validation.npz").is_file():
+            continue
+        with np.load(run / "validation.npz") as z:
+            right = z["probs"].argmax(1) == z["label"]
+            rates.setdefault(float(match.group(1)), {}).update(zip(z["index"].tolist(), right.tolist()))
+    return rates
+
+
+def tested(folder: Path, rate: float) -> float | None:
+    """The mean test top-1 of the runs of ``rate`` in ``folder`` that held images out; None where
+    one of them was not tested."""
+    scores = []
+    for run in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "validation.npz").is_file()):
+        match = _RUN.match(run.name)
+        if match is not None and float(match.group(1)) == rate:
+            metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+            scores.append(metrics.get("top1"))
+    return None if not scores or None in scores else sum(scores) / len(scores)
+
+
+def best(rates: dict[float, dict[int, bool]]) -> tuple[float, dict[int, bool]]:
+    """The rate with the most images right (ties: the smaller), and its images."""
+    rate = max(sorted(rates), key=lambda r: sum(rates[r].values()))
+    return rate, rates[rate]
+
+
+def compare(folder: Path) -> dict[str, object]:
+    """Both views' best rates in the baseline stage ``folder``, and the paired test between them."""
+    plain_rate, plain = best(right_by_rate(folder))
+    colour_rate, colour = best(right_by_rate(folder / "color"))
+    shared = sorted(plain.keys() & colour.keys())
+    only_plain = sum(plain[i] and not colour[i] for i in shared)
+    only_colour = sum(colour[i] and not plain[i] for i in shared)
+    differ = only_plain + only_colour
+    p = binomtest(only_plain, differ, 0.5, alternative="greater").pvalue if differ else 1.0
+    return {"images": len(shared), "plain_rate": plain_rate, "plain_top1": 100.0 * sum(plain[i] for i in shared) / len(shared),
+            "colour_rate": colour_rate, "colour_top1": 100.0 * sum(colour[i] for i in shared) / len(shared),
+            "only_plain": only_plain, "only_colour": only_colour, "p_plain_better": float(p),
+            "plain_test": tested(folder, plain_rate), "colour_test": tested(folder / "color", colour_rate)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="baseline stage folders (RUN/supervised_<f>)")
+    args = parser.parse_args()
+    print("| Folder | Images | Crops and flips: rate, top-1 | Colour distortion: rate, top-1 "
+          "| Only crops and flips right | Only colour right | p (crops and flips better) "
+          "| Test top-1, crops and flips / colour |")
+    print("|---|---|---|---|---|---|---|---|")
+    for folder in args.folders:
+        r = compare(folder)
+        print(f"| {folder} | {r['images']} | {r['plain_rate']:g}, {r['plain_top1']:.2f} | {r['colour_rate']:g}, "
+              f"{r['colour_top1']:.2f} | {r['only_plain']} | {r['only_colour']} | {r['p_plain_better']:.3f} | "
+              + ("-" if r["plain_test"] is None or r["colour_test"] is None
+                 else f"{r['plain_test']:.2f} / {r['colour_test']:.2f}") + " |")
+
+
+if __name__ == "__main__":
+    main()
