@@ -62,9 +62,17 @@ def best(rates: dict[float, dict[int, bool]]) -> tuple[float, dict[int, bool]]:
 
 def compare(folder: Path) -> dict[str, object]:
     """Both views' best rates in the baseline stage ``folder``, and the paired test between them."""
-    plain_rate, plain = best(right_by_rate(folder))
-    colour_rate, colour = best(right_by_rate(folder / "color"))
+    views = {}
+    for name, where in (("crops and flips", folder), ("colour distortion", folder / "color")):
+        rates = right_by_rate(where) if where.is_dir() else {}
+        if not rates:
+            raise SystemExit(f"{where}: no lr_<rate>[_fold<k>] run with a validation.npz ({name}); "
+                             "give a baseline stage folder of a pipeline run, such as RUN/supervised_100pct")
+        views[name] = best(rates)
+    (plain_rate, plain), (colour_rate, colour) = views.values()
     shared = sorted(plain.keys() & colour.keys())
+    if not shared:
+        raise SystemExit(f"{folder}: the two views scored no image in common; both searches must hold out the same images")
     only_plain = sum(plain[i] and not colour[i] for i in shared)
     only_colour = sum(colour[i] and not plain[i] for i in shared)
     differ = only_plain + only_colour

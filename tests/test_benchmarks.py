@@ -636,3 +636,5 @@ def test_baseline_views_pairs_the_best_rates_on_the_same_images(tmp_path, capsys
         (stage / "color" / f"lr_0.1_fold{fold}" / "metrics.json").write_text(json.dumps({"top1": colour}))
     (stage / "lr_0.4_fold0" / "metrics.json").write_text(json.dumps({"top1": 10.0}))
     assert (bv.compare(stage)["plain_test"], bv.compare(stage)["colour_test"]) == (61.0, 70.5)
+    with pytest.raises(SystemExit, match="no lr_<rate>.*colour distortion"):
+        bv.compare(stage / "color")  # no color/ inside it
