@@ -28,35 +28,41 @@ from scipy.stats import binomtest
 _RUN = re.compile(r"^lr_([0-9.e+-]+?)(?:_fold\d+)?$")
 
 
-def right_by_rate(folder: Path) -> dict[float, dict[int, bool]]:
-    """For each rate run in ``folder``: whether each held-out image (by dataset index) was right,
-    over every run of that rate that wrote ``validation.npz``."""
-    rates: dict[float, dict[int, bool]] = {}
+class Runs:
+    """The held-out runs of one rate in a folder: whether each held-out image (by dataset index) was
+    right, over every run of that rate that wrote ``validation.npz``, and each run's test top-1
+    (None where it was not tested)."""
+
+    def __init__(self) -> None:
+        self.right: dict[int, bool] = {}
+        self.tests: list[float | None] = []
+
+    def test_top1(self) -> float | None:
+        """The mean test top-1 of the runs; None where one of them was not tested."""
+        return None if not self.tests or None in self.tests else sum(self.tests) / len(self.tests)
+
+
+def runs_by_rate(folder: Path) -> dict[float, Runs]:
+    """The held-out runs in ``folder``, by rate, each read once."""
+    rates: dict[float, Runs] = {}
     for run in sorted(p for p in folder.iterdir() if p.is_dir()):
         match = _RUN.match(run.name)
         if match is None or not (run / "validation.npz").is_file():
             continue
+        runs = rates.setdefault(float(match.group(1)), Runs())
         with np.load(run / "validation.npz") as z:
-            right = z["probs"].argmax(1) == z["label"]
-            rates.setdefault(float(match.group(1)), {}).update(zip(z["index"].tolist(), right.tolist()))
+            runs.right.update(zip(z["index"].tolist(), (z["probs"].argmax(1) == z["label"]).tolist()))
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        runs.tests.append(metrics.get("top1"))
     return rates
 
 
-def tested(folder: Path, rate: float) -> float | None:
-    """The mean test top-1 of the runs of ``rate`` in ``folder`` that held images out; None where
-    one of them was not tested."""
-    scores = []
-    for run in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "validation.npz").is_file()):
-        match = _RUN.match(run.name)
-        if match is not None and float(match.group(1)) == rate:
-            metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-            scores.append(metrics.get("top1"))
-    return None if not scores or None in scores else sum(scores) / len(scores)
+def best(rates: dict[float, Runs]) -> tuple[float, Runs]:
+    """The rate with the most images right, with the pipeline's own tie rule (the smaller rate;
+    ``pipeline.best_rates``), and its runs."""
+    from simclrv2.pipeline import best_rates
 
-
-def best(rates: dict[float, dict[int, bool]]) -> tuple[float, dict[int, bool]]:
-    """The rate with the most images right (ties: the smaller), and its images."""
-    rate = max(sorted(rates), key=lambda r: sum(rates[r].values()))
+    rate = best_rates({r: 100.0 * sum(runs.right.values()) / len(runs.right) for r, runs in rates.items()})[0]
     return rate, rates[rate]
 
 
@@ -64,12 +70,13 @@ def compare(folder: Path) -> dict[str, object]:
     """Both views' best rates in the baseline stage ``folder``, and the paired test between them."""
     views = {}
     for name, where in (("crops and flips", folder), ("colour distortion", folder / "color")):
-        rates = right_by_rate(where) if where.is_dir() else {}
+        rates = runs_by_rate(where) if where.is_dir() else {}
         if not rates:
             raise SystemExit(f"{where}: no lr_<rate>[_fold<k>] run with a validation.npz ({name}); "
                              "give a baseline stage folder of a pipeline run, such as RUN/supervised_100pct")
         views[name] = best(rates)
-    (plain_rate, plain), (colour_rate, colour) = views.values()
+    (plain_rate, plain_runs), (colour_rate, colour_runs) = views.values()
+    plain, colour = plain_runs.right, colour_runs.right
     shared = sorted(plain.keys() & colour.keys())
     if not shared:
         raise SystemExit(f"{folder}: the two views scored no image in common; both searches must hold out the same images")
@@ -80,7 +87,7 @@ def compare(folder: Path) -> dict[str, object]:
     return {"images": len(shared), "plain_rate": plain_rate, "plain_top1": 100.0 * sum(plain[i] for i in shared) / len(shared),
             "colour_rate": colour_rate, "colour_top1": 100.0 * sum(colour[i] for i in shared) / len(shared),
             "only_plain": only_plain, "only_colour": only_colour, "p_plain_better": float(p),
-            "plain_test": tested(folder, plain_rate), "colour_test": tested(folder / "color", colour_rate)}
+            "plain_test": plain_runs.test_top1(), "colour_test": colour_runs.test_top1()}
 
 
 def main() -> None:
